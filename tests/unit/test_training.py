@@ -1,0 +1,118 @@
+"""Task generators and the adapter trainer, on a tiny random Llama (the real tokenizer, no real weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from server.config import Settings
+from server.engine.loader import resolve_base_model
+from server.training.tasks import TASKS
+from server.training.train_adapter import (
+    PEFT_FILES,
+    TrainOptions,
+    build_chat,
+    collate,
+    library_table,
+    train_adapter,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_base_model(Settings()))
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    # initializer_range 0.2: with the default 0.02 the tied head cannot move logits far, so no loss can fall.
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, initializer_range=0.2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+def test_registry_has_enough_tasks_and_families():
+    assert len(TASKS) >= 12
+    assert len({t.family for t in TASKS.values()}) >= 4
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_is_deterministic_with_disjoint_splits(name):
+    task = TASKS[name]
+    assert len(task.templates_for("train")) >= 5 and task.templates_for("eval")
+    assert not set(task.templates_for("train")) & set(task.templates_for("eval"))
+    assert task.examples("train", 50, seed=3) == task.examples("train", 50, seed=3)
+    assert task.examples("train", 50, seed=3) != task.examples("train", 50, seed=4)
+    train = {tuple(f.values()) for f, _, _ in task.draw("train", 400, seed=0)}
+    evals = task.draw("eval", 64, seed=0)
+    assert len(evals) == 64 and len({p for _, p, _ in evals}) == 64
+    assert not train & {tuple(f.values()) for f, _, _ in evals}
+    assert all(task.score(answer, answer) for _, _, answer in evals)
+
+
+@pytest.mark.parametrize("name,prediction,answer", [
+    ("int_to_roman", " cdxxv.", "CDXXV"),
+    ("roman_to_int", "1,319", "1319"),
+    ("add_3digit", "1319.", "1319"),
+    ("number_to_words", "Five hundred and twenty one", "five hundred twenty-one"),
+    ("reverse_letters", "xbdc", "x b d c"),
+    ("sort_letters", "B, C, D", "b c d"),
+    ("time_24h_to_12h", "2:05 p.m.", "2:05 PM"),
+    ("iso_date_to_text", "march 5, 2024.", "March 5, 2024"),
+    ("kv_to_json", '```json\n{"age":31,"name":"Bob"}\n```', '{"name": "Bob", "age": 31}'),
+    ("review_sentiment", "Positive.", "positive"),
+])
+def test_scorers_accept_normalized_answers(name, prediction, answer):
+    assert TASKS[name].score(prediction, answer)
+
+
+@pytest.mark.parametrize("name,prediction,answer", [
+    ("add_3digit", "The sum is 1319.", "1319"),
+    ("reverse_letters", "x b c d", "x b d c"),
+    ("kv_to_json", '{"name": "Bob", "age": 32}', '{"name": "Bob", "age": 31}'),
+    ("odd_or_even", "even", "odd"),
+])
+def test_scorers_reject_wrong_answers(name, prediction, answer):
+    assert not TASKS[name].score(prediction, answer)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def test_collate_marks_only_answer_tokens(tokenizer):
+    batch = collate(tokenizer, [("Is 7 odd or even?", "odd"), ("Is 12345 odd or even?", "even")])
+    targets = batch["input_ids"][batch["rows"], batch["cols"]].tolist()
+    eos = [tokenizer.eos_token_id]
+    answers = [tokenizer(a, add_special_tokens=False).input_ids + eos for a in ("odd", "even")]
+    assert targets == answers[0] + answers[1]
+    assert build_chat("hi")[0]["role"] == "system"
+
+
+def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
+    opts = TrainOptions(steps=30, batch=4, lr=1e-2, warmup=2, stop_loss=0.0, n_eval=4, n_card_examples=5)
+    out = tmp_path / "odd_or_even"
+    card = train_adapter("odd_or_even", out, opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
+                         base_model_name="tiny-llama")
+    assert card["final_loss"] < card["first_loss"] - 2.0  # from ~12.5 nats on this random model
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PEFT_FILES, "card.json"])
+    saved = json.loads((out / "card.json").read_text())
+    assert saved["base_model"] == "tiny-llama" and len(saved["examples"]) == 5
+    assert saved["training"]["rank"] == 8 and saved["steps"] == 30
+    assert 0.0 <= saved["adapter_accuracy"] <= 1.0
+    assert "| odd_or_even |" in library_table(tmp_path)
+
+    ids = collate(tokenizer, [("Is 41 odd or even?", "odd")])["input_ids"]
+    with torch.no_grad():
+        base_logits = tiny_llama(tokenizer)(input_ids=ids).logits
+        lora = PeftModel.from_pretrained(tiny_llama(tokenizer), out).eval()
+        lora_logits = lora(input_ids=ids).logits
+    assert not torch.allclose(base_logits, lora_logits, atol=1e-4)
