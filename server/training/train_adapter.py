@@ -116,7 +116,7 @@ def train_lora(peft_model, tokenizer, pairs: list[tuple[str, str]], opts: TrainO
         sched.step()
         optim.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if len(losses) >= 10 and sum(losses[-10:]) / 10 < opts.stop_loss:
             break
     peft_model.eval()
@@ -170,6 +170,9 @@ def save_adapter(peft_model, card: dict, out_dir: Path) -> None:
         for extra in set(os.listdir(tmp)) - set(PEFT_FILES):  # PEFT also writes a README stub
             os.remove(tmp / extra)
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        for path in tmp.iterdir():  # mkdtemp and safetensors leave owner-only modes
+            path.chmod(0o644)
+        tmp.chmod(0o755)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     finally:
@@ -247,7 +250,7 @@ def write_library_readme(store_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mole-serve train-adapter", description="Train task LoRAs.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", choices=sorted(TASKS), help="train one task")
+    which.add_argument("--task", nargs="+", choices=sorted(TASKS), help="train these tasks, in order")
     which.add_argument("--all", action="store_true", help="(re)build the whole library")
     p.add_argument("--out", type=Path, default=Path("adapters_store"), help="library folder")
     p.add_argument("--force", action="store_true", help="retrain adapters whose folder exists")
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainOptions(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
                         steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                         stop_loss=args.stop_loss, n_eval=args.n_eval)
-    names = sorted(TASKS) if args.all else [args.task]
+    names = sorted(TASKS) if args.all else args.task
     for name in names:
         out_dir = args.out / name
         if (out_dir / "card.json").is_file() and not args.force:
