@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,6 @@ class TrainOptions:
     n_eval: int = 64
     eval_batch: int = 32
     n_card_examples: int = 20
-    extra: dict = field(default_factory=dict)  # free-form notes copied into the card
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -207,8 +206,7 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "base_model": base_model_name or getattr(model.config, "name_or_path", "") or "unknown",
         "examples": list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples],
         "system_prompt": SYSTEM_PROMPT,
-        "training": {k: v for k, v in asdict(opts).items() if k not in ("extra", "eval_batch")}
-        | {"targets": list(opts.targets)},
+        "training": {k: v for k, v in asdict(opts).items() if k != "eval_batch"},
         "steps": len(losses),
         "wall_time_s": round(wall, 1),
         "first_loss": round(losses[0], 4),
@@ -216,7 +214,6 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "base_accuracy": base_acc,
         "adapter_accuracy": accuracy(peft_model, tokenizer, task, eval_pairs, opts.eval_batch),
         "n_eval": len(eval_pairs),
-        **opts.extra,
     }
     save_adapter(peft_model, card, out_dir)
     return card
