@@ -1,0 +1,42 @@
+"""Incremental text of one sequence, with stop strings: text after a stop string is never sent,
+and text that might be the start of one is held back until it is decided."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def update(self, output_ids: list[int]) -> tuple[str, bool]:
+        """Returns (new text to send, whether a stop string ended the output)."""
+        # Re-decoding the whole output is simple and cheap at these lengths; it keeps multi-token
+        # characters and tokenizer-specific spacing right.
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        search_from = max(0, self.emitted - self.hold)
+        hits = [at for at in (text.find(stop, search_from) for stop in self.stop) if at != -1]
+        if hits:
+            self.text = text[: min(hits)]
+            return self.flush(), True
+        self.text = text
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            safe = min(safe, len(text) - 1)
+        if safe <= self.emitted:
+            return "", False
+        delta = text[self.emitted : safe]
+        self.emitted = safe
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta

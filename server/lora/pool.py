@@ -1,0 +1,182 @@
+"""Resident adapter slots: stacked A/B per (layer, module group) on the device, an LRU CPU tier
+behind them, and the disk behind that.
+
+Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
+largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
+A slot in use by a running sequence is pinned and never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from server.lora.formats import LoRATargetSpec, LoRAWeights, load_peft_dir
+from server.lora.ops import GroupStack
+
+# Modules that read the same input share one A stack (one gather, one shrink); the model fuses
+# their base weights in this order too.
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+class LoRAPool:
+    def __init__(
+        self,
+        spec: LoRATargetSpec,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.spec, self.max_loras, self.max_cpu_loras, self.max_rank = spec, max_loras, max_cpu_loras, max_rank
+        self.device, self.dtype = device, dtype
+        self.rank = 0
+        self.stacks: list[dict[str, GroupStack]] = []  # [layer][group], empty until the first load
+        self._paths: dict[str, Path] = {}
+        self._cpu: OrderedDict[str, LoRAWeights] = OrderedDict()  # LRU, most recent last
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU
+        self._pins: Counter[str] = Counter()
+        self._free = list(range(max_loras, 0, -1))
+        self.loads = 0
+        self.evictions = 0
+
+    # --- the library ---
+    def register(self, name: str, path: Path) -> LoRAWeights:
+        """Validate an adapter folder now (errors surface here, not mid-step) and remember it."""
+        weights = load_peft_dir(path, self.spec, self.max_rank, name=name)
+        self._paths[name] = Path(path)
+        self._drop(name)
+        self._remember(name, weights)
+        return weights
+
+    def add_weights(self, weights: LoRAWeights) -> None:
+        """An adapter that lives only in memory (built in code, e.g. a merge)."""
+        self._drop(weights.name)
+        self._paths.pop(weights.name, None)
+        self._remember(weights.name, weights)
+
+    def unregister(self, name: str) -> None:
+        self._paths.pop(name, None)
+        self._drop(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._paths or name in self._cpu
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(set(self._paths) | set(self._cpu))
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
+    # --- residency ---
+    def acquire(self, names: Sequence[str]) -> list[int] | None:
+        """Make `names` resident and pin them. None (and nothing pinned) if the slots they need are
+        all pinned by running sequences."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._resident]
+        evictable = [n for n in self._resident if self._pins[n] == 0 and n not in names]
+        if len(missing) > len(self._free) + len(evictable):
+            return None
+        for name in missing:
+            if not self._free:
+                victim = evictable.pop(0)
+                self._free.append(self._resident.pop(victim))
+                self.evictions += 1
+            self._load_into(self._free.pop(), name)
+        slots = []
+        for name in names:
+            self._resident.move_to_end(name)
+            self._pins[name] += 1
+            slots.append(self._resident[name])
+        return slots
+
+    def release(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._pins[name] -= 1
+            if self._pins[name] <= 0:
+                del self._pins[name]
+
+    # --- internals ---
+    def _remember(self, name: str, weights: LoRAWeights) -> None:
+        self._cpu[name] = weights
+        self._cpu.move_to_end(name)
+        # Only adapters with a folder behind them can be dropped: memory-only ones can't be re-read.
+        reloadable = [n for n in self._cpu if n in self._paths]
+        while len(self._cpu) > self.max_cpu_loras and reloadable:
+            del self._cpu[reloadable.pop(0)]
+
+    def _drop(self, name: str) -> None:
+        """Forget cached copies, so a replaced adapter is re-read. Pinned slots stay valid:
+        sequences running on the old weights finish on them."""
+        self._cpu.pop(name, None)
+        if name in self._resident and self._pins[name] == 0:
+            self._free.append(self._resident.pop(name))
+
+    def _weights(self, name: str) -> LoRAWeights:
+        if name in self._cpu:
+            self._cpu.move_to_end(name)
+            return self._cpu[name]
+        if name not in self._paths:
+            raise KeyError(f"unknown adapter {name!r}")
+        weights = load_peft_dir(self._paths[name], self.spec, self.max_rank, name=name)
+        self._remember(name, weights)
+        return weights
+
+    def _load_into(self, slot: int, name: str) -> None:
+        weights = self._weights(name)
+        if weights.rank > self.rank:
+            self._grow(weights.rank)
+        for layer, groups in enumerate(self.stacks):
+            for group, modules in MODULE_GROUPS.items():
+                stack = groups[group]
+                stack.A[slot].zero_()
+                for j, module in enumerate(modules):
+                    stack.B[j][slot].zero_()
+                    if (layer, module) in weights.modules:
+                        A, B = weights.modules[(layer, module)]  # [r, d_in], [d_out, r]
+                        r = A.shape[0]
+                        stack.A[slot, j * self.rank : j * self.rank + r] = A
+                        stack.B[j][slot, :r] = B.t()
+        self._resident[name] = slot
+        self.loads += 1
+
+    def _grow(self, rank: int) -> None:
+        """Re-allocate every stack at a larger rank, keeping resident adapters in place."""
+        old_rank, old = self.rank, self.stacks
+        self.rank = rank
+        self.stacks = [self._new_group_stacks() for _ in range(self.spec.num_layers)]
+        if not old:
+            return
+        for layer, groups in enumerate(old):
+            for group, modules in MODULE_GROUPS.items():
+                src, dst = groups[group], self.stacks[layer][group]
+                for j in range(len(modules)):
+                    dst.A[:, j * rank : j * rank + old_rank] = src.A[:, j * old_rank : (j + 1) * old_rank]
+                    dst.B[j][:, :old_rank] = src.B[j]
+
+    def _new_group_stacks(self) -> dict[str, GroupStack]:
+        slots, r = self.max_loras + 1, self.rank
+        groups = {}
+        for group, modules in MODULE_GROUPS.items():
+            d_in = self.spec.shapes[modules[0]][0]
+            outs = [self.spec.shapes[m][1] for m in modules]
+            columns, c = [], 0
+            for d_out in outs:
+                columns.append((c, c + d_out))
+                c += d_out
+            groups[group] = GroupStack(
+                A=torch.zeros(slots, len(modules) * r, d_in, dtype=self.dtype, device=self.device),
+                B=[torch.zeros(slots, r, d_out, dtype=self.dtype, device=self.device) for d_out in outs],
+                out_columns=columns,
+            )
+        return groups

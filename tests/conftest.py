@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random Llama (fast, CPU) and the real tokenizer of the base model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def base_model_path():
+    from server.config import Settings
+    from server.engine.loader import resolve_base_model
+
+    return resolve_base_model(Settings())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model_path)
