@@ -7,8 +7,10 @@ sequence's keys are contiguous and a decode batch on slots s0..s0+B-1 is a view,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,16 @@ class AttentionMetadata:
     prefill: list[tuple[int, int, int, torch.Tensor]]
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Masked cache positions must hold finite values (softmax weight 0 times NaN is NaN), so the
+    cache starts zeroed. On CPU, numpy's calloc gives zero pages that are committed only as slots
+    fill, so a large max_model_len costs memory only when used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class KVCache:
     def __init__(
         self,
@@ -41,12 +53,8 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        # On CPU, empty() of tens of MB is a fresh mmap: zero pages, committed only as slots fill.
-        # Masked positions must hold finite values (0 * NaN = NaN), which zero pages and old
-        # finite keys both are.
-        alloc = torch.empty if device.type == "cpu" else torch.zeros
-        self.k = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.max_len = max_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmarks: machine description, JSON output, synthetic adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from server.lora.formats import TARGET_MODULES, LoRATargetSpec
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int) -> Path:
+    """A PEFT folder with small random A/B on all projections: real shapes and bytes for
+    throughput work, no training needed."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for module in TARGET_MODULES:
+            d_in, d_out = spec.shapes[module]
+            part = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGET_MODULES),
+              "bias": "none"}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    return out_dir

@@ -1,0 +1,155 @@
+"""Decode throughput of the engine with heterogeneous multi-LoRA batches, against the base model
+alone, transformers `generate`, and PEFT's mixed-adapter batch, all in this process.
+
+    python -m bench.throughput --requests 32 --max-tokens 64 --out bench/results/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import machine, synthetic_adapter, write_json
+from server.config import Settings
+from server.engine.engine import LLMEngine
+from server.engine.request import AdapterRef, SamplingParams
+
+TOPICS = ["the ocean", "a lighthouse", "mountains", "a robot", "coffee", "the moon", "a library", "trains",
+          "winter", "a garden", "bees", "a violin", "deserts", "a detective", "volcanoes", "a bakery"]
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    prompts = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} (#{i})."}]
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+    return prompts
+
+
+def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list[tuple[AdapterRef, ...]]:
+    if kind == "base":
+        return [()] * n
+    if kind == "identical":
+        return [(AdapterRef(pool[0]),)] * n
+    if kind == "hetero1":
+        return [(AdapterRef(pool[i]),) for i in range(n)]
+    if kind == "hetero3":
+        picks = [rng.sample(pool, 3) for _ in range(n)]
+    else:  # skewed3: Zipf(1.1) popularity over the pool, as real traffic is
+        p = 1.0 / np.arange(1, len(pool) + 1) ** 1.1
+        nprng = np.random.default_rng(rng.randrange(1 << 30))
+        picks = [list(nprng.choice(pool, size=3, replace=False, p=p / p.sum())) for _ in range(n)]
+    sets = []
+    for names in picks:
+        w = [rng.random() + 0.1 for _ in names]
+        sets.append(tuple(AdapterRef(name, x / sum(w)) for name, x in zip(names, w)))
+    return sets
+
+
+def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int) -> tuple[float, float]:
+    """(output tokens/s over the whole run, MB of distinct adapter weights one decode step reads)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), sets)  # warm-up: adapters resident
+    seqs = [engine.add_request(p, params, s) for p, s in zip(prompts, sets)]
+    start, distinct = time.perf_counter(), []
+    while engine.has_unfinished():
+        engine.step()
+        distinct.append(len({a.name for seq in engine.scheduler.running for a in seq.adapters}))
+    elapsed = time.perf_counter() - start
+    pool = engine.pool
+    mb_per_adapter = sum(
+        g.A[0].numel() * g.A.element_size() + sum(b[0].numel() * b.element_size() for b in g.B)
+        for groups in pool.stacks for g in groups.values()
+    ) / 1e6 if pool.stacks else 0.0
+    return sum(len(s.output_ids) for s in seqs) / elapsed, max(distinct) * mb_per_adapter
+
+
+def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int, adapter_paths: list[Path] | None) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    kwargs = {}
+    if adapter_paths:
+        model = PeftModel.from_pretrained(model, adapter_paths[0], adapter_name="a0")
+        for i, p in enumerate(adapter_paths[1:], start=1):
+            model.load_adapter(p, adapter_name=f"a{i}")
+        kwargs["adapter_names"] = [f"a{i}" for i in range(len(prompts))]
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with torch.inference_mode():
+        model.generate(**enc, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4}, **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(**enc, **gen, **kwargs)
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / elapsed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--pool", type=int, default=64, help="adapters in the library for hetero3/skewed3")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-hf", action="store_true", help="skip the transformers/PEFT baselines")
+    ap.add_argument("--out", default="bench/results/throughput.json")
+    args = ap.parse_args(argv)
+
+    settings = Settings(device=args.device, max_num_seqs=args.requests, max_model_len=512,
+                        max_num_batched_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool)
+    engine = LLMEngine.from_settings(settings)
+    from server.engine.loader import resolve_base_model
+
+    model_path = resolve_base_model(settings)
+    prompts = make_prompts(engine.tokenizer, args.requests)
+    tmp = Path(tempfile.mkdtemp(prefix="mole-bench-"))
+    names = [f"lora{i:03d}" for i in range(args.pool)]
+    paths = [synthetic_adapter(tmp / n, engine.model.lora_spec(), args.rank, seed=i) for i, n in enumerate(names)]
+    for n, p in zip(names, paths):
+        engine.add_adapter(n, p)
+
+    rng = random.Random(0)
+    results: dict = {}
+    for kind in ["base", "identical", "hetero1", "hetero3", "skewed3"]:
+        tok_s, mb = run_engine(engine, prompts, adapter_sets(kind, args.requests, names, rng), args.max_tokens)
+        results[f"{kind}_tok_s"] = round(tok_s, 1)
+        if kind not in ("base", "identical"):
+            results.setdefault("adapter_mb_per_step", {})[kind] = round(mb, 1)
+        print(f"{kind:>10}: {tok_s:8.1f} tok/s", flush=True)
+    if not args.skip_hf and args.device == "cpu":
+        results["hf_base_tok_s"] = round(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None), 1)
+        print(f"   hf_base: {results['hf_base_tok_s']:8.1f} tok/s", flush=True)
+        results["peft_mixed_tok_s"] = round(
+            run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests]), 1)
+        print(f"peft_mixed: {results['peft_mixed_tok_s']:8.1f} tok/s", flush=True)
+
+    base = results["base_tok_s"]
+    ratios = {f"{k}/base": results[f"{k}_tok_s"] / base for k in ["identical", "hetero1", "hetero3", "skewed3"]}
+    if "peft_mixed_tok_s" in results:
+        ratios["hetero1/peft_mixed"] = results["hetero1_tok_s"] / results["peft_mixed_tok_s"]
+        ratios["base/hf_base"] = base / results["hf_base_tok_s"]
+    results["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    results["config"] = {"requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
+                         "pool": args.pool, "dtype": str(engine.model.dtype), "device": args.device,
+                         "base_model": engine.model_name}
+    results["machine"] = machine()
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in results["ratios"].items():
+        print(f"| {k} | {v:.3f} |")
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Batched multi-LoRA against the oracles: PEFT for one adapter, the explicit weighted sum of
+B_i A_i deltas for a set, each request alone for a mixed batch, and the naive loop for ops."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from server.engine.request import AdapterRef, SamplingParams
+from server.lora.batch import build_lora_batch
+from server.lora.formats import AdapterFormatError
+from server.lora.ops import GroupStack, apply_lora
+from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+
+
+def first_step_logits(engine, prompt, adapters):
+    engine.add_request(prompt, SamplingParams(max_tokens=1), adapters)
+    engine.step()
+    return engine.runner.last_logits[0]
+
+
+def test_single_adapter_matches_peft(tmp_path, tokenizer):
+    hf = tiny_hf_model()
+    path = make_adapter(hf, tmp_path / "a", seed=1)
+    engine = engine_for(hf, tokenizer)
+    engine.add_adapter("a", path)
+    ours = first_step_logits(engine, PROMPT, [AdapterRef("a")])
+    peft = PeftModel.from_pretrained(tiny_hf_model(), path).eval()
+    with torch.no_grad():
+        ref = peft(torch.tensor([PROMPT])).logits[0, -1]
+        base = tiny_hf_model()(torch.tensor([PROMPT])).logits[0, -1]
+    assert (ref - base).abs().max() > 1e-2  # the adapter changes the output
+    assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_partial_targets_and_rslora_match_peft(tmp_path, tokenizer, rslora):
+    hf = tiny_hf_model()
+    path = make_adapter(hf, tmp_path / "a", seed=2, rank=6, targets=["q_proj", "v_proj", "down_proj"],
+                        use_rslora=rslora)
+    engine = engine_for(hf, tokenizer)
+    engine.add_adapter("a", path)
+    ours = first_step_logits(engine, PROMPT, [AdapterRef("a")])
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(tiny_hf_model(), path)(torch.tensor([PROMPT])).logits[0, -1]
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def merged_reference(paths_weights, prompt):
+    """The transformers model with W += sum_i w_i * scale_i * B_i A_i folded in."""
+    hf = tiny_hf_model()
+    params = dict(hf.named_parameters())
+    for path, weight in paths_weights:
+        config = json.loads((path / "adapter_config.json").read_text())
+        tensors = load_file(path / "adapter_model.safetensors")
+        for key, A in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            B = tensors[key.replace("lora_A", "lora_B")]
+            target = key.removeprefix("base_model.model.").replace(".lora_A", "")
+            scale = config["lora_alpha"] / A.shape[0]
+            with torch.no_grad():
+                params[target] += weight * scale * (B @ A)
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0, -1]
+
+
+def test_weighted_set_of_three_matches_sum_of_deltas(tmp_path, tokenizer):
+    hf = tiny_hf_model()
+    ranks = [4, 8, 2]  # mixed ranks: the pool pads to the largest
+    paths = [make_adapter(hf, tmp_path / f"a{i}", seed=10 + i, rank=r) for i, r in enumerate(ranks)]
+    weights = [0.5, 0.3, 0.2]
+    engine = engine_for(hf, tokenizer)
+    for i, p in enumerate(paths):
+        engine.add_adapter(f"a{i}", p)
+    ours = first_step_logits(engine, PROMPT, [AdapterRef(f"a{i}", w) for i, w in enumerate(weights)])
+    ref = merged_reference(list(zip(paths, weights)), PROMPT)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tokenizer):
+    hf = tiny_hf_model()
+    root = tmp_path_factory.mktemp("lib")
+    paths = {f"a{i}": make_adapter(hf, root / f"a{i}", seed=100 + i) for i in range(6)}
+    return hf, paths
+
+
+def run_alone(hf, tokenizer, paths, prompt, adapters, max_tokens):
+    engine = engine_for(hf, tokenizer)
+    for name, p in paths.items():
+        engine.add_adapter(name, p)
+    return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True), [adapters])[0].output_ids
+
+
+MIXED = [
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], ()),
+    ([21, 22, 23], (AdapterRef("a0"),)),
+    ([31, 32, 33, 34, 35, 36, 37, 38], (AdapterRef("a1", 0.6), AdapterRef("a2", 0.3), AdapterRef("a3", 0.1))),
+    ([41, 42, 43, 44, 45], (AdapterRef("a0"),)),
+    ([51] * 12, (AdapterRef("a4"), AdapterRef("a0", 0.5))),
+    ([61, 62], (AdapterRef("a5"),)),
+]
+
+
+@pytest.mark.parametrize("max_loras", [8, 3])  # 3 slots for 6 adapters: eviction between requests
+def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras):
+    hf, paths = library
+    engine = engine_for(hf, tokenizer, max_loras=max_loras, max_num_batched_tokens=16, max_num_seqs=4)
+    for name, p in paths.items():
+        engine.add_adapter(name, p)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    seqs = [engine.add_request(p, params, a) for p, a in MIXED[:3]]
+    for _ in range(3):  # later requests join a running batch
+        engine.step()
+    seqs += [engine.add_request(p, params, a) for p, a in MIXED[3:]]
+    while engine.has_unfinished():
+        engine.step()
+    for (prompt, adapters), seq in zip(MIXED, seqs):
+        assert seq.output_ids == run_alone(hf, tokenizer, paths, prompt, adapters, 12), adapters
+    if max_loras == 3:
+        assert engine.pool.evictions > 0
+
+
+def random_stack(slots, n, r, d_in, outs, seed):
+    g = torch.Generator().manual_seed(seed)
+    columns, c = [], 0
+    for d in outs:
+        columns.append((c, c + d))
+        c += d
+    A = torch.randn(slots, n * r, d_in, generator=g)
+    B = [torch.randn(slots, r, d, generator=g) for d in outs]
+    A[0].zero_()  # slot 0 is the all-zero "no adapter" slot
+    for b in B:
+        b[0].zero_()
+    return GroupStack(A, B, columns)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_ops_match_naive_loop(dense):
+    stack = random_stack(slots=7, n=3, r=4, d_in=16, outs=[16, 8, 8], seed=0)
+    # 3 decode sequences then 2 prefill chunks of 4 and 3 tokens.
+    sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
+    counts = [1, 1, 1, 4, 3]
+    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+    if dense:
+        info.unique_slots = torch.tensor([1, 2, 3, 4, 5, 6])
+        seq_w = torch.zeros(len(sets), 6)
+        for i, (slots, ws) in enumerate(sets):
+            for s, w in zip(slots, ws):
+                seq_w[i, s - 1] = w
+        info.token_weights = seq_w.repeat_interleave(torch.tensor(counts), dim=0)
+    else:
+        info.unique_slots = info.token_weights = None
+    x = torch.randn(sum(counts), 16)
+    out = torch.zeros(sum(counts), 32)
+    apply_lora(x, out, stack, info)
+    expected = torch.zeros_like(out)
+    row = 0
+    for (slots, ws), n in zip(sets, counts):
+        for t in range(row, row + n):
+            for s, w in zip(slots, ws):
+                for j, (c0, c1) in enumerate(stack.out_columns):
+                    A = stack.A[s, j * 4 : (j + 1) * 4]  # [r, d_in]
+                    expected[t, c0:c1] += w * (x[t] @ A.t()) @ stack.B[j][s]
+        row += n
+    assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
+    hf = tiny_hf_model()
+    engine = engine_for(hf, tokenizer, max_lora_rank=8)
+    good = make_adapter(hf, tmp_path / "good", seed=3)
+    tensors = load_file(good / "adapter_model.safetensors")
+    config = json.loads((good / "adapter_config.json").read_text())
+
+    def variant(name, tensors_, config_=config):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors_, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps(config_))
+        return d
+
+    key_a = next(k for k in tensors if "q_proj.lora_A" in k)
+    cases = {
+        "shape": ({**tensors, key_a: torch.zeros(4, 65)}, "the base model needs"),
+        "nan": ({**tensors, key_a: torch.full_like(tensors[key_a], float("nan"))}, "non-finite"),
+        "target": ({**tensors, key_a.replace("q_proj", "rotary"): tensors[key_a].clone()}, "unknown target"),
+        "rank": ({k: torch.zeros(16, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 16)
+                  for k, v in tensors.items()}, "over the limit"),
+    }
+    for name, (bad, message) in cases.items():
+        with pytest.raises(AdapterFormatError, match=message) as err:
+            engine.add_adapter(name, variant(name, bad))
+        assert name in str(err.value)
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        engine.add_adapter("dora", variant("dora", tensors, {**config, "use_dora": True}))
+    with pytest.raises(KeyError, match="unknown adapter"):
+        engine.add_request([1, 2], SamplingParams(), [AdapterRef("missing")])
