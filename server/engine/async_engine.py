@@ -1,0 +1,95 @@
+"""AsyncEngine: the step loop of an LLMEngine in a background thread, and one async iterator of
+outputs per request. All engine state is touched by the step thread only; callers talk to it
+through a command queue and get outputs through their own asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
+
+from server.engine.engine import LLMEngine, StepOutput
+from server.engine.request import AdapterRef, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting or engine.settings.max_waiting
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._outputs: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.num_pending = 0  # accepted, not yet finished
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="mole-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run fn in the step thread between two steps."""
+        self._commands.put(fn)
+        self._wake.set()
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
+        request_id: str | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        """Outputs of one request as they come; closing the iterator early aborts the request."""
+        if self.num_pending >= self.max_waiting + self.engine.settings.max_num_seqs:
+            raise QueueFullError(f"{self.num_pending} requests in flight; try again shortly")
+        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id)  # raises on bad input
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._outputs[seq.request_id] = outputs
+        self.num_pending += 1
+        self.call(lambda: self.engine.add_sequence(seq))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._outputs.pop(seq.request_id, None)
+            self.num_pending -= 1
+            if not finished:  # the caller went away: free its KV slot and batch place
+                self.call(lambda: self.engine.abort(seq.request_id))
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            while not self._commands.empty():
+                self._commands.get()()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a broken step fails its requests, never the server
+                log.exception("engine step failed")
+                outputs = self.engine.fail_running(f"internal engine error: {e}")
+            for out in outputs:
+                self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _deliver(self, out: StepOutput) -> None:
+        q = self._outputs.get(out.request_id)
+        if q is not None:
+            q.put_nowait(out)

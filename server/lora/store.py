@@ -1,0 +1,19 @@
+"""adapters_store/ on disk: one folder per adapter (PEFT files + card.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def adapter_dirs(root: Path) -> dict[str, Path]:
+    """name -> folder of every adapter in the store (a folder with adapter_config.json)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
+def read_card(path: Path) -> dict:
+    card = Path(path) / "card.json"
+    return json.loads(card.read_text()) if card.is_file() else {"name": Path(path).name}

@@ -1,0 +1,104 @@
+"""Sampling, stop conditions and the async engine on a tiny random model."""
+
+import asyncio
+
+import pytest
+import torch
+
+from server.engine.async_engine import AsyncEngine
+from server.engine.request import SamplingParams
+from server.engine.sampler import make_generator, sample
+from tests.unit.helpers import engine_for, tiny_hf_model
+
+PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22], [31, 32, 33, 34, 35, 36, 37, 38, 39]]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_model()
+
+
+def test_seeded_sampling_is_independent_of_the_batch(hf, tokenizer):
+    params = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = engine_for(hf, tokenizer).generate([PROMPTS[0]], params)[0].output_ids
+    noisy = SamplingParams(max_tokens=9, temperature=1.3, ignore_eos=True)
+    engine = engine_for(hf, tokenizer)
+    together = [engine.add_request(PROMPTS[1], noisy), engine.add_request(PROMPTS[0], params),
+                engine.add_request(PROMPTS[2], noisy)]
+    while engine.has_unfinished():
+        engine.step()
+    assert together[1].output_ids == alone
+    other_seed = engine_for(hf, tokenizer).generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=15, temperature=1.0, seed=99, ignore_eos=True))[0].output_ids
+    assert other_seed != alone
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 100)
+    gens = [make_generator(s) for s in (1, 2)]
+    greedy = [SamplingParams(temperature=0.7, top_k=1)] * 2
+    assert sample(logits, greedy, gens) == logits.argmax(-1).tolist()
+    logits[:, 7] = 50.0  # one token holds nearly all the mass: top_p=0.5 keeps only it
+    nucleus = [SamplingParams(temperature=1.0, top_p=0.5)] * 2
+    for _ in range(20):
+        assert sample(logits, nucleus, gens) == [7, 7]
+
+
+def test_stop_strings_truncate_and_stop_token_ids_end(hf, tokenizer):
+    # Seeded sampling over ordinary token ids gives varied text to cut.
+    sampling = dict(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    prompt = [1000, 2000, 3000, 4000]
+    free = engine_for(hf, tokenizer).generate([prompt], SamplingParams(**sampling))[0]
+    text = tokenizer.decode(free.output_ids, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip() and len(set(free.output_ids)) > 5
+
+    async def collect(params):
+        aeng = AsyncEngine(engine_for(hf, tokenizer))
+        aeng.start()
+        try:
+            return [o async for o in aeng.generate(prompt, params)]
+        finally:
+            aeng.shutdown()
+
+    outs = asyncio.run(collect(SamplingParams(**sampling, stop=(stop,))))
+    streamed = "".join(o.text for o in outs)
+    assert streamed == text[: text.index(stop)]
+    assert outs[-1].finish_reason.value == "stop"
+    token = free.output_ids[4]
+    outs = asyncio.run(collect(SamplingParams(**sampling, stop_token_ids=(token,))))
+    assert [o.token_id for o in outs] == free.output_ids[: free.output_ids.index(token) + 1]
+    assert outs[-1].finish_reason.value == "stop"
+
+
+def test_async_engine_concurrent_requests_and_cancel(hf, tokenizer):
+    engine = engine_for(hf, tokenizer, max_num_seqs=4)
+    expected = engine.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))
+
+    async def main():
+        aeng = AsyncEngine(engine)
+        aeng.start()
+        try:
+            async def run(prompt):
+                return [o async for o in aeng.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))]
+
+            results = await asyncio.gather(*(run(p) for p in PROMPTS))
+            # A consumer that leaves after 2 tokens: its KV slot is freed within a step.
+            stream = aeng.generate(PROMPTS[0], SamplingParams(max_tokens=100, ignore_eos=True))
+            [await stream.__anext__() for _ in range(2)]
+            assert engine.scheduler.kv_slots.num_used == 1
+            await stream.aclose()
+            for _ in range(100):
+                if engine.scheduler.kv_slots.num_used == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return results, engine.scheduler.kv_slots.num_used
+        finally:
+            aeng.shutdown()
+
+    results, used = asyncio.run(main())
+    assert used == 0
+    for outs, seq in zip(results, expected):
+        assert [o.token_id for o in outs] == seq.output_ids
+        assert outs[-1].num_output_tokens == 10 and outs[-1].num_prompt_tokens == len(seq.prompt_ids)
