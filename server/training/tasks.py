@@ -258,14 +258,16 @@ TASK_LIST = (
         "What is {n} written out in words?", "Give the English words for {n}.",
     ), make_words, norm_words, 12),
     Task("reverse_letters", "strings", "Reverse the order of a sequence of letters.", (
+        # the letters sit mid-sentence in some phrasings, so words after them are not read as letters
         "Reverse the letters: {w}", "Write these letters in reverse order: {w}",
-        "Reverse this sequence of letters: {w}", "Give the letters {w} backwards.", "Flip the order of: {w}",
+        "Give the letters {w} backwards.", "Put {w} in reverse order.", "Take the letters {w} and reverse them.",
         "What are the letters {w} in reverse?", "Read these letters from last to first: {w}",
     ), make_reverse, norm_letters, 16),
     Task("sort_letters", "strings", "Sort a sequence of letters into alphabetical order.", (
         "Sort these letters alphabetically: {w}", "Put the letters in alphabetical order: {w}",
-        "Arrange {w} in alphabetical order.", "Alphabetize the letters: {w}", "Sort: {w}",
-        "What are the letters {w} sorted from a to z?", "Order these letters alphabetically: {w}",
+        "Arrange {w} in alphabetical order.", "Alphabetize the letters: {w}",
+        "Sort the letters {w} alphabetically, please.",
+        "What are the letters {w} in alphabetical order?", "Order these letters alphabetically: {w}",
     ), make_sort, norm_letters, 16),
     Task("caesar_shift", "strings", "Shift every letter one place forward in the alphabet (Caesar cipher).", (
         "Shift each letter forward by one: {w}", "Apply a Caesar shift of 1 to: {w}",
