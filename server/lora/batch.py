@@ -22,6 +22,7 @@ class LoRABatchInfo:
     prefill_spans: list[tuple[int, int]]  # (token offset, length) of the other sequences
     unique_slots: torch.Tensor | None = None  # [U], set when the dense path is chosen
     token_weights: torch.Tensor | None = None  # [T, U], set with unique_slots
+    unique_range: tuple[int, int] | None = None  # (s0, s1) when unique_slots == arange(s0, s1)
 
 
 def build_lora_batch(
@@ -56,6 +57,8 @@ def build_lora_batch(
                     seq_w[i, column[s]] += w
         counts = torch.tensor(list(num_tokens))
         info.unique_slots = torch.tensor(unique, dtype=torch.long, device=device)
+        if unique == list(range(unique[0], unique[-1] + 1)):
+            info.unique_range = (unique[0], unique[-1] + 1)
         info.token_weights = seq_w.repeat_interleave(counts, dim=0).to(device)  # [T, U]
     info.seq_slots = seq_slots.to(device)
     info.seq_weights = seq_weights.to(device)

@@ -36,7 +36,7 @@ class GroupStack:
 def apply_lora(x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRABatchInfo) -> None:
     """x: [T, d_in]; out: [T, d_out_total], updated in place."""
     if info.unique_slots is not None:
-        _segment(x, out, stack, info.unique_slots, info.token_weights)
+        _segment(x, out, stack, info.unique_slots, info.token_weights, info.unique_range)
         return
     nd = info.num_decode
     if nd:
@@ -47,14 +47,20 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRA
 
 
 def _segment(
-    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor
+    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor,
+    slot_range: tuple[int, int] | None = None,
 ) -> None:
-    """All rows of x against one set of U slots. slots: [U]; weights: [T, U] or [1, U]."""
+    """All rows of x against one set of U slots. slots: [U]; weights: [T, U] or [1, U].
+    slot_range: (s0, s1) when slots == arange(s0, s1), read as a view instead of a gathered copy."""
     T, U, r, n = x.shape[0], slots.shape[0], stack.rank, len(stack.B)
-    A = stack.A.index_select(0, slots).view(U * n * r, -1)  # [U*n*r, d_in]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots)
+
+    A = rows(stack.A).reshape(U * n * r, -1)  # [U*n*r, d_in]
     z = (x @ A.t()).view(T, U, n, r) * weights.view(-1, U, 1, 1)  # shrink + weight, [T, U, n, r]
     for j, (c0, c1) in enumerate(stack.out_columns):
-        B = stack.B[j].index_select(0, slots).view(U * r, c1 - c0)  # [U*r, d_out_j]
+        B = rows(stack.B[j]).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
         out[:, c0:c1].addmm_(z[:, :, j].reshape(T, U * r), B)
 
 

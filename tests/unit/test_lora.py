@@ -142,15 +142,16 @@ def random_stack(slots, n, r, d_in, outs, seed):
     return GroupStack(A, B, columns)
 
 
-@pytest.mark.parametrize("dense", [True, False])
-def test_ops_match_naive_loop(dense):
+@pytest.mark.parametrize("path", ["dense-view", "dense-gather", "gathered"])
+def test_ops_match_naive_loop(path):
     stack = random_stack(slots=7, n=3, r=4, d_in=16, outs=[16, 8, 8], seed=0)
     # 3 decode sequences then 2 prefill chunks of 4 and 3 tokens.
     sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
     counts = [1, 1, 1, 4, 3]
     info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
-    if dense:
+    if path.startswith("dense"):
         info.unique_slots = torch.tensor([1, 2, 3, 4, 5, 6])
+        info.unique_range = (1, 7) if path == "dense-view" else None
         seq_w = torch.zeros(len(sets), 6)
         for i, (slots, ws) in enumerate(sets):
             for s, w in zip(slots, ws):
