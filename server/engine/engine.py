@@ -1,10 +1,8 @@
 """The engine: requests in, tokens and text out. LLMEngine is the synchronous core (add, step,
-abort); AsyncEngine runs its step loop in a background thread and hands each request an async
-iterator of outputs."""
+abort); async_engine.AsyncEngine runs its step loop in a background thread."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,6 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.lora.formats import LoRAWeights
 from server.lora.pool import LoRAPool
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,9 +69,9 @@ class LLMEngine:
         """Validate a request without touching engine state (safe from any thread)."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
-        if len(adapters) > self.settings.max_adapters_per_request:
+        if len(adapters) > min(self.settings.max_adapters_per_request, self.settings.max_loras):
             raise ValueError(f"{len(adapters)} adapters requested; at most "
-                             f"{self.settings.max_adapters_per_request} per request")
+                             f"{min(self.settings.max_adapters_per_request, self.settings.max_loras)} per request")
         merged: dict[str, float] = {}
         for a in adapters:
             if a.name not in self.pool:

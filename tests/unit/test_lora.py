@@ -204,3 +204,15 @@ def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
         engine.add_adapter("dora", variant("dora", tensors, {**config, "use_dora": True}))
     with pytest.raises(KeyError, match="unknown adapter"):
         engine.add_request([1, 2], SamplingParams(), [AdapterRef("missing")])
+
+
+def test_requests_over_the_limits_are_refused(library, tokenizer):
+    hf, paths = library
+    engine = engine_for(hf, tokenizer, max_adapters_per_request=4, max_model_len=64)
+    for name, p in paths.items():
+        engine.add_adapter(name, p)
+    with pytest.raises(ValueError, match="context window is 64"):
+        engine.add_request(list(range(1, 65)), SamplingParams())
+    with pytest.raises(ValueError, match="at most 4 per request"):
+        engine.add_request([1, 2], SamplingParams(), [AdapterRef(f"a{i}") for i in range(5)])
+    assert not engine.has_unfinished()
