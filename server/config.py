@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # --- http ---
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8000, description="Port the server listens on.")
+    api_key: str | None = Field(None, description="If set, /v1 routes need `Authorization: Bearer <api_key>`.")
+    served_model_name: str | None = Field(None, description="Model id of the base model (default: its folder).")
+    metrics_adapter_limit: int = Field(
+        50, ge=1, description="Distinct adapter labels in metrics; later adapters count as `other`."
+    )
 
     def torch_dtype_name(self) -> str:
         if self.dtype != "auto":

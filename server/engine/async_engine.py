@@ -8,7 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from server.engine.engine import LLMEngine, StepOutput
@@ -22,8 +22,10 @@ class QueueFullError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+                 on_step: Callable[[LLMEngine], None] | None = None) -> None:
         self.engine = engine
+        self.on_step = on_step  # called in the step thread after each step (metrics)
         self.max_waiting = max_waiting or engine.settings.max_waiting
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[StepOutput]] = {}
@@ -49,29 +51,20 @@ class AsyncEngine:
         self._commands.put(fn)
         self._wake.set()
 
-    async def generate(
+    def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
         request_id: str | None = None,
-    ) -> AsyncIterator[StepOutput]:
-        """Outputs of one request as they come; closing the iterator early aborts the request."""
+    ) -> RequestStream:
+        """Submit a request now (bad input and a full queue raise here) and return its outputs as
+        they come; closing the stream before its end aborts the request."""
         if self.num_pending >= self.max_waiting + self.engine.settings.max_num_seqs:
             raise QueueFullError(f"{self.num_pending} requests in flight; try again shortly")
-        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id)  # raises on bad input
-        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._outputs[seq.request_id] = outputs
+        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id)
+        stream = RequestStream(self, seq.request_id)
+        self._outputs[seq.request_id] = stream.queue
         self.num_pending += 1
         self.call(lambda: self.engine.add_sequence(seq))
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                finished = out.finished
-                yield out
-        finally:
-            self._outputs.pop(seq.request_id, None)
-            self.num_pending -= 1
-            if not finished:  # the caller went away: free its KV slot and batch place
-                self.call(lambda: self.engine.abort(seq.request_id))
+        return stream
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -86,6 +79,8 @@ class AsyncEngine:
             except Exception as e:  # a broken step fails its requests, never the server
                 log.exception("engine step failed")
                 outputs = self.engine.fail_running(f"internal engine error: {e}")
+            if self.on_step:
+                self.on_step(self.engine)
             for out in outputs:
                 self._loop.call_soon_threadsafe(self._deliver, out)
 
@@ -93,3 +88,41 @@ class AsyncEngine:
         q = self._outputs.get(out.request_id)
         if q is not None:
             q.put_nowait(out)
+
+
+class RequestStream:
+    """The outputs of one request. close() (idempotent, also on garbage collection) releases its
+    place in the engine even if the stream was never read, e.g. when a sibling request failed."""
+
+    def __init__(self, aeng: AsyncEngine, request_id: str) -> None:
+        self.aeng, self.request_id = aeng, request_id
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.finished = self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if out.finished:
+            self.finished = True
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.aeng._outputs.pop(self.request_id, None)
+        self.aeng.num_pending -= 1
+        if not self.finished:  # the caller went away: free its KV slot and batch place
+            request_id = self.request_id
+            self.aeng.call(lambda: self.aeng.engine.abort(request_id))
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -48,6 +48,7 @@ class LLMEngine:
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.model_name = Path(model.config.name_or_path or "base").name
         self._seqs: dict[str, Sequence] = {}
+        self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
 
     @classmethod
@@ -103,6 +104,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        self.last_batch_size = len(batch.scheduled)
         if not batch:
             return []
         tokens = iter(self.runner.run(batch))

@@ -71,6 +71,14 @@ class LoRAPool:
     def __contains__(self, name: str) -> bool:
         return name in self._paths or name in self._cpu
 
+    @property
+    def names(self) -> list[str]:
+        return sorted(set(self._paths) | set(self._cpu))
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
     # --- residency ---
     def acquire(self, names: Sequence[str]) -> list[int] | None:
         """Make `names` resident and pin them. None (and nothing pinned) if the slots they need are

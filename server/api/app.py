@@ -1,0 +1,109 @@
+"""create_app: the FastAPI app around an engine that loads in the background (503 until ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.metrics import Metrics
+from server.api.openai_routes import router as openai_router
+from server.api.protocol import APIError
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request"),
+            param)
+
+
+def create_app(settings: Settings, load_engine: Callable[[], object]) -> FastAPI:
+    """load_engine builds the LLMEngine (slow: runs in a thread); requests get 503 until it is done."""
+    metrics = Metrics(settings.metrics_adapter_limit)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from server.engine.async_engine import AsyncEngine
+
+        async def load() -> None:
+            try:
+                engine = await asyncio.to_thread(load_engine)
+            except Exception:
+                log.exception("the engine failed to load")
+                raise
+            aeng = AsyncEngine(engine, on_step=lambda e: metrics.batch_size.observe(e.last_batch_size))
+            aeng.start()
+            app.state.engine = aeng
+            log.info("ready: %s with %d adapters", engine.model_name, len(engine.pool.names))
+
+        loading = asyncio.create_task(load())
+        yield
+        loading.cancel()
+        if app.state.engine is not None:
+            app.state.engine.shutdown()
+
+    app = FastAPI(title="mole-serve", lifespan=lifespan)
+    app.state.engine = None
+    app.state.metrics = metrics
+    app.state.settings = settings
+    metrics.watch_engine(lambda: app.state.engine)
+
+    @app.middleware("http")
+    async def count_and_authorize(request: Request, call_next):
+        path = request.url.path
+        if settings.api_key and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given, settings.api_key):
+                response = JSONResponse(APIError(401, "Incorrect API key provided.", "invalid_request_error",
+                                                 code="invalid_api_key").body(), status_code=401)
+                metrics.requests.labels(path, "401").inc()
+                return response
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if app.state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(openai_router)
+    return app

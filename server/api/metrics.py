@@ -1,0 +1,64 @@
+"""Prometheus collectors (names prefixed `mole_`), one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class EngineCollector(Collector):
+    """Reads the engine's state at scrape time, so nothing in the step loop has to update it."""
+
+    def __init__(self, get_engine: Callable[[], object | None]) -> None:
+        self.get_engine = get_engine
+
+    def collect(self):
+        aeng = self.get_engine()
+        if aeng is None:
+            return
+        engine = aeng.engine
+        sched, pool = engine.scheduler, engine.pool
+        yield GaugeMetricFamily("mole_requests_running", "Sequences in the running batch", len(sched.running))
+        yield GaugeMetricFamily("mole_requests_waiting", "Requests queued for admission", len(sched.waiting))
+        yield GaugeMetricFamily("mole_kv_cache_usage_ratio", "Fraction of KV slots in use",
+                                sched.kv_slots.num_used / sched.kv_slots.num_slots)
+        yield GaugeMetricFamily("mole_adapter_slots_used", "Adapters resident in device slots", pool.num_resident)
+        yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", pool.max_loras)
+        yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", pool.loads)
+        yield CounterMetricFamily("mole_adapter_evictions", "Adapters evicted from a device slot", pool.evictions)
+
+
+class Metrics:
+    def __init__(self, adapter_label_limit: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mole_http_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("mole_request_latency_seconds", "End-to-end latency of a generation request",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("mole_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("mole_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mole_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("mole_completion_tokens", "Completion tokens generated", registry=r)
+        self.batch_size = Histogram("mole_batch_size", "Sequences per engine step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.adapter_requests = Counter("mole_adapter_requests", "Requests per adapter (bounded labels)",
+                                        ["adapter"], registry=r)
+        self._adapter_labels: set[str] = set()
+        self._adapter_label_limit = adapter_label_limit
+
+    def watch_engine(self, get_engine: Callable[[], object | None]) -> None:
+        self.registry.register(EngineCollector(get_engine))
+
+    def count_adapter(self, name: str) -> None:
+        if name not in self._adapter_labels and len(self._adapter_labels) < self._adapter_label_limit:
+            self._adapter_labels.add(name)
+        self.adapter_requests.labels(name if name in self._adapter_labels else "other").inc()

@@ -1,0 +1,146 @@
+"""The real server through the official `openai` client and plain HTTP."""
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import API_KEY
+
+pytestmark = pytest.mark.e2e
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    return sum(values)
+
+
+def test_chat_answers_with_usage(client):
+    r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=20, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.id.startswith("chatcmpl-") and r.created > 0 and r.model == "auto"
+
+
+def test_stream_concatenates_to_the_same_text(client):
+    kwargs = dict(model="auto", messages=FRANCE, max_tokens=24, temperature=0.8, seed=42)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_completions_single_and_list(client):
+    r = client.completions.create(model="auto", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.choices[0].text and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    r = client.completions.create(model="auto", prompt=["One, two,", "Monday, Tuesday,"], max_tokens=4,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 8
+    stream = client.completions.create(model="auto", prompt="One, two,", max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
+
+
+def test_models_list_names_base_auto_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert "auto" in models and "SmolLM2-135M-Instruct" in models
+    assert models["int_to_roman"].model_extra["parent"] == "SmolLM2-135M-Instruct"
+
+
+def test_adapter_by_name_and_extension_fields(client, server):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": [{"type": "text", "text": "Write 587 in Roman numerals."}]}]
+    raw = client.chat.completions.with_raw_response.create(model="int_to_roman", messages=messages,
+                                                           max_tokens=12, temperature=0)
+    r = raw.parse()
+    assert r.choices[0].message.content.strip() == "DLXXXVII"
+    assert raw.headers["x-mole-adapters"] == "int_to_roman=1"
+    assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 1.0}]
+    r = client.chat.completions.create(
+        model="auto", messages=messages, max_tokens=12, temperature=0,
+        extra_body={"adapters": [{"name": "int_to_roman", "weight": 3}, {"name": "roman_to_int", "weight": 1}]})
+    assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 0.75},
+                                         {"name": "roman_to_int", "weight": 0.25}]
+
+
+def test_stop_strings(client):
+    r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=30, temperature=0, stop=["Paris"])
+    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "messages": FRANCE}, 404, "model"),
+    ({"model": "auto", "messages": FRANCE, "extra": 1, "adapters": ["nope"]}, 404, "adapters"),
+    ({"model": "auto", "messages": FRANCE, "max_tokens": 5000}, 400, "messages"),
+    ({"model": "auto", "messages": []}, 400, "messages"),
+    ({"model": "auto", "messages": FRANCE, "n": 2}, 400, "n"),
+    ({"model": "auto", "messages": FRANCE, "logprobs": True}, 400, "logprobs"),
+    ({"model": "auto", "messages": FRANCE, "temperature": "hot"}, 400, "temperature"),
+])
+def test_errors_in_openai_shape(server, body, status, param):
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=HEADERS)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["param"] == param and "type" in error and "code" in error
+
+
+def test_malformed_json_and_wrong_key(server):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={**HEADERS,
+                                                                                    "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_sixteen_concurrent_streams_and_a_disconnect(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+
+        async def one(i):
+            stream = await client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=16,
+                temperature=0, stream=True)
+            return [c async for c in stream]
+
+        results = await asyncio.gather(*(one(i) for i in range(16)))
+        assert all(r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+        # A client that leaves mid-stream: its request is cancelled and its KV slot freed.
+        async with httpx.AsyncClient(timeout=30) as http:
+            body = {"model": "auto", "messages": FRANCE, "max_tokens": 900, "temperature": 0.9, "stream": True}
+            async with http.stream("POST", f"{server}/v1/chat/completions", json=body, headers=HEADERS) as r:
+                lines = r.aiter_lines()
+                for _ in range(6):
+                    await lines.__anext__()
+                assert metric(server, "mole_requests_running") == 1
+        for _ in range(100):
+            if metric(server, "mole_requests_running") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert metric(server, "mole_requests_running") == 0
+        assert metric(server, "mole_kv_cache_usage_ratio") == 0
+
+    asyncio.run(main())
+
+
+def test_metrics_move(server, client):
+    before = metric(server, "mole_completion_tokens_total")
+    requests_before = metric(server, "mole_http_requests_total")
+    client.chat.completions.create(model="int_to_roman", messages=FRANCE, max_tokens=3, temperature=0)
+    assert metric(server, "mole_completion_tokens_total") > before
+    assert metric(server, "mole_http_requests_total") > requests_before
+    assert metric(server, 'mole_adapter_requests_total{adapter="int_to_roman"}'.split("{")[0]) >= 1
+    assert metric(server, "mole_time_to_first_token_seconds_count") > 0
+    assert metric(server, "mole_batch_size_count") > 0

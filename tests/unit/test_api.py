@@ -1,0 +1,101 @@
+"""HTTP layer on a tiny random model: protocol parsing, error mapping, readiness, queue limits."""
+
+import asyncio
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine, QueueFullError
+from server.engine.request import SamplingParams
+from tests.unit.helpers import engine_for, tiny_hf_model
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def test_protocol_parsing():
+    req = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "stop": "x", "adapters": ["a", {"name": "b", "weight": 2}], "user": "ignored", "unknown_field": 1})
+    assert req.model == "auto" and req.messages[0].text() == "ab" and req.stop_list() == ("x",)
+    assert [(c.name, c.weight) for c in req.adapter_choices()] == [("a", 1.0), ("b", 2.0)]
+    assert req.token_limit() is None
+    assert ChatCompletionRequest.model_validate({**CHAT, "max_completion_tokens": 7}).token_limit() == 7
+    assert CompletionRequest.model_validate({"prompt": ["p", "q"]}).prompts() == ["p", "q"]
+    assert CompletionRequest.model_validate({"prompt": "p"}).token_limit() == 16
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tokenizer):
+    return lambda **kw: engine_for(tiny_hf_model(), tokenizer, **kw)
+
+
+def test_not_ready_is_503_then_ready(tiny_engine):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return tiny_engine()
+
+    with TestClient(create_app(Settings(), slow_load)) as client:
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        release.set()
+        for _ in range(200):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_error_mapping(tiny_engine):
+    settings = Settings(api_key="k", max_model_len=128)
+    with TestClient(create_app(settings, lambda: tiny_engine(max_model_len=128))) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        auth = {"Authorization": "Bearer k"}
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        assert client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer x"}).status_code == 401
+        cases = [
+            ({**CHAT, "model": "missing"}, 404, "model_not_found"),
+            ({**CHAT, "max_tokens": 500}, 400, "context_length_exceeded"),
+            ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
+            ({**CHAT, "composition": "merge"}, 400, None),
+            ({"model": "auto"}, 400, None),
+        ]
+        for body, status, code in cases:
+            r = client.post("/v1/chat/completions", json=body, headers=auth)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+        r = client.get("/v1/nowhere", headers=auth)
+        assert r.status_code == 404 and "error" in r.json()
+        assert client.get("/health").status_code == 200  # still serving
+
+
+def test_queue_full_is_refused_at_submission(tiny_engine):
+    async def main():
+        aeng = AsyncEngine(tiny_engine(max_num_seqs=1), max_waiting=1)
+        aeng.start()
+        try:
+            params = SamplingParams(max_tokens=50, ignore_eos=True)
+            streams = [aeng.generate([5, 6, 7], params) for _ in range(2)]  # one running, one waiting
+            with pytest.raises(QueueFullError):
+                aeng.generate([5, 6, 7], params)
+            for s in streams:  # never read: closing still frees their places
+                await s.aclose()
+            assert aeng.num_pending == 0
+            aeng.generate([5, 6, 7], params).close()
+            for _ in range(100):
+                if not aeng.engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.02)
+            assert not aeng.engine.has_unfinished() and aeng.engine.scheduler.kv_slots.num_used == 0
+        finally:
+            aeng.shutdown()
+
+    asyncio.run(main())
