@@ -65,6 +65,7 @@ class SamplingFields(BaseModel):
     adapters: list[str | AdapterChoice] | None = None
     top_k: int | None = Field(None, ge=0)
     composition: Literal["gate", "mixture", "select", "merge"] | None = None
+    ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
 
     @field_validator("stop")
     @classmethod

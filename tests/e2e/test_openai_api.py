@@ -1,7 +1,10 @@
 """The real server through the official `openai` client and plain HTTP."""
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -144,3 +147,20 @@ def test_metrics_move(server, client):
     assert metric(server, 'mole_adapter_requests_total{adapter="int_to_roman"}'.split("{")[0]) >= 1
     assert metric(server, "mole_time_to_first_token_seconds_count") > 0
     assert metric(server, "mole_batch_size_count") > 0
+
+
+def test_python_client_and_examples(server):
+    from clients.mole_client import MoleClient
+
+    client = MoleClient(server, api_key=API_KEY)
+    assert "int_to_roman" in client.models()
+    assert client.chat("Write 587 in Roman numerals.", model="int_to_roman", temperature=0).strip() == "DLXXXVII"
+    streamed = "".join(client.stream("What is the capital of France?", temperature=0, max_tokens=20))
+    assert streamed == client.chat("What is the capital of France?", temperature=0, max_tokens=20)
+    weighted = client.complete("What is XLII?", adapters={"roman_to_int": 3, "int_to_roman": 1}, max_tokens=4)
+    assert [a["name"] for a in weighted.model_extra["adapters"]] == ["roman_to_int", "int_to_roman"]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}  # the examples take the key from the environment
+    for example in ("chat", "stream"):
+        out = subprocess.run([sys.executable, "-m", f"clients.examples.{example}", server], capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
