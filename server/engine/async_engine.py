@@ -81,13 +81,14 @@ class AsyncEngine:
                 outputs = self.engine.fail_running(f"internal engine error: {e}")
             if self.on_step:
                 self.on_step(self.engine)
-            for out in outputs:
-                self._loop.call_soon_threadsafe(self._deliver, out)
+            if outputs:  # one wake-up of the event loop per step, not one per sequence
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, out: StepOutput) -> None:
-        q = self._outputs.get(out.request_id)
-        if q is not None:
-            q.put_nowait(out)
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            q = self._outputs.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
 
 
 class RequestStream:
