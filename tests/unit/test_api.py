@@ -99,3 +99,28 @@ def test_queue_full_is_refused_at_submission(tiny_engine):
             aeng.shutdown()
 
     asyncio.run(main())
+
+
+def test_queue_full_is_429_with_retry_after(tiny_engine):
+    settings = Settings(max_num_seqs=1, max_waiting=1)
+    with TestClient(create_app(settings, lambda: tiny_engine(max_num_seqs=1, max_waiting=1))) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        aeng = client.app.state.engine
+        long = SamplingParams(max_tokens=100, ignore_eos=True)
+        # Two requests fill the running batch and the waiting queue; close them from the app's loop.
+        streams = client.portal.call(lambda: _submit(aeng, long, 2))
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        client.portal.call(lambda: _close(streams))
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+async def _submit(aeng, params, n):
+    return [aeng.generate([5, 6, 7], params) for _ in range(n)]
+
+
+async def _close(streams):
+    for s in streams:
+        await s.aclose()
