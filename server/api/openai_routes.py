@@ -59,7 +59,7 @@ def sampling_params(engine: AsyncEngine, body: SamplingFields, num_prompt_tokens
                             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
                             f"{max_tokens} in the completion).", param="messages", code="context_length_exceeded")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k or 0, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
+                          seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
 
 
 def adapters_field(adapters: tuple[AdapterRef, ...]) -> list[dict]:

@@ -63,7 +63,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
     adapters: list[str | AdapterChoice] | None = None
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1, le=16)  # adapters retrieval keeps for `auto` (DESIGN section 2)
     composition: Literal["gate", "mixture", "select", "merge"] | None = None
     ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
 

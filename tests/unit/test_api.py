@@ -124,3 +124,14 @@ async def _submit(aeng, params, n):
 async def _close(streams):
     for s in streams:
         await s.aclose()
+
+
+def test_adapter_metric_labels_are_bounded():
+    from server.api.metrics import Metrics
+
+    metrics = Metrics(adapter_label_limit=2)
+    for name in ["a", "b", "c", "a", "d"]:
+        metrics.count_adapter(name)
+    samples = {s.labels["adapter"]: s.value for s in metrics.adapter_requests.collect()[0].samples
+               if s.name.endswith("_total")}
+    assert samples == {"a": 2.0, "b": 1.0, "other": 2.0}
