@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -95,16 +96,18 @@ async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int,
     return timing.summary(wall)
 
 
-async def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict:
+def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict:
+    """The same clients against an AsyncEngine in this process, stepped on the main thread as
+    `mole-serve serve` does, with the clients' event loop in a thread."""
     from server.__main__ import load_engine
     from server.config import Settings
     from server.engine.async_engine import AsyncEngine
     from server.engine.request import SamplingParams
 
-    aeng = AsyncEngine(await asyncio.to_thread(load_engine, Settings()))
-    aeng.start()
+    aeng = AsyncEngine(load_engine(Settings()))
     tokenizer = aeng.engine.tokenizer
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    loop, result = asyncio.new_event_loop(), {}
 
     async def one(text: str):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -116,12 +119,19 @@ async def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict
             tokens = out.num_output_tokens
         return start, first, time.perf_counter(), tokens
 
-    try:
-        await one(texts[0])
-        timing, wall = await run_clients(n_clients, texts, one)
-    finally:
-        aeng.shutdown()
-    return timing.summary(wall)
+    async def clients() -> None:
+        try:
+            await one(texts[0])
+            timing, wall = await run_clients(n_clients, texts, one)
+            result.update(timing.summary(wall))
+        finally:
+            aeng.shutdown()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(clients(),))
+    thread.start()
+    aeng.run_forever(loop)
+    thread.join()
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = prompts(args.requests)
     http = asyncio.run(http_load(args.url, args.clients, texts, args.max_tokens, args.api_key))
     print("http      ", http, flush=True)
-    inproc = asyncio.run(engine_load(args.clients, texts, args.max_tokens))
+    inproc = engine_load(args.clients, texts, args.max_tokens)
     print("in-process", inproc, flush=True)
     ratio = http["output_tok_s"] / inproc["output_tok_s"]
     print(f"\nHTTP / in-process throughput: {ratio:.3f}")

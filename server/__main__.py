@@ -24,16 +24,35 @@ def load_engine(settings: Settings):
 
 
 def serve(args: argparse.Namespace) -> int:
+    """uvicorn's event loop in a thread; the engine loads and steps on the main thread (see
+    AsyncEngine.run_forever for why). Ctrl-C or SIGTERM stops both."""
+    import signal
+    import threading
+
     import uvicorn
 
-    from server.api.app import create_app
+    from server.api.app import attach_engine, create_app
 
     overrides = {k: v for k, v in {"base_model": args.base_model, "adapters_dir": args.adapters_dir,
                                     "device": args.device, "host": args.host, "port": args.port}.items()
                  if v is not None}
     settings = Settings(**overrides)
-    app = create_app(settings, lambda: load_engine(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    web = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    web.start()
+    try:
+        engine = load_engine(settings)
+        if not app.state.loop_ready.wait(timeout=60):
+            raise RuntimeError("the HTTP server did not start")
+        aeng = attach_engine(app, engine)
+        signal.signal(signal.SIGTERM, lambda *_: aeng.shutdown())
+        aeng.run_forever(app.state.loop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        web.join(timeout=10)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -30,13 +31,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             param)
 
 
-def create_app(settings: Settings, load_engine: Callable[[], object]) -> FastAPI:
-    """load_engine builds the LLMEngine (slow: runs in a thread); requests get 503 until it is done."""
+def attach_engine(app: FastAPI, engine) -> object:
+    """Wrap a loaded LLMEngine for the app; the caller runs its step loop (start or run_forever)."""
+    from server.engine.async_engine import AsyncEngine
+
+    metrics: Metrics = app.state.metrics
+    aeng = AsyncEngine(engine, on_step=lambda e: metrics.batch_size.observe(e.last_batch_size))
+    app.state.engine = aeng
+    log.info("ready: %s with %d adapters", engine.model_name, len(engine.pool.names))
+    return aeng
+
+
+def create_app(settings: Settings, load_engine: Callable[[], object] | None = None) -> FastAPI:
+    """With load_engine, the app builds the engine in a thread at start-up and steps it in another;
+    without, the caller attaches one (`mole-serve serve` steps it on the main thread). Requests get
+    503 until an engine is attached."""
     metrics = Metrics(settings.metrics_adapter_limit)
+    loop_ready = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from server.engine.async_engine import AsyncEngine
+        app.state.loop = asyncio.get_running_loop()
+        loop_ready.set()
 
         async def load() -> None:
             try:
@@ -44,19 +60,18 @@ def create_app(settings: Settings, load_engine: Callable[[], object]) -> FastAPI
             except Exception:
                 log.exception("the engine failed to load")
                 raise
-            aeng = AsyncEngine(engine, on_step=lambda e: metrics.batch_size.observe(e.last_batch_size))
-            aeng.start()
-            app.state.engine = aeng
-            log.info("ready: %s with %d adapters", engine.model_name, len(engine.pool.names))
+            attach_engine(app, engine).start()
 
-        loading = asyncio.create_task(load())
+        loading = asyncio.create_task(load()) if load_engine else None
         yield
-        loading.cancel()
-        if app.state.engine is not None:
-            app.state.engine.shutdown()
+        if loading:
+            loading.cancel()
+            if app.state.engine is not None:
+                app.state.engine.shutdown()
 
     app = FastAPI(title="mole-serve", lifespan=lifespan)
     app.state.engine = None
+    app.state.loop_ready = loop_ready
     app.state.metrics = metrics
     app.state.settings = settings
     metrics.watch_engine(lambda: app.state.engine)

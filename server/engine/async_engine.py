@@ -1,6 +1,6 @@
-"""AsyncEngine: the step loop of an LLMEngine in a background thread, and one async iterator of
-outputs per request. All engine state is touched by the step thread only; callers talk to it
-through a command queue and get outputs through their own asyncio queue."""
+"""AsyncEngine: the step loop of an LLMEngine in its own thread, and one async iterator of outputs
+per request. All engine state is touched by the step thread only; callers talk to it through a
+command queue and get outputs through their own asyncio queue."""
 
 from __future__ import annotations
 
@@ -36,9 +36,17 @@ class AsyncEngine:
         self.num_pending = 0  # accepted, not yet finished
 
     def start(self) -> None:
+        """Step loop in a background thread, outputs to the running event loop (tests, embedding)."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="mole-engine", daemon=True)
         self._thread.start()
+
+    def run_forever(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Step loop in the calling thread until shutdown(); outputs go to `loop` (in another thread).
+        The server calls this on the main thread: libgomp's worker team behind any other thread sleeps
+        between parallel regions, which measured here made each decode step ~1.4x slower."""
+        self._loop = loop
+        self._run()
 
     def shutdown(self) -> None:
         self._stopped.set()
