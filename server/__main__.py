@@ -72,12 +72,17 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("train-adapter", help="train task LoRAs (see --help)", add_help=False)
     sub.add_parser("bench", help="throughput benchmark (see --help)", add_help=False)
+    sub.add_parser("eval", help="task accuracy of the library per composition mode (see --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "train-adapter":
         from server.training.train_adapter import main as train_main
 
         return train_main(rest)
+    if args.command == "eval":
+        from server.training.evaluate import main as eval_main
+
+        return eval_main(rest)
     if args.command == "bench":
         from bench.throughput import main as bench_main
 
