@@ -21,7 +21,7 @@ class LoRABatchInfo:
     num_decode: int  # the first num_decode sequences have one token each
     prefill_spans: list[tuple[int, int]]  # (token offset, length) of the other sequences
     unique_slots: torch.Tensor | None = None  # [U], set when the dense path is chosen
-    token_weights: torch.Tensor | None = None  # [T, U], set with unique_slots
+    token_weights: torch.Tensor | None = None  # [T, U] with unique_slots; None there if every weight is 1
     unique_range: tuple[int, int] | None = None  # (s0, s1) when unique_slots == arange(s0, s1)
 
 
@@ -50,16 +50,17 @@ def build_lora_batch(
     unique = sorted({s for slots, _ in sets for s in slots if s != 0})
     if len(unique) * DENSE_MIN_SEQS_PER_ADAPTER <= len(sets):
         column = {s: u for u, s in enumerate(unique)}
-        seq_w = torch.zeros(len(sets), len(unique), dtype=dtype)  # [N, U]
-        for i, (slots, weights) in enumerate(sets):
+        rows = [[0.0] * len(unique) for _ in sets]  # [N, U]
+        for row, (slots, weights) in zip(rows, sets):
             for s, w in zip(slots, weights):
                 if s != 0:
-                    seq_w[i, column[s]] += w
-        counts = torch.tensor(list(num_tokens))
+                    row[column[s]] += w
         info.unique_slots = torch.tensor(unique, dtype=torch.long, device=device)
+        if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
+            seq_w = torch.tensor(rows, dtype=dtype)
+            info.token_weights = seq_w.repeat_interleave(torch.tensor(list(num_tokens)), dim=0).to(device)
         if unique == list(range(unique[0], unique[-1] + 1)):
             info.unique_range = (unique[0], unique[-1] + 1)
-        info.token_weights = seq_w.repeat_interleave(counts, dim=0).to(device)  # [T, U]
     info.seq_slots = seq_slots.to(device)
     info.seq_weights = seq_weights.to(device)
     return info

@@ -47,10 +47,10 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRA
 
 
 def _segment(
-    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor,
+    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor | None,
     slot_range: tuple[int, int] | None = None,
 ) -> None:
-    """All rows of x against one set of U slots. slots: [U]; weights: [T, U] or [1, U].
+    """All rows of x against one set of U slots. slots: [U]; weights: [T, U], [1, U] or None (all 1).
     slot_range: (s0, s1) when slots == arange(s0, s1), read as a view instead of a gathered copy."""
     T, U, r, n = x.shape[0], slots.shape[0], stack.rank, len(stack.B)
 
@@ -58,10 +58,14 @@ def _segment(
         return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots)
 
     A = rows(stack.A).reshape(U * n * r, -1)  # [U*n*r, d_in]
-    z = (x @ A.t()).view(T, U, n, r) * weights.view(-1, U, 1, 1)  # shrink + weight, [T, U, n, r]
+    z = (x @ A.t()).view(T, U, n, r)  # shrink, [T, U, n, r]
+    if weights is not None:  # None: every weight is 1
+        z = z * weights.view(-1, U, 1, 1)
     for j, (c0, c1) in enumerate(stack.out_columns):
         B = rows(stack.B[j]).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
-        out[:, c0:c1].addmm_(z[:, :, j].reshape(T, U * r), B)
+        # With one slot, module j's z is a strided view [T, r]: BLAS reads it without a copy.
+        zj = z[:, 0, j] if U == 1 else z[:, :, j].reshape(T, U * r)
+        out[:, c0:c1].addmm_(zj, B)
 
 
 def _gathered(

@@ -216,3 +216,18 @@ def test_requests_over_the_limits_are_refused(library, tokenizer):
     with pytest.raises(ValueError, match="at most 4 per request"):
         engine.add_request([1, 2], SamplingParams(), [AdapterRef(f"a{i}") for i in range(5)])
     assert not engine.has_unfinished()
+
+
+def test_dense_path_for_one_shared_adapter_matches_naive_loop():
+    """Every sequence on one adapter at weight 1 (the common case): the dense path with no weight
+    scaling and strided per-module views of z."""
+    stack = random_stack(slots=5, n=2, r=4, d_in=16, outs=[16, 8], seed=1)
+    sets = [((2,), (1.0,))] * 4 + [((2,), (1.0,))]
+    counts = [1, 1, 1, 1, 6]
+    info = build_lora_batch(sets, counts, 4, torch.device("cpu"), torch.float32)
+    assert info.unique_range == (2, 3) and info.token_weights is None
+    x = torch.randn(sum(counts), 16)
+    out = torch.zeros(sum(counts), 24)
+    apply_lora(x, out, stack, info)
+    expected = torch.cat([x @ stack.A[2, j * 4 : (j + 1) * 4].t() @ stack.B[j][2] for j in range(2)], dim=1)
+    assert torch.allclose(out, expected, atol=1e-4)
