@@ -127,6 +127,10 @@ class Generation:
                 "total_tokens": n + self.completion_tokens}
 
 
+def total_usage(gens: list[Generation]) -> dict:
+    return {k: sum(g.usage()[k] for g in gens) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -184,7 +188,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     if not body.stream:
         await asyncio.gather(*(g.run() for g in gens))
-        usage = {k: sum(g.usage()[k] for g in gens) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        usage = total_usage(gens)
         prefix = [p if body.echo else "" for p in body.prompts()]
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": created, "model": model,
@@ -202,10 +206,8 @@ async def completions(body: CompletionRequest, request: Request):
                 yield sse(chunk(i, text))
             yield sse(chunk(i, "", g.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
-            usage = {k: sum(g.usage()[k] for g in gens) for k in ("prompt_tokens", "completion_tokens",
-                                                                  "total_tokens")}
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": usage})
+                       "usage": total_usage(gens)})
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=adapters_header(gens[0].adapters))

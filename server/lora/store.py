@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -12,8 +11,3 @@ def adapter_dirs(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
-
-
-def read_card(path: Path) -> dict:
-    card = Path(path) / "card.json"
-    return json.loads(card.read_text()) if card.is_file() else {"name": Path(path).name}
