@@ -55,7 +55,6 @@ class KVCache:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
-        self.max_len = max_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         # k, v: [T, kv_heads, head_dim]

@@ -36,14 +36,6 @@ class LoRAWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     config: dict = field(default_factory=dict)
 
-    @property
-    def targets(self) -> set[str]:
-        return {module for _, module in self.modules}
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
-
 
 def _pattern_value(patterns: dict, module_key: str, default: float) -> float:
     for pattern, value in patterns.items():
