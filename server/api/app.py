@@ -27,8 +27,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request"),
-            param)
+    message = first.get("msg", "invalid request")
+    return (f"{param}: {message}" if param else message), param
 
 
 def attach_engine(app: FastAPI, engine) -> object:

@@ -1,5 +1,5 @@
 """The engine: requests in, tokens and text out. LLMEngine is the synchronous core (add, step,
-abort); async_engine.AsyncEngine runs its step loop in a background thread."""
+abort); async_engine.AsyncEngine drives its step loop from a thread of its own."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ class LLMEngine:
         """Validate a request without touching engine state (safe from any thread)."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
-        if len(adapters) > min(self.settings.max_adapters_per_request, self.settings.max_loras):
-            raise ValueError(f"{len(adapters)} adapters requested; at most "
-                             f"{min(self.settings.max_adapters_per_request, self.settings.max_loras)} per request")
+        limit = min(self.settings.max_adapters_per_request, self.settings.max_loras)
+        if len(adapters) > limit:
+            raise ValueError(f"{len(adapters)} adapters requested; at most {limit} per request")
         merged: dict[str, float] = {}
         for a in adapters:
             if a.name not in self.pool:
@@ -131,10 +131,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> StepOutput:
         seq.token_ids.append(token)
         p = seq.sampling
-        if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
-            return self._finish(seq, FinishReason.STOP, token, self._detok[seq.request_id].update(seq.output_ids)[0])
         delta, stopped = self._detok[seq.request_id].update(seq.output_ids)
-        if stopped:
+        if stopped or not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
             return self._finish(seq, FinishReason.STOP, token, delta)
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, FinishReason.LENGTH, token, delta)

@@ -36,17 +36,14 @@ class ModelRunner:
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """float32 logits [N, V] of the sequences that sample this step, in batch order."""
         scheduled = batch.scheduled
-        ids, positions, slots = [], [], []
+        ids, positions, slots, sample_rows = [], [], [], []
         for s in scheduled:
             start = s.seq.num_computed
             ids += s.seq.token_ids[start : start + s.num_tokens]
             positions += range(start, start + s.num_tokens)
             slots += [s.seq.kv_slot] * s.num_tokens
-        sample_rows, row = [], 0
-        for s in scheduled:
-            row += s.num_tokens
             if s.samples:
-                sample_rows.append(row - 1)
+                sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
         meta = self._attention_metadata(batch, torch.tensor(slots, device=dev), torch.tensor(positions, device=dev))
         lora = build_lora_batch(

@@ -58,22 +58,12 @@ class LoRAPool:
         self._remember(name, weights)
         return weights
 
-    def add_weights(self, weights: LoRAWeights) -> None:
-        """An adapter that lives only in memory (built in code, e.g. a merge)."""
-        self._drop(weights.name)
-        self._paths.pop(weights.name, None)
-        self._remember(weights.name, weights)
-
-    def unregister(self, name: str) -> None:
-        self._paths.pop(name, None)
-        self._drop(name)
-
     def __contains__(self, name: str) -> bool:
-        return name in self._paths or name in self._cpu
+        return name in self._paths
 
     @property
     def names(self) -> list[str]:
-        return sorted(set(self._paths) | set(self._cpu))
+        return sorted(self._paths)
 
     @property
     def num_resident(self) -> int:
@@ -110,10 +100,8 @@ class LoRAPool:
     def _remember(self, name: str, weights: LoRAWeights) -> None:
         self._cpu[name] = weights
         self._cpu.move_to_end(name)
-        # Only adapters with a folder behind them can be dropped: memory-only ones can't be re-read.
-        reloadable = [n for n in self._cpu if n in self._paths]
-        while len(self._cpu) > self.max_cpu_loras and reloadable:
-            del self._cpu[reloadable.pop(0)]
+        while len(self._cpu) > self.max_cpu_loras:  # every entry has a folder behind it to re-read
+            self._cpu.popitem(last=False)
 
     def _drop(self, name: str) -> None:
         """Forget cached copies, so a replaced adapter is re-read. Pinned slots stay valid:
