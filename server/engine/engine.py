@@ -3,6 +3,7 @@ abort); async_engine.AsyncEngine drives its step loop from a thread of its own."
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.lora.formats import LoRAWeights
 from server.lora.pool import LoRAPool
+from server.lora.store import read_card
 
 
 @dataclass
@@ -50,6 +52,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
+        self.retriever = None  # set by attach_retriever: enables model `auto`
+        self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMEngine:
@@ -60,7 +64,23 @@ class LLMEngine:
 
     # --- adapters ---
     def add_adapter(self, name: str, path: Path) -> LoRAWeights:
-        return self.pool.register(name, path)
+        """Validate and register an adapter folder; with a retriever, index its card's examples."""
+        weights = self.pool.register(name, path)
+        card = read_card(path)
+        if self.retriever is not None and card.get("examples"):
+            self.retriever.set_card(name, card["examples"])
+        return weights
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests stop selecting it at once; sequences running on it finish first."""
+        if self.retriever is not None:
+            self.retriever.remove(name)
+        self.pool.unregister(name)
+
+    def set_card(self, name: str, examples: list[str]) -> None:
+        """Recompute the retrieval key of an adapter from new card examples."""
+        if self.retriever is not None:
+            self.retriever.set_card(name, examples)
 
     # --- requests ---
     def make_sequence(
@@ -158,5 +178,5 @@ class LLMEngine:
 
     def _release_adapters(self, seq: Sequence) -> None:
         if seq.lora_slots:
-            self.pool.release([a.name for a in seq.adapters])
+            self.pool.release(seq.lora_slots)
             seq.lora_slots = ()

@@ -44,7 +44,8 @@ class LoRAPool:
         self._paths: dict[str, Path] = {}
         self._cpu: OrderedDict[str, LoRAWeights] = OrderedDict()  # LRU, most recent last
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU
-        self._pins: Counter[str] = Counter()
+        self._pins: Counter[int] = Counter()  # slot -> running sequences using it
+        self._retired: set[int] = set()  # pinned slots of replaced/deleted adapters, freed on release
         self._free = list(range(max_loras, 0, -1))
         self.loads = 0
         self.evictions = 0
@@ -57,6 +58,11 @@ class LoRAPool:
         self._drop(name)
         self._remember(name, weights)
         return weights
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter: new requests can't use it; sequences running on it finish first."""
+        self._paths.pop(name, None)
+        self._drop(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._paths
@@ -71,10 +77,10 @@ class LoRAPool:
 
     # --- residency ---
     def acquire(self, names: Sequence[str]) -> list[int] | None:
-        """Make `names` resident and pin them. None (and nothing pinned) if the slots they need are
-        all pinned by running sequences."""
+        """Make `names` resident and pin their slots. None (and nothing pinned) if the slots they
+        need are all pinned by running sequences."""
         missing = [n for n in dict.fromkeys(names) if n not in self._resident]
-        evictable = [n for n in self._resident if self._pins[n] == 0 and n not in names]
+        evictable = [n for n, slot in self._resident.items() if self._pins[slot] == 0 and n not in names]
         if len(missing) > len(self._free) + len(evictable):
             return None
         for name in missing:
@@ -86,15 +92,19 @@ class LoRAPool:
         slots = []
         for name in names:
             self._resident.move_to_end(name)
-            self._pins[name] += 1
-            slots.append(self._resident[name])
+            slot = self._resident[name]
+            self._pins[slot] += 1
+            slots.append(slot)
         return slots
 
-    def release(self, names: Sequence[str]) -> None:
-        for name in names:
-            self._pins[name] -= 1
-            if self._pins[name] <= 0:
-                del self._pins[name]
+    def release(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._pins[slot] -= 1
+            if self._pins[slot] <= 0:
+                del self._pins[slot]
+                if slot in self._retired:  # its adapter was replaced or deleted while it ran
+                    self._retired.remove(slot)
+                    self._free.append(slot)
 
     # --- internals ---
     def _remember(self, name: str, weights: LoRAWeights) -> None:
@@ -104,11 +114,15 @@ class LoRAPool:
             self._cpu.popitem(last=False)
 
     def _drop(self, name: str) -> None:
-        """Forget cached copies, so a replaced adapter is re-read. Pinned slots stay valid:
-        sequences running on the old weights finish on them."""
+        """Forget cached copies, so a replaced adapter is re-read. A pinned slot stays valid until
+        the sequences running on the old weights release it."""
         self._cpu.pop(name, None)
-        if name in self._resident and self._pins[name] == 0:
-            self._free.append(self._resident.pop(name))
+        if name in self._resident:
+            slot = self._resident.pop(name)
+            if self._pins[slot]:
+                self._retired.add(slot)
+            else:
+                self._free.append(slot)
 
     def _weights(self, name: str) -> LoRAWeights:
         if name in self._cpu:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -11,3 +12,9 @@ def adapter_dirs(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
+def read_card(folder: Path) -> dict:
+    """card.json of an adapter folder ({} when it has none)."""
+    path = Path(folder) / "card.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
