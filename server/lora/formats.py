@@ -44,7 +44,7 @@ def _pattern_value(patterns: dict, module_key: str, default: float) -> float:
     return default
 
 
-def _scaling(config: dict, module_key: str, rank: int) -> float:
+def lora_scaling(config: dict, module_key: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module_key, config.get("lora_alpha", rank))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
@@ -95,7 +95,7 @@ def parse_lora(
             raise AdapterFormatError(f"adapter {name!r}: rank {r} at {where} is over the limit {max_rank}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values")
-        modules[(layer, module)] = (A.contiguous(), (B * _scaling(config, where, r)).contiguous())
+        modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, r)).contiguous())
         max_seen = max(max_seen, r)
     return LoRAWeights(name=name, rank=max_seen, modules=modules, config=config)
 
