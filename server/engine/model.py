@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from server.engine.kv_cache import AttentionMetadata, KVCache
 from server.lora.batch import LoRABatchInfo
 from server.lora.formats import LoRATargetSpec
+from server.lora.gate import LayerGate
 from server.lora.ops import GroupStack, apply_lora
 from server.lora.pool import MODULE_GROUPS
 
@@ -46,7 +47,7 @@ class Linear:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.PACK_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and not (torch.is_grad_enabled() and x.requires_grad):  # no autograd in MKL's
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)
 
@@ -144,18 +145,21 @@ class DecoderModel:
         sample_rows: torch.Tensor,  # [N] rows of T whose logits are needed
         lora_stacks: list[dict[str, GroupStack]] | None = None,
         lora: LoRABatchInfo | None = None,
+        gates: list[LayerGate] | None = None,
     ) -> torch.Tensor:
-        """Returns float32 logits [N, V] for the sampled rows."""
+        """Returns float32 logits [N, V] for the sampled rows. gates: the per-layer router, used
+        when the step has gated sequences (lora.gated)."""
         H, kvH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         T = input_ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, hd]
         x = self.embed[input_ids]  # [T, d]
+        gated = lora is not None and lora.gated is not None and gates is not None
         for i, w in enumerate(self.layers):
             groups = lora_stacks[i] if lora is not None else None
             h = rms_norm(x, w.input_norm, self.eps)
             qkv = w.qkv(h)  # [T, (H + 2 kvH) hd]
-            if groups:
-                apply_lora(h, qkv, groups["qkv"], lora)
+            if groups:  # the probe group: the gate, if any, sets the layer's weights here
+                weights = apply_lora(h, qkv, groups["qkv"], lora, lora.token_weights, gates[i] if gated else None)
             q, k, v = qkv.split([H * hd, kvH * hd, kvH * hd], dim=-1)
             q = apply_rope(q.view(T, H, hd), cos, sin)
             k = apply_rope(k.view(T, kvH, hd), cos, sin)
@@ -163,17 +167,17 @@ class DecoderModel:
             attn = kv.attend(i, q, meta)  # [T, H hd]
             o = w.o(attn)
             if groups:
-                apply_lora(attn, o, groups["o"], lora)
+                apply_lora(attn, o, groups["o"], lora, weights)
             x = x + o
             h = rms_norm(x, w.post_norm, self.eps)
             gate_up = w.gate_up(h)  # [T, 2 I]
             if groups:
-                apply_lora(h, gate_up, groups["gate_up"], lora)
+                apply_lora(h, gate_up, groups["gate_up"], lora, weights)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             down = w.down(act)
             if groups:
-                apply_lora(act, down, groups["down"], lora)
+                apply_lora(act, down, groups["down"], lora, weights)
             x = x + down
         h = rms_norm(x[sample_rows], self.final_norm, self.eps)
         return self.lm_head(h).float()

@@ -41,6 +41,38 @@ class AdapterRef:
     weight: float = 1.0
 
 
+COMPOSITIONS = ("gate", "mixture", "select", "merge")
+MERGE_STRATEGIES = ("linear", "cat", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    strategy: str = "linear"
+    density: float = 1.0  # kept fraction for ties / dare
+    seed: int = 0  # dare's random drop
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a request's adapters are chosen; the engine resolves it when the request enters (retrieval
+    embeds a step's new requests together). Candidates are `explicit` when given (MoLE's branch
+    masking: the gate renormalizes over them), else the top_k retrieved for `query`."""
+
+    composition: str  # one of COMPOSITIONS
+    explicit: tuple[AdapterRef, ...] = ()
+    query: str | None = None
+    top_k: int = 3
+    merge: MergeSpec = MergeSpec()
+
+    def __post_init__(self) -> None:
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}")
+        if self.merge.strategy not in MERGE_STRATEGIES:
+            raise ValueError(f"merge strategy must be one of {', '.join(MERGE_STRATEGIES)}")
+        if not 0 < self.merge.density <= 1:
+            raise ValueError("merge density must be in (0, 1]")
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -72,6 +104,13 @@ class Sequence:
     kv_slot: int | None = None
     # Pool slot ids of `adapters`, filled when the pool makes them resident.
     lora_slots: tuple[int, ...] = ()
+    selection: Selection | None = None  # None: `adapters` is final; else resolved by the engine
+    gated: bool = False  # the gate weighs `adapters` per layer and token; their weights are a mask
+    scores: dict[str, float] = field(default_factory=dict)  # retrieval score per chosen adapter
+    sources: tuple[str, ...] = ()  # the adapters a merge was built from
+    # Gate statistics summed over layers and tokens: weight per adapter, entropy; and the count.
+    gate_sums: list[float] = field(default_factory=list)
+    gate_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

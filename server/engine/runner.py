@@ -52,8 +52,9 @@ class ModelRunner:
             len(batch.decode),
             dev,
             self.model.dtype,
+            [s.seq.gated for s in scheduled] if self.pool.layer_gates is not None else None,
         )
-        return self.model.forward(
+        logits = self.model.forward(
             torch.tensor(ids, device=dev),
             meta.write_positions,
             self.kv,
@@ -61,7 +62,15 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
             self.pool.stacks,
             lora,
+            self.pool.layer_gates,
         )
+        totals = lora.gate_totals() if lora is not None else None
+        for s, sums in zip(scheduled, totals or ()):
+            if s.seq.gated:
+                seq = s.seq
+                seq.gate_sums = [a + b for a, b in zip(seq.gate_sums, sums)] if seq.gate_sums else sums
+                seq.gate_count += s.num_tokens * self.model.num_layers
+        return logits
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.sampling.greedy:

@@ -17,12 +17,35 @@ DENSE_MIN_SEQS_PER_ADAPTER = 4
 @dataclass
 class LoRABatchInfo:
     seq_slots: torch.Tensor  # [N, K] pool slots per sequence, 0 (the all-zero slot) pads
-    seq_weights: torch.Tensor  # [N, K] weights, 0 on padding
     num_decode: int  # the first num_decode sequences have one token each
     prefill_spans: list[tuple[int, int]]  # (token offset, length) of the other sequences
+    # Prior weights of each token over the path's columns: [T, K] on the gathered path (0 on
+    # padding); [T, U] on the dense path, or None there when every weight is 1.
+    token_weights: torch.Tensor | None
     unique_slots: torch.Tensor | None = None  # [U], set when the dense path is chosen
-    token_weights: torch.Tensor | None = None  # [T, U] with unique_slots; None there if every weight is 1
     unique_range: tuple[int, int] | None = None  # (s0, s1) when unique_slots == arange(s0, s1)
+    # Set when some sequence's weights come from the gate:
+    gated: torch.Tensor | None = None  # [T] bool, tokens whose weights the gate computes
+    token_seq: torch.Tensor | None = None  # [T] sequence index of each token
+    gate_sums: torch.Tensor | None = None  # [N, C + 1]: gate weights per column, then entropy, summed
+    seq_columns: list[list[int]] | None = None  # per sequence, its K slots' columns (dense path)
+
+    def record_gate(self, rows: slice, weights: torch.Tensor) -> None:
+        """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
+        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1, keepdim=True)  # [R, 1]
+        stats = torch.cat([weights, entropy], dim=1) * self.gated[rows, None]
+        self.gate_sums.index_add_(0, self.token_seq[rows], stats.detach().to(self.gate_sums.dtype))
+
+    def gate_totals(self) -> list[list[float]] | None:
+        """Per sequence, this step's gate sums over layers and tokens: its K adapters' weights in
+        its own order, then the entropy. None when nothing was gated."""
+        if self.gate_sums is None:
+            return None
+        totals = []
+        for i, row in enumerate(self.gate_sums.cpu().tolist()):
+            cols = self.seq_columns[i] if self.seq_columns else range(len(row) - 1)
+            totals.append([row[c] for c in cols] + [row[-1]])
+        return totals
 
 
 def build_lora_batch(
@@ -31,21 +54,21 @@ def build_lora_batch(
     num_decode: int,
     device: torch.device,
     dtype: torch.dtype,
+    gated: Sequence[bool] | None = None,
 ) -> LoRABatchInfo | None:
-    """sets[i] = (slots, weights) of sequence i in step order; num_tokens[i] its tokens this step.
-    Returns None when no sequence uses an adapter: the step then runs the bare base model."""
+    """sets[i] = (slots, prior weights) of sequence i in step order; num_tokens[i] its tokens this
+    step; gated[i] whether the gate weighs its adapters. None when no sequence uses an adapter:
+    the step then runs the bare base model."""
     if not any(slots for slots, _ in sets):
         return None
     K = max(len(slots) for slots, _ in sets)
-    slot_rows = [list(s) + [0] * (K - len(s)) for s, _ in sets]
-    weight_rows = [list(w) + [0.0] * (K - len(w)) for _, w in sets]
-    seq_slots = torch.tensor(slot_rows, dtype=torch.long)
-    seq_weights = torch.tensor(weight_rows, dtype=dtype)
+    counts = torch.tensor(list(num_tokens))
+    seq_slots = torch.tensor([list(s) + [0] * (K - len(s)) for s, _ in sets], dtype=torch.long)
     spans, offset = [], num_decode
     for n in num_tokens[num_decode:]:
         spans.append((offset, n))
         offset += n
-    info = LoRABatchInfo(seq_slots, seq_weights, num_decode, spans)
+    info = LoRABatchInfo(seq_slots.to(device), num_decode, spans, None)
 
     unique = sorted({s for slots, _ in sets for s in slots if s != 0})
     if len(unique) * DENSE_MIN_SEQS_PER_ADAPTER <= len(sets):
@@ -56,11 +79,21 @@ def build_lora_batch(
                 if s != 0:
                     row[column[s]] += w
         info.unique_slots = torch.tensor(unique, dtype=torch.long, device=device)
-        if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
-            seq_w = torch.tensor(rows, dtype=dtype)
-            info.token_weights = seq_w.repeat_interleave(torch.tensor(list(num_tokens)), dim=0).to(device)
         if unique == list(range(unique[0], unique[-1] + 1)):
             info.unique_range = (unique[0], unique[-1] + 1)
-    info.seq_slots = seq_slots.to(device)
-    info.seq_weights = seq_weights.to(device)
+        if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
+            info.token_weights = torch.tensor(rows, dtype=dtype).repeat_interleave(counts, dim=0).to(device)
+        info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]
+        num_columns = len(unique)
+    else:
+        weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
+        info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
+        num_columns = K
+
+    if gated is not None and any(gated):
+        info.gated = torch.tensor(list(gated)).repeat_interleave(counts).to(device)
+        info.token_seq = torch.arange(len(sets)).repeat_interleave(counts).to(device)
+        info.gate_sums = torch.zeros(len(sets), num_columns + 1, dtype=torch.float32, device=device)
+    else:
+        info.seq_columns = None
     return info

@@ -6,9 +6,10 @@ gate/up) share one A stack, so one gather and one shrink serve the whole group:
     A: [slots, n * r, d_in]     rows j*r:(j+1)*r belong to module j of the group (PEFT lora_A layout)
     B[j]: [slots, r, d_out_j]   alpha/r already folded in
 
-Two paths, chosen once per step in batch.py:
+Two paths, chosen once per step in batch.py; both keep the shrink z unweighted until the weights
+are known, so a gate can score candidates from z in rank space (gate.py) before the expand:
 - dense: few distinct adapters in the step. One matmul of all T tokens against the U unique
-  slots, then a weighted expand; per-token weights [T, U] are zero where a token doesn't use a slot.
+  slots, then a weighted expand; token weights [T, U] are zero where a token doesn't use a slot.
 - gathered: many distinct adapters. Decode tokens gather their own K slots (index_select, then
   bmm: BGMV); each prefill chunk is one segment against its sequence's K slots (SGMV).
 """
@@ -16,10 +17,14 @@ Two paths, chosen once per step in batch.py:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.lora.batch import LoRABatchInfo
+
+if TYPE_CHECKING:
+    from server.lora.gate import LayerGate
 
 
 @dataclass
@@ -32,53 +37,86 @@ class GroupStack:
     def rank(self) -> int:
         return self.B[0].shape[1]
 
+    def rows(self, t: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int] | None) -> torch.Tensor:
+        """t[slots]: a view when slots == arange(*slot_range), else a gathered copy."""
+        return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots.reshape(-1))
 
-def apply_lora(x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRABatchInfo) -> None:
-    """x: [T, d_in]; out: [T, d_out_total], updated in place."""
+
+def apply_lora(
+    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRABatchInfo, weights: torch.Tensor | None,
+    gate: LayerGate | None = None,
+) -> torch.Tensor | None:
+    """x: [T, d_in]; out: [T, d_out_total], updated in place. weights: the tokens' weights over
+    the path's columns (info.token_weights, or what the layer's gate made of them). With `gate`
+    (the layer's probe group), gated tokens get their weights from the gate; returns the weights
+    used, which the layer's other groups then apply."""
     if info.unique_slots is not None:
-        _segment(x, out, stack, info.unique_slots, info.token_weights, info.unique_range)
-        return
+        z = _shrink_dense(x, stack, info.unique_slots, info.unique_range)  # [T, U, n*r]
+        if gate is not None:
+            weights = gate.weigh(x, z, info.unique_slots, weights, info, slice(None))
+        _expand_dense(z, weights, out, stack, info.unique_slots, info.unique_range)
+        return weights
+    if gate is not None:
+        weights = weights.clone()
     nd = info.num_decode
     if nd:
-        _gathered(x[:nd], out[:nd], stack, info.seq_slots[:nd], info.seq_weights[:nd])
+        slots = info.seq_slots[:nd]  # [nd, K]
+        z = _shrink_gathered(x[:nd], stack, slots)  # [nd, K, n*r]
+        if gate is not None:
+            weights[:nd] = gate.weigh(x[:nd], z, slots, weights[:nd], info, slice(0, nd))
+        _expand_gathered(z, weights[:nd], out[:nd], stack, slots)
     for i, (offset, length) in enumerate(info.prefill_spans, start=nd):
         rows = slice(offset, offset + length)
-        _segment(x[rows], out[rows], stack, info.seq_slots[i], info.seq_weights[i : i + 1])
+        slots = info.seq_slots[i]  # [K]
+        z = _shrink_dense(x[rows], stack, slots, None)  # [L, K, n*r]
+        if gate is not None:
+            weights[rows] = gate.weigh(x[rows], z, slots, weights[rows], info, rows)
+        _expand_dense(z, weights[rows], out[rows], stack, slots, None)
+    return weights
 
 
-def _segment(
-    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor | None,
-    slot_range: tuple[int, int] | None = None,
+def _shrink_dense(
+    x: torch.Tensor, stack: GroupStack, slots: torch.Tensor, slot_range: tuple[int, int] | None
+) -> torch.Tensor:
+    """All rows of x against one set of U slots: [T, U, n*r]."""
+    A = stack.rows(stack.A, slots, slot_range)  # [U, n*r, d_in]
+    U, nr = A.shape[0], A.shape[1]
+    return (x @ A.reshape(U * nr, -1).t()).view(x.shape[0], U, nr)
+
+
+def _expand_dense(
+    z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+    slot_range: tuple[int, int] | None,
 ) -> None:
-    """All rows of x against one set of U slots. slots: [U]; weights: [T, U], [1, U] or None (all 1).
-    slot_range: (s0, s1) when slots == arange(s0, s1), read as a view instead of a gathered copy."""
-    T, U, r, n = x.shape[0], slots.shape[0], stack.rank, len(stack.B)
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots)
-
-    A = rows(stack.A).reshape(U * n * r, -1)  # [U*n*r, d_in]
-    z = (x @ A.t()).view(T, U, n, r)  # shrink, [T, U, n, r]
-    if weights is not None:  # None: every weight is 1
+    """z: [T, U, n*r]; weights: [T, U], [1, U] or None (all 1)."""
+    T, U, r, n = z.shape[0], z.shape[1], stack.rank, len(stack.B)
+    z = z.view(T, U, n, r)
+    if weights is not None:
         z = z * weights.view(-1, U, 1, 1)
     for j, (c0, c1) in enumerate(stack.out_columns):
-        B = rows(stack.B[j]).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
+        B = stack.rows(stack.B[j], slots, slot_range).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
         # With one slot, module j's z is a strided view [T, r]: BLAS reads it without a copy.
         zj = z[:, 0, j] if U == 1 else z[:, :, j].reshape(T, U * r)
         out[:, c0:c1].addmm_(zj, B)
 
 
-def _gathered(
-    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor, weights: torch.Tensor
+def _shrink_gathered(x: torch.Tensor, stack: GroupStack, slots: torch.Tensor) -> torch.Tensor:
+    """One token per row, each with its own K slots [N, K]: [N, K, n*r]."""
+    N, K = slots.shape
+    nr = stack.A.shape[1]
+    # [N*K, n*r, d_in] -> [N, K*n*r, d_in]: a row's K adapters stacked along the rank axis.
+    A = stack.A.index_select(0, slots.reshape(-1)).view(N, K * nr, -1)
+    return torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(N, K, nr)
+
+
+def _expand_gathered(
+    z: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor
 ) -> None:
-    """One token per row, each with its own K slots. slots, weights: [N, K]."""
+    """z: [N, K, n*r]; weights: [N, K]."""
     N, K = slots.shape
     r, n = stack.rank, len(stack.B)
-    flat = slots.reshape(-1)  # [N*K]
-    # [N*K, n*r, d_in] -> [N, K*n*r, d_in]: a row's K adapters stacked along the rank axis.
-    A = stack.A.index_select(0, flat).view(N, K * n * r, -1)
-    z = torch.bmm(x.unsqueeze(1), A.transpose(1, 2))  # [N, 1, K*n*r]
     z = z.view(N, K, n, r) * weights.view(N, K, 1, 1)
+    flat = slots.reshape(-1)
     for j, (c0, c1) in enumerate(stack.out_columns):
         B = stack.B[j].index_select(0, flat).view(N, K * r, c1 - c0)  # [N, K*r, d_out_j]
         # The bmm over K*r sums the K weighted adapters in one go.

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from server.lora.formats import LoRATargetSpec, LoRAWeights, load_peft_dir
+from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from server.lora.ops import GroupStack
 
 # Modules that read the same input share one A stack (one gather, one shrink); the model fuses
@@ -49,6 +50,9 @@ class LoRAPool:
         self._free = list(range(max_loras, 0, -1))
         self.loads = 0
         self.evictions = 0
+        self.gate: MoLEGate | None = None
+        self.layer_gates: list[LayerGate] | None = None  # the gate with every slot's keys, per layer
+        self._virtual: OrderedDict[str, LoRAWeights] = OrderedDict()  # built in memory (merges), no folder
 
     # --- the library ---
     def register(self, name: str, path: Path) -> LoRAWeights:
@@ -59,13 +63,25 @@ class LoRAPool:
         self._remember(name, weights)
         return weights
 
+    def register_weights(self, weights: LoRAWeights, max_kept: int) -> None:
+        """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
+        self._virtual[weights.name] = weights
+        self._virtual.move_to_end(weights.name)
+        while len(self._virtual) > max_kept:
+            self.unregister(next(iter(self._virtual)))
+
+    def attach_gate(self, gate: MoLEGate) -> None:
+        self.gate = gate
+        self._refresh_gate_keys()
+
     def unregister(self, name: str) -> None:
         """Forget an adapter: new requests can't use it; sequences running on it finish first."""
         self._paths.pop(name, None)
+        self._virtual.pop(name, None)
         self._drop(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._paths
+        return name in self._paths or name in self._virtual
 
     @property
     def names(self) -> list[str]:
@@ -125,6 +141,8 @@ class LoRAPool:
                 self._free.append(slot)
 
     def _weights(self, name: str) -> LoRAWeights:
+        if name in self._virtual:
+            return self._virtual[name]
         if name in self._cpu:
             self._cpu.move_to_end(name)
             return self._cpu[name]
@@ -149,6 +167,10 @@ class LoRAPool:
                         r = A.shape[0]
                         stack.A[slot, j * self.rank : j * self.rank + r] = A
                         stack.B[j][slot, :r] = B.t()
+            if self.layer_gates is not None:
+                with torch.no_grad():
+                    keys = self.gate.slot_keys(layer, groups[PROBE_GROUP], slice(slot, slot + 1))
+                self.layer_gates[layer].keys[slot] = keys[0]
         self._resident[name] = slot
         self.loads += 1
 
@@ -158,6 +180,7 @@ class LoRAPool:
         self.rank = rank
         self.stacks = [self._new_group_stacks() for _ in range(self.spec.num_layers)]
         if not old:
+            self._refresh_gate_keys()
             return
         for layer, groups in enumerate(old):
             for group, modules in MODULE_GROUPS.items():
@@ -165,6 +188,13 @@ class LoRAPool:
                 for j in range(len(modules)):
                     dst.A[:, j * rank : j * rank + old_rank] = src.A[:, j * old_rank : (j + 1) * old_rank]
                     dst.B[j][:, :old_rank] = src.B[j]
+        self._refresh_gate_keys()
+
+    @torch.no_grad()
+    def _refresh_gate_keys(self) -> None:
+        """Every slot's M_i for the gate (once per attach or rank growth; loads update one slot)."""
+        if self.gate is not None and self.stacks:
+            self.layer_gates = self.gate.layer_gates(self.stacks)
 
     def _new_group_stacks(self) -> dict[str, GroupStack]:
         slots, r = self.max_loras + 1, self.rank

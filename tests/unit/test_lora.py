@@ -158,10 +158,10 @@ def test_ops_match_naive_loop(path):
                 seq_w[i, s - 1] = w
         info.token_weights = seq_w.repeat_interleave(torch.tensor(counts), dim=0)
     else:
-        info.unique_slots = info.token_weights = None
+        assert info.unique_slots is None
     x = torch.randn(sum(counts), 16)
     out = torch.zeros(sum(counts), 32)
-    apply_lora(x, out, stack, info)
+    apply_lora(x, out, stack, info, info.token_weights)
     expected = torch.zeros_like(out)
     row = 0
     for (slots, ws), n in zip(sets, counts):
@@ -228,6 +228,6 @@ def test_dense_path_for_one_shared_adapter_matches_naive_loop():
     assert info.unique_range == (2, 3) and info.token_weights is None
     x = torch.randn(sum(counts), 16)
     out = torch.zeros(sum(counts), 24)
-    apply_lora(x, out, stack, info)
+    apply_lora(x, out, stack, info, info.token_weights)
     expected = torch.cat([x @ stack.A[2, j * 4 : (j + 1) * 4].t() @ stack.B[j][2] for j in range(2)], dim=1)
     assert torch.allclose(out, expected, atol=1e-4)

@@ -1,0 +1,139 @@
+"""The per-layer router: MoLE gating in RAMoLE's RouterLoRA form (DESIGN.md section 3).
+
+Per decoder layer l, router matrices Ar: [rg, d] and Br: [d_probe, rg]. A candidate adapter i
+with output v_i = B_i A_i x at the layer's probe group (the fused q/k/v projection) scores
+
+    s_i = <Ar x, Br^T v_i> / sqrt(rg) = <Ar x, M_i z_i> / sqrt(rg),   M_i = Br^T B_i: [rg, n*r]
+
+so the score needs only the rank-space shrink z_i = A_i x the LoRA op computes anyway, plus M_i,
+computed once when the adapter enters a pool slot (stored transposed, [n*r, rg]). Weights are
+softmax(s / tau) over the request's own candidates, and apply to every adapted module of the
+layer. No per-adapter parameters: adapters uploaded after training are scored the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.lora.batch import LoRABatchInfo
+from server.lora.ops import GroupStack
+
+PROBE_GROUP = "qkv"
+WEIGHTS_FILE, CONFIG_FILE = "gate.safetensors", "gate_config.json"
+
+
+class GateFormatError(ValueError):
+    pass
+
+
+@dataclass
+class GateConfig:
+    base_model: str  # the base the gate (and its library) was trained on
+    num_layers: int
+    hidden_size: int  # d: input of the probe group
+    probe_size: int  # d_probe: output width of the probe group
+    rank: int = 16  # rg
+    temperature: float = 1.0
+
+
+@dataclass
+class LayerGate:
+    """One layer's router as the LoRA op uses it."""
+
+    query: torch.Tensor  # Ar: [rg, d]
+    keys: torch.Tensor  # [slots, n*r, rg]: M_i^T of every pool slot
+    temperature: float
+
+    def weigh(
+        self, x: torch.Tensor, z: torch.Tensor, slots: torch.Tensor, prior: torch.Tensor | None,
+        info: LoRABatchInfo, rows: slice,
+    ) -> torch.Tensor:
+        """x: [R, d] probe input; z: [R, C, n*r] unweighted shrink against slots [C] or [R, C].
+        prior: [R, C] weights, > 0 on the token's candidates (None: all 1). Gated rows (info.gated)
+        get softmax(s / tau) over their candidates; the others keep their prior. -> [R, C]."""
+        R, C = z.shape[0], z.shape[1]
+        rg = self.query.shape[0]
+        u = x @ self.query.t()  # [R, rg]
+        keys = self.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1, rg)  # [(R,) C, n*r, rg]
+        kz = (z.unsqueeze(-2) @ keys).squeeze(-2)  # [R, C, rg] = M_i z_i
+        scores = (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
+        if prior is None:
+            prior = torch.ones(R, C, dtype=z.dtype, device=z.device)
+        candidates = prior > 0
+        candidates = candidates | ~candidates.any(-1, keepdim=True)  # rows with none are not gated
+        weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
+        if info.gate_sums is not None:
+            info.record_gate(rows, weights)
+        return torch.where(info.gated[rows, None], weights, prior)
+
+
+class MoLEGate(torch.nn.Module):
+    """The trainable router of every layer (base model and LoRAs stay frozen)."""
+
+    def __init__(self, config: GateConfig) -> None:
+        super().__init__()
+        self.config = config
+        L, d, dp, rg = config.num_layers, config.hidden_size, config.probe_size, config.rank
+        self.query = torch.nn.Parameter(torch.randn(L, rg, d) / math.sqrt(d))  # Ar per layer
+        self.key = torch.nn.Parameter(torch.randn(L, dp, rg) / math.sqrt(dp))  # Br per layer
+
+    def slot_keys(self, layer: int, stack: GroupStack, slots: slice = slice(None)) -> torch.Tensor:
+        """M_i^T = (Br^T B_i)^T for the slots of the layer's probe stack: [slots, n*r, rg]."""
+        Br = self.key[layer].to(stack.B[0].dtype)
+        # Module j's B_j [slots, r, d_j] meets the rows of Br for its output columns.
+        return torch.cat([B[slots] @ Br[c0:c1] for B, (c0, c1) in zip(stack.B, stack.out_columns)], dim=1)
+
+    def layer_gates(self, stacks: list[dict[str, GroupStack]], keys: list[torch.Tensor] | None = None
+                    ) -> list[LayerGate]:
+        """Per layer, the router for the op; keys computed now unless cached ones are given."""
+        dtype = stacks[0][PROBE_GROUP].A.dtype
+        return [LayerGate(self.query[layer].to(dtype),
+                          keys[layer] if keys is not None else self.slot_keys(layer, groups[PROBE_GROUP]),
+                          self.config.temperature)
+                for layer, groups in enumerate(stacks)]
+
+    def save(self, folder: Path, extra: dict | None = None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"query": self.query.detach().contiguous(), "key": self.key.detach().contiguous()},
+                  folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path, expected: GateConfig) -> MoLEGate:
+        """The gate in `folder`, refused with a clear error if it was trained for another base."""
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / CONFIG_FILE).read_text())
+            tensors = load_file(folder / WEIGHTS_FILE)
+        except (OSError, ValueError) as e:
+            raise GateFormatError(f"gate in {folder}: cannot read it: {e}") from e
+        config = GateConfig(**{k: raw[k] for k in GateConfig.__dataclass_fields__ if k in raw})
+        for field in ("num_layers", "hidden_size", "probe_size"):
+            if getattr(config, field) != getattr(expected, field):
+                raise GateFormatError(
+                    f"gate in {folder} was trained for base model {config.base_model!r} ({field}="
+                    f"{getattr(config, field)}); the served base {expected.base_model!r} has "
+                    f"{field}={getattr(expected, field)}")
+        if config.base_model != expected.base_model:
+            raise GateFormatError(f"gate in {folder} was trained for base model {config.base_model!r}, "
+                                  f"not the served {expected.base_model!r}")
+        gate = cls(config)
+        with torch.no_grad():
+            gate.query.copy_(tensors["query"])
+            gate.key.copy_(tensors["key"])
+        return gate.requires_grad_(False)
+
+
+def balance_loss(mean_weights: torch.Tensor) -> torch.Tensor:
+    """MoLE's balance loss -log prod_i q_i over the N adapters that were candidates, q normalized
+    to sum 1 and scaled by N so that a uniform q gives 0. mean_weights: [N] mean gate weight of
+    each adapter over the tokens where it was a candidate."""
+    q = mean_weights / mean_weights.sum()
+    return -(q * len(q)).clamp_min(1e-9).log().mean()
