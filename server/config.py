@@ -52,6 +52,8 @@ class Settings(BaseSettings):
         0.3, ge=-1, le=1, description="Cosine similarity under which a candidate is dropped; none left: base model.")
     retrieval_query: Literal["last_user", "conversation"] = Field(
         "last_user", description="What is embedded: the last user turn or every turn.")
+    mixture_temperature: float = Field(
+        0.1, gt=0, description="Composition `mixture` with retrieval: weights = softmax(cosine score / this).")
     retrieval_exact_max: int = Field(
         10_000, ge=1, description="Above this many adapters the index switches from exact to IVF search.")
 

@@ -16,9 +16,10 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.loader import resolve_base_model
 from server.engine.model import DecoderModel
-from server.engine.request import AdapterRef, FinishReason, SamplingParams, Sequence
+from server.engine.request import AdapterRef, FinishReason, SamplingParams, Selection, Sequence
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.engine.selection import AdapterSelector, SelectionError
 from server.lora.formats import LoRAWeights
 from server.lora.pool import LoRAPool
 from server.lora.store import read_card
@@ -34,6 +35,8 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error maps to
+    adapters: list[dict] | None = None  # the adapter report, on a request's first and last output
 
 
 class LLMEngine:
@@ -52,8 +55,9 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
-        self.retriever = None  # set by attach_retriever: enables model `auto`
         self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
+        self.selector = AdapterSelector(self.pool, settings)
+        self._unresolved: list[Sequence] = []  # added since the last step, adapters still to choose
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMEngine:
@@ -63,6 +67,14 @@ class LLMEngine:
         return cls(model, AutoTokenizer.from_pretrained(path), settings)
 
     # --- adapters ---
+    @property
+    def retriever(self):  # server.lora.retriever.Retriever | None: enables model `auto`
+        return self.selector.retriever
+
+    @retriever.setter
+    def retriever(self, retriever) -> None:
+        self.selector.retriever = retriever
+
     def add_adapter(self, name: str, path: Path) -> LoRAWeights:
         """Validate and register an adapter folder; with a retriever, index its card's examples."""
         weights = self.pool.register(name, path)
@@ -85,31 +97,49 @@ class LLMEngine:
     # --- requests ---
     def make_sequence(
         self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
-        request_id: str | None = None,
+        request_id: str | None = None, selection: Selection | None = None,
     ) -> Sequence:
-        """Validate a request without touching engine state (safe from any thread)."""
+        """Validate a request without touching engine state (safe from any thread). Either a final
+        adapter set (`adapters`, weights as given) or a `selection` the engine resolves."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
-        limit = min(self.settings.max_adapters_per_request, self.settings.max_loras)
-        if len(adapters) > limit:
-            raise ValueError(f"{len(adapters)} adapters requested; at most {limit} per request")
+        refs = self._merge_duplicates(selection.explicit if selection else adapters)
+        if selection is not None:
+            if selection.query is not None and not refs and self.retriever is None:
+                raise ValueError("adapter retrieval is not enabled on this server; name an adapter instead")
+            if selection.composition == "gate" and self.pool.gate is None:
+                raise ValueError("composition `gate` needs a trained gate (adapters_store/gate); none is loaded")
+            if selection.top_k > self.adapter_limit:
+                raise ValueError(f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per request")
+            selection = Selection(selection.composition, refs, selection.query, selection.top_k, selection.merge)
+            refs = ()
+        kwargs = {"request_id": request_id} if request_id else {}
+        return Sequence(list(prompt_ids), sampling, refs, selection=selection, **kwargs)
+
+    @property
+    def adapter_limit(self) -> int:
+        return min(self.settings.max_adapters_per_request, self.settings.max_loras)
+
+    def _merge_duplicates(self, adapters: Seq[AdapterRef]) -> tuple[AdapterRef, ...]:
+        if len(adapters) > self.adapter_limit:
+            raise ValueError(f"{len(adapters)} adapters requested; at most {self.adapter_limit} per request")
         merged: dict[str, float] = {}
         for a in adapters:
             if a.name not in self.pool:
                 raise KeyError(f"unknown adapter {a.name!r}")
             merged[a.name] = merged.get(a.name, 0.0) + a.weight
-        refs = tuple(AdapterRef(n, w) for n, w in merged.items())
-        kwargs = {"request_id": request_id} if request_id else {}
-        return Sequence(list(prompt_ids), sampling, refs, **kwargs)
+        return tuple(AdapterRef(n, w) for n, w in merged.items())
 
     def add_sequence(self, seq: Sequence) -> None:
         self._seqs[seq.request_id] = seq
         self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.sampling.stop)
+        if seq.selection is not None:
+            self._unresolved.append(seq)
         self.scheduler.add(seq)
 
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
-                    request_id: str | None = None) -> Sequence:
-        seq = self.make_sequence(prompt_ids, sampling, adapters, request_id)
+                    request_id: str | None = None, selection: Selection | None = None) -> Sequence:
+        seq = self.make_sequence(prompt_ids, sampling, adapters, request_id, selection)
         self.add_sequence(seq)
         return seq
 
@@ -123,12 +153,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
+        outputs = self._resolve_selections()
         batch = self.scheduler.schedule()
         self.last_batch_size = len(batch.scheduled)
         if not batch:
-            return []
+            return outputs
         tokens = iter(self.runner.run(batch))
-        outputs = []
         for s in batch.scheduled:
             samples = s.samples
             s.seq.num_computed += s.num_tokens
@@ -140,14 +170,35 @@ class LLMEngine:
         return [self._finish(seq, FinishReason.ABORT, None, "", error) for seq in list(self.scheduler.running)]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 adapters: list[Seq[AdapterRef]] | None = None) -> list[Sequence]:
+                 adapters: list[Seq[AdapterRef]] | None = None,
+                 selections: list[Selection | None] | None = None) -> list[Sequence]:
         """Run prompts to completion in one continuous batch (tests, benchmarks, evaluation)."""
-        seqs = [self.add_request(p, sampling, adapters[i] if adapters else ()) for i, p in enumerate(prompts)]
+        seqs = [self.add_request(p, sampling, adapters[i] if adapters else (), None,
+                                 selections[i] if selections else None) for i, p in enumerate(prompts)]
         while self.has_unfinished():
             self.step()
         return seqs
 
     # --- internals ---
+    def _resolve_selections(self) -> list[StepOutput]:
+        """Choose the adapters of the requests added since the last step (one retrieval batch)."""
+        seqs, self._unresolved = [s for s in self._unresolved if not s.is_finished], []
+        if not seqs:
+            return []
+        try:
+            hits = self.selector.retrieve(seqs)
+        except Exception as e:  # the embedder failed: these requests fail, the engine goes on
+            return [self._finish(s, FinishReason.ABORT, None, "", f"adapter retrieval failed: {e}") for s in seqs]
+        outputs = []
+        for seq in seqs:
+            try:
+                self.selector.apply(seq, hits.get(seq.request_id, []))
+            except SelectionError as e:
+                outputs.append(self._finish(seq, FinishReason.ABORT, None, "", str(e), e.status))
+                continue
+            self.adapter_usage.update(seq.sources or [a.name for a in seq.adapters])
+        return outputs
+
     def _append(self, seq: Sequence, token: int) -> StepOutput:
         seq.token_ids.append(token)
         p = seq.sampling
@@ -156,16 +207,18 @@ class LLMEngine:
             return self._finish(seq, FinishReason.STOP, token, delta)
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, FinishReason.LENGTH, token, delta)
-        return StepOutput(seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids))
+        report = self.selector.report(seq) if len(seq.output_ids) == 1 else None
+        return StepOutput(seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids),
+                          adapters=report)
 
     def _finish(self, seq: Sequence, reason: FinishReason, token: int | None, delta: str,
-                error: str | None = None) -> StepOutput:
+                error: str | None = None, error_status: int = 500) -> StepOutput:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq)
         del self._seqs[seq.request_id]
         delta += self._detok.pop(seq.request_id).flush()
         return StepOutput(seq.request_id, token, delta, True, reason, seq.num_prompt_tokens,
-                          len(seq.output_ids), error)
+                          len(seq.output_ids), error, error_status, self.selector.report(seq))
 
     def _acquire_adapters(self, seq: Sequence) -> bool:
         if not seq.adapters:

@@ -140,7 +140,7 @@ class LoRAPool:
             else:
                 self._free.append(slot)
 
-    def _weights(self, name: str) -> LoRAWeights:
+    def weights(self, name: str) -> LoRAWeights:
         if name in self._virtual:
             return self._virtual[name]
         if name in self._cpu:
@@ -153,7 +153,7 @@ class LoRAPool:
         return weights
 
     def _load_into(self, slot: int, name: str) -> None:
-        weights = self._weights(name)
+        weights = self.weights(name)
         if weights.rank > self.rank:
             self._grow(weights.rank)
         for layer, groups in enumerate(self.stacks):
