@@ -13,8 +13,9 @@ from server.config import Settings
 def load_engine(settings: Settings):
     """The base model plus every adapter in the store."""
     from server.engine.engine import LLMEngine
-    from server.lora.store import adapter_dirs
+    from server.lora.store import AdapterStore, adapter_dirs
 
+    AdapterStore(settings.adapters_dir).recover()  # settle what a crash mid-upload left
     engine = LLMEngine.from_settings(settings)
     if settings.served_model_name:
         engine.model_name = settings.served_model_name
@@ -56,6 +57,37 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def admin(args: argparse.Namespace) -> int:
+    """`upload` and `adapters list|show|delete` against a running server; prints the JSON answer."""
+    import json
+
+    from clients.admin import AdminClient, AdminError
+
+    client = AdminClient(args.url, args.token)
+    try:
+        if args.command == "upload":
+            out = client.upload(args.path, name=args.name, replace=args.replace)
+        elif args.action == "list":
+            out = client.list_all()
+        elif args.action == "show":
+            out = client.get(args.name)
+        else:
+            out = client.delete(args.name)
+    except AdminError as e:
+        print(f"error {e.status}: {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _admin_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--url", default=os.environ.get("MOLE_URL", "http://127.0.0.1:8000"), help="server (MOLE_URL)")
+    p.add_argument("--token", help="admin token (default: MOLE_ADMIN_TOKEN)")
+    p.set_defaults(func=admin)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters-dir", help="adapter library (default: adapters_store)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(func=serve)
+
+    p = _admin_parser(sub, "upload", "upload an adapter (PEFT folder with card.json, or .zip/.tar.gz) to a server")
+    p.add_argument("path")
+    p.add_argument("--name", help="adapter name (default: the card's)")
+    p.add_argument("--replace", action="store_true", help="replace an adapter of that name")
+    p = _admin_parser(sub, "adapters", "list, show or delete the adapters of a server")
+    p.add_argument("action", choices=["list", "show", "delete"])
+    p.add_argument("name", nargs="?")
 
     sub.add_parser("train-adapter", help="train task LoRAs (see --help)", add_help=False)
     sub.add_parser("bench", help="throughput benchmark (see --help)", add_help=False)
@@ -90,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "adapters" and args.action != "list" and not args.name:
+        parser.error(f"adapters {args.action} needs an adapter NAME")
+    if args.func is admin:
+        return admin(args)
     Settings()  # fail early on a bad MOLE_* variable
     return args.func(args)
 

@@ -15,10 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.admin_routes import admin_denial
+from server.api.admin_routes import router as admin_router
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
 from server.api.protocol import APIError
 from server.config import Settings
+from server.lora.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,16 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
     app.state.loop_ready = loop_ready
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.store = AdapterStore(settings.adapters_dir)
     metrics.watch_engine(lambda: app.state.engine)
 
     @app.middleware("http")
     async def count_and_authorize(request: Request, call_next):
         path = request.url.path
+        denied = admin_denial(settings, request.headers.get("authorization")) if path.startswith("/admin") else None
+        if denied:
+            metrics.requests.labels("/admin", str(denied.status)).inc()
+            return JSONResponse(denied.body(), status_code=denied.status, headers=denied.headers)
         if settings.api_key and path.startswith("/v1/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not secrets.compare_digest(given, settings.api_key):
@@ -121,4 +129,5 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_router)
+    app.include_router(admin_router)
     return app
