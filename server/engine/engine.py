@@ -21,8 +21,9 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.selection import AdapterSelector, SelectionError
 from server.lora.formats import LoRAWeights
+from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
 from server.lora.pool import LoRAPool
-from server.lora.store import read_card
+from server.lora.store import adapter_dirs, read_card
 
 
 @dataclass
@@ -65,6 +66,28 @@ class LLMEngine:
         device = torch.device(settings.device)
         model = DecoderModel.from_pretrained(path, device, getattr(torch, settings.torch_dtype_name()))
         return cls(model, AutoTokenizer.from_pretrained(path), settings)
+
+    @classmethod
+    def from_store(cls, settings: Settings, with_gate: bool = True) -> LLMEngine:
+        """The base model, every adapter of settings.adapters_dir indexed for retrieval, and the
+        trained gate in its gate/ folder if there is one."""
+        from server.lora.retriever import Embedder, Retriever
+
+        engine = cls.from_settings(settings)
+        if settings.served_model_name:
+            engine.model_name = settings.served_model_name
+        engine.retriever = Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max)
+        for name, path in adapter_dirs(settings.adapters_dir).items():
+            engine.add_adapter(name, path)
+        gate_dir = Path(settings.adapters_dir) / GATE_DIR
+        if with_gate and gate_dir.is_dir():
+            engine.load_gate(gate_dir)
+        return engine
+
+    def load_gate(self, folder: Path) -> None:
+        """Attach a trained router (refused if it was trained for another base model)."""
+        base = Path(self.model.config.name_or_path or "base").name
+        self.pool.attach_gate(MoLEGate.load(folder, GateConfig.for_base(base, self.model.lora_spec())))
 
     # --- adapters ---
     @property

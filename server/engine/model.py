@@ -19,10 +19,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from server.engine.kv_cache import AttentionMetadata, KVCache
 from server.lora.batch import LoRABatchInfo
-from server.lora.formats import LoRATargetSpec
+from server.lora.formats import MODULE_GROUPS, LoRATargetSpec
 from server.lora.gate import LayerGate
 from server.lora.ops import GroupStack, apply_lora
-from server.lora.pool import MODULE_GROUPS
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

@@ -45,7 +45,7 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
-        meta = self._attention_metadata(batch, torch.tensor(slots, device=dev), torch.tensor(positions, device=dev))
+        meta = self.attention_metadata(batch, torch.tensor(slots, device=dev), torch.tensor(positions, device=dev))
         lora = build_lora_batch(
             [(s.seq.lora_slots, [a.weight for a in s.seq.adapters]) for s in scheduled],
             [s.num_tokens for s in scheduled],
@@ -79,7 +79,7 @@ class ModelRunner:
             self._generators[seq.request_id] = make_generator(seq.sampling.seed)
         return self._generators[seq.request_id]
 
-    def _attention_metadata(self, batch: Batch, slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
+    def attention_metadata(self, batch: Batch, slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
         dev = self.device
         group = self.model.num_heads // self.model.num_kv_heads
         decode_slots = [s.seq.kv_slot for s in batch.decode]

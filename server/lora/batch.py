@@ -34,18 +34,23 @@ class LoRABatchInfo:
         """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
         entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1, keepdim=True)  # [R, 1]
         stats = torch.cat([weights, entropy], dim=1) * self.gated[rows, None]
-        self.gate_sums.index_add_(0, self.token_seq[rows], stats.detach().to(self.gate_sums.dtype))
+        # Not detached: train_gate's balance loss is computed from these sums.
+        self.gate_sums.index_add_(0, self.token_seq[rows], stats.to(self.gate_sums.dtype))
+
+    def seq_gate_sums(self, i: int) -> torch.Tensor:
+        """Sequence i's gate sums over layers and tokens: its K adapters' weights in its own slot
+        order, then the entropy. [K + 1]"""
+        row = self.gate_sums[i]
+        if self.seq_columns is None:
+            return row
+        cols = torch.tensor([*self.seq_columns[i], row.shape[0] - 1], device=row.device)
+        return row.index_select(0, cols)
 
     def gate_totals(self) -> list[list[float]] | None:
-        """Per sequence, this step's gate sums over layers and tokens: its K adapters' weights in
-        its own order, then the entropy. None when nothing was gated."""
+        """seq_gate_sums of every sequence, as numbers; None when nothing was gated."""
         if self.gate_sums is None:
             return None
-        totals = []
-        for i, row in enumerate(self.gate_sums.cpu().tolist()):
-            cols = self.seq_columns[i] if self.seq_columns else range(len(row) - 1)
-            totals.append([row[c] for c in cols] + [row[-1]])
-        return totals
+        return [self.seq_gate_sums(i).tolist() for i in range(self.gate_sums.shape[0])]
 
 
 def build_lora_batch(
@@ -55,10 +60,12 @@ def build_lora_batch(
     device: torch.device,
     dtype: torch.dtype,
     gated: Sequence[bool] | None = None,
+    force_dense: bool = False,
 ) -> LoRABatchInfo | None:
     """sets[i] = (slots, prior weights) of sequence i in step order; num_tokens[i] its tokens this
     step; gated[i] whether the gate weighs its adapters. None when no sequence uses an adapter:
-    the step then runs the bare base model."""
+    the step then runs the bare base model. force_dense: the dense path whatever the mix (gate
+    training: a few adapters, long sequences)."""
     if not any(slots for slots, _ in sets):
         return None
     K = max(len(slots) for slots, _ in sets)
@@ -71,7 +78,7 @@ def build_lora_batch(
     info = LoRABatchInfo(seq_slots.to(device), num_decode, spans, None)
 
     unique = sorted({s for slots, _ in sets for s in slots if s != 0})
-    if len(unique) * DENSE_MIN_SEQS_PER_ADAPTER <= len(sets):
+    if force_dense or len(unique) * DENSE_MIN_SEQS_PER_ADAPTER <= len(sets):
         column = {s: u for u, s in enumerate(unique)}
         rows = [[0.0] * len(unique) for _ in sets]  # [N, U]
         for row, (slots, weights) in zip(rows, sets):

@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.lora.batch import LoRABatchInfo
+from server.lora.formats import MODULE_GROUPS, LoRATargetSpec
 from server.lora.ops import GroupStack
 
 PROBE_GROUP = "qkv"
+GATE_DIR = "gate"  # the trained gate's folder inside adapters_store/
 WEIGHTS_FILE, CONFIG_FILE = "gate.safetensors", "gate_config.json"
 
 
@@ -40,6 +42,11 @@ class GateConfig:
     probe_size: int  # d_probe: output width of the probe group
     rank: int = 16  # rg
     temperature: float = 1.0
+
+    @classmethod
+    def for_base(cls, base_model: str, spec: LoRATargetSpec, **options) -> GateConfig:
+        probe = [spec.shapes[m] for m in MODULE_GROUPS[PROBE_GROUP]]
+        return cls(base_model, spec.num_layers, probe[0][0], sum(d_out for _, d_out in probe), **options)
 
 
 @dataclass

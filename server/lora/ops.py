@@ -56,23 +56,22 @@ def apply_lora(
             weights = gate.weigh(x, z, info.unique_slots, weights, info, slice(None))
         _expand_dense(z, weights, out, stack, info.unique_slots, info.unique_range)
         return weights
-    if gate is not None:
-        weights = weights.clone()
+    parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
     nd = info.num_decode
     if nd:
         slots = info.seq_slots[:nd]  # [nd, K]
         z = _shrink_gathered(x[:nd], stack, slots)  # [nd, K, n*r]
-        if gate is not None:
-            weights[:nd] = gate.weigh(x[:nd], z, slots, weights[:nd], info, slice(0, nd))
-        _expand_gathered(z, weights[:nd], out[:nd], stack, slots)
+        w = weights[:nd] if gate is None else gate.weigh(x[:nd], z, slots, weights[:nd], info, slice(0, nd))
+        parts.append(w)
+        _expand_gathered(z, w, out[:nd], stack, slots)
     for i, (offset, length) in enumerate(info.prefill_spans, start=nd):
         rows = slice(offset, offset + length)
         slots = info.seq_slots[i]  # [K]
         z = _shrink_dense(x[rows], stack, slots, None)  # [L, K, n*r]
-        if gate is not None:
-            weights[rows] = gate.weigh(x[rows], z, slots, weights[rows], info, rows)
-        _expand_dense(z, weights[rows], out[rows], stack, slots, None)
-    return weights
+        w = weights[rows] if gate is None else gate.weigh(x[rows], z, slots, weights[rows], info, rows)
+        parts.append(w)
+        _expand_dense(z, w, out[rows], stack, slots, None)
+    return weights if gate is None else torch.cat(parts)
 
 
 def _shrink_dense(

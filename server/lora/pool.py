@@ -14,18 +14,9 @@ from pathlib import Path
 
 import torch
 
-from server.lora.formats import LoRATargetSpec, LoRAWeights, load_peft_dir
+from server.lora.formats import MODULE_GROUPS, LoRATargetSpec, LoRAWeights, load_peft_dir
 from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from server.lora.ops import GroupStack
-
-# Modules that read the same input share one A stack (one gather, one shrink); the model fuses
-# their base weights in this order too.
-MODULE_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
 
 
 class LoRAPool:

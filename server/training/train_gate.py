@@ -1,0 +1,210 @@
+"""Train the per-layer MoLE router on the adapter library (`mole-serve train-gate`).
+
+Base model and LoRAs stay frozen; only the gate's Ar/Br per layer learn. The forward is the
+serving engine's own (DecoderModel + pool stacks + the rank-space gate in ops.py) with autograd
+on, so the gate is trained on exactly the math that serves it. Each example's candidates are
+its retrieved top-k with the true adapter forced in, then random LoRA dropout (drop some
+distractors, or swap in random adapters) so the gate learns to score sets it never saw.
+Loss = LM loss on the answer + balance_weight x MoLE's balance loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from server.config import Settings
+from server.engine.kv_cache import KVCache
+from server.engine.request import SamplingParams, Sequence, SequenceStatus
+from server.engine.scheduler import Batch, ScheduledSeq
+from server.lora.batch import build_lora_batch
+from server.lora.gate import GATE_DIR, GateConfig, MoLEGate, balance_loss
+from server.lora.store import adapter_dirs, read_card
+from server.training.tasks import TASKS
+from server.training.train_adapter import encode
+
+
+@dataclass
+class GateTrainOptions:
+    steps: int = 300
+    batch: int = 8
+    lr: float = 3e-3
+    rank: int = 16
+    temperature: float = 1.0
+    top_k: int = 3
+    dropout: float = 0.3  # chance to drop each retrieved distractor
+    random_sets: float = 0.3  # chance an example's distractors are random adapters instead
+    balance_weight: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    ids: list[int]  # chat-templated prompt + answer + end token
+    num_prompt: int
+    candidates: list[str]
+    true: str
+
+
+def candidate_sets(prompts_true: list[tuple[str, str]], names: list[str], retrieved: list[list[str]],
+                   opts: GateTrainOptions, rng: random.Random) -> list[list[str]]:
+    """Per (prompt, true adapter): the true adapter plus 1..top_k-1 distractors, shuffled."""
+    sets = []
+    for (_, true), hits in zip(prompts_true, retrieved):
+        others = [n for n in hits if n != true][: opts.top_k - 1]
+        if rng.random() < opts.random_sets:
+            others = rng.sample([n for n in names if n != true], opts.top_k - 1)
+        kept = [n for n in others if rng.random() >= opts.dropout] or others[:1]  # at least 2 candidates
+        cands = [true, *kept]
+        rng.shuffle(cands)
+        sets.append(cands)
+    return sets
+
+
+def training_batch(engine, examples: list[Example]):
+    """Model inputs for a batch, every sequence prefilled whole in one step. Returns (ids, positions,
+    kv, meta, rows predicting answer tokens, their targets, lora info)."""
+    model, pool = engine.model, engine.pool
+    scheduled, rows, targets, offset = [], [], [], 0
+    for slot, ex in enumerate(examples):
+        seq = Sequence(ex.ids, SamplingParams())
+        seq.kv_slot, seq.status = slot, SequenceStatus.RUNNING
+        scheduled.append(ScheduledSeq(seq, len(ex.ids)))
+        rows += range(offset + ex.num_prompt - 1, offset + len(ex.ids) - 1)
+        targets += ex.ids[ex.num_prompt :]
+        offset += len(ex.ids)
+    dev, dtype = model.device, model.dtype
+    kv = KVCache(model.num_layers, len(examples), model.num_kv_heads, max(len(ex.ids) for ex in examples),
+                 model.head_dim, dtype, dev)
+    positions = torch.cat([torch.arange(len(ex.ids)) for ex in examples]).to(dev)
+    slots = torch.cat([torch.full((len(ex.ids),), i) for i, ex in enumerate(examples)]).to(dev)
+    meta = engine.runner.attention_metadata(Batch([], scheduled), slots, positions)
+    slot_sets = [pool.acquire(ex.candidates) for ex in examples]
+    lora = build_lora_batch([(s, [1.0 / len(s)] * len(s)) for s in slot_sets], [len(ex.ids) for ex in examples],
+                            0, dev, dtype, [True] * len(examples), force_dense=True)
+    for s in slot_sets:
+        pool.release(s)
+    ids = torch.tensor([t for ex in examples for t in ex.ids], device=dev)
+    return ids, positions, kv, meta, torch.tensor(rows, device=dev), torch.tensor(targets, device=dev), lora
+
+
+def step_losses(engine, gate: MoLEGate, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(LM loss, balance loss, share of examples whose true adapter got the largest mean weight)."""
+    ids, positions, kv, meta, rows, targets, lora = training_batch(engine, examples)
+    pool = engine.pool
+    logits = engine.model.forward(ids, positions, kv, meta, rows, pool.stacks, lora, gate.layer_gates(pool.stacks))
+    lm = F.cross_entropy(logits, targets)
+    # Mean gate weight per adapter over the (sequence, layer, token) triples where it was a candidate.
+    per_adapter: dict[str, list[torch.Tensor]] = {}
+    hits = 0
+    for i, ex in enumerate(examples):
+        means = lora.seq_gate_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
+        hits += ex.candidates[int(means.argmax())] == ex.true
+        for name, m in zip(ex.candidates, means):
+            per_adapter.setdefault(name, []).append(m)
+    q = torch.stack([torch.stack(v).mean() for v in per_adapter.values()])
+    return lm, balance_loss(q), hits / len(examples)
+
+
+def make_examples(engine, retriever, library: dict[str, str], n: int, opts: GateTrainOptions) -> list[Example]:
+    """n training examples spread evenly over the library's tasks (library: task -> adapter)."""
+    rng = random.Random(opts.seed)
+    per_task = -(-n // len(library))
+    pairs = [(p, a, name) for task, name in library.items()
+             for p, a in TASKS[task].examples("train", per_task, seed=opts.seed + 1)]
+    rng.shuffle(pairs)
+    pairs = pairs[:n]
+    retrieved = [[name for name, _ in hits] for hits in retriever.search([p for p, _, _ in pairs], opts.top_k)]
+    sets = candidate_sets([(p, t) for p, _, t in pairs], sorted(library.values()), retrieved, opts, rng)
+    tok = engine.tokenizer
+    return [Example(encode(tok, p, a), len(encode(tok, p)), c, t) for (p, a, t), c in zip(pairs, sets)]
+
+
+def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:
+    """Train a gate over every adapter in the engine's pool that has a task card; returns it and its log."""
+    library = {}
+    for name, path in adapter_dirs(engine.settings.adapters_dir).items():
+        task = read_card(path).get("task")
+        if task in TASKS:
+            library[task] = name
+    if len(library) < 2:
+        raise SystemExit(f"a gate needs at least 2 task adapters in {engine.settings.adapters_dir}")
+    torch.manual_seed(opts.seed)
+    base = Path(engine.model.config.name_or_path or "base").name
+    config = GateConfig.for_base(base, engine.model.lora_spec(), rank=opts.rank, temperature=opts.temperature)
+    gate = MoLEGate(config)
+    examples = make_examples(engine, retriever, library, opts.steps * opts.batch, opts)
+    optim = torch.optim.Adam(gate.parameters(), lr=opts.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.steps, pct_start=0.1)
+    log: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(range(opts.steps), desc="train-gate", mininterval=10)
+    for step in bar:
+        lm, bal, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch])
+        loss = lm + opts.balance_weight * bal
+        loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        log.append({"step": step, "lm": round(lm.item(), 4), "balance": round(bal.item(), 4), "top1": acc})
+        bar.set_postfix(lm=f"{lm.item():.3f}", bal=f"{bal.item():.3f}", top1=f"{acc:.2f}", refresh=False)
+    tail = log[-20:]
+    summary = {
+        "options": asdict(opts),
+        "library": sorted(library.values()),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "first_lm_loss": log[0]["lm"],
+        "final_lm_loss": round(sum(e["lm"] for e in tail) / len(tail), 4),
+        "final_top1": round(sum(e["top1"] for e in tail) / len(tail), 4),
+    }
+    return gate.requires_grad_(False), {"summary": summary, "steps": log}
+
+
+def save_gate(gate: MoLEGate, log: dict, out: Path) -> None:
+    """Weights, config and training log, written to a temp dir and renamed into place."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        gate.save(tmp, {"trained_on": log["summary"]["library"]})
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = GateTrainOptions()
+    p = argparse.ArgumentParser(prog="mole-serve train-gate", description="Train the MoLE router on the library.")
+    for field, value in asdict(d).items():
+        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--adapters-dir", type=Path, default=Path("adapters_store"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = GateTrainOptions(**{k: getattr(args, k) for k in asdict(d)})
+    from server.engine.engine import LLMEngine
+
+    engine = LLMEngine.from_store(Settings(adapters_dir=args.adapters_dir), with_gate=False)
+    gate, log = train_gate(engine, engine.retriever, opts)
+    save_gate(gate, log, args.adapters_dir / GATE_DIR)
+    print(json.dumps(log["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The MoLE gate: the rank-space score against the explicit v_i = B_i A_i x, branch masking,
+independence from batchmates, the zero gate as a uniform mixture, and refusal of a foreign gate."""
+
+import math
+
+import pytest
+import torch
+
+from server.engine.request import AdapterRef, SamplingParams, Selection
+from server.lora.batch import build_lora_batch
+from server.lora.gate import GateConfig, GateFormatError, MoLEGate
+from server.lora.ops import GroupStack, _shrink_dense
+from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44]]
+
+
+def random_probe_stack(slots: int, r: int, d: int, outs: list[int], seed: int) -> GroupStack:
+    g = torch.Generator().manual_seed(seed)
+    columns, c = [], 0
+    for o in outs:
+        columns.append((c, c + o))
+        c += o
+    return GroupStack(torch.randn(slots, len(outs) * r, d, generator=g),
+                      [torch.randn(slots, r, o, generator=g) for o in outs], columns)
+
+
+def test_rank_space_score_equals_score_from_explicit_lora_outputs():
+    d, r, outs, rg = 16, 4, [16, 8, 8], 6
+    stack = random_probe_stack(slots=5, r=r, d=d, outs=outs, seed=0)
+    gate = MoLEGate(GateConfig("base", num_layers=1, hidden_size=d, probe_size=sum(outs), rank=rg, temperature=0.7))
+    layer = gate.layer_gates([{"qkv": stack}])[0]
+    x = torch.randn(3, d)
+    slots = torch.tensor([1, 3, 4])
+    info = build_lora_batch([((1, 3, 4), (1 / 3,) * 3)], [3], 0, torch.device("cpu"), torch.float32, [True])
+    with torch.no_grad():
+        w = layer.weigh(x, _shrink_dense(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), info, slice(None))
+        Ar, Br = gate.query[0], gate.key[0]  # [rg, d], [d_probe, rg]
+        for t in range(3):
+            scores = []
+            for s in slots.tolist():
+                # v_i: the fused q/k/v output of adapter i on token t, module by module.
+                v = torch.cat([x[t] @ stack.A[s, j * r : (j + 1) * r].t() @ stack.B[j][s] for j in range(3)])
+                scores.append((Ar @ x[t]) @ (Br.t() @ v) / math.sqrt(rg))
+            expected = torch.softmax(torch.stack(scores) / 0.7, dim=0)
+            assert torch.allclose(w[t], expected, atol=1e-5)
+
+
+def test_masking_renormalizes_over_the_remaining_candidates():
+    d, outs = 16, [16, 8, 8]
+    stack = random_probe_stack(slots=5, r=4, d=d, outs=outs, seed=1)
+    gate = MoLEGate(GateConfig("base", num_layers=1, hidden_size=d, probe_size=sum(outs), rank=4))
+    layer = gate.layer_gates([{"qkv": stack}])[0]
+    x = torch.randn(2, d)
+    slots = torch.tensor([1, 2, 3])
+    z = _shrink_dense(x, stack, slots, None)
+    info = build_lora_batch([((1, 2, 3), (1.0,) * 3)], [2], 0, torch.device("cpu"), torch.float32, [True])
+    with torch.no_grad():
+        full = layer.weigh(x, z, slots, torch.ones(2, 3), info, slice(None))
+        masked = layer.weigh(x, z, slots, torch.tensor([[1.0, 0.0, 1.0]] * 2), info, slice(None))
+    assert torch.all(masked[:, 1] == 0)
+    kept = full[:, [0, 2]]
+    assert torch.allclose(masked[:, [0, 2]], kept / kept.sum(-1, keepdim=True), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def gated_engine_parts(tmp_path_factory):
+    hf = tiny_hf_model()
+    root = tmp_path_factory.mktemp("gated")
+    paths = {f"a{i}": make_adapter(hf, root / f"a{i}", seed=200 + i) for i in range(4)}
+    torch.manual_seed(5)
+    return hf, paths
+
+
+def gated_engine(hf, paths, tokenizer, scale: float = 30.0, **settings):
+    engine = engine_for(hf, tokenizer, **settings)
+    for name, p in paths.items():
+        engine.add_adapter(name, p)
+    config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8)
+    torch.manual_seed(7)
+    gate = MoLEGate(config).requires_grad_(False)
+    gate.query.mul_(scale)  # a random gate sharp enough that its weights are far from uniform
+    engine.pool.attach_gate(gate)
+    return engine
+
+
+def gate_selection(*names: str) -> Selection:
+    return Selection("gate", tuple(AdapterRef(n) for n in names))
+
+
+def test_gate_weights_do_not_depend_on_batchmates(gated_engine_parts, tokenizer):
+    hf, paths = gated_engine_parts
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    alone = gated_engine(hf, paths, tokenizer).generate([PROMPTS[0]], params,
+                                                        selections=[gate_selection("a0", "a1", "a2")])[0]
+    engine = gated_engine(hf, paths, tokenizer)
+    seqs = engine.generate(PROMPTS, params, selections=[
+        gate_selection("a0", "a1", "a2"),  # the request under test
+        None,  # base model
+        Selection("mixture", (AdapterRef("a3"), AdapterRef("a1", 2.0))),
+        gate_selection("a3", "a2"),
+    ])
+    mixed = seqs[0]
+    assert mixed.output_ids == alone.output_ids
+    assert mixed.gated and mixed.gate_count == alone.gate_count
+    assert torch.allclose(torch.tensor(mixed.gate_sums), torch.tensor(alone.gate_sums), rtol=1e-4)
+    weights = [w / mixed.gate_count for w in mixed.gate_sums[:-1]]
+    assert abs(sum(weights) - 1) < 1e-4 and max(weights) - min(weights) > 0.05  # a real, non-uniform gate
+
+
+def test_zero_gate_is_the_uniform_mixture(gated_engine_parts, tokenizer):
+    hf, paths = gated_engine_parts
+    params = SamplingParams(max_tokens=1)
+    engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # Ar = 0: every score 0, softmax uniform
+    engine.generate([PROMPTS[2]], params, selections=[gate_selection("a0", "a1", "a3")])
+    gated = engine.runner.last_logits[0].clone()
+    engine.generate([PROMPTS[2]], params, selections=[Selection("mixture", (AdapterRef("a0"), AdapterRef("a1"),
+                                                                               AdapterRef("a3")))])
+    assert torch.allclose(engine.runner.last_logits[0], gated, atol=1e-5)
+
+
+def test_dense_and_gathered_paths_gate_alike(gated_engine_parts, tokenizer):
+    """Eight gated requests on one set take the dense path; one alone takes the gathered one."""
+    hf, paths = gated_engine_parts
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    dense = gated_engine(hf, paths, tokenizer).generate([PROMPTS[1]] * 8, params,
+                                                         selections=[gate_selection("a1", "a2")] * 8)
+    single = gated_engine(hf, paths, tokenizer).generate([PROMPTS[1]], params, selections=[gate_selection("a1", "a2")])
+    assert all(s.output_ids == single[0].output_ids for s in dense)
+    assert torch.allclose(torch.tensor(dense[0].gate_sums), torch.tensor(single[0].gate_sums), rtol=1e-4)
+
+
+def test_a_gate_for_another_base_is_refused(tmp_path):
+    mine = GateConfig("SmolLM2-135M-Instruct", num_layers=30, hidden_size=576, probe_size=960)
+    MoLEGate(GateConfig("SmolLM2-135M-Instruct", 2, 64, 128)).save(tmp_path / "other_shape")
+    MoLEGate(GateConfig("Qwen2-0.5B", 30, 576, 960)).save(tmp_path / "other_name")
+    with pytest.raises(GateFormatError, match="num_layers"):
+        MoLEGate.load(tmp_path / "other_shape", mine)
+    with pytest.raises(GateFormatError, match="Qwen2-0.5B"):
+        MoLEGate.load(tmp_path / "other_name", mine)
+    with pytest.raises(GateFormatError, match="cannot read"):
+        MoLEGate.load(tmp_path / "missing", mine)
