@@ -39,7 +39,7 @@ def attach_engine(app: FastAPI, engine) -> object:
     from server.engine.async_engine import AsyncEngine
 
     metrics: Metrics = app.state.metrics
-    aeng = AsyncEngine(engine, on_step=lambda e: metrics.batch_size.observe(e.last_batch_size))
+    aeng = AsyncEngine(engine, on_step=metrics.observe_step)
     app.state.engine = aeng
     log.info("ready: %s with %d adapters", engine.model_name, len(engine.pool.names))
     return aeng

@@ -50,13 +50,35 @@ class Metrics:
         self.completion_tokens = Counter("mole_completion_tokens", "Completion tokens generated", registry=r)
         self.batch_size = Histogram("mole_batch_size", "Sequences per engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.adapter_requests = Counter("mole_adapter_requests", "Requests per adapter (bounded labels)",
+        self.adapter_requests = Counter("mole_adapter_requests", "Requests served per adapter, explicit or selected "
+                                        "by retrieval (bounded labels)",
                                         ["adapter"], registry=r)
+        self.retrieval_latency = Histogram(
+            "mole_retrieval_latency_seconds", "Adapter retrieval (embedding + search) per engine step batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.gate_entropy = Histogram(
+            "mole_gate_entropy_nats", "Mean entropy of the gate's weights over a gated request's layers and tokens",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4), registry=r)
         self._adapter_labels: set[str] = set()
         self._adapter_label_limit = adapter_label_limit
 
     def watch_engine(self, get_engine: Callable[[], object | None]) -> None:
         self.registry.register(EngineCollector(get_engine))
+
+    def observe_adapters(self, report: list[dict], gate_entropy: float | None) -> None:
+        """One finished request's adapters (the engine's report); a merge counts its sources."""
+        for entry in report:
+            for name in [s["name"] for s in entry.get("sources", ())] or [entry["name"]]:
+                self.count_adapter(name)
+        if gate_entropy is not None:
+            self.gate_entropy.observe(gate_entropy)
+
+    def observe_step(self, engine) -> None:
+        """Called by the engine thread after each step."""
+        self.batch_size.observe(engine.last_batch_size)
+        seconds, engine.selector.retrieval_seconds = engine.selector.retrieval_seconds, []
+        for s in seconds:
+            self.retrieval_latency.observe(s)
 
     def count_adapter(self, name: str) -> None:
         if name not in self._adapter_labels and len(self._adapter_labels) < self._adapter_label_limit:

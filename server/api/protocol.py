@@ -41,6 +41,14 @@ class AdapterChoice(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
+class MergeOptions(BaseModel):
+    """Composition `merge`: a static merge of the request's adapters (PEFT's add_weighted_adapter)."""
+
+    strategy: Literal["linear", "cat", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: float = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
+    seed: int = 0  # dare's random drop
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -65,6 +73,7 @@ class SamplingFields(BaseModel):
     adapters: list[str | AdapterChoice] | None = None
     top_k: int | None = Field(None, ge=1, le=16)  # adapters retrieval keeps for `auto` (DESIGN section 2)
     composition: Literal["gate", "mixture", "select", "merge"] | None = None
+    merge: MergeOptions | None = None
     ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
 
     @field_validator("stop")

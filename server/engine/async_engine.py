@@ -13,7 +13,7 @@ from collections.abc import Sequence as Seq
 from typing import TypeVar
 
 from server.engine.engine import LLMEngine, StepOutput
-from server.engine.request import AdapterRef, SamplingParams
+from server.engine.request import AdapterRef, SamplingParams, Selection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,13 +80,13 @@ class AsyncEngine:
 
     def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
-        request_id: str | None = None,
+        request_id: str | None = None, selection: Selection | None = None,
     ) -> RequestStream:
         """Submit a request now (bad input and a full queue raise here) and return its outputs as
         they come; closing the stream before its end aborts the request."""
         if self.num_pending >= self.max_waiting + self.engine.settings.max_num_seqs:
             raise QueueFullError(f"{self.num_pending} requests in flight; try again shortly")
-        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id)
+        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id, selection)
         stream = RequestStream(self, seq.request_id)
         self._outputs[seq.request_id] = stream.queue
         self.num_pending += 1

@@ -38,6 +38,7 @@ class StepOutput:
     error: str | None = None
     error_status: int = 500  # the HTTP status the error maps to
     adapters: list[dict] | None = None  # the adapter report, on a request's first and last output
+    gate_entropy: float | None = None  # on the last output of a gated request
 
 
 class LLMEngine:
@@ -128,8 +129,6 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
         refs = self._merge_duplicates(selection.explicit if selection else adapters)
         if selection is not None:
-            if selection.query is not None and not refs and self.retriever is None:
-                raise ValueError("adapter retrieval is not enabled on this server; name an adapter instead")
             if selection.composition == "gate" and self.pool.gate is None:
                 raise ValueError("composition `gate` needs a trained gate (adapters_store/gate); none is loaded")
             if selection.top_k > self.adapter_limit:
@@ -241,7 +240,8 @@ class LLMEngine:
         del self._seqs[seq.request_id]
         delta += self._detok.pop(seq.request_id).flush()
         return StepOutput(seq.request_id, token, delta, True, reason, seq.num_prompt_tokens,
-                          len(seq.output_ids), error, error_status, self.selector.report(seq))
+                          len(seq.output_ids), error, error_status, self.selector.report(seq),
+                          self.selector.gate_entropy(seq))
 
     def _acquire_adapters(self, seq: Sequence) -> bool:
         if not seq.adapters:

@@ -34,7 +34,7 @@ class AdapterSelector:
     def retrieve(self, seqs: list[Sequence]) -> dict[str, list[tuple[str, float]]]:
         """request id -> its top-k (adapter, score) over the similarity floor, one batch for all."""
         asking = [s for s in seqs if s.selection.query is not None and not s.selection.explicit]
-        if not asking:
+        if not asking or self.retriever is None:  # no retriever: `auto` is the base model
             return {}
         start = time.perf_counter()
         k = max(s.selection.top_k for s in asking)

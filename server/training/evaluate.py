@@ -3,8 +3,11 @@
     mole-serve eval                         # through the engine in this process, in batch
     mole-serve eval --url http://127.0.0.1:8000   # against a running server
 
-Modes now: `base` (no adapter) and `oracle` (each prompt on its own task's adapter). The
-retrieval modes (select / mixture / gate, in- and out-of-domain) join when retrieval lands.
+Modes: `base` (no adapter), `oracle` (each prompt on its own task's adapter), and model `auto`
+with composition `select` (top-1 retrieved), `mixture` (retrieval-score weights) or `gate` (the
+trained router). In-domain tasks have an adapter in the library; out-of-domain tasks have none,
+so there retrieval can only bring neighbours. Also reported: how often retrieval's top-1 (and the
+gate's largest mean weight) is the prompt's own task adapter.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from server.lora.store import adapter_dirs
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 
-MODES = ("base", "oracle")
+MODES = ("base", "oracle", "select", "mixture", "gate")
+RETRIEVAL_MODES = ("select", "mixture", "gate")
 
 
 @dataclass
@@ -38,55 +42,88 @@ def eval_set(tasks: list[str], per_task: int, seed: int = 0) -> list[Item]:
     return items
 
 
-def adapter_for(item: Item, mode: str) -> str | None:
-    return item.task if mode == "oracle" else None
+@dataclass
+class Answer:
+    text: str
+    top_adapter: str | None  # retrieval's top-1 (select, mixture) or the gate's largest mean weight
 
 
-def engine_answers(engine, items: list[Item], mode: str, max_tokens: int) -> list[str]:
+def top_adapter(report: list[dict]) -> str | None:
+    if not report:
+        return None
+    key = "gate_weight" if "gate_weight" in report[0] else "score" if "score" in report[0] else "weight"
+    return max(report, key=lambda a: a.get(key, 0))["name"]
+
+
+def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, library: set[str]) -> list[Answer]:
     """All items in one continuous batch of the engine in this process."""
-    from server.engine.request import AdapterRef, SamplingParams
+    from server.engine.request import AdapterRef, SamplingParams, Selection
 
     tok = engine.tokenizer
     prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for i in items]
-    sets = [(AdapterRef(a),) if (a := adapter_for(i, mode)) else () for i in items]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), sets)
-    return [tok.decode(s.output_ids, skip_special_tokens=True) for s in seqs]
+
+    def selection(item: Item) -> Selection | None:
+        if mode == "oracle":
+            return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
+        if mode in RETRIEVAL_MODES:
+            return Selection(mode, query=item.prompt, top_k=engine.settings.retrieval_top_k)
+        return None
+
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=[selection(i) for i in items])
+    return [Answer(tok.decode(s.output_ids, skip_special_tokens=True), top_adapter(engine.selector.report(s)))
+            for s in seqs]
 
 
-def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, max_tokens: int) -> list[str]:
+def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, max_tokens: int,
+                   library: set[str]) -> list[Answer]:
     """The same items against a running server, 16 requests in flight."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none")
     base = client.models.list().data[0].id  # the server lists the base model first
 
-    def ask(item: Item) -> str:
-        r = client.chat.completions.create(model=adapter_for(item, mode) or base, messages=build_chat(item.prompt),
-                                           max_tokens=max_tokens, temperature=0)
-        return r.choices[0].message.content
+    def ask(item: Item) -> Answer:
+        model = "auto" if mode in RETRIEVAL_MODES else item.task if mode == "oracle" and item.task in library else base
+        extra = {"composition": mode} if mode in RETRIEVAL_MODES else {}
+        r = client.chat.completions.create(model=model, messages=build_chat(item.prompt), max_tokens=max_tokens,
+                                           temperature=0, extra_body=extra)
+        return Answer(r.choices[0].message.content, top_adapter(r.model_extra.get("adapters") or []))
 
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(ask, items))
 
 
-def accuracy_table(items: list[Item], answers: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """mode -> task -> exact-match accuracy, plus `mean` (over tasks)."""
-    table: dict[str, dict[str, float]] = {}
+def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library: set[str]) -> dict[str, dict]:
+    """mode -> task -> exact-match accuracy, the in- and out-of-domain means (over tasks), and for
+    the retrieval modes the in-domain share whose top adapter is the task's own."""
+    table: dict[str, dict] = {}
     for mode, preds in answers.items():
         hits: dict[str, list[bool]] = {}
         for item, pred in zip(items, preds):
-            hits.setdefault(item.task, []).append(TASKS[item.task].score(pred, item.answer))
-        per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
-        table[mode] = {**per_task, "mean": sum(per_task.values()) / len(per_task)}
+            hits.setdefault(item.task, []).append(TASKS[item.task].score(pred.text, item.answer))
+        per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items(), key=lambda th: (th[0] not in library, th[0]))}
+        row: dict = dict(per_task)
+        for domain, tasks in (("in", [t for t in per_task if t in library]), ("out", [t for t in per_task
+                                                                                       if t not in library])):
+            if tasks and not (mode == "oracle" and domain == "out"):
+                row[f"mean_{domain}_domain"] = sum(per_task[t] for t in tasks) / len(tasks)
+        if mode in RETRIEVAL_MODES:
+            own = [p.top_adapter == i.task for i, p in zip(items, preds) if i.task in library]
+            row["top1_is_own_adapter"] = sum(own) / len(own)
+        if mode == "oracle":
+            row = {t: v for t, v in row.items() if t in library or t.startswith("mean_in")}
+        table[mode] = row
     return table
 
 
-def markdown(table: dict[str, dict[str, float]]) -> str:
+def markdown(table: dict[str, dict]) -> str:
     modes = list(table)
     rows = [f"| task | {' | '.join(modes)} |", "|---" * (len(modes) + 1) + "|"]
-    for task in table[modes[0]]:
-        rows.append(f"| {task} | " + " | ".join(f"{table[m][task]:.0%}" for m in modes) + " |")
+    keys = list(dict.fromkeys(k for m in modes for k in table[m]))
+    for key in keys:
+        rows.append(f"| {key} | " + " | ".join(f"{table[m][key]:.0%}" if key in table[m] else "-" for m in modes)
+                    + " |")
     return "\n".join(rows)
 
 
@@ -98,30 +135,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=50)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--no-out-of-domain", dest="out_of_domain", action="store_false",
+                    help="skip the tasks without an adapter in the library")
     ap.add_argument("--out", default="bench/results/eval.md", help="markdown table; JSON is written beside it")
     args = ap.parse_args(argv)
 
     settings = Settings()
-    tasks = [t for t in adapter_dirs(settings.adapters_dir) if t in TASKS]
-    if not tasks:
+    library = {t for t in adapter_dirs(settings.adapters_dir) if t in TASKS}
+    if not library:
         ap.error(f"no task adapters in {settings.adapters_dir}")
-    items = eval_set(tasks, args.per_task)
+    items = eval_set(sorted(library) + (sorted(set(TASKS) - library) if args.out_of_domain else []), args.per_task)
     if args.url:
-        def answer(mode: str) -> list[str]:
-            return server_answers(args.url, args.api_key, items, mode, args.max_tokens)
+        def answer(mode: str) -> list[Answer]:
+            return server_answers(args.url, args.api_key, items, mode, args.max_tokens, library)
     else:
-        from server.__main__ import load_engine
+        from server.engine.engine import LLMEngine
 
-        engine = load_engine(settings)
+        engine = LLMEngine.from_store(settings)
 
-        def answer(mode: str) -> list[str]:
-            return engine_answers(engine, items, mode, args.max_tokens)
+        def answer(mode: str) -> list[Answer]:
+            return engine_answers(engine, items, mode, args.max_tokens, library)
 
-    table = accuracy_table(items, {mode: answer(mode) for mode in args.modes})
+    table = accuracy_table(items, {mode: answer(mode) for mode in args.modes}, library)
     text = markdown(table)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Exact match, {args.per_task} eval prompts per task, greedy.\n\n{text}\n")
+    out.write_text(f"Exact match, {args.per_task} eval prompts per task, greedy. In-domain tasks have an adapter in "
+                   f"the library, out-of-domain tasks have none.\n\n{text}\n")
     out.with_suffix(".json").write_text(json.dumps({"per_task": args.per_task, "accuracy": table}, indent=2) + "\n")
     return 0

@@ -65,7 +65,11 @@ def test_error_mapping(tiny_engine):
             ({**CHAT, "model": "missing"}, 404, "model_not_found"),
             ({**CHAT, "max_tokens": 500}, 400, "context_length_exceeded"),
             ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
-            ({**CHAT, "composition": "merge"}, 400, None),
+            ({**CHAT, "composition": "gate"}, 400, None),  # no trained gate on this server
+            ({**CHAT, "model": "missing", "adapters": ["nope"]}, 404, "model_not_found"),
+            ({**CHAT, "adapters": ["nope"]}, 404, "adapter_not_found"),
+            ({**CHAT, "merge": {"strategy": "svd"}}, 400, None),
+            ({**CHAT, "top_k": 99}, 400, None),
             ({"model": "auto"}, 400, None),
         ]
         for body, status, code in cases:
