@@ -18,7 +18,8 @@ import torch
 from bench.common import machine, synthetic_adapter, write_json
 from server.config import Settings
 from server.engine.engine import LLMEngine
-from server.engine.request import AdapterRef, SamplingParams
+from server.engine.request import AdapterRef, SamplingParams, Selection
+from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
 
 TOPICS = ["the ocean", "a lighthouse", "mountains", "a robot", "coffee", "the moon", "a library", "trains",
           "winter", "a garden", "bees", "a violin", "deserts", "a detective", "volcanoes", "a bakery"]
@@ -53,12 +54,16 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
     return sets
 
 
-def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int) -> tuple[float, float, float]:
+def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False) -> tuple[float, float, float]:
     """(decode tokens/s, end-to-end tokens/s, MB of distinct adapter weights one decode step reads).
-    Decode = the steps after every prompt is prefilled: each sequence adds one token per step."""
+    Decode = the steps after every prompt is prefilled: each sequence adds one token per step.
+    gated: each set is the request's candidates, weighted per layer and token by the gate."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), sets)  # warm-up: adapters resident
-    seqs = [engine.add_request(p, params, s) for p, s in zip(prompts, sets)]
+    selections = [Selection("gate", s) for s in sets] if gated else None
+    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), sets if not gated else None,
+                    selections)  # warm-up: adapters resident
+    seqs = [engine.add_request(p, params, () if gated else s, None, Selection("gate", s) if gated else None)
+            for p, s in zip(prompts, sets)]
     start = time.perf_counter()
     decode_start, decode_tokens, distinct = None, 0, []
     while engine.has_unfinished():
@@ -136,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     paths = [synthetic_adapter(tmp / n, engine.model.lora_spec(), args.rank, seed=i) for i, n in enumerate(names)]
     for n, p in zip(names, paths):
         engine.add_adapter(n, p)
+    gate_dir = Path(settings.adapters_dir) / GATE_DIR
+    if gate_dir.is_dir():
+        engine.load_gate(gate_dir)
+    else:  # an untrained router costs the same as a trained one
+        engine.pool.attach_gate(MoLEGate(GateConfig.for_base(engine.model_name, engine.model.lora_spec())))
 
     # One full-length run first: the KV cache's pages are committed on first touch, which must not
     # be charged to whichever scenario happens to run first.
@@ -147,19 +157,20 @@ def main(argv: list[str] | None = None) -> dict:
         results[f"{key}_tok_s"], results["e2e_tok_s"][key] = round(decode, 1), round(e2e, 1)
         print(f"{key:>10}: decode {decode:7.1f} tok/s   end-to-end {e2e:7.1f} tok/s", flush=True)
 
-    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3"]
-    sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds}
+    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3"]
+    sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds[:-1]}
+    sets["gate3"] = sets["hetero3"]  # the same candidates, weighted by the gate per layer and token
     # Rounds interleave the scenarios and the best round counts: this shared 2-core machine's
     # speed drifts by 10-20% between minutes, which would otherwise land on one scenario.
     best: dict[str, tuple[float, float, float]] = {}
     for _ in range(args.rounds):
         for kind in kinds:
-            run = run_engine(engine, prompts, sets[kind], args.max_tokens)
+            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated=kind == "gate3")
             best[kind] = max(best.get(kind, run), run)
     for kind in kinds:
         decode, e2e, mb = best[kind]
         record(kind, decode, e2e)
-        if kind.startswith(("hetero", "skewed")):
+        if kind.startswith(("hetero", "skewed", "gate")):
             results["adapter_mb_per_step"][kind] = round(mb, 1)
     if not args.skip_hf and args.device == "cpu":
         record("hf_base", *max(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None)
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = results["base_tok_s"]
     ratios = {f"{k}/base": results[f"{k}_tok_s"] / base for k in ["identical", "hetero1", "hetero3", "skewed3"]}
+    ratios["gate3/hetero3"] = results["gate3_tok_s"] / results["hetero3_tok_s"]
     if "peft_mixed_tok_s" in results:
         ratios["hetero1/peft_mixed"] = results["hetero1_tok_s"] / results["peft_mixed_tok_s"]
         ratios["base/hf_base"] = base / results["hf_base_tok_s"]
@@ -175,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["config"] = {"requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
                          "rounds": args.rounds,
                          "pool": args.pool, "dtype": str(engine.model.dtype), "device": args.device,
-                         "base_model": engine.model_name}
+                         "base_model": engine.model_name,
+                         "gate3": "the hetero3 candidate sets, weighted per layer and token by the "
+                                  + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)")}
     results["machine"] = machine()
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():
