@@ -11,17 +11,12 @@ from server.config import Settings
 
 
 def load_engine(settings: Settings):
-    """The base model plus every adapter in the store."""
+    """The base model, every adapter in the store indexed for retrieval, and the trained gate."""
     from server.engine.engine import LLMEngine
-    from server.lora.store import AdapterStore, adapter_dirs
+    from server.lora.store import AdapterStore
 
     AdapterStore(settings.adapters_dir).recover()  # settle what a crash mid-upload left
-    engine = LLMEngine.from_settings(settings)
-    if settings.served_model_name:
-        engine.model_name = settings.served_model_name
-    for name, path in adapter_dirs(settings.adapters_dir).items():
-        engine.add_adapter(name, path)
-    return engine
+    return LLMEngine.from_store(settings)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -63,6 +58,7 @@ def admin(args: argparse.Namespace) -> int:
 
     from clients.admin import AdminClient, AdminError
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call is noise here
     client = AdminClient(args.url, args.token)
     try:
         if args.command == "upload":
@@ -111,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", nargs="?")
 
     sub.add_parser("train-adapter", help="train task LoRAs (see --help)", add_help=False)
+    sub.add_parser("train-gate", help="train the MoLE router on the library (see --help)", add_help=False)
     sub.add_parser("bench", help="throughput benchmark (see --help)", add_help=False)
     sub.add_parser("eval", help="task accuracy of the library per composition mode (see --help)", add_help=False)
 
@@ -119,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.training.train_adapter import main as train_main
 
         return train_main(rest)
+    if args.command == "train-gate":
+        from server.training.train_gate import main as train_gate_main
+
+        return train_gate_main(rest)
     if args.command == "eval":
         from server.training.evaluate import main as eval_main
 
