@@ -140,3 +140,31 @@ def test_a_gate_for_another_base_is_refused(tmp_path):
         MoLEGate.load(tmp_path / "other_name", mine)
     with pytest.raises(GateFormatError, match="cannot read"):
         MoLEGate.load(tmp_path / "missing", mine)
+
+
+def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):
+    """gate, an explicit adapter, a TIES merge, select and mixture side by side: each request gets
+    exactly the tokens it gets alone, and the merge is built once into one virtual adapter."""
+    from server.engine.request import MergeSpec
+
+    hf, paths = gated_engine_parts
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    three = (AdapterRef("a0"), AdapterRef("a1", 2.0), AdapterRef("a2"))
+    selections = [
+        gate_selection("a0", "a1", "a2"),
+        Selection("mixture", (AdapterRef("a3"),)),
+        Selection("merge", three, merge=MergeSpec("ties", density=0.5)),
+        Selection("select", three),
+        Selection("mixture", three),
+    ]
+    prompts = PROMPTS + [[71, 72, 73]]
+    engine = gated_engine(hf, paths, tokenizer)
+    together = engine.generate(prompts, params, selections=selections)
+    for prompt, sel, seq in zip(prompts, selections, together):
+        alone = gated_engine(hf, paths, tokenizer).generate([prompt], params, selections=[sel])[0]
+        assert seq.output_ids == alone.output_ids, sel.composition
+    merged, select = together[2], together[3]
+    assert merged.adapters[0].name.startswith("merge-") and merged.sources == ("a0", "a1", "a2")
+    assert select.adapters == (AdapterRef("a1", 1.0),)  # the largest prior weight
+    again = engine.generate([PROMPTS[0]], params, selections=[selections[2]])[0]
+    assert again.adapters == merged.adapters and engine.pool.loads == 4 + 1  # 4 adapters + 1 merge, built once
