@@ -7,6 +7,7 @@ import importlib.util
 import math
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -72,13 +73,21 @@ class Embedder:
         return normalize(out) if len(texts) else out
 
 
+class TextEncoder(Protocol):
+    """What a Retriever needs of its embedder (tests pass lighter stand-ins for MiniLM)."""
+
+    dim: int
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...  # [n, dim] float32, L2-normalized
+
+
 class Retriever:
     """One key per adapter name in a FAISS index; exact (flat) up to `exact_max` keys, IVF above.
 
     Thread-safe: the index and the name/id maps change under a lock (the HTTP thread uploads and
     deletes while the engine thread searches); embedding runs outside it."""
 
-    def __init__(self, embedder: Embedder | None, dim: int | None = None, exact_max: int = 10_000) -> None:
+    def __init__(self, embedder: TextEncoder | None, dim: int | None = None, exact_max: int = 10_000) -> None:
         if embedder is None and dim is None:
             raise ValueError("a Retriever needs an embedder or, for search_vectors only, a dim")
         self.embedder = embedder
@@ -94,7 +103,7 @@ class Retriever:
 
     @classmethod
     def from_store(cls, settings: Settings, cards: dict[str, list[str]] | None = None,
-                   embedder: Embedder | None = None) -> Retriever:
+                   embedder: TextEncoder | None = None) -> Retriever:
         """A retriever over `cards` (name -> example prompts), by default every card in adapters_dir."""
         embedder = embedder or Embedder.from_settings(settings)
         retriever = cls(embedder, exact_max=settings.retrieval_exact_max)
@@ -119,9 +128,9 @@ class Retriever:
 
     def set_cards(self, cards: dict[str, list[str]]) -> None:
         """Many cards with one encode call (startup)."""
-        names = [n for n, ex in cards.items() if ex]
-        if len(names) < len(cards):
+        if not all(cards.values()):
             raise ValueError("an adapter card needs at least one example prompt")
+        names = list(cards)
         emb = self._embedder().encode([e for n in names for e in cards[n]])  # [sum examples, dim]
         bounds = np.cumsum([0] + [len(cards[n]) for n in names])
         self.set_keys(names, np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
@@ -148,10 +157,9 @@ class Retriever:
     def remove(self, name: str) -> bool:
         """Drop `name` from the index at once; False if it was not there."""
         with self._lock:
-            if name not in self._ids:
-                return False
-            self._remove_ids([self._ids[name]])
-            return True
+            found = name in self._ids
+            self._remove_ids([self._ids[name]] if found else [])
+            return found
 
     def _remove_ids(self, ids: list[int]) -> None:
         if ids:
@@ -193,9 +201,7 @@ class Retriever:
     def nearest(self, name: str, k: int) -> Hits:
         """The k adapters whose keys are most similar to `name`'s, itself excluded."""
         with self._lock:
-            key = self._keys[name]
-            hits = self.search_vectors(key[None], k + 1)[0]
-        return [h for h in hits if h[0] != name][:k]
+            return [h for h in self.search_vectors(self._keys[name][None], k + 1)[0] if h[0] != name][:k]
 
     @property
     def index(self) -> faiss.Index:
@@ -217,7 +223,7 @@ class Retriever:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _embedder(self) -> Embedder:
+    def _embedder(self) -> TextEncoder:
         if self.embedder is None:
             raise RuntimeError("this Retriever has no embedder: use set_key/search_vectors")
         return self.embedder

