@@ -145,7 +145,7 @@ class AdapterStore:
             with self._lock:
                 previous = None
                 if target.exists():
-                    if not replace:
+                    if not replace or name not in self:  # never replace what is not an adapter (gate/)
                         raise AdapterExistsError(f"adapter {name!r} already exists")
                     previous = self._tmp_path(REPLACED, name)
                     os.rename(target, previous)

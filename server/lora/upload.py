@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.lora.formats import AdapterFormatError, LoRATargetSpec, LoRAWeights, parse_lora
+from server.lora.gate import GATE_DIR
 from server.lora.store import ADAPTER_FILES, NAME_PATTERN, valid_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_EXAMPLES, MAX_EXAMPLE_CHARS, MAX_DESCRIPTION_CHARS = 1000, 2000, 4000
 MAX_MEMBERS = 64  # files in one archive (an adapter has 3, save_pretrained adds a README)
-RESERVED_NAMES = ("auto",)  # model ids the OpenAI routes give another meaning
+RESERVED_NAMES = ("auto", GATE_DIR)  # a model id the OpenAI routes give another meaning; the gate's folder
 
 
 class UploadError(ValueError):

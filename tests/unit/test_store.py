@@ -45,6 +45,11 @@ def test_commit_replace_delete_and_listing(tmp_path):
     (tmp_path / ".staging" / "junk" / "adapter_config.json").write_text("{}")
     assert list(adapter_dirs(tmp_path)) == ["a"]
     assert store.delete("a") and not store.delete("a") and store.names() == []
+    (tmp_path / "gate").mkdir()  # not an adapter: never replaced
+    (tmp_path / "gate" / "router.safetensors").write_bytes(b"x")
+    with pytest.raises(AdapterExistsError):
+        store.commit("gate", NEW, replace=True)
+    assert [p.name for p in (tmp_path / "gate").iterdir()] == ["router.safetensors"]
     with pytest.raises(ValueError):
         store.path("../x")
 

@@ -1,0 +1,197 @@
+"""Adapter uploads and deletes while serving. Starts `mole-serve serve` on a temporary copy of
+adapters_store (the repo's store is never written) and measures over HTTP:
+
+- upload-to-first-served: POST /admin/adapters, then the first chat completion naming the new
+  adapter returns; on the idle server and under the streaming load;
+- decode throughput of `--clients` streaming clients (each names a library adapter) in a baseline
+  window, then in a window where an operator uploads, serves and deletes adapters back to back:
+  the ratio of the two, and the longest pause between decode steps in each (the stall an upload
+  may cause, against the server's own load time of one adapter).
+
+    python -m bench.admin --out bench/results/admin.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import machine, write_json
+from bench.throughput import TOPICS
+from server.lora.store import ADAPTER_FILES, adapter_dirs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server(store: Path, token: str, log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_ADMIN_TOKEN": token, "MOLE_ADAPTERS_DIR": str(store)}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env, cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+class Operator:
+    """Uploads a library adapter under new names, serves one request on each, deletes it."""
+
+    def __init__(self, http: httpx.AsyncClient, source: Path, token: str) -> None:
+        self.http, self.headers = http, {"Authorization": f"Bearer {token}"}
+        self.files = [("files", (f, (source / f).read_bytes())) for f in ADAPTER_FILES]
+        self.served_s: list[float] = []  # upload-to-first-served, seconds
+        self.load_s: list[float] = []  # the server's own load time (in its engine thread)
+        self.errors = 0
+
+    async def cycle(self, name: str) -> None:
+        start = time.perf_counter()
+        r = await self.http.post("/admin/adapters", files=self.files, data={"name": name}, headers=self.headers)
+        if r.status_code != 201:
+            self.errors += 1
+            return
+        c = await self.http.post("/v1/chat/completions", json={
+            "model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        if c.status_code != 200:
+            self.errors += 1
+        self.served_s.append(time.perf_counter() - start)
+        self.load_s.append(r.json()["load_s"])
+        if (await self.http.delete(f"/admin/adapters/{name}", headers=self.headers)).status_code != 200:
+            self.errors += 1
+
+    def summary(self) -> dict:
+        ms = lambda xs: [round(x * 1000, 1) for x in xs]  # noqa: E731
+        return {"cycles": len(self.served_s), "errors": self.errors, "upload_to_served_ms": ms(self.served_s),
+                "upload_to_served_p50_ms": round(float(np.median(self.served_s)) * 1000, 1) if self.served_s
+                else None, "load_ms": ms(self.load_s)}
+
+
+async def stream_clients(http: httpx.AsyncClient, n: int, models: list[str], max_tokens: int,
+                         stop: asyncio.Event) -> tuple[list[float], list[int]]:
+    """n clients streaming back to back until `stop`: (arrival time of every token, failed requests)."""
+    stamps: list[float] = []
+    errors = [0]
+
+    async def client(i: int) -> None:
+        k = 0
+        while not stop.is_set():
+            body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "ignore_eos": True,
+                    "stream": True, "messages": [{"role": "user", "content": f"Write about {TOPICS[i % 16]}."}]}
+            k += 1
+            try:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        errors[0] += 1
+                        continue
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            stamps.append(time.perf_counter())
+            except httpx.HTTPError:
+                errors[0] += 1
+
+    await asyncio.gather(*(client(i) for i in range(n)))
+    return stamps, errors
+
+
+def window(stamps: list[float], start: float, end: float) -> dict:
+    """Tokens/s in [start, end) and the pauses between decode steps (gaps between arrivals)."""
+    ts = np.sort(np.asarray([t for t in stamps if start <= t < end]))
+    gaps = np.diff(ts) if len(ts) > 1 else np.zeros(1)
+    steps = gaps[gaps > 0.01]  # tokens of one step arrive together; a larger gap is the next step
+    return {"tok_s": round(len(ts) / (end - start), 1), "tokens": int(len(ts)),
+            "step_gap_p50_ms": round(float(np.median(steps)) * 1000, 1) if len(steps) else None,
+            "step_gap_max_ms": round(float(gaps.max()) * 1000, 1)}
+
+
+async def measure(url: str, token: str, args: argparse.Namespace, library: list[str]) -> dict:
+    source = REPO / "adapters_store" / args.source
+    limits = httpx.Limits(max_connections=args.clients + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        idle = Operator(http, source, token)
+        for i in range(args.idle_uploads):
+            await idle.cycle(f"bench-idle-{i}")
+        stop, busy = asyncio.Event(), Operator(http, source, token)
+        load = asyncio.create_task(stream_clients(http, args.clients, library, args.max_tokens, stop))
+        t0 = time.perf_counter()
+        await asyncio.sleep(args.warmup + args.window)  # warm-up, then the baseline window
+        t1 = time.perf_counter()
+        i = 0
+        while time.perf_counter() - t1 < args.window:
+            await busy.cycle(f"bench-busy-{i}")
+            i += 1
+        t2 = time.perf_counter()
+        stop.set()
+        stamps, errors = await load
+    base, during = window(stamps, t0 + args.warmup, t1), window(stamps, t1, t2)
+    return {"idle": idle.summary(), "under_load": busy.summary(), "decode_baseline": base,
+            "decode_during_uploads": during, "stream_errors": errors[0],
+            "ratios": {"decode_during/baseline": round(during["tok_s"] / max(base["tok_s"], 1e-9), 3)}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--idle-uploads", type=int, default=5)
+    ap.add_argument("--warmup", type=float, default=10, help="seconds of load before the baseline window")
+    ap.add_argument("--window", type=float, default=30, help="seconds of each measured window")
+    ap.add_argument("--source", default="caesar_shift", help="library adapter uploaded under new names")
+    ap.add_argument("--out", default="bench/results/admin.json")
+    args = ap.parse_args(argv)
+
+    token = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="mole-bench-admin-") as tmp:
+        store = Path(tmp) / "store"
+        shutil.copytree(REPO / "adapters_store", store)
+        library = [n for n in adapter_dirs(store) if n != args.source]
+        shutil.rmtree(store / args.source)
+        proc, url = start_server(store, token, Path(tmp) / "server.log")
+        try:
+            results = asyncio.run(measure(url, token, args, library))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    idle, busy = results["idle"], results["under_load"]
+    base, during = results["decode_baseline"], results["decode_during_uploads"]
+    print(f"upload-to-first-served, idle:       p50 {idle['upload_to_served_p50_ms']} ms  "
+          f"{idle['upload_to_served_ms']}")
+    print(f"upload-to-first-served, under load: p50 {busy['upload_to_served_p50_ms']} ms  "
+          f"({busy['cycles']} upload/serve/delete cycles)")
+    print(f"server load time of one adapter:    {idle['load_ms']} ms idle, max {max(busy['load_ms'] or [0])} ms busy")
+    print("| window | tok/s | step gap p50 ms | step gap max ms |")
+    print("|---|---|---|---|")
+    for name, w in (("baseline", base), ("during uploads", during)):
+        print(f"| {name} | {w['tok_s']} | {w['step_gap_p50_ms']} | {w['step_gap_max_ms']} |")
+    print(f"\ndecode during/baseline: {results['ratios']['decode_during/baseline']}; failed stream requests: "
+          f"{results['stream_errors']}, admin errors: {idle['errors'] + busy['errors']}")
+    results.update(config=vars(args), machine=machine())
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
