@@ -9,6 +9,11 @@ so the score needs only the rank-space shrink z_i = A_i x the LoRA op computes a
 computed once when the adapter enters a pool slot (stored transposed, [n*r, rg]). Weights are
 softmax(s / tau) over the request's own candidates, and apply to every adapted module of the
 layer. No per-adapter parameters: adapters uploaded after training are scored the same way.
+
+LoRA outputs are tiny next to the hidden state, so raw scores start near 0 and the gate can't
+leave the uniform mixture in a few hundred steps. Both sides are therefore scaled to unit RMS
+(Ar x, and each Br^T v_i on its own, so a candidate's score doesn't depend on which others are
+present and masking renormalizes exactly), with a learned gain per layer setting the sharpness.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class LayerGate:
 
     query: torch.Tensor  # Ar: [rg, d]
     keys: torch.Tensor  # [slots, n*r, rg]: M_i^T of every pool slot
+    gain: torch.Tensor  # [] learned sharpness of the layer
     temperature: float
 
     def weigh(
@@ -66,14 +72,16 @@ class LayerGate:
         get softmax(s / tau) over their candidates; the others keep their prior. -> [R, C]."""
         R, C = z.shape[0], z.shape[1]
         rg = self.query.shape[0]
-        u = x @ self.query.t()  # [R, rg]
-        keys = self.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1, rg)  # [(R,) C, n*r, rg]
-        kz = (z.unsqueeze(-2) @ keys).squeeze(-2)  # [R, C, rg] = M_i z_i
-        scores = (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         if prior is None:
             prior = torch.ones(R, C, dtype=z.dtype, device=z.device)
         candidates = prior > 0
         candidates = candidates | ~candidates.any(-1, keepdim=True)  # rows with none are not gated
+        u = x @ self.query.t()  # [R, rg]
+        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-12)
+        keys = self.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1, rg)  # [(R,) C, n*r, rg]
+        kz = (z.unsqueeze(-2) @ keys).squeeze(-2)  # [R, C, rg] = Br^T v_i
+        kz = kz * torch.rsqrt(kz.pow(2).mean(-1, keepdim=True) + 1e-12)
+        scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
         if info.gate_sums is not None:
             info.record_gate(rows, weights)
@@ -89,6 +97,7 @@ class MoLEGate(torch.nn.Module):
         L, d, dp, rg = config.num_layers, config.hidden_size, config.probe_size, config.rank
         self.query = torch.nn.Parameter(torch.randn(L, rg, d) / math.sqrt(d))  # Ar per layer
         self.key = torch.nn.Parameter(torch.randn(L, dp, rg) / math.sqrt(dp))  # Br per layer
+        self.gain = torch.nn.Parameter(torch.full((L,), 0.1))  # starts near the uniform mixture
 
     def slot_keys(self, layer: int, stack: GroupStack, slots: slice = slice(None)) -> torch.Tensor:
         """M_i^T = (Br^T B_i)^T for the slots of the layer's probe stack: [slots, n*r, rg]."""
@@ -96,20 +105,17 @@ class MoLEGate(torch.nn.Module):
         # Module j's B_j [slots, r, d_j] meets the rows of Br for its output columns.
         return torch.cat([B[slots] @ Br[c0:c1] for B, (c0, c1) in zip(stack.B, stack.out_columns)], dim=1)
 
-    def layer_gates(self, stacks: list[dict[str, GroupStack]], keys: list[torch.Tensor] | None = None
-                    ) -> list[LayerGate]:
-        """Per layer, the router for the op; keys computed now unless cached ones are given."""
+    def layer_gates(self, stacks: list[dict[str, GroupStack]]) -> list[LayerGate]:
+        """Per layer, the router for the op, with the keys of every slot."""
         dtype = stacks[0][PROBE_GROUP].A.dtype
-        return [LayerGate(self.query[layer].to(dtype),
-                          keys[layer] if keys is not None else self.slot_keys(layer, groups[PROBE_GROUP]),
-                          self.config.temperature)
+        return [LayerGate(self.query[layer].to(dtype), self.slot_keys(layer, groups[PROBE_GROUP]),
+                          self.gain[layer].to(dtype), self.config.temperature)
                 for layer, groups in enumerate(stacks)]
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"query": self.query.detach().contiguous(), "key": self.key.detach().contiguous()},
-                  folder / WEIGHTS_FILE)
+        save_file({name: p.detach().contiguous() for name, p in self.named_parameters()}, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2))
 
     @classmethod
@@ -132,9 +138,10 @@ class MoLEGate(torch.nn.Module):
             raise GateFormatError(f"gate in {folder} was trained for base model {config.base_model!r}, "
                                   f"not the served {expected.base_model!r}")
         gate = cls(config)
-        with torch.no_grad():
-            gate.query.copy_(tensors["query"])
-            gate.key.copy_(tensors["key"])
+        try:
+            gate.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise GateFormatError(f"gate in {folder}: weights don't match its config: {e}") from e
         return gate.requires_grad_(False)
 
 

@@ -36,12 +36,16 @@ def test_rank_space_score_equals_score_from_explicit_lora_outputs():
     with torch.no_grad():
         w = layer.weigh(x, _shrink_dense(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), info, slice(None))
         Ar, Br = gate.query[0], gate.key[0]  # [rg, d], [d_probe, rg]
+
+        def unit_rms(v):
+            return v / v.pow(2).mean().sqrt()
+
         for t in range(3):
             scores = []
             for s in slots.tolist():
                 # v_i: the fused q/k/v output of adapter i on token t, module by module.
                 v = torch.cat([x[t] @ stack.A[s, j * r : (j + 1) * r].t() @ stack.B[j][s] for j in range(3)])
-                scores.append((Ar @ x[t]) @ (Br.t() @ v) / math.sqrt(rg))
+                scores.append(gate.gain[0] * unit_rms(Ar @ x[t]) @ unit_rms(Br.t() @ v) / math.sqrt(rg))
             expected = torch.softmax(torch.stack(scores) / 0.7, dim=0)
             assert torch.allclose(w[t], expected, atol=1e-5)
 
@@ -72,14 +76,14 @@ def gated_engine_parts(tmp_path_factory):
     return hf, paths
 
 
-def gated_engine(hf, paths, tokenizer, scale: float = 30.0, **settings):
+def gated_engine(hf, paths, tokenizer, scale: float = 5.0, **settings):
     engine = engine_for(hf, tokenizer, **settings)
     for name, p in paths.items():
         engine.add_adapter(name, p)
     config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8)
     torch.manual_seed(7)
     gate = MoLEGate(config).requires_grad_(False)
-    gate.query.mul_(scale)  # a random gate sharp enough that its weights are far from uniform
+    gate.gain.fill_(scale)  # a random gate sharp enough that its weights are far from uniform
     engine.pool.attach_gate(gate)
     return engine
 
@@ -111,7 +115,7 @@ def test_gate_weights_do_not_depend_on_batchmates(gated_engine_parts, tokenizer)
 def test_zero_gate_is_the_uniform_mixture(gated_engine_parts, tokenizer):
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=1)
-    engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # Ar = 0: every score 0, softmax uniform
+    engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # gain 0: every score 0, softmax uniform
     engine.generate([PROMPTS[2]], params, selections=[gate_selection("a0", "a1", "a3")])
     gated = engine.runner.last_logits[0].clone()
     engine.generate([PROMPTS[2]], params, selections=[Selection("mixture", (AdapterRef("a0"), AdapterRef("a1"),
