@@ -62,8 +62,8 @@ class AdapterSelector:
             best = max(range(len(names)), key=priors.__getitem__)
             seq.adapters = (AdapterRef(names[best], 1.0),)
         elif sel.composition == "gate":
-            # The gate computes the weights per layer and token; the priors only mark candidates.
-            seq.adapters = tuple(AdapterRef(n, 1.0 / len(names)) for n in names)
+            # The gate computes the weights per layer and token, from the priors and the router.
+            seq.adapters = tuple(AdapterRef(n, w) for n, w in zip(names, priors))
             seq.gated = len(names) > 1
         elif sel.composition == "merge":
             seq.adapters = (AdapterRef(self._merged(names, priors, sel), 1.0),)

@@ -14,6 +14,12 @@ LoRA outputs are tiny next to the hidden state, so raw scores start near 0 and t
 leave the uniform mixture in a few hundred steps. Both sides are therefore scaled to unit RMS
 (Ar x, and each Br^T v_i on its own, so a candidate's score doesn't depend on which others are
 present and masking renormalizes exactly), with a learned gain per layer setting the sharpness.
+
+The request's prior weights (the retrieval mixture: softmax of cosine scores; or the caller's
+weights) enter as a learned per-layer multiple of their log, so the gate starts as the mixture
+and learns where to sharpen it or move away from it:
+
+    w = softmax((gain_l * s + beta_l * log prior) / tau)   over the request's candidates
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class LayerGate:
 
     query: torch.Tensor  # Ar: [rg, d]
     keys: torch.Tensor  # [slots, n*r, rg]: M_i^T of every pool slot
-    gain: torch.Tensor  # [] learned sharpness of the layer
+    gain: torch.Tensor  # [] learned sharpness of the router's scores
+    prior_scale: torch.Tensor  # [] beta: weight of the log prior
     temperature: float
 
     def weigh(
@@ -82,6 +89,7 @@ class LayerGate:
         kz = (z.unsqueeze(-2) @ keys).squeeze(-2)  # [R, C, rg] = Br^T v_i
         kz = kz * torch.rsqrt(kz.pow(2).mean(-1, keepdim=True) + 1e-12)
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
+        scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
         if info.gate_sums is not None:
             info.record_gate(rows, weights)
@@ -97,7 +105,9 @@ class MoLEGate(torch.nn.Module):
         L, d, dp, rg = config.num_layers, config.hidden_size, config.probe_size, config.rank
         self.query = torch.nn.Parameter(torch.randn(L, rg, d) / math.sqrt(d))  # Ar per layer
         self.key = torch.nn.Parameter(torch.randn(L, dp, rg) / math.sqrt(dp))  # Br per layer
-        self.gain = torch.nn.Parameter(torch.full((L,), 0.1))  # starts near the uniform mixture
+        # exp-parameterized so Adam's fixed-size steps move them by factors, not by 0.01s
+        self.log_gain = torch.nn.Parameter(torch.full((L,), math.log(0.1)))  # router starts quiet
+        self.log_prior_scale = torch.nn.Parameter(torch.zeros(L))  # starts as the prior mixture
 
     def slot_keys(self, layer: int, stack: GroupStack, slots: slice = slice(None)) -> torch.Tensor:
         """M_i^T = (Br^T B_i)^T for the slots of the layer's probe stack: [slots, n*r, rg]."""
@@ -108,8 +118,9 @@ class MoLEGate(torch.nn.Module):
     def layer_gates(self, stacks: list[dict[str, GroupStack]]) -> list[LayerGate]:
         """Per layer, the router for the op, with the keys of every slot."""
         dtype = stacks[0][PROBE_GROUP].A.dtype
-        return [LayerGate(self.query[layer].to(dtype), self.slot_keys(layer, groups[PROBE_GROUP]),
-                          self.gain[layer].to(dtype), self.config.temperature)
+        gain, prior_scale = self.log_gain.exp().to(dtype), self.log_prior_scale.exp().to(dtype)
+        return [LayerGate(self.query[layer].to(dtype), self.slot_keys(layer, groups[PROBE_GROUP]), gain[layer],
+                          prior_scale[layer], self.config.temperature)
                 for layer, groups in enumerate(stacks)]
 
     def save(self, folder: Path, extra: dict | None = None) -> None:

@@ -27,6 +27,7 @@ from server.config import Settings
 from server.engine.kv_cache import KVCache
 from server.engine.request import SamplingParams, Sequence, SequenceStatus
 from server.engine.scheduler import Batch, ScheduledSeq
+from server.engine.selection import softmax
 from server.lora.batch import build_lora_batch
 from server.lora.gate import GATE_DIR, GateConfig, MoLEGate, balance_loss
 from server.lora.store import adapter_dirs, read_card
@@ -53,6 +54,7 @@ class Example:
     ids: list[int]  # chat-templated prompt + answer + end token
     num_prompt: int
     candidates: list[str]
+    priors: list[float]  # the retrieval mixture over the candidates: softmax(cosine / temperature)
     true: str
 
 
@@ -90,7 +92,7 @@ def training_batch(engine, examples: list[Example]):
     slots = torch.cat([torch.full((len(ex.ids),), i) for i, ex in enumerate(examples)]).to(dev)
     meta = engine.runner.attention_metadata(Batch([], scheduled), slots, positions)
     slot_sets = [pool.acquire(ex.candidates) for ex in examples]
-    lora = build_lora_batch([(s, [1.0 / len(s)] * len(s)) for s in slot_sets], [len(ex.ids) for ex in examples],
+    lora = build_lora_batch([(s, ex.priors) for s, ex in zip(slot_sets, examples)], [len(ex.ids) for ex in examples],
                             0, dev, dtype, [True] * len(examples), force_dense=True)
     for s in slot_sets:
         pool.release(s)
@@ -124,10 +126,16 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
              for p, a in TASKS[task].examples("train", per_task, seed=opts.seed + 1)]
     rng.shuffle(pairs)
     pairs = pairs[:n]
-    retrieved = [[name for name, _ in hits] for hits in retriever.search([p for p, _, _ in pairs], opts.top_k)]
+    queries = retriever.embedder.encode([p for p, _, _ in pairs])  # [n, dim], unit norm
+    retrieved = [[name for name, _ in hits] for hits in retriever.search_vectors(queries, opts.top_k)]
     sets = candidate_sets([(p, t) for p, _, t in pairs], sorted(library.values()), retrieved, opts, rng)
     tok = engine.tokenizer
-    return [Example(encode(tok, p, a), len(encode(tok, p)), c, t) for (p, a, t), c in zip(pairs, sets)]
+    examples = []
+    for (p, a, t), cands, query in zip(pairs, sets, queries):
+        scores = [float(query @ retriever.key(n)) for n in cands]
+        priors = softmax(scores, engine.settings.mixture_temperature)
+        examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t))
+    return examples
 
 
 def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:

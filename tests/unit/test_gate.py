@@ -45,7 +45,7 @@ def test_rank_space_score_equals_score_from_explicit_lora_outputs():
             for s in slots.tolist():
                 # v_i: the fused q/k/v output of adapter i on token t, module by module.
                 v = torch.cat([x[t] @ stack.A[s, j * r : (j + 1) * r].t() @ stack.B[j][s] for j in range(3)])
-                scores.append(gate.gain[0] * unit_rms(Ar @ x[t]) @ unit_rms(Br.t() @ v) / math.sqrt(rg))
+                scores.append(gate.log_gain[0].exp() * unit_rms(Ar @ x[t]) @ unit_rms(Br.t() @ v) / math.sqrt(rg))
             expected = torch.softmax(torch.stack(scores) / 0.7, dim=0)
             assert torch.allclose(w[t], expected, atol=1e-5)
 
@@ -83,7 +83,7 @@ def gated_engine(hf, paths, tokenizer, scale: float = 5.0, **settings):
     config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8)
     torch.manual_seed(7)
     gate = MoLEGate(config).requires_grad_(False)
-    gate.gain.fill_(scale)  # a random gate sharp enough that its weights are far from uniform
+    gate.log_gain.fill_(math.log(scale) if scale else -100.0)  # sharp enough to be far from uniform
     engine.pool.attach_gate(gate)
     return engine
 
@@ -112,14 +112,14 @@ def test_gate_weights_do_not_depend_on_batchmates(gated_engine_parts, tokenizer)
     assert abs(sum(weights) - 1) < 1e-4 and max(weights) - min(weights) > 0.05  # a real, non-uniform gate
 
 
-def test_zero_gate_is_the_uniform_mixture(gated_engine_parts, tokenizer):
+def test_silent_router_is_the_prior_mixture(gated_engine_parts, tokenizer):
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=1)
-    engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # gain 0: every score 0, softmax uniform
-    engine.generate([PROMPTS[2]], params, selections=[gate_selection("a0", "a1", "a3")])
+    engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # gain 0: the router is silent, the prior rules
+    weighted = (AdapterRef("a0", 0.5), AdapterRef("a1", 0.3), AdapterRef("a3", 0.2))
+    engine.generate([PROMPTS[2]], params, selections=[Selection("gate", weighted)])
     gated = engine.runner.last_logits[0].clone()
-    engine.generate([PROMPTS[2]], params, selections=[Selection("mixture", (AdapterRef("a0"), AdapterRef("a1"),
-                                                                               AdapterRef("a3")))])
+    engine.generate([PROMPTS[2]], params, selections=[Selection("mixture", weighted)])
     assert torch.allclose(engine.runner.last_logits[0], gated, atol=1e-5)
 
 
