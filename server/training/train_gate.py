@@ -100,13 +100,34 @@ def training_batch(engine, examples: list[Example]):
     return ids, positions, kv, meta, torch.tensor(rows, device=dev), torch.tensor(targets, device=dev), lora
 
 
-def step_losses(engine, gate: MoLEGate, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, float]:
+class UsageTracker:
+    """MoLE's balance loss needs q_i, the mean gate weight of each LoRA, over many tokens; a batch
+    of 6 prompts over a library of 12 is too few (its noise alone would push the gate toward
+    uniform). So q adds a decayed history (no gradient) to the batch's own sums (gradient)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.weight: dict[str, float] = {}  # decayed sum of mean gate weights per candidacy
+        self.count: dict[str, float] = {}  # decayed number of candidacies
+
+    def balance(self, batch: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        names = sorted(set(self.weight) | set(batch))
+        q = torch.stack([(self.weight.get(n, 0.0) + sum(batch.get(n, []), torch.tensor(0.0)))
+                         / (self.count.get(n, 0.0) + len(batch.get(n, []))) for n in names])
+        for n in names:
+            self.weight[n] = self.decay * (self.weight.get(n, 0.0) + sum(m.item() for m in batch.get(n, [])))
+            self.count[n] = self.decay * (self.count.get(n, 0.0) + len(batch.get(n, [])))
+        return balance_loss(q)
+
+
+def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTracker
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(LM loss, balance loss, share of examples whose true adapter got the largest mean weight)."""
     ids, positions, kv, meta, rows, targets, lora = training_batch(engine, examples)
     pool = engine.pool
     logits = engine.model.forward(ids, positions, kv, meta, rows, pool.stacks, lora, gate.layer_gates(pool.stacks))
     lm = F.cross_entropy(logits, targets)
-    # Mean gate weight per adapter over the (sequence, layer, token) triples where it was a candidate.
+    # Each candidacy's mean gate weight over the sequence's layers and tokens.
     per_adapter: dict[str, list[torch.Tensor]] = {}
     hits = 0
     for i, ex in enumerate(examples):
@@ -114,8 +135,7 @@ def step_losses(engine, gate: MoLEGate, examples: list[Example]) -> tuple[torch.
         hits += ex.candidates[int(means.argmax())] == ex.true
         for name, m in zip(ex.candidates, means):
             per_adapter.setdefault(name, []).append(m)
-    q = torch.stack([torch.stack(v).mean() for v in per_adapter.values()])
-    return lm, balance_loss(q), hits / len(examples)
+    return lm, usage.balance(per_adapter), hits / len(examples)
 
 
 def make_examples(engine, retriever, library: dict[str, str], n: int, opts: GateTrainOptions) -> list[Example]:
@@ -155,10 +175,11 @@ def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dic
     optim = torch.optim.Adam(gate.parameters(), lr=opts.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.steps, pct_start=0.1)
     log: list[dict] = []
+    usage = UsageTracker()
     start = time.perf_counter()
     bar = tqdm(range(opts.steps), desc="train-gate", mininterval=10)
     for step in bar:
-        lm, bal, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch])
+        lm, bal, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch], usage)
         loss = lm + opts.balance_weight * bal
         loss.backward()
         optim.step()
