@@ -130,7 +130,8 @@ class Retriever:
         """Many cards with one encode call (startup)."""
         if not all(cards.values()):
             raise ValueError("an adapter card needs at least one example prompt")
-        names = list(cards)
+        if not (names := list(cards)):
+            return
         emb = self._embedder().encode([e for n in names for e in cards[n]])  # [sum examples, dim]
         bounds = np.cumsum([0] + [len(cards[n]) for n in names])
         self.set_keys(names, np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
