@@ -13,9 +13,20 @@ from safetensors.torch import save_file
 from server.lora.formats import TARGET_MODULES, LoRATargetSpec
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo): MKL's speed differs a lot between vendors."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -4,7 +4,8 @@ Base model and LoRAs stay frozen; only the gate's Ar/Br per layer learn. The for
 serving engine's own (DecoderModel + pool stacks + the rank-space gate in ops.py) with autograd
 on, so the gate is trained on exactly the math that serves it. Each example's candidates are
 its retrieved top-k with the true adapter forced in, then random LoRA dropout (drop some
-distractors, or swap in random adapters) so the gate learns to score sets it never saw.
+distractors, or swap in random adapters) so the gate learns to score sets it never saw; half
+the examples come with a uniform prior so the router learns to choose without retrieval's.
 Loss = LM loss on the answer + balance_weight x MoLE's balance loss.
 """
 
@@ -45,6 +46,9 @@ class GateTrainOptions:
     top_k: int = 3
     dropout: float = 0.3  # chance to drop each retrieved distractor
     random_sets: float = 0.3  # chance an example's distractors are random adapters instead
+    # chance an example's prior is uniform, as for `adapters` named without weights: the router
+    # must then tell the candidates apart on its own, not only sharpen retrieval's ranking
+    uniform_priors: float = 0.5
     balance_weight: float = 0.5
     seed: int = 0
 
@@ -154,6 +158,8 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
     for (p, a, t), cands, query in zip(pairs, sets, queries):
         scores = [float(query @ retriever.key(n)) for n in cands]
         priors = softmax(scores, engine.settings.mixture_temperature)
+        if rng.random() < opts.uniform_priors:
+            priors = [1.0 / len(cands)] * len(cands)
         examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t))
     return examples
 
