@@ -24,7 +24,7 @@ from server.api.openai_routes import ready_engine
 from server.api.protocol import APIError
 from server.config import Settings
 from server.lora.store import AdapterExistsError, AdapterStore, describe, read_card
-from server.lora.upload import UploadError, UploadTooLargeError, check_adapter, check_card, collect
+from server.lora.upload import CheckedAdapter, UploadError, UploadTooLargeError, check_adapter, check_card, collect
 
 router = APIRouter(prefix="/admin")
 NEAREST_K = 3
@@ -81,11 +81,17 @@ def _nearest(engine, name: str) -> list[dict]:
     return [{"name": n, "score": round(s, 4)} for n, s in hits]
 
 
-def _register(engine, name: str, path: Path) -> tuple[float, list[dict]]:
-    """In the engine thread: load + index the adapter; (seconds it took, its nearest neighbours)."""
+def _register(engine, name: str, path: Path, checked: CheckedAdapter, key) -> tuple[float, list[dict]]:
+    """In the engine thread: register the checked adapter and its key; (seconds the step loop was
+    held, its nearest neighbours)."""
     start = time.perf_counter()
-    engine.add_adapter(name, path)
+    engine.add_adapter(name, path, checked.weights, key)
     return time.perf_counter() - start, _nearest(engine, name)
+
+
+def _card_key(engine, examples: list[str]):
+    """The retrieval key of a card [dim], embedded here rather than in the step thread (None: no retrieval)."""
+    return engine.retriever.card_key(examples) if engine.retriever is not None else None
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, bytes]], str | None]:
@@ -137,6 +143,7 @@ async def upload_adapter(request: Request, replace: bool = False):
     except UploadError as e:
         raise _upload_error(e) from e
     name = checked.name
+    key = await asyncio.to_thread(_card_key, core, checked.card["examples"])
     async with _lock(request, name):
         try:
             commit = await asyncio.to_thread(store.commit, name, checked.files, replace)
@@ -144,7 +151,7 @@ async def upload_adapter(request: Request, replace: bool = False):
             raise APIError(409, f"The adapter `{name}` already exists; add ?replace=true to replace it.",
                            param="name", code="adapter_exists") from e
         try:
-            load_s, nearest = await engine.run_in_engine(lambda e: _register(e, name, store.path(name)))
+            load_s, nearest = await engine.run_in_engine(lambda e: _register(e, name, store.path(name), checked, key))
         except Exception as e:  # validated above, so only an I/O or embedder failure: undo the commit
             await asyncio.to_thread(commit.rollback)
             restore = (lambda c: c.add_adapter(name, store.path(name))) if commit.previous else \
@@ -221,9 +228,14 @@ async def update_card(request: Request, name: str):
         except UploadError as e:
             raise _upload_error(e) from e
         await asyncio.to_thread(store.write_card, name, card)
-        if "examples" in changes:
-            await engine.run_in_engine(lambda e: e.set_card(name, card["examples"]))
-        nearest = await engine.run_in_engine(lambda e: _nearest(e, name))
+        key = await asyncio.to_thread(_card_key, engine.engine, card["examples"]) if "examples" in changes else None
+
+        def apply(e) -> list[dict]:
+            if key is not None and name in e.pool:
+                e.retriever.set_key(name, key)
+            return _nearest(e, name)
+
+        nearest = await engine.run_in_engine(apply)
     return {"object": "adapter", "name": name, "card": card, "nearest": nearest}
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -99,11 +100,16 @@ class LLMEngine:
     def retriever(self, retriever) -> None:
         self.selector.retriever = retriever
 
-    def add_adapter(self, name: str, path: Path) -> LoRAWeights:
-        """Validate and register an adapter folder; with a retriever, index its card's examples."""
-        weights = self.pool.register(name, path)
+    def add_adapter(self, name: str, path: Path, weights: LoRAWeights | None = None,
+                    key: np.ndarray | None = None) -> LoRAWeights:
+        """Validate and register an adapter folder; with a retriever, index its card's examples.
+        An upload passes the weights it parsed from that folder's files and its card's key [dim],
+        both computed off the step thread, so the step loop only updates tables."""
+        weights = self.pool.register(name, path, weights)
         card = read_card(path)
-        if self.retriever is not None and card.get("examples"):
+        if self.retriever is not None and key is not None:
+            self.retriever.set_key(name, key)
+        elif self.retriever is not None and card.get("examples"):
             self.retriever.set_card(name, card["examples"])
         return weights
 

@@ -46,9 +46,10 @@ class LoRAPool:
         self._virtual: OrderedDict[str, LoRAWeights] = OrderedDict()  # built in memory (merges), no folder
 
     # --- the library ---
-    def register(self, name: str, path: Path) -> LoRAWeights:
-        """Validate an adapter folder now (errors surface here, not mid-step) and remember it."""
-        weights = load_peft_dir(path, self.spec, self.max_rank, name=name)
+    def register(self, name: str, path: Path, weights: LoRAWeights | None = None) -> LoRAWeights:
+        """Validate an adapter folder now (errors surface here, not mid-step) and remember it;
+        `weights` already parsed from that folder's files (an upload) skips reading it again."""
+        weights = weights or load_peft_dir(path, self.spec, self.max_rank, name=name)
         self._paths[name] = Path(path)
         self._drop(name)
         self._remember(name, weights)
