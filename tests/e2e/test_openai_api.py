@@ -73,9 +73,36 @@ def test_adapter_by_name_and_extension_fields(client, server):
     assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 1.0}]
     r = client.chat.completions.create(
         model="auto", messages=messages, max_tokens=12, temperature=0,
-        extra_body={"adapters": [{"name": "int_to_roman", "weight": 3}, {"name": "roman_to_int", "weight": 1}]})
+        extra_body={"adapters": [{"name": "int_to_roman", "weight": 3}, {"name": "roman_to_int", "weight": 1}],
+                    "composition": "mixture"})
     assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 0.75},
                                          {"name": "roman_to_int", "weight": 0.25}]
+
+
+ROMAN = [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "Write 587 in Roman numerals."}]
+
+
+@pytest.mark.parametrize("composition", ["select", "mixture", "gate", "merge"])
+def test_auto_retrieves_the_task_adapter(client, composition):
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=ROMAN, max_tokens=12, temperature=0, extra_body={"composition": composition})
+    r = raw.parse()
+    chosen = r.model_extra["adapters"]
+    if composition != "merge":  # a static merge of unrelated tasks answers worse, by design
+        assert r.choices[0].message.content.strip() == "DLXXXVII", chosen
+    top = chosen[0]["sources"] if composition == "merge" else chosen
+    assert max(top, key=lambda a: a["score"])["name"] == "int_to_roman" and 1 <= len(top) <= 3
+    assert raw.headers["x-mole-adapters"].startswith(chosen[0]["name"])
+    if composition == "gate" and len(chosen) > 1:  # the router's mean weights over the request, summing to 1
+        assert abs(sum(a["gate_weight"] for a in chosen) - 1) < 1e-3
+        assert max(chosen, key=lambda a: a["gate_weight"])["name"] == "int_to_roman"
+
+
+def test_general_chat_is_not_forced_through_an_adapter(client, server):
+    r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=20, temperature=0)
+    assert r.model_extra["adapters"] == [] and "Paris" in r.choices[0].message.content
+    assert metric(server, "mole_retrieval_latency_seconds_count") > 0
 
 
 def test_stop_strings(client):
