@@ -209,15 +209,22 @@ class LLMEngine:
 
     # --- internals ---
     def _resolve_selections(self) -> list[StepOutput]:
-        """Choose the adapters of the requests added since the last step (one retrieval batch)."""
+        """Choose the adapters of the requests added since the last step (one retrieval batch), and
+        end the waiting requests whose adapter was deleted while they waited."""
+        outputs = []
+        for seq in list(self.scheduler.waiting):
+            gone = [a.name for a in seq.adapters if a.name not in self.pool]
+            if gone:
+                outputs.append(self._finish(seq, FinishReason.ABORT, None, "",
+                                            f"The adapter `{gone[0]}` was deleted.", 404))
         seqs, self._unresolved = [s for s in self._unresolved if not s.is_finished], []
         if not seqs:
-            return []
+            return outputs
         try:
             hits = self.selector.retrieve(seqs)
         except Exception as e:  # the embedder failed: these requests fail, the engine goes on
-            return [self._finish(s, FinishReason.ABORT, None, "", f"adapter retrieval failed: {e}") for s in seqs]
-        outputs = []
+            return outputs + [self._finish(s, FinishReason.ABORT, None, "", f"adapter retrieval failed: {e}")
+                              for s in seqs]
         for seq in seqs:
             try:
                 self.selector.apply(seq, hits.get(seq.request_id, []))

@@ -281,8 +281,6 @@ def test_openapi_schema_lists_the_admin_routes(client):
         paths["/admin/adapters/{name}"])
 
 
-@pytest.mark.xfail(strict=True, reason="admission raises KeyError for an adapter deleted while its request waited "
-                   "for a KV slot: every later step fails and that request never ends (engine/pool)")
 def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, tokenizer, files, tmp_path):
     from server.engine.request import AdapterRef, SamplingParams
 
