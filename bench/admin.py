@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     token = secrets.token_hex(8)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still stops the server below
     with tempfile.TemporaryDirectory(prefix="mole-bench-admin-") as tmp:
         store = Path(tmp) / "store"
         shutil.copytree(REPO / "adapters_store", store)

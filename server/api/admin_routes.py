@@ -24,7 +24,15 @@ from server.api.openai_routes import ready_engine
 from server.api.protocol import APIError
 from server.config import Settings
 from server.lora.store import AdapterExistsError, AdapterStore, describe, read_card
-from server.lora.upload import CheckedAdapter, UploadError, UploadTooLargeError, check_adapter, check_card, collect
+from server.lora.upload import (
+    CheckedAdapter,
+    UploadError,
+    UploadTooLargeError,
+    check_adapter,
+    check_card,
+    collect,
+    single_threaded,
+)
 
 router = APIRouter(prefix="/admin")
 NEAREST_K = 3
@@ -138,12 +146,12 @@ async def upload_adapter(request: Request, replace: bool = False):
     try:
         parts, name = await _read_upload(request, settings.max_upload_bytes)
         files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
-        checked = await asyncio.to_thread(check_adapter, files, name, core.model.lora_spec(),
+        checked = await asyncio.to_thread(single_threaded, check_adapter, files, name, core.model.lora_spec(),
                                           settings.max_lora_rank, base_names, settings.min_card_examples)
     except UploadError as e:
         raise _upload_error(e) from e
     name = checked.name
-    key = await asyncio.to_thread(_card_key, core, checked.card["examples"])
+    key = await asyncio.to_thread(single_threaded, _card_key, core, checked.card["examples"])
     async with _lock(request, name):
         try:
             commit = await asyncio.to_thread(store.commit, name, checked.files, replace)
@@ -228,7 +236,8 @@ async def update_card(request: Request, name: str):
         except UploadError as e:
             raise _upload_error(e) from e
         await asyncio.to_thread(store.write_card, name, card)
-        key = await asyncio.to_thread(_card_key, engine.engine, card["examples"]) if "examples" in changes else None
+        key = await asyncio.to_thread(single_threaded, _card_key, engine.engine, card["examples"]) \
+            if "examples" in changes else None
 
         def apply(e) -> list[dict]:
             if key is not None and name in e.pool:

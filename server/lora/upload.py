@@ -12,8 +12,10 @@ import math
 import posixpath
 import tarfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from server.lora.formats import AdapterFormatError, LoRATargetSpec, LoRAWeights, parse_lora
 from server.lora.gate import GATE_DIR
@@ -23,7 +25,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_EXAMPLES, MAX_EXAMPLE_CHARS, MAX_DESCRIPTION_CHARS = 1000, 2000, 4000
 MAX_MEMBERS = 64  # files in one archive (an adapter has 3, save_pretrained adds a README)
+T = TypeVar("T")
 RESERVED_NAMES = ("auto", GATE_DIR)  # a model id the OpenAI routes give another meaning; the gate's folder
+
+
+def single_threaded(fn: Callable[..., T], *args) -> T:
+    """fn(*args) with one torch intra-op thread in this helper thread. Beside the engine's OpenMP
+    team on a 2-core CPU, a second 2-thread team makes both spin-wait for descheduled threads
+    (decode steps measured ~5x longer while a card was embedded that way)."""
+    import torch
+
+    torch.set_num_threads(1)  # an OpenMP setting of the calling OS thread: the step thread keeps its own
+    return fn(*args)
 
 
 class UploadError(ValueError):
