@@ -89,7 +89,7 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
             return JSONResponse(denied.body(), status_code=denied.status, headers=denied.headers)
         if settings.api_key and path.startswith("/v1/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given, settings.api_key):
+            if not secrets.compare_digest(given.encode(), settings.api_key.encode()):  # bytes: any header
                 response = JSONResponse(APIError(401, "Incorrect API key provided.", "invalid_request_error",
                                                  code="invalid_api_key").body(), status_code=401)
                 metrics.requests.labels(path, "401").inc()

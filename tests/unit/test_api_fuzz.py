@@ -125,3 +125,16 @@ def test_admin_routes_never_answer_5xx(fuzz_client, files, data):  # noqa: F811
 ])
 def test_once_found_5xx_are_4xx(fuzz_client, route, body):
     check(fuzz_client.post(route, json=body))
+
+
+@pytest.fixture(scope="module")
+def keyed_client(hf, tokenizer, tmp_path_factory):  # noqa: F811
+    with admin_client(hf, tokenizer, tmp_path_factory.mktemp("keyed"), api_key="k") as client:
+        yield client
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/models", "/admin/adapters", "/admin/adapters/alpha"]), auth=st.text(
+    st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=24))
+def test_any_authorization_header_is_4xx_or_accepted(keyed_client, path, auth):
+    check(keyed_client.get(path, headers={"Authorization": auth.encode("latin-1")}))
