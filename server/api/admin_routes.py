@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from server.api.openai_routes import ready_engine
 from server.api.protocol import APIError
 from server.config import Settings
-from server.lora.store import AdapterExistsError, AdapterStore, describe, read_card
+from server.lora.store import ADAPTER_FILES, AdapterExistsError, AdapterStore, describe, read_card
 from server.lora.upload import (
     CheckedAdapter,
     UploadError,
@@ -126,8 +126,10 @@ async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, by
     except MultiPartException as e:
         raise UploadError(f"malformed multipart body: {e.message}") from e
     try:
-        parts = [(item.filename or key, await item.read()) for key, item in form.multi_items()
-                 if isinstance(item, UploadFile)]
+        # A part is known by its field name when that is an adapter file (curl -F card.json=@my.json),
+        # else by its file name (several parts under one field, or an archive)
+        parts = [(key if key in ADAPTER_FILES else item.filename or key, await item.read())
+                 for key, item in form.multi_items() if isinstance(item, UploadFile)]
         name = form.get("name")
         return parts, name if isinstance(name, str) and name else None
     finally:

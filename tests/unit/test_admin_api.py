@@ -176,6 +176,13 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     assert list(adapter_dirs(tmp_path / "store")) == ["beta"]
 
 
+def test_curl_style_fields_name_the_files(client, files):
+    """`curl -F card.json=@my_card.json ...`: the field names the file, whatever it is called locally."""
+    r = client.post("/admin/adapters", headers=AUTH, files={k: (f"local-{i}.bin.txt", v) for i, (k, v) in
+                                                           enumerate(files.items())})
+    assert r.status_code == 201, r.text
+
+
 def test_uploads_survive_a_restart(hf, tokenizer, files, tmp_path):
     with admin_client(hf, tokenizer, tmp_path / "store") as c:
         assert upload(c, files, archive="a.tar.gz").status_code == 201
