@@ -5,11 +5,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 API_KEY = "test-key"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -18,28 +20,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(base_model_path, tmp_path_factory):
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`mole-serve serve` on a free port with `env` on top of the test defaults, its output appended
+    to `log`; returns (process, url) once /health answers 200."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_API_KEY": API_KEY, "MOLE_MAX_NUM_SEQS": "16",
-           "MOLE_MAX_MODEL_LEN": "1024"}
-    with open(log, "w") as out:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_MAX_NUM_SEQS": "16", "MOLE_MAX_MODEL_LEN": "1024", **env}
+    with open(log, "a") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
     try:
-        deadline = time.time() + 180
         while time.time() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                    return proc, url
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(log.read_text()[-3000:])
+            time.sleep(0.3)
+        raise TimeoutError(log.read_text()[-3000:])
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+
+
+@pytest.fixture(scope="session")
+def server(base_model_path, tmp_path_factory):
+    proc, url = start_server({"MOLE_API_KEY": API_KEY}, tmp_path_factory.mktemp("server") / "server.log")
+    try:
         yield url
     finally:
         proc.terminate()

@@ -5,7 +5,6 @@ next start loads whole, with every upload that was answered 201."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +18,9 @@ import pytest
 
 from clients.admin import ADAPTER_FILES, AdminClient, AdminError
 from server.lora.store import adapter_dirs
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import REPO, start_server
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 LIBRARY = ("int_to_roman", "add_3digit", "reverse_letters")  # a small store starts quickly
 SOURCE = REPO / "adapters_store" / "caesar_shift"  # uploaded under new names; not in the store
 TOKEN = "admin-e2e-token"
@@ -35,23 +33,8 @@ class Server:
         self.store, self.log, self.proc, self.url = store, log, None, ""
 
     def start(self) -> None:
-        port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_ADMIN_TOKEN": TOKEN, "MOLE_ADAPTERS_DIR": str(self.store),
-               "MOLE_MAX_NUM_SEQS": "16", "MOLE_MAX_MODEL_LEN": "1024"}
-        with open(self.log, "a") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(self.log.read_text()[-3000:])
+        self.proc, self.url = start_server({"MOLE_ADMIN_TOKEN": TOKEN, "MOLE_ADAPTERS_DIR": str(self.store)},
+                                           self.log)
 
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no clean-up of any kind
