@@ -79,8 +79,11 @@ class LLMEngine:
         if settings.served_model_name:
             engine.model_name = settings.served_model_name
         engine.retriever = Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max)
+        cards = {}
         for name, path in adapter_dirs(settings.adapters_dir).items():
-            engine.add_adapter(name, path)
+            engine.pool.register(name, path)
+            cards[name] = read_card(path).get("examples")
+        engine.retriever.set_cards({name: ex for name, ex in cards.items() if ex})  # one embedding batch
         gate_dir = Path(settings.adapters_dir) / GATE_DIR
         if with_gate and gate_dir.is_dir():
             engine.load_gate(gate_dir)
@@ -106,11 +109,12 @@ class LLMEngine:
         An upload passes the weights it parsed from that folder's files and its card's key [dim],
         both computed off the step thread, so the step loop only updates tables."""
         weights = self.pool.register(name, path, weights)
-        card = read_card(path)
-        if self.retriever is not None and key is not None:
+        if self.retriever is None:
+            return weights
+        if key is not None:
             self.retriever.set_key(name, key)
-        elif self.retriever is not None and card.get("examples"):
-            self.retriever.set_card(name, card["examples"])
+        elif examples := read_card(path).get("examples"):
+            self.retriever.set_card(name, examples)
         return weights
 
     def remove_adapter(self, name: str) -> None:

@@ -61,15 +61,12 @@ class AdapterSelector:
         if sel.composition == "select":
             best = max(range(len(names)), key=priors.__getitem__)
             seq.adapters = (AdapterRef(names[best], 1.0),)
-        elif sel.composition == "gate":
-            # The gate computes the weights per layer and token, from the priors and the router.
-            seq.adapters = tuple(AdapterRef(n, w) for n, w in zip(names, priors))
-            seq.gated = len(names) > 1
         elif sel.composition == "merge":
             seq.adapters = (AdapterRef(self._merged(names, priors, sel), 1.0),)
             seq.sources = tuple(names)
-        else:  # mixture
+        else:  # mixture, or gate: the gate computes per-layer, per-token weights from these priors
             seq.adapters = tuple(AdapterRef(n, w) for n, w in zip(names, priors))
+            seq.gated = sel.composition == "gate" and len(names) > 1
 
     def _merged(self, names: list[str], weights: list[float], sel: Selection) -> str:
         spec = sel.merge

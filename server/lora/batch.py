@@ -90,7 +90,6 @@ def build_lora_batch(
             info.unique_range = (unique[0], unique[-1] + 1)
         if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
             info.token_weights = torch.tensor(rows, dtype=dtype).repeat_interleave(counts, dim=0).to(device)
-        info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]
         num_columns = len(unique)
     else:
         weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
@@ -101,6 +100,6 @@ def build_lora_batch(
         info.gated = torch.tensor(list(gated)).repeat_interleave(counts).to(device)
         info.token_seq = torch.arange(len(sets)).repeat_interleave(counts).to(device)
         info.gate_sums = torch.zeros(len(sets), num_columns + 1, dtype=torch.float32, device=device)
-    else:
-        info.seq_columns = None
+        if info.unique_slots is not None:  # gate sums are per unique slot: map each sequence's K back
+            info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]
     return info

@@ -91,8 +91,7 @@ class LayerGate:
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
-        if info.gate_sums is not None:
-            info.record_gate(rows, weights)
+        info.record_gate(rows, weights)
         return torch.where(info.gated[rows, None], weights, prior)
 
 
