@@ -156,8 +156,8 @@ class MoLEGate(torch.nn.Module):
 
 
 def balance_loss(mean_weights: torch.Tensor) -> torch.Tensor:
-    """MoLE's balance loss -log prod_i q_i over the N adapters that were candidates, q normalized
-    to sum 1 and scaled by N so that a uniform q gives 0. mean_weights: [N] mean gate weight of
-    each adapter over the tokens where it was a candidate."""
+    """MoLE's balance loss -log prod_i q_i over N adapters, q normalized to sum 1 and scaled by N
+    so that a uniform q gives 0. mean_weights: [N] each adapter's gate weight summed over the
+    tokens (any common scale)."""
     q = mean_weights / mean_weights.sum()
     return -(q * len(q)).clamp_min(1e-9).log().mean()

@@ -105,22 +105,22 @@ def training_batch(engine, examples: list[Example]):
 
 
 class UsageTracker:
-    """MoLE's balance loss needs q_i, the mean gate weight of each LoRA, over many tokens; a batch
-    of 6 prompts over a library of 12 is too few (its noise alone would push the gate toward
-    uniform). So q adds a decayed history (no gradient) to the batch's own sums (gradient)."""
+    """MoLE's balance loss: q_i is LoRA i's share of all gate weight, summed over every example
+    (0 where i was not a candidate), so a router that sends each task to its own adapter is
+    balanced on a library of evenly sampled tasks, and one that favours some adapter is not.
+    (Averaging only over i's candidacies would instead reward a uniform mixture: an adapter that is
+    often a distractor would look starved by a sharp router.) A batch of 6 prompts over a library
+    of 12 is too few for q, so q adds a decayed history (no gradient) to the batch's own sums."""
 
     def __init__(self, decay: float = 0.95) -> None:
         self.decay = decay
-        self.weight: dict[str, float] = {}  # decayed sum of mean gate weights per candidacy
-        self.count: dict[str, float] = {}  # decayed number of candidacies
+        self.weight: dict[str, float] = {}  # decayed sum of mean gate weights per adapter
 
     def balance(self, batch: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         names = sorted(set(self.weight) | set(batch))
-        q = torch.stack([(self.weight.get(n, 0.0) + sum(batch.get(n, []), torch.tensor(0.0)))
-                         / (self.count.get(n, 0.0) + len(batch.get(n, []))) for n in names])
+        q = torch.stack([self.weight.get(n, 0.0) + sum(batch.get(n, []), torch.tensor(0.0)) for n in names])
         for n in names:
             self.weight[n] = self.decay * (self.weight.get(n, 0.0) + sum(m.item() for m in batch.get(n, [])))
-            self.count[n] = self.decay * (self.count.get(n, 0.0) + len(batch.get(n, [])))
         return balance_loss(q)
 
 

@@ -41,3 +41,13 @@ def test_balance_loss_is_zero_when_usage_is_even_and_grows_with_skew():
     even = UsageTracker().balance({"a": [torch.tensor(0.5)], "b": [torch.tensor(0.5)]})
     skewed = UsageTracker().balance({"a": [torch.tensor(0.9)], "b": [torch.tensor(0.1)]})
     assert abs(even.item()) < 1e-6 and skewed.item() > 0.3
+
+
+def test_balance_counts_every_example_so_a_sharp_router_is_balanced_when_tasks_are():
+    # b is a distractor twice and true once; a router that always picks the true adapter gives
+    # each adapter one example's weight, which is balanced (a per-candidacy mean would not be).
+    t = torch.tensor
+    sharp = {"a": [t(1.0), t(0.0)], "b": [t(0.0), t(1.0), t(0.0)], "c": [t(1.0)]}
+    assert abs(UsageTracker().balance(sharp).item()) < 1e-6
+    collapsed = {"a": [t(0.0), t(0.0)], "b": [t(1.0), t(1.0), t(1.0)], "c": [t(0.0)]}
+    assert UsageTracker().balance(collapsed).item() > 1.0
