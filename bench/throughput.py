@@ -76,14 +76,7 @@ def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = 
             decode_tokens += len(outputs)
     end = time.perf_counter()
     total = sum(len(s.output_ids) for s in seqs)
-    return decode_tokens / (end - decode_start), total / (end - start), max(distinct) * adapter_mb(engine)
-
-
-def adapter_mb(engine: LLMEngine) -> float:
-    """Megabytes one adapter occupies in the pool's stacks (padded to the pool's rank)."""
-    per_slot = sum(g.A[0].numel() * g.A.element_size() + sum(b[0].numel() * b.element_size() for b in g.B)
-                   for groups in engine.pool.stacks for g in groups.values())
-    return per_slot / 1e6
+    return decode_tokens / (end - decode_start), total / (end - start), max(distinct) * engine.pool.slot_bytes / 1e6
 
 
 def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int,

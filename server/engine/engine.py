@@ -48,8 +48,8 @@ class LLMEngine:
         self.max_model_len = min(settings.max_model_len, model.max_positions)
         self.kv = KVCache(model.num_layers, settings.max_num_seqs, model.num_kv_heads, self.max_model_len,
                           model.head_dim, model.dtype, model.device)
-        self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras,
-                             settings.max_lora_rank, model.device, model.dtype)
+        self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, settings.max_lora_rank,
+                             model.device, model.dtype, gather_cache_bytes=settings.lora_gather_cache_mb << 20)
         self.scheduler = Scheduler(settings.max_num_seqs, settings.max_num_batched_tokens,
                                    self._acquire_adapters, self._release_adapters)
         self.runner = ModelRunner(model, self.kv, self.pool)

@@ -53,6 +53,7 @@ class ModelRunner:
             dev,
             self.model.dtype,
             [s.seq.gated for s in scheduled] if self.pool.layer_gates is not None else None,
+            gather_cache=self.pool.gather_cache,
         )
         logits = self.model.forward(
             torch.tensor(ids, device=dev),

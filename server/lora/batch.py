@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from server.lora.ops import GatherCache
 
 # Dense path when the step's distinct adapters are shared by at least this many sequences each
 # on average: its wasted FLOPs (every token against every unique slot) then cost less than
@@ -29,6 +33,7 @@ class LoRABatchInfo:
     token_seq: torch.Tensor | None = None  # [T] sequence index of each token
     gate_sums: torch.Tensor | None = None  # [N, C + 1]: gate weights per column, then entropy, summed
     seq_columns: list[list[int]] | None = None  # per sequence, its K slots' columns (dense path)
+    gather_cache: GatherCache | None = None  # the decode rows' gathered adapters (gathered path)
 
     def record_gate(self, rows: slice, weights: torch.Tensor) -> None:
         """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
@@ -61,16 +66,19 @@ def build_lora_batch(
     dtype: torch.dtype,
     gated: Sequence[bool] | None = None,
     force_dense: bool = False,
+    gather_cache: GatherCache | None = None,
 ) -> LoRABatchInfo | None:
     """sets[i] = (slots, prior weights) of sequence i in step order; num_tokens[i] its tokens this
     step; gated[i] whether the gate weighs its adapters. None when no sequence uses an adapter:
     the step then runs the bare base model. force_dense: the dense path whatever the mix (gate
-    training: a few adapters, long sequences)."""
+    training: a few adapters, long sequences). gather_cache: where the gathered path keeps its
+    decode rows' adapters from step to step."""
     if not any(slots for slots, _ in sets):
         return None
     K = max(len(slots) for slots, _ in sets)
     counts = torch.tensor(list(num_tokens))
-    seq_slots = torch.tensor([list(s) + [0] * (K - len(s)) for s, _ in sets], dtype=torch.long)
+    padded = [tuple(s) + (0,) * (K - len(s)) for s, _ in sets]
+    seq_slots = torch.tensor(padded, dtype=torch.long)
     spans, offset = [], num_decode
     for n in num_tokens[num_decode:]:
         spans.append((offset, n))
@@ -95,6 +103,8 @@ def build_lora_batch(
         weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
         info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
         num_columns = K
+        if gather_cache is not None and num_decode and gather_cache.use(tuple(padded[:num_decode])):
+            info.gather_cache = gather_cache
 
     if gated is not None and any(gated):
         info.gated = torch.tensor(list(gated)).repeat_interleave(counts).to(device)

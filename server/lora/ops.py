@@ -11,7 +11,9 @@ are known, so a gate can score candidates from z in rank space (gate.py) before 
 - dense: few distinct adapters in the step. One matmul of all T tokens against the U unique
   slots, then a weighted expand; token weights [T, U] are zero where a token doesn't use a slot.
 - gathered: many distinct adapters. Decode tokens gather their own K slots (index_select, then
-  bmm: BGMV); each prefill chunk is one segment against its sequence's K slots (SGMV).
+  bmm: BGMV); each prefill chunk is one segment against its sequence's K slots (SGMV). The
+  decode gather is a copy of every adapter the tokens use, the larger part of the LoRA time on
+  CPU, and a decode batch keeps the same adapters for many steps: GatherCache keeps it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,53 @@ class GroupStack:
         return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots.reshape(-1))
 
 
+Gathered = tuple[torch.Tensor, list[torch.Tensor]]  # A [N, K*n*r, d_in], n x B [N, K*r, d_out_j]
+
+
+def gather(stack: GroupStack, slots: torch.Tensor) -> Gathered:
+    """Each row's K slots [N, K] copied out of the stack, a row's adapters stacked along the rank
+    axis so that one bmm applies (shrink) or sums (expand) all K."""
+    N, K = slots.shape
+    flat = slots.reshape(-1)
+    A = stack.A.index_select(0, flat).view(N, K * stack.A.shape[1], -1)
+    return A, [B.index_select(0, flat).view(N, K * stack.rank, -1) for B in stack.B]
+
+
+class GatherCache:
+    """The decode rows' gathered adapters of every (layer, group), kept while the decode batch's
+    slot matrix stays the same: a steady batch gathers once, not every step. The pool clears it
+    whenever a slot's weights change; past `budget_bytes` nothing is kept (gathered per step)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.slot_bytes = 0  # one slot's A and B over all layers and groups (set by the pool)
+        self._key: tuple[tuple[int, ...], ...] | None = None
+        self._gathered: dict[int, Gathered] = {}  # id(stack) -> its rows' adapters
+        self.reused_steps = 0  # steps that gathered nothing
+
+    def clear(self) -> None:
+        self._key = None
+        self._gathered.clear()
+
+    def use(self, decode_slots: tuple[tuple[int, ...], ...]) -> bool:
+        """Start a step whose decode rows have these (padded) slots; False: nothing is kept."""
+        if not self.budget_bytes or sum(map(len, decode_slots)) * self.slot_bytes > self.budget_bytes:
+            self.clear()
+            return False
+        if decode_slots == self._key:
+            self.reused_steps += 1
+        else:
+            self.clear()
+            self._key = decode_slots
+        return True
+
+    def get(self, stack: GroupStack, slots: torch.Tensor) -> Gathered:
+        hit = self._gathered.get(id(stack))
+        if hit is None:
+            hit = self._gathered[id(stack)] = gather(stack, slots)
+        return hit
+
+
 def apply_lora(
     x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRABatchInfo, weights: torch.Tensor | None,
     gate: LayerGate | None = None,
@@ -60,10 +109,11 @@ def apply_lora(
     nd = info.num_decode
     if nd:
         slots = info.seq_slots[:nd]  # [nd, K]
-        z = _shrink_gathered(x[:nd], stack, slots)  # [nd, K, n*r]
+        A, Bs = info.gather_cache.get(stack, slots) if info.gather_cache else gather(stack, slots)
+        z = torch.bmm(x[:nd].unsqueeze(1), A.transpose(1, 2)).view(nd, slots.shape[1], -1)  # [nd, K, n*r]
         w = weights[:nd] if gate is None else gate.weigh(x[:nd], z, slots, weights[:nd], info, slice(0, nd))
         parts.append(w)
-        _expand_gathered(z, w, out[:nd], stack, slots)
+        _expand_gathered(z, w, out[:nd], stack, Bs)
     for i, (offset, length) in enumerate(info.prefill_spans, start=nd):
         rows = slice(offset, offset + length)
         slots = info.seq_slots[i]  # [K]
@@ -99,24 +149,12 @@ def _expand_dense(
         out[:, c0:c1].addmm_(zj, B)
 
 
-def _shrink_gathered(x: torch.Tensor, stack: GroupStack, slots: torch.Tensor) -> torch.Tensor:
-    """One token per row, each with its own K slots [N, K]: [N, K, n*r]."""
-    N, K = slots.shape
-    nr = stack.A.shape[1]
-    # [N*K, n*r, d_in] -> [N, K*n*r, d_in]: a row's K adapters stacked along the rank axis.
-    A = stack.A.index_select(0, slots.reshape(-1)).view(N, K * nr, -1)
-    return torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(N, K, nr)
-
-
-def _expand_gathered(
-    z: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor
-) -> None:
-    """z: [N, K, n*r]; weights: [N, K]."""
-    N, K = slots.shape
+def _expand_gathered(z: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, stack: GroupStack,
+                     Bs: list[torch.Tensor]) -> None:
+    """z: [N, K, n*r]; weights: [N, K]; Bs: the rows' gathered B of each module."""
+    N, K = weights.shape
     r, n = stack.rank, len(stack.B)
     z = z.view(N, K, n, r) * weights.view(N, K, 1, 1)
-    flat = slots.reshape(-1)
     for j, (c0, c1) in enumerate(stack.out_columns):
-        B = stack.B[j].index_select(0, flat).view(N, K * r, c1 - c0)  # [N, K*r, d_out_j]
         # The bmm over K*r sums the K weighted adapters in one go.
-        out[:, c0:c1] += torch.bmm(z[:, :, j].reshape(N, 1, K * r), B).squeeze(1)
+        out[:, c0:c1] += torch.bmm(z[:, :, j].reshape(N, 1, K * r), Bs[j]).squeeze(1)

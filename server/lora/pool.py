@@ -16,7 +16,7 @@ import torch
 
 from server.lora.formats import MODULE_GROUPS, LoRATargetSpec, LoRAWeights, load_peft_dir
 from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
-from server.lora.ops import GroupStack
+from server.lora.ops import GatherCache, GroupStack
 
 
 class LoRAPool:
@@ -28,6 +28,7 @@ class LoRAPool:
         max_rank: int,
         device: torch.device,
         dtype: torch.dtype,
+        gather_cache_bytes: int = 0,
     ) -> None:
         self.spec, self.max_loras, self.max_cpu_loras, self.max_rank = spec, max_loras, max_cpu_loras, max_rank
         self.device, self.dtype = device, dtype
@@ -44,6 +45,7 @@ class LoRAPool:
         self.gate: MoLEGate | None = None
         self.layer_gates: list[LayerGate] | None = None  # the gate with every slot's keys, per layer
         self._virtual: OrderedDict[str, LoRAWeights] = OrderedDict()  # built in memory (merges), no folder
+        self.gather_cache = GatherCache(gather_cache_bytes)  # cleared whenever a slot's weights change
 
     # --- the library ---
     def register(self, name: str, path: Path, weights: LoRAWeights | None = None) -> LoRAWeights:
@@ -82,6 +84,12 @@ class LoRAPool:
     @property
     def num_resident(self) -> int:
         return len(self._resident)
+
+    @property
+    def slot_bytes(self) -> int:
+        """One slot's A and B over all layers and groups (padded to the pool's rank)."""
+        return sum(g.A[0].numel() * g.A.element_size() + sum(B[0].numel() * B.element_size() for B in g.B)
+                   for groups in self.stacks for g in groups.values())
 
     # --- residency ---
     def acquire(self, names: Sequence[str]) -> list[int] | None:
@@ -148,6 +156,7 @@ class LoRAPool:
         weights = self.weights(name)
         if weights.rank > self.rank:
             self._grow(weights.rank)
+        self.gather_cache.clear()
         for layer, groups in enumerate(self.stacks):
             for group, modules in MODULE_GROUPS.items():
                 stack = groups[group]
@@ -171,6 +180,8 @@ class LoRAPool:
         old_rank, old = self.rank, self.stacks
         self.rank = rank
         self.stacks = [self._new_group_stacks() for _ in range(self.spec.num_layers)]
+        self.gather_cache.clear()
+        self.gather_cache.slot_bytes = self.slot_bytes
         if not old:
             self._refresh_gate_keys()
             return

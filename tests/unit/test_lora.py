@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from server.engine.request import AdapterRef, SamplingParams
 from server.lora.batch import build_lora_batch
 from server.lora.formats import AdapterFormatError
-from server.lora.ops import GroupStack, apply_lora
+from server.lora.ops import GatherCache, GroupStack, apply_lora
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -128,6 +128,25 @@ def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras, ma
         assert engine.pool.evictions > 0 and engine.pool.loads > len(paths)
 
 
+def test_gather_cache_is_not_reused_when_new_adapters_take_the_same_slots(library, tokenizer):
+    # Two slots: the second batch's adapters evict the first's into the same slot numbers, so the
+    # decode slot matrix repeats while the weights behind it changed.
+    hf, paths = library
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    def run(cache_mb: int):
+        engine = engine_for(hf, tokenizer, max_loras=2, max_num_seqs=2, lora_gather_cache_mb=cache_mb)
+        for name, p in paths.items():
+            engine.add_adapter(name, p)
+        outputs = [s.output_ids for names in (("a0", "a1"), ("a2", "a3"))
+                   for s in engine.generate([[5, 6, 7], [8, 9]], params, [(AdapterRef(n),) for n in names])]
+        return engine, outputs
+
+    cached, outputs = run(cache_mb=64)
+    assert cached.pool.evictions == 2 and cached.pool.gather_cache.reused_steps > 0
+    assert outputs == run(cache_mb=0)[1]
+
+
 def random_stack(slots, n, r, d_in, outs, seed):
     g = torch.Generator().manual_seed(seed)
     columns, c = [], 0
@@ -142,13 +161,18 @@ def random_stack(slots, n, r, d_in, outs, seed):
     return GroupStack(A, B, columns)
 
 
-@pytest.mark.parametrize("path", ["dense-view", "dense-gather", "gathered"])
+@pytest.mark.parametrize("path", ["dense-view", "dense-gather", "gathered", "gathered-cached"])
 def test_ops_match_naive_loop(path):
     stack = random_stack(slots=7, n=3, r=4, d_in=16, outs=[16, 8, 8], seed=0)
     # 3 decode sequences then 2 prefill chunks of 4 and 3 tokens.
     sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
     counts = [1, 1, 1, 4, 3]
-    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+    cache = GatherCache(budget_bytes=1 << 30) if path == "gathered-cached" else None
+    if cache:  # a first step fills the cache; the one checked below reads it
+        first = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32, gather_cache=cache)
+        apply_lora(torch.randn(sum(counts), 16), torch.zeros(sum(counts), 32), stack, first, first.token_weights)
+    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32, gather_cache=cache)
+    assert (info.gather_cache is not None) == (cache is not None)
     if path.startswith("dense"):
         info.unique_slots = torch.tensor([1, 2, 3, 4, 5, 6])
         info.unique_range = (1, 7) if path == "dense-view" else None
@@ -172,6 +196,8 @@ def test_ops_match_naive_loop(path):
                     expected[t, c0:c1] += w * (x[t] @ A.t()) @ stack.B[j][s]
         row += n
     assert torch.allclose(out, expected, atol=1e-4)
+    if cache:
+        assert cache.reused_steps == 1
 
 
 def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
