@@ -49,7 +49,13 @@ class GateTrainOptions:
     # chance an example's prior is uniform, as for `adapters` named without weights: the router
     # must then tell the candidates apart on its own, not only sharpen retrieval's ranking
     uniform_priors: float = 0.5
+    # the other examples' priors use a retrieval temperature drawn log-uniformly between the
+    # server's (mixture_temperature) and this: flatter priors, as held-out phrasings get, on which
+    # mixing in the distractors costs LM loss, so the gate learns to sharpen them
+    prior_temperature_max: float = 0.1
     balance_weight: float = 0.5
+    # supervised routing: + route_weight x -log(mean gate weight of the example's true adapter)
+    route_weight: float = 0.0
     seed: int = 0
 
 
@@ -125,21 +131,23 @@ class UsageTracker:
 
 
 def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTracker
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(LM loss, balance loss, share of examples whose true adapter got the largest mean weight)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(LM loss, balance loss, routing loss, share of examples whose true adapter got the largest
+    mean weight)."""
     ids, positions, kv, meta, rows, targets, lora = training_batch(engine, examples)
     pool = engine.pool
     logits = engine.model.forward(ids, positions, kv, meta, rows, pool.stacks, lora, gate.layer_gates(pool.stacks))
     lm = F.cross_entropy(logits, targets)
     # Each candidacy's mean gate weight over the sequence's layers and tokens.
     per_adapter: dict[str, list[torch.Tensor]] = {}
-    hits = 0
+    hits, route = 0, []
     for i, ex in enumerate(examples):
         means = lora.seq_gate_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
         hits += ex.candidates[int(means.argmax())] == ex.true
+        route.append(-means[ex.candidates.index(ex.true)].clamp_min(1e-9).log())
         for name, m in zip(ex.candidates, means):
             per_adapter.setdefault(name, []).append(m)
-    return lm, usage.balance(per_adapter), hits / len(examples)
+    return lm, usage.balance(per_adapter), torch.stack(route).mean(), hits / len(examples)
 
 
 def make_examples(engine, retriever, library: dict[str, str], n: int, opts: GateTrainOptions) -> list[Example]:
@@ -157,7 +165,9 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
     examples = []
     for (p, a, t), cands, query in zip(pairs, sets, queries):
         scores = [float(query @ retriever.key(n)) for n in cands]
-        priors = softmax(scores, engine.settings.mixture_temperature)
+        t_min = engine.settings.mixture_temperature
+        t_max = max(opts.prior_temperature_max, t_min)
+        priors = softmax(scores, t_min * (t_max / t_min) ** rng.random())
         if rng.random() < opts.uniform_priors:
             priors = [1.0 / len(cands)] * len(cands)
         examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t))
@@ -185,13 +195,15 @@ def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dic
     start = time.perf_counter()
     bar = tqdm(range(opts.steps), desc="train-gate", mininterval=10)
     for step in bar:
-        lm, bal, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch], usage)
-        loss = lm + opts.balance_weight * bal
+        lm, bal, route, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch],
+                                          usage)
+        loss = lm + opts.balance_weight * bal + opts.route_weight * route
         loss.backward()
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        log.append({"step": step, "lm": round(lm.item(), 4), "balance": round(bal.item(), 4), "top1": acc})
+        log.append({"step": step, "lm": round(lm.item(), 4), "balance": round(bal.item(), 4),
+                    "route": round(route.item(), 4), "top1": acc})
         bar.set_postfix(lm=f"{lm.item():.3f}", bal=f"{bal.item():.3f}", top1=f"{acc:.2f}", refresh=False)
     tail = log[-20:]
     summary = {

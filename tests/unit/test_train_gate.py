@@ -24,10 +24,10 @@ def test_train_gate_learns_saves_and_loads(tmp_path, tokenizer):
     engine.retriever = Retriever(Embedder())
     for task in LIBRARY:
         engine.add_adapter(task, tmp_path / task)
-    opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05)
+    opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05, prior_temperature_max=1.0, route_weight=1.0)
     gate, log = train_gate(engine, engine.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
-    assert all(torch.isfinite(torch.tensor([s["lm"], s["balance"]])).all() for s in log["steps"])
+    assert all(torch.isfinite(torch.tensor([s["lm"], s["balance"], s["route"]])).all() for s in log["steps"])
     torch.manual_seed(opts.seed)
     untrained = MoLEGate(gate.config)  # train_gate's init: drawn first under the same seed
     assert not torch.allclose(gate.query, untrained.query) and not torch.allclose(gate.key, untrained.key)
