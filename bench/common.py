@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -22,6 +25,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def timed(fn: Callable[[int], object], iters: int, warmup: int = 10) -> dict:
+    """p50/p99 in ms of fn(i) over iters calls, after warm-up."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(iters):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
+            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3)}
 
 
 def machine() -> dict:

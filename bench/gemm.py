@@ -7,33 +7,21 @@ the device's GEMM) against F.linear, the call transformers makes, in this proces
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, write_json
+from bench.common import machine, timed, write_json
 from server.engine.model import Linear
 
 # SmolLM2-135M's fused projections and LM head: (name, d_out, d_in)
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
 
 
-def best_ms(fn, args: tuple, repeats: int) -> float:
-    for _ in range(3):
-        fn(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[32, 512], help="M: decode batch, prefill chunk")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="timed calls per case; the p50 counts")
     ap.add_argument("--out", default="bench/results/gemm.json")
     args = ap.parse_args(argv)
     results = []
@@ -45,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
             for m in args.rows:
                 x = torch.randn(m, d_in)
                 torch.testing.assert_close(ours(x), F.linear(x, weight), rtol=1e-4, atol=1e-3)
-                ref = best_ms(F.linear, (x, weight), args.repeats)
-                packed = best_ms(ours, (x,), args.repeats)
+                ref = timed(lambda _, x=x, w=weight: F.linear(x, w), args.repeats)["p50_ms"]
+                packed = timed(lambda _, x=x, f=ours: f(x), args.repeats)["p50_ms"]
                 results.append({"shape": name, "m": m, "f_linear_ms": round(ref, 3), "linear_ms": round(packed, 3),
                                 "speedup": round(ref / packed, 2)})
                 print(f"{name:>8} {m:>5} {ref:12.3f} {packed:10.3f} {ref / packed:8.2f}x", flush=True)

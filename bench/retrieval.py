@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import torch
 
-from bench.common import machine, write_json
+from bench.common import machine, timed, write_json
 from server.config import Settings
 from server.lora.retriever import Embedder, Retriever
 from server.lora.store import adapter_dirs, read_card
@@ -82,19 +82,6 @@ def distractor_cards(n: int, per_card: int, seed: int) -> dict[str, list[str]]:
         cards[f"distractor{j:05d}"] = [instruction.format(topic=topic, **{k: rng.choice(v) for k, v in SLOTS.items()})
                                        for _ in range(per_card)]
     return cards
-
-
-def timed(fn: Callable[[int], object], iters: int, warmup: int = 10) -> dict:
-    """p50/p99 in ms of fn(i) over iters calls, after warm-up."""
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(iters):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
-    return {"p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3)}
 
 
 def numpy_search(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
