@@ -67,7 +67,7 @@ class Example:
     ids: list[int]  # chat-templated prompt + answer + end token
     num_prompt: int
     candidates: list[str]
-    priors: list[float]  # the retrieval mixture over the candidates: softmax(cosine / temperature)
+    priors: list[float]  # softmax(cosine / a jittered temperature) over the candidates, or uniform
     true: str
 
 
@@ -126,10 +126,11 @@ class UsageTracker:
         self.weight: dict[str, float] = {}  # decayed sum of mean gate weights per adapter
 
     def balance(self, batch: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        names = sorted(set(self.weight) | set(batch))
-        q = torch.stack([self.weight.get(n, 0.0) + sum(batch.get(n, []), torch.tensor(0.0)) for n in names])
-        for n in names:
-            self.weight[n] = self.decay * (self.weight.get(n, 0.0) + sum(m.item() for m in batch.get(n, [])))
+        sums = {n: torch.stack(means).sum() for n, means in batch.items()}
+        names = sorted(set(self.weight) | set(sums))
+        q = torch.stack([self.weight.get(n, 0.0) + sums.get(n, torch.tensor(0.0)) for n in names])
+        for n, total in zip(names, q.tolist()):
+            self.weight[n] = self.decay * total
         return balance_loss(q)
 
 
@@ -165,11 +166,11 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
     retrieved = [[name for name, _ in hits] for hits in retriever.search_vectors(queries, opts.top_k)]
     sets = candidate_sets([(p, t) for p, _, t in pairs], sorted(library.values()), retrieved, opts, rng)
     tok = engine.tokenizer
+    t_min = engine.settings.mixture_temperature
+    t_max = max(opts.prior_temperature_max, t_min)
     examples = []
     for (p, a, t), cands, query in zip(pairs, sets, queries):
         scores = [float(query @ retriever.key(n)) for n in cands]
-        t_min = engine.settings.mixture_temperature
-        t_max = max(opts.prior_temperature_max, t_min)
         priors = softmax(scores, t_min * (t_max / t_min) ** rng.random())
         if rng.random() < opts.uniform_priors:
             priors = [1.0 / len(cands)] * len(cands)
