@@ -34,6 +34,8 @@ class LoRABatchInfo:
     gate_sums: torch.Tensor | None = None  # [N, C + 1]: gate weights per column, then entropy, summed
     seq_columns: list[list[int]] | None = None  # per sequence, its K slots' columns (dense path)
     gather_cache: GatherCache | None = None  # the decode rows' gathered adapters (gathered path)
+    # train-gate sets a list here to get every layer's per-token gate weights (dense path: [T, U])
+    layer_gate_weights: list[torch.Tensor] | None = None
 
     def record_gate(self, rows: slice, weights: torch.Tensor) -> None:
         """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
@@ -41,6 +43,8 @@ class LoRABatchInfo:
         stats = torch.cat([weights, entropy], dim=1) * self.gated[rows, None]
         # Not detached: train_gate's balance loss is computed from these sums.
         self.gate_sums.index_add_(0, self.token_seq[rows], stats.to(self.gate_sums.dtype))
+        if self.layer_gate_weights is not None:
+            self.layer_gate_weights.append(weights)
 
     def seq_gate_sums(self, i: int) -> torch.Tensor:
         """Sequence i's gate sums over layers and tokens: its K adapters' weights in its own slot

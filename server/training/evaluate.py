@@ -5,8 +5,10 @@
 
 Modes: `base` (no adapter), `oracle` (each prompt on its own task's adapter), and model `auto`
 with composition `select` (top-1 retrieved), `mixture` (retrieval-score weights) or `gate` (the
-trained router). In-domain tasks have an adapter in the library; out-of-domain tasks have none,
-so there retrieval can only bring neighbours. Also reported: how often retrieval's top-1 (and the
+trained router). Not run by default: `router`, the gate over the same retrieved candidates named as
+`adapters` without weights, so its prior is uniform and the router alone chooses. In-domain tasks
+have an adapter in the library; out-of-domain tasks have none, so there retrieval can only bring
+neighbours. Also reported: how often retrieval's top-1 (and the
 gate's largest mean weight) is the prompt's own task adapter.
 """
 
@@ -24,7 +26,8 @@ from server.lora.store import adapter_dirs
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 
-MODES = ("base", "oracle", "select", "mixture", "gate")
+MODES = ("base", "oracle", "select", "mixture", "gate", "router")
+DEFAULT_MODES = MODES[:-1]
 RETRIEVAL_MODES = ("select", "mixture", "gate")
 
 
@@ -63,7 +66,14 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
     prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for i in items]
 
+    if mode == "router":
+        hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
+                                       engine.settings.retrieval_floor)
+        candidates = {id(i): tuple(AdapterRef(name) for name, _ in h) for i, h in zip(items, hits)}
+
     def selection(item: Item) -> Selection | None:
+        if mode == "router":
+            return Selection("gate", candidates[id(item)]) if candidates[id(item)] else None
         if mode == "oracle":
             return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
         if mode in RETRIEVAL_MODES:
@@ -83,11 +93,18 @@ def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, 
     client = OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none")
     base = client.models.list().data[0].id  # the server lists the base model first
 
+    def complete(item: Item, model: str, extra: dict, max_tokens: int):
+        return client.chat.completions.create(model=model, messages=build_chat(item.prompt), max_tokens=max_tokens,
+                                              temperature=0, extra_body=extra)
+
     def ask(item: Item) -> Answer:
         model = "auto" if mode in RETRIEVAL_MODES else item.task if mode == "oracle" and item.task in library else base
         extra = {"composition": mode} if mode in RETRIEVAL_MODES else {}
-        r = client.chat.completions.create(model=model, messages=build_chat(item.prompt), max_tokens=max_tokens,
-                                           temperature=0, extra_body=extra)
+        if mode == "router":  # the mixture's report lists retrieval's candidates, then they go by name
+            found = complete(item, "auto", {"composition": "mixture"}, 1).model_extra.get("adapters") or []
+            if found:
+                model, extra = "auto", {"composition": "gate", "adapters": [a["name"] for a in found]}
+        r = complete(item, model, extra, max_tokens)
         return Answer(r.choices[0].message.content, top_adapter(r.model_extra.get("adapters") or []))
 
     with ThreadPoolExecutor(16) as pool:
@@ -108,7 +125,7 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
                                                                                        if t not in library])):
             if tasks and not (mode == "oracle" and domain == "out"):
                 row[f"mean_{domain}_domain"] = sum(per_task[t] for t in tasks) / len(tasks)
-        if mode in RETRIEVAL_MODES:
+        if mode in (*RETRIEVAL_MODES, "router"):
             own = [p.top_adapter == i.task for i, p in zip(items, preds) if i.task in library]
             row["top1_is_own_adapter"] = sum(own) / len(own)
         if mode == "oracle":
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="evaluate a running server instead of the engine in this process")
     ap.add_argument("--api-key")
     ap.add_argument("--per-task", type=int, default=50)
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--no-out-of-domain", dest="out_of_domain", action="store_false",
                     help="skip the tasks without an adapter in the library")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,3 +42,21 @@ def make_adapter(hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_
     peft_model.save_pretrained(out_dir)
     peft_model.unload()  # restore the plain modules of hf_model
     return out_dir
+
+
+def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **settings) -> LLMEngine:
+    """An engine on a tiny model with one random adapter per task, each with a real task card, and
+    a retriever (the real embedder) over the cards."""
+    from server.lora.retriever import Embedder, Retriever
+    from server.training.tasks import TASKS
+
+    hf = tiny_hf_model()
+    for i, task in enumerate(tasks):
+        path = make_adapter(hf, tmp_path / task, seed=300 + i)
+        examples = [p for p, _ in TASKS[task].examples("train", 8, seed=1)]
+        (path / "card.json").write_text(json.dumps({"name": task, "task": task, "examples": examples}))
+    engine = engine_for(hf, tokenizer, adapters_dir=tmp_path, **settings)
+    engine.retriever = Retriever(Embedder())
+    for task in tasks:
+        engine.add_adapter(task, tmp_path / task)
+    return engine

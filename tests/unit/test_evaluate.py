@@ -1,6 +1,14 @@
 """The evaluation harness's bookkeeping: the mixed eval set and the accuracy table."""
 
-from server.training.evaluate import Answer, accuracy_table, eval_set, markdown, top_adapter
+import math
+
+import torch
+
+from server.engine.request import AdapterRef, SamplingParams, Selection
+from server.lora.gate import GateConfig, MoLEGate
+from server.training.evaluate import Answer, accuracy_table, engine_answers, eval_set, markdown, top_adapter
+from server.training.train_adapter import build_chat
+from tests.unit.helpers import task_library_engine
 
 
 def test_eval_set_is_mixed_deterministic_and_scored_fairly():
@@ -27,3 +35,30 @@ def test_top_adapter_prefers_gate_weights_then_scores():
     assert top_adapter([{"name": "a", "weight": 0.5, "score": 0.4, "gate_weight": 0.2},
                         {"name": "b", "weight": 0.5, "score": 0.3, "gate_weight": 0.8}]) == "b"
     assert top_adapter([{"name": "a", "weight": 0.3, "score": 0.6}, {"name": "b", "weight": 0.7, "score": 0.5}]) == "a"
+
+
+def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path, tokenizer):
+    # With a silent router (gain 0) the gate returns its prior, so `router` must answer exactly as a
+    # uniform mixture of the retrieved candidates, and `gate` as the retrieval-score mixture.
+    library = ("int_to_roman", "roman_to_int", "odd_or_even")
+    # no floor: every prompt keeps all three candidates, whatever the random adapters' cards score
+    engine = task_library_engine(tmp_path, tokenizer, library, max_model_len=256, retrieval_floor=-1.0)
+    gate = MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec()))
+    with torch.no_grad():
+        gate.log_gain.fill_(-math.inf)
+    engine.pool.attach_gate(gate)
+    items = eval_set(list(library), per_task=2)
+    hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
+                                   engine.settings.retrieval_floor)
+    assert all(len(h) == 3 for h in hits)
+    prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for i in items]
+
+    def texts(selections):
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=6), selections=selections)
+        return [tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in seqs]
+
+    uniform = texts([Selection("mixture", tuple(AdapterRef(n) for n, _ in h)) for h in hits])
+    router = [a.text for a in engine_answers(engine, items, "router", 6, set(library))]
+    gated = [a.text for a in engine_answers(engine, items, "gate", 6, set(library))]
+    assert router == uniform and gated != uniform  # the two priors differ enough to change tokens

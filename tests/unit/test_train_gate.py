@@ -2,28 +2,35 @@
 router's parameters move, the losses are finite, and the saved gate loads back into an engine."""
 
 import json
+import math
 
+import numpy as np
+import pytest
 import torch
 
-from server.lora.gate import GATE_DIR, MoLEGate
-from server.lora.retriever import Embedder, Retriever
+from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
 from server.training.tasks import TASKS
-from server.training.train_gate import GateTrainOptions, UsageTracker, save_gate, train_gate
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from server.training.train_adapter import encode
+from server.training.train_gate import (
+    Example,
+    GateTrainOptions,
+    UsageTracker,
+    save_gate,
+    step_losses,
+    train_gate,
+)
+from tests.unit.helpers import task_library_engine
 
 LIBRARY = ("int_to_roman", "roman_to_int", "odd_or_even")
 
 
-def test_train_gate_learns_saves_and_loads(tmp_path, tokenizer):
-    hf = tiny_hf_model()
-    for i, task in enumerate(LIBRARY):
-        path = make_adapter(hf, tmp_path / task, seed=300 + i)
-        examples = [p for p, _ in TASKS[task].examples("train", 8, seed=1)]
-        (path / "card.json").write_text(json.dumps({"name": task, "task": task, "examples": examples}))
-    engine = engine_for(hf, tokenizer, adapters_dir=tmp_path, max_model_len=256)
-    engine.retriever = Retriever(Embedder())
-    for task in LIBRARY:
-        engine.add_adapter(task, tmp_path / task)
+@pytest.fixture
+def library_engine(tmp_path, tokenizer):
+    return task_library_engine(tmp_path, tokenizer, LIBRARY, max_model_len=256)
+
+
+def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
+    engine = library_engine
     opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05, prior_temperature_max=1.0, route_weight=1.0)
     gate, log = train_gate(engine, engine.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
@@ -51,3 +58,21 @@ def test_balance_counts_every_example_so_a_sharp_router_is_balanced_when_tasks_a
     assert abs(UsageTracker().balance(sharp).item()) < 1e-6
     collapsed = {"a": [t(0.0), t(0.0)], "b": [t(1.0), t(1.0), t(1.0)], "c": [t(0.0)]}
     assert UsageTracker().balance(collapsed).item() > 1.0
+
+
+def test_routing_loss_reads_the_true_adapters_weight_on_the_answer_tokens(library_engine):
+    # A silent router (gain 0) with prior scale 1 gives every token the prior itself, so the
+    # routing loss is the mean of -log(prior of the true adapter), wherever it sits in the set.
+    engine = library_engine
+    gate = MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec()))
+    with torch.no_grad():
+        gate.log_gain.fill_(-math.inf)
+    tok = engine.tokenizer
+    priors = [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.3, 0.2, 0.5]]  # over each example's candidates in order
+    # the same true adapter at a different place in each candidate order: first, last, middle
+    examples = [Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i], LIBRARY[0])
+                for i, (p, a) in enumerate(TASKS["odd_or_even"].examples("train", 3))]
+    _, _, route, top1 = step_losses(engine, gate, examples, UsageTracker())
+    assert route.item() == pytest.approx(-np.log([0.7, 0.4, 0.2]).mean(), rel=1e-4)
+    assert top1 == pytest.approx(1 / 3)  # the true adapter has the largest prior only in the first
+
