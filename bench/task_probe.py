@@ -21,9 +21,9 @@ from bench.common import machine, write_json
 from server.config import Settings
 from server.engine.loader import resolve_base_model
 from server.lora.retriever import Retriever
-from server.lora.store import adapter_dirs, read_card
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
+from server.training.train_gate import task_library
 
 
 @torch.no_grad()
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     settings = Settings()
-    library = {read_card(path).get("task"): name for name, path in adapter_dirs(settings.adapters_dir).items()}
-    tasks = sorted(t for t in library if t in TASKS)
+    library = task_library(settings.adapters_dir)
+    tasks = sorted(library)
     path = resolve_base_model(settings)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -8,8 +8,8 @@ with composition `select` (top-1 retrieved), `mixture` (retrieval-score weights)
 trained router). Not run by default: `router`, the gate over the same retrieved candidates named as
 `adapters` without weights, so its prior is uniform and the router alone chooses. In-domain tasks
 have an adapter in the library; out-of-domain tasks have none, so there retrieval can only bring
-neighbours. Also reported: how often retrieval's top-1 (and the
-gate's largest mean weight) is the prompt's own task adapter.
+neighbours. Also reported: how often retrieval's top-1 (and the gate's largest mean weight) is the
+prompt's own task adapter.
 """
 
 from __future__ import annotations
@@ -66,21 +66,20 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
     prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for i in items]
 
-    if mode == "router":
-        hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
-                                       engine.settings.retrieval_floor)
-        candidates = {id(i): tuple(AdapterRef(name) for name, _ in h) for i, h in zip(items, hits)}
-
     def selection(item: Item) -> Selection | None:
-        if mode == "router":
-            return Selection("gate", candidates[id(item)]) if candidates[id(item)] else None
         if mode == "oracle":
             return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
         if mode in RETRIEVAL_MODES:
             return Selection(mode, query=item.prompt, top_k=engine.settings.retrieval_top_k)
         return None
 
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=[selection(i) for i in items])
+    if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
+        hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
+                                       engine.settings.retrieval_floor)
+        selections = [Selection("gate", tuple(AdapterRef(name) for name, _ in h)) if h else None for h in hits]
+    else:
+        selections = [selection(i) for i in items]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
     return [Answer(tok.decode(s.output_ids, skip_special_tokens=True), top_adapter(engine.selector.report(s)))
             for s in seqs]
 

@@ -186,13 +186,19 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
     return examples
 
 
-def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:
-    """Train a gate over every adapter in the engine's pool that has a task card; returns it and its log."""
+def task_library(adapters_dir: Path) -> dict[str, str]:
+    """task -> adapter name, for the adapters whose card names a task of the generators."""
     library = {}
-    for name, path in adapter_dirs(engine.settings.adapters_dir).items():
+    for name, path in adapter_dirs(adapters_dir).items():
         task = read_card(path).get("task")
         if task in TASKS:
             library[task] = name
+    return library
+
+
+def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:
+    """Train a gate over every adapter in the engine's pool that has a task card; returns it and its log."""
+    library = task_library(engine.settings.adapters_dir)
     if len(library) < 2:
         raise SystemExit(f"a gate needs at least 2 task adapters in {engine.settings.adapters_dir}")
     torch.manual_seed(opts.seed)
