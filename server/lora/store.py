@@ -17,8 +17,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,22 @@ def write_file_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def replace_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temp folder beside `out`, which then takes out's place: a crash mid-write
+    leaves the old folder (a trained gate or projection) as it was."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        write(tmp)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def describe(folder: Path) -> dict:

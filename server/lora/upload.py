@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from server.lora.formats import AdapterFormatError, LoRATargetSpec, LoRAWeights, parse_lora
 from server.lora.gate import GATE_DIR
+from server.lora.retriever import PROJECTION_DIR
 from server.lora.store import ADAPTER_FILES, NAME_PATTERN, valid_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -26,7 +27,8 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_EXAMPLES, MAX_EXAMPLE_CHARS, MAX_DESCRIPTION_CHARS = 1000, 2000, 4000
 MAX_MEMBERS = 64  # files in one archive (an adapter has 3, save_pretrained adds a README)
 T = TypeVar("T")
-RESERVED_NAMES = ("auto", GATE_DIR)  # a model id the OpenAI routes give another meaning; the gate's folder
+# a model id the OpenAI routes give another meaning; the gate's and the retrieval projection's folders
+RESERVED_NAMES = ("auto", GATE_DIR, PROJECTION_DIR)
 
 
 def single_threaded(fn: Callable[..., T], *args) -> T:

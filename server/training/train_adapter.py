@@ -239,7 +239,10 @@ def write_library_readme(store_dir: Path) -> None:
         "Task LoRAs trained on the base model by `mole-serve train-adapter --all` "
         "(server/training/train_adapter.py; tasks in server/training/tasks.py). Accuracy is exact match "
         "with greedy decoding on held-out inputs and held-out phrasings; each folder's card.json has the "
-        "training config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n"
+        "training config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
+        "Beside the adapters: `retriever/`, the retrieval projection (`mole-serve train-retriever`), and "
+        "`gate/`, the MoLE router (`mole-serve train-gate`), each with its config and training log. "
+        "Train them in that order after the adapters change: the gate learns on retrieval's candidates.\n"
     )
     (Path(store_dir) / "README.md").write_text(text)
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from server.engine.scheduler import Batch, ScheduledSeq
 from server.engine.selection import softmax
 from server.lora.batch import build_lora_batch
 from server.lora.gate import GATE_DIR, GateConfig, MoLEGate, balance_loss
-from server.lora.store import adapter_dirs, read_card
+from server.lora.store import adapter_dirs, read_card, replace_folder
 from server.training.tasks import TASKS
 from server.training.train_adapter import encode
 
@@ -236,19 +234,13 @@ def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dic
 
 
 def save_gate(gate: MoLEGate, log: dict, out: Path) -> None:
-    """Weights, config and training log, written to a temp dir and renamed into place."""
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        gate.save(tmp, {"trained_on": log["summary"]["library"]})
-        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.chmod(0o755)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Weights, config and training log, replacing the folder `out` in one rename."""
+
+    def write(folder: Path) -> None:
+        gate.save(folder, {"trained_on": log["summary"]["library"]})
+        (folder / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+    replace_folder(out, write)
 
 
 def main(argv: list[str] | None = None) -> int:

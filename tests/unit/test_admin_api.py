@@ -214,6 +214,7 @@ BAD_UPLOADS = {  # what -> (change to the valid upload, status, words of the mes
     "bad name": (lambda f: with_card(f, name="Bad Name"), 400, "invalid"),
     "reserved name": (lambda f: with_card(f, name="auto"), 400, "reserved"),
     "the gate's folder": (lambda f: with_card(f, name="gate"), 400, "reserved"),
+    "the retrieval projection's folder": (lambda f: with_card(f, name="retriever"), 400, "reserved"),
     "few examples": (lambda f: with_card(f, examples=examples("x", 4)), 422, "at least 5"),
     "examples not text": (lambda f: with_card(f, examples=[1, 2, 3, 4, 5]), 422, "examples"),
     "card not json": (lambda f: {**f, "card.json": b"{nope"}, 422, "card.json is not valid JSON"),

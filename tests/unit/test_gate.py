@@ -144,6 +144,9 @@ def test_a_gate_for_another_base_is_refused(tmp_path):
         MoLEGate.load(tmp_path / "other_name", mine)
     with pytest.raises(GateFormatError, match="cannot read"):
         MoLEGate.load(tmp_path / "missing", mine)
+    (tmp_path / "other_name" / "gate.safetensors").write_bytes(b"not safetensors")  # safetensors' own error type
+    with pytest.raises(GateFormatError, match="cannot read"):
+        MoLEGate.load(tmp_path / "other_name", mine)
 
 
 def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):

@@ -1,29 +1,53 @@
-"""The adapter retriever on the shipped cards with the real MiniLM embedder, and its index mechanics
+"""The adapter retriever on the shipped cards with the real MiniLM embedder (plain and through the
+shipped retrieval projection), the projection's training and loading, and the index mechanics
 (replace, remove, the IVF switch, concurrent changes) on random keys."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.config import Settings
 from server.lora import retriever as retriever_mod
-from server.lora.retriever import Embedder, Retriever
+from server.lora.retriever import (
+    FINGERPRINT_TEXT,
+    PROJECTION_DIR,
+    Embedder,
+    ProjectionFormatError,
+    RetrievalProjection,
+    Retriever,
+)
 from server.training.tasks import TASKS
+from server.training.train_retriever import (
+    ProjectionTrainOptions,
+    fit_projection,
+    library_embeddings,
+    project,
+    projected_keys,
+)
 
 DIM = 384
 
 
+GENERAL = ["What is the capital of France?", "Write a haiku about autumn", "Tell me a joke."]
+
+
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
+    """Plain MiniLM, no projection."""
     return Embedder()
 
 
 @pytest.fixture(scope="module")
 def shipped(embedder: Embedder) -> Retriever:
-    r = Retriever.from_store(Settings(), embedder=embedder)
+    """What the server runs: the shipped cards through the shipped retrieval projection."""
+    served = Embedder.from_settings(Settings())
+    assert served.projection is not None
+    r = Retriever.from_store(Settings(), embedder=served)
     assert len(r) >= 12
     return r
 
@@ -77,8 +101,82 @@ def test_task_prompts_retrieve_their_adapter(shipped: Retriever) -> None:
 
 
 def test_general_chat_gets_no_adapter(shipped: Retriever) -> None:
-    general = ["What is the capital of France?", "Write a haiku about autumn", "Tell me a joke."]
-    assert shipped.search(general, k=3, floor=Settings().retrieval_floor) == [[], [], []]
+    assert shipped.search(GENERAL, k=3, floor=Settings().retrieval_floor) == [[], [], []]
+
+
+def eval_top1(r: Retriever, per_task: int = 20) -> float:
+    """Top-1 accuracy on held-out inputs and phrasings (the tasks' eval split)."""
+    prompts = {name: [p for p, _ in TASKS[name].examples("eval", per_task)] for name in r.names}
+    hits = r.search([p for ps in prompts.values() for p in ps], k=1)
+    labels = [name for name, ps in prompts.items() for _ in ps]
+    return float(np.mean([h[0][0] == y for h, y in zip(hits, labels)]))
+
+
+def test_shipped_projection_beats_the_plain_encoder_on_held_out_phrasings(
+        shipped: Retriever, embedder: Embedder) -> None:
+    plain = Retriever.from_store(Settings(), embedder=embedder)
+    before, after = eval_top1(plain), eval_top1(shipped)
+    assert after >= 0.98 and after > before, (before, after)
+
+
+def test_zero_projection_is_the_plain_encoder(embedder: Embedder) -> None:
+    texts = ["Caesar shift by 1: a b c", "Write 12 in words.", "Hi!"]
+    plain = embedder.encode(texts)
+    embedder.projection = RetrievalProjection(np.zeros((DIM, DIM)), embedder.encode([FINGERPRINT_TEXT])[0])
+    try:
+        np.testing.assert_allclose(embedder.encode(texts), plain, atol=1e-6)
+    finally:
+        embedder.projection = None
+
+
+def save_projection(adapters_dir: Path, delta: np.ndarray, fingerprint: np.ndarray) -> Path:
+    folder = adapters_dir / PROJECTION_DIR
+    RetrievalProjection(delta, fingerprint).save(folder)
+    return folder
+
+
+def test_store_projection_is_applied_checked_and_optional(embedder: Embedder, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    delta = 0.1 * rng.standard_normal((DIM, DIM)).astype(np.float32)
+    save_projection(tmp_path, delta, embedder.encode([FINGERPRINT_TEXT])[0])
+    served = Embedder.from_settings(Settings(adapters_dir=tmp_path))
+    plain = embedder.encode(GENERAL)
+    expected = plain + plain @ delta.T
+    np.testing.assert_allclose(served.encode(GENERAL), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-5)
+    assert Embedder.from_settings(Settings(adapters_dir=tmp_path, retrieval_projection=False)).projection is None
+
+    save_projection(tmp_path, delta, unit(rng, 1)[0])  # trained on some other encoder
+    with pytest.raises(ProjectionFormatError, match="another sentence encoder"):
+        Embedder.from_settings(Settings(adapters_dir=tmp_path))
+    with pytest.raises(ProjectionFormatError, match="maps 8-d embeddings"):
+        RetrievalProjection.load(save_projection(tmp_path, np.zeros((8, 8)), np.ones(8)), embedder)
+    (tmp_path / PROJECTION_DIR / "projection.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ProjectionFormatError, match="cannot read"):
+        Embedder.from_settings(Settings(adapters_dir=tmp_path))
+
+
+def test_projection_trained_without_a_task_still_retrieves_it(embedder: Embedder) -> None:
+    """The plain encoder ranks reverse/sort above caesar_shift on caesar's held-out phrasings; a
+    projection that never saw caesar_shift fixes most of them (the map stays near the identity), and
+    the hinge keeps general chat under the floor."""
+    prompts, cards = library_embeddings(embedder, Settings().adapters_dir, per_task=40, seed=7)
+    names = list(cards)
+    held_out = torch.from_numpy(embedder.encode([p for p, _ in TASKS["caesar_shift"].examples("eval", 50)]))
+    general = torch.from_numpy(embedder.encode(GENERAL))
+
+    def scores(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [n, adapters]
+        return project(delta, x) @ projected_keys(delta, [cards[n] for n in names]).T
+
+    def caesar_top1(delta: torch.Tensor) -> float:
+        return (scores(delta, held_out).argmax(1) == names.index("caesar_shift")).float().mean().item()
+
+    delta, log = fit_projection({n: p for n, p in prompts.items() if n != "caesar_shift"}, cards,
+                                ProjectionTrainOptions(steps=150))
+    delta = torch.from_numpy(delta)
+    assert log[-1]["top1"] == 1.0 and log[-1]["loss"] < log[0]["loss"]
+    assert caesar_top1(torch.zeros_like(delta)) < 0.7 and caesar_top1(delta) > 0.85
+    assert scores(delta, general).max() < Settings().retrieval_floor
 
 
 def test_remove_then_search_never_returns_it(shipped: Retriever) -> None:
@@ -100,7 +198,7 @@ def test_set_card_replaces_the_key(shipped: Retriever) -> None:
     r.set_card("y", [p for p, _ in TASKS["review_sentiment"].examples("train", 6, seed=3)])
     new = r.set_card("x", [p for p, _ in TASKS["kv_to_json"].examples("train", 6, seed=3)])
     assert len(r) == 2 and r.index.ntotal == 2
-    np.testing.assert_allclose(r.key("x"), new)
+    np.testing.assert_allclose(r.key("x"), new, atol=1e-6)
     assert float(old @ new) < 0.9
     name, score = r.search_vectors(new[None], k=1)[0][0]
     assert name == "x" and score > 0.999
