@@ -1,5 +1,6 @@
-"""Adapter retrieval (LoraRetriever): prompts and adapter cards embedded by a sentence encoder, one key
-per adapter, cosine top-k by FAISS inner product on L2-normalized vectors."""
+"""Adapter retrieval (LoraRetriever): prompts and adapter cards embedded by a sentence encoder and the
+trained retrieval projection, one key per adapter, cosine top-k by FAISS inner product on
+L2-normalized vectors."""
 
 from __future__ import annotations
 
