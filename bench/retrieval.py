@@ -23,15 +23,13 @@ import torch
 
 from bench.common import machine, timed, write_json
 from server.config import Settings
-from server.lora.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever
+from server.lora.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
 from server.lora.store import adapter_dirs, read_card
 from server.training.tasks import TASKS
-from server.training.train_gate import task_library
 from server.training.train_retriever import (
     ProjectionTrainOptions,
     fit_projection,
     library_embeddings,
-    project,
     projected_keys,
 )
 
@@ -114,9 +112,10 @@ def percentiles(x: np.ndarray) -> dict:
     return {f"p{q}": round(float(np.percentile(x, q)), 3) for q in (0, 1, 5, 50, 95, 100)}
 
 
-def projection_transfer(plain: Embedder, adapters_dir: Path, per_task: int, seed: int) -> dict:
-    """Per task adapter: top-1 on its held-out phrasings among every task adapter's key, by the plain
-    encoder and by a projection trained (with the shipped options) on the other tasks only."""
+def projection_transfer(plain: Embedder, adapters_dir: Path, held_out: np.ndarray, labels: list[str]) -> dict:
+    """Per task adapter: top-1 on its held-out prompts (plain embeddings [n, dim], labelled by adapter)
+    among every task adapter's key, by the plain encoder and by a projection trained (with the shipped
+    options) on the other tasks only."""
     config = Path(adapters_dir) / PROJECTION_DIR / PROJECTION_CONFIG
     opts = ProjectionTrainOptions(**json.loads(config.read_text())["options"]) if config.is_file() \
         else ProjectionTrainOptions()
@@ -125,11 +124,11 @@ def projection_transfer(plain: Embedder, adapters_dir: Path, per_task: int, seed
     key_cards = [cards[n] for n in names]
     plain_keys = projected_keys(torch.zeros(plain.dim, plain.dim), key_cards)  # [adapters, dim]
     out = {}
-    for task, name in sorted(task_library(adapters_dir).items()):
-        held_out = torch.from_numpy(plain.encode([p for p, _ in TASKS[task].examples("eval", per_task, seed=seed)]))
+    for name in names:
+        x = torch.from_numpy(held_out[[y == name for y in labels]])  # [n_name, dim]
         delta = torch.from_numpy(fit_projection({n: p for n, p in prompts.items() if n != name}, cards, opts)[0])
-        left_out = (project(delta, held_out) @ projected_keys(delta, key_cards).T).argmax(1)
-        out[name] = {"plain": round(float((held_out @ plain_keys.T).argmax(1).eq(names.index(name)).float().mean()), 4),
+        left_out = (project(delta, x) @ projected_keys(delta, key_cards).T).argmax(1)
+        out[name] = {"plain": round(float((x @ plain_keys.T).argmax(1).eq(names.index(name)).float().mean()), 4),
                      "left_out": round(float(left_out.eq(names.index(name)).float().mean()), 4)}
     out["mean"] = {k: round(float(np.mean([v[k] for v in out.values()])), 4) for k in ("plain", "left_out")}
     return out
@@ -217,9 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     ivf_top = ivf.search_vectors(eval_vecs, 1)
     gen_top = np.array([h[0][1] for h in small.search(GENERAL, 1)])
     in_top = np.array([h[0][1] for h in small.search_vectors(np.concatenate([eval_vecs, train_vecs]), 1)])
-    plain_accuracy = accuracy(small_plain, plain.encode(eval_prompts), labels)
+    plain_eval_vecs = plain.encode(eval_prompts)
+    plain_accuracy = accuracy(small_plain, plain_eval_vecs, labels)
     projected_accuracy = accuracy(small, eval_vecs, labels)
-    transfer = projection_transfer(plain, settings.adapters_dir, args.per_task, args.seed)
+    transfer = projection_transfer(plain, settings.adapters_dir, plain_eval_vecs, labels)
     results = {
         "latency_ms": latency,
         "ratios": {

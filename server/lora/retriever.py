@@ -14,6 +14,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
@@ -44,6 +45,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def project(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The retrieval projection's map, differentiable in delta (train-retriever fits it). [n, dim] -> [n, dim]"""
+    return F.normalize(x + x @ delta.T, dim=-1)
+
+
 class ProjectionFormatError(ValueError):
     """A retrieval projection that cannot be read or was trained on another encoder."""
 
@@ -64,7 +70,7 @@ class RetrievalProjection:
 
     def __call__(self, embeddings: np.ndarray) -> np.ndarray:
         """[n, dim] -> [n, dim], L2-normalized."""
-        return normalize(embeddings + embeddings @ self.delta.T)
+        return project(torch.from_numpy(self.delta), torch.from_numpy(embeddings)).numpy()
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
         folder = Path(folder)

@@ -13,7 +13,6 @@ on the tokens that predict the answer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -32,6 +31,7 @@ from server.engine.selection import softmax
 from server.lora.batch import build_lora_batch
 from server.lora.gate import GATE_DIR, GateConfig, MoLEGate, balance_loss
 from server.lora.store import adapter_dirs, read_card, replace_folder
+from server.training.options import options_parser, parse_options
 from server.training.tasks import TASKS
 from server.training.train_adapter import encode
 
@@ -244,16 +244,11 @@ def save_gate(gate: MoLEGate, log: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = GateTrainOptions()
-    p = argparse.ArgumentParser(prog="mole-serve train-gate", description="Train the MoLE router on the library.")
-    for field, value in asdict(d).items():
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--adapters-dir", type=Path, default=Path("adapters_store"))
+    p = options_parser("mole-serve train-gate", "Train the MoLE router on the library.", GateTrainOptions)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    args = p.parse_args(argv)
+    opts, args = parse_options(p, GateTrainOptions, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = GateTrainOptions(**{k: getattr(args, k) for k in asdict(d)})
     from server.engine.engine import LLMEngine
 
     engine = LLMEngine.from_store(Settings(adapters_dir=args.adapters_dir), with_gate=False)

@@ -13,7 +13,6 @@ generators' *train* phrasings (the eval phrasings stay unseen). Two terms keep i
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from server.config import Settings
-from server.lora.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection
+from server.lora.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection, project
 from server.lora.store import adapter_dirs, read_card, replace_folder
+from server.training.options import options_parser, parse_options
 from server.training.tasks import TASKS
 from server.training.train_gate import task_library
 
@@ -45,11 +45,6 @@ class ProjectionTrainOptions:
 def projected_keys(delta: torch.Tensor, cards: list[torch.Tensor]) -> torch.Tensor:
     """LoraRetriever's key (normalized mean of the normalized examples) in the projected space. [n, dim]"""
     return F.normalize(torch.stack([project(delta, c).mean(0) for c in cards]), dim=-1)
-
-
-def project(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """RetrievalProjection's map in torch (differentiable). [n, dim] -> [n, dim]"""
-    return F.normalize(x + x @ delta.T, dim=-1)
 
 
 def fit_projection(prompts: dict[str, torch.Tensor], cards: dict[str, torch.Tensor],
@@ -91,14 +86,9 @@ def library_embeddings(embedder: Embedder, adapters_dir: Path, per_task: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = ProjectionTrainOptions()
-    p = argparse.ArgumentParser(prog="mole-serve train-retriever",
-                                description="Train the retrieval projection on the library's task adapters.")
-    for field, value in asdict(d).items():
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--adapters-dir", type=Path, default=Path("adapters_store"))
-    args = p.parse_args(argv)
-    opts = ProjectionTrainOptions(**{k: getattr(args, k) for k in asdict(d)})
+    p = options_parser("mole-serve train-retriever", "Train the retrieval projection on the library's task "
+                       "adapters.", ProjectionTrainOptions)
+    opts, args = parse_options(p, ProjectionTrainOptions, argv)
     settings = Settings(adapters_dir=args.adapters_dir)
     embedder = Embedder(settings.embedder, settings.embedder_device)  # plain: the projection's input space
     start = time.perf_counter()

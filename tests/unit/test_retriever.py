@@ -20,13 +20,13 @@ from server.lora.retriever import (
     ProjectionFormatError,
     RetrievalProjection,
     Retriever,
+    project,
 )
 from server.training.tasks import TASKS
 from server.training.train_retriever import (
     ProjectionTrainOptions,
     fit_projection,
     library_embeddings,
-    project,
     projected_keys,
 )
 
