@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.common import machine, write_json
 from bench.throughput import TOPICS
-from server.lora.store import ADAPTER_FILES, adapter_dirs
+from server.library.store import ADAPTER_FILES, adapter_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 

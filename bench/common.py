@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from server.lora.formats import TARGET_MODULES, LoRATargetSpec
+from server.lora.kinds.base import TARGET_MODULES, LoRATargetSpec
 
 
 def cpu_model() -> str:

@@ -23,8 +23,8 @@ import torch
 
 from bench.common import machine, timed, write_json
 from server.config import Settings
-from server.lora.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
-from server.lora.store import adapter_dirs, read_card
+from server.library.store import adapter_dirs, read_card
+from server.routing.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
 from server.training.tasks import TASKS
 from server.training.train_retriever import (
     ProjectionTrainOptions,

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.common import machine, write_json
 from server.config import Settings
 from server.engine.loader import resolve_base_model
-from server.lora.retriever import Retriever
+from server.routing.retriever import Retriever
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 from server.training.train_gate import task_library

@@ -18,8 +18,10 @@ import torch
 from bench.common import machine, synthetic_adapter, write_json
 from server.config import Settings
 from server.engine.engine import LLMEngine
-from server.engine.request import AdapterRef, SamplingParams, Selection
-from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
+from server.engine.request import SamplingParams
+from server.library.store import GATE_DIR
+from server.lora.gate import GateConfig, MoLEGate
+from server.routing.types import AdapterRef, Selection
 
 TOPICS = ["the ocean", "a lighthouse", "mountains", "a robot", "coffee", "the moon", "a library", "trains",
           "winter", "a garden", "bees", "a violin", "deserts", "a detective", "volcanoes", "a bakery"]

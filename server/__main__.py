@@ -13,7 +13,7 @@ from server.config import Settings
 def load_engine(settings: Settings):
     """The base model, every adapter in the store indexed for retrieval, and the trained gate."""
     from server.engine.engine import LLMEngine
-    from server.lora.store import AdapterStore
+    from server.library.store import AdapterStore
 
     AdapterStore(settings.adapters_dir).recover()  # settle what a crash mid-upload left
     return LLMEngine.from_store(settings)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         2048, ge=0, description="Memory for the decode batch's adapters gathered out of the slots, kept "
         "while the batch's adapters stay the same (32 sequences x 3 rank-8 adapters on SmolLM2: 940 MB). "
         "0: gather every step.")
+    lora_backend: Literal["torch", "reference"] = Field(
+        "torch", description="How the batched LoRA op runs: torch (index_select + bmm; CPU and CUDA) or reference "
+        "(the plain per-token loop that states the op's semantics; tests only).")
     max_adapters_per_request: int = Field(4, ge=1, description="K: most (adapter, weight) pairs per request.")
     max_merges: int = Field(16, ge=1, description="Static merges (composition `merge`) kept built, LRU.")
 

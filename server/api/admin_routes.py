@@ -1,8 +1,8 @@
 """/admin/adapters: upload, list, inspect, update the card of, and delete adapters while serving.
 
 Auth (`Authorization: Bearer <MOLE_ADMIN_TOKEN>`) is checked by app.py's middleware through
-admin_denial(), before any body is read. Every change of one name runs under that name's lock:
-disk commit, then the engine (in its step thread), so two racing uploads give one 201 and one 409.
+admin_denial(), before any body is read. Changes go through the catalog (library/catalog.py),
+which runs each as a transaction over the store, the registry and the engine.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
-import weakref
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -20,22 +18,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from server.api.errors import APIError
 from server.api.openai_routes import ready_engine
-from server.api.protocol import APIError
 from server.config import Settings
-from server.lora.store import ADAPTER_FILES, AdapterExistsError, AdapterStore, describe, read_card
-from server.lora.upload import (
-    CheckedAdapter,
-    UploadError,
-    UploadTooLargeError,
-    check_adapter,
-    check_card,
-    collect,
-    single_threaded,
-)
+from server.engine.client import EngineClient
+from server.library.store import ADAPTER_FILES, AdapterStore, describe, read_card
+from server.library.upload import UploadError, UploadTooLargeError, collect, single_threaded
 
 router = APIRouter(prefix="/admin")
-NEAREST_K = 3
 UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -60,46 +50,11 @@ def _store(request: Request) -> AdapterStore:
     return request.app.state.store
 
 
-def _lock(request: Request, name: str) -> asyncio.Lock:
-    """The lock of one adapter name; it lives while some request holds or awaits it."""
-    state = request.app.state
-    if not hasattr(state, "admin_locks"):
-        state.admin_locks = weakref.WeakValueDictionary()
-    lock = state.admin_locks.get(name)
-    if lock is None:
-        lock = state.admin_locks[name] = asyncio.Lock()
-    return lock
-
-
 def _existing(request: Request, name: str) -> Path:
     store = _store(request)
     if name not in store:
         raise APIError(404, f"The adapter `{name}` does not exist.", "NotFoundError", "name", "adapter_not_found")
     return store.path(name)
-
-
-def _nearest(engine, name: str) -> list[dict]:
-    """The adapters whose retrieval keys are closest to `name`'s (possible duplicates); [] without retrieval."""
-    if engine.retriever is None:
-        return []
-    try:
-        hits = engine.retriever.nearest(name, NEAREST_K)
-    except KeyError:
-        return []
-    return [{"name": n, "score": round(s, 4)} for n, s in hits]
-
-
-def _register(engine, name: str, path: Path, checked: CheckedAdapter, key) -> tuple[float, list[dict]]:
-    """In the engine thread: register the checked adapter and its key; (seconds the step loop was
-    held, its nearest neighbours)."""
-    start = time.perf_counter()
-    engine.add_adapter(name, path, checked.weights, key)
-    return time.perf_counter() - start, _nearest(engine, name)
-
-
-def _card_key(engine, examples: list[str]):
-    """The retrieval key of a card [dim], embedded here rather than in the step thread (None: no retrieval)."""
-    return engine.retriever.card_key(examples) if engine.retriever is not None else None
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, bytes]], str | None]:
@@ -136,51 +91,26 @@ async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, by
         await form.close()
 
 
-def _upload_error(e: UploadError) -> APIError:
-    return APIError(e.status, str(e), code=e.code)
-
-
 @router.post("/adapters", status_code=201, openapi_extra=UPLOAD_SCHEMA)
 async def upload_adapter(request: Request, replace: bool = False):
-    engine = ready_engine(request)
-    core, settings, store = engine.engine, request.app.state.settings, _store(request)
-    base_names = {n.lower() for n in (Path(core.model.config.name_or_path or "").name, core.model_name) if n}
-    try:
-        parts, name = await _read_upload(request, settings.max_upload_bytes)
-        files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
-        checked = await asyncio.to_thread(single_threaded, check_adapter, files, name, core.model.lora_spec(),
-                                          settings.max_lora_rank, base_names, settings.min_card_examples)
-    except UploadError as e:
-        raise _upload_error(e) from e
-    name = checked.name
-    key = await asyncio.to_thread(single_threaded, _card_key, core, checked.card["examples"])
-    async with _lock(request, name):
-        try:
-            commit = await asyncio.to_thread(store.commit, name, checked.files, replace)
-        except AdapterExistsError as e:
-            raise APIError(409, f"The adapter `{name}` already exists; add ?replace=true to replace it.",
-                           param="name", code="adapter_exists") from e
-        try:
-            load_s, nearest = await engine.run_in_engine(lambda e: _register(e, name, store.path(name), checked, key))
-        except Exception as e:  # validated above, so only an I/O or embedder failure: undo the commit
-            await asyncio.to_thread(commit.rollback)
-            restore = (lambda c: c.add_adapter(name, store.path(name))) if commit.previous else \
-                (lambda c: c.remove_adapter(name))
-            await engine.run_in_engine(restore)
-            raise APIError(422, f"the adapter `{name}` could not be loaded: {e}", code="invalid_adapter") from e
-        await asyncio.to_thread(commit.finish)
-        info = await asyncio.to_thread(describe, store.path(name))
-    return JSONResponse({"object": "adapter", "name": name, "card": checked.card, **info, "nearest": nearest,
-                         "load_s": round(load_s, 4), "replaced": commit.previous is not None}, status_code=201)
+    """Checked whole off the step thread, then committed and served by the catalog."""
+    engine, settings = ready_engine(request), request.app.state.settings
+    parts, name = await _read_upload(request, settings.max_upload_bytes)
+    files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
+    checked = await asyncio.to_thread(single_threaded, engine.catalog.check, files, name)
+    done = await engine.catalog.upload(checked, replace, engine)
+    return JSONResponse({"object": "adapter", "name": done.name, "card": done.card, **done.info, "nearest": done.nearest,
+                         "load_s": round(done.load_s, 4), "replaced": done.replaced}, status_code=201)
 
 
-def _summary(store: AdapterStore, name: str, engine) -> dict | None:
+def _summary(store: AdapterStore, name: str, engine: EngineClient | None) -> dict | None:
     try:
         card = read_card(store.path(name))
     except (OSError, ValueError):  # deleted while listing, or a hand-edited card gone bad
         return None
-    return {"name": name, "description": card.get("description", ""), "loaded": engine is not None and
-            name in engine.engine.pool, "usage": engine.engine.adapter_usage[name] if engine is not None else 0}
+    return {"name": name, "description": card.get("description", ""),
+            "loaded": engine is not None and engine.has_adapter(name),
+            "usage": engine.adapter_usage(name) if engine is not None else 0}
 
 
 @router.get("/adapters")
@@ -207,8 +137,8 @@ async def get_adapter(request: Request, name: str):
     except FileNotFoundError as e:  # deleted between the check and the read
         raise APIError(404, f"The adapter `{name}` does not exist.", "NotFoundError", "name",
                        "adapter_not_found") from e
-    served = engine is not None and name in engine.engine.pool
-    usage = engine.engine.adapter_usage[name] if engine is not None else 0
+    served = engine is not None and engine.has_adapter(name)
+    usage = engine.adapter_usage(name) if engine is not None else 0
     return {"object": "adapter", "name": name, **info, "loaded": served, "usage": usage}
 
 
@@ -228,34 +158,12 @@ async def update_card(request: Request, name: str):
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise APIError(400, f"{where}: {first['msg']} (send JSON with description and/or examples)",
                        param=where) from e
-    store, settings = _store(request), request.app.state.settings
-    async with _lock(request, name):
-        path = _existing(request, name)
-        card = read_card(path)
-        changes = update.model_dump(exclude_none=True)
-        try:
-            card = check_card({**card, **changes}, name, settings.min_card_examples)
-        except UploadError as e:
-            raise _upload_error(e) from e
-        await asyncio.to_thread(store.write_card, name, card)
-        key = await asyncio.to_thread(single_threaded, _card_key, engine.engine, card["examples"]) \
-            if "examples" in changes else None
-
-        def apply(e) -> list[dict]:
-            if key is not None and name in e.pool:
-                e.retriever.set_key(name, key)
-            return _nearest(e, name)
-
-        nearest = await engine.run_in_engine(apply)
+    card, nearest = await engine.catalog.update_card(name, update.model_dump(exclude_none=True))
     return {"object": "adapter", "name": name, "card": card, "nearest": nearest}
 
 
 @router.delete("/adapters/{name}")
 async def delete_adapter(request: Request, name: str):
     engine = ready_engine(request)
-    async with _lock(request, name):
-        _existing(request, name)
-        # The engine first: new requests stop selecting it at once, running ones keep their slot.
-        await engine.run_in_engine(lambda e: e.remove_adapter(name))
-        await asyncio.to_thread(_store(request).delete, name)
+    await engine.catalog.delete(name, engine)
     return {"id": name, "object": "adapter", "deleted": True}

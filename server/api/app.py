@@ -17,11 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.admin_routes import admin_denial
 from server.api.admin_routes import router as admin_router
+from server.api.errors import APIError
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
-from server.api.protocol import APIError
 from server.config import Settings
-from server.lora.store import AdapterStore
+from server.errors import MoleError
+from server.library.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ def attach_engine(app: FastAPI, engine) -> object:
     from server.engine.async_engine import AsyncEngine
 
     metrics: Metrics = app.state.metrics
+    if engine.catalog.store.root.resolve() != app.state.store.root.resolve():
+        raise ValueError(f"the engine's catalog holds {engine.catalog.store.root}, the app serves "
+                         f"{app.state.store.root}: give both the same adapters_dir")
     aeng = AsyncEngine(engine, on_step=metrics.observe_step)
     app.state.engine = aeng
-    log.info("ready: %s with %d adapters", engine.model_name, len(engine.pool.names))
+    log.info("ready: %s with %d adapters", engine.model_name, len(engine.catalog.names))
     return aeng
 
 
@@ -102,6 +106,10 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(MoleError)
+    async def error_kind(request: Request, exc: MoleError):
+        return await api_error(request, APIError.of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):

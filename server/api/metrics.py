@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.engine.client import EngineClient
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
@@ -15,23 +17,22 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2
 class EngineCollector(Collector):
     """Reads the engine's state at scrape time, so nothing in the step loop has to update it."""
 
-    def __init__(self, get_engine: Callable[[], object | None]) -> None:
+    def __init__(self, get_engine: Callable[[], EngineClient | None]) -> None:
         self.get_engine = get_engine
 
     def collect(self):
-        aeng = self.get_engine()
-        if aeng is None:
+        engine = self.get_engine()
+        if engine is None:
             return
-        engine = aeng.engine
-        sched, pool = engine.scheduler, engine.pool
-        yield GaugeMetricFamily("mole_requests_running", "Sequences in the running batch", len(sched.running))
-        yield GaugeMetricFamily("mole_requests_waiting", "Requests queued for admission", len(sched.waiting))
+        s = engine.stats()
+        yield GaugeMetricFamily("mole_requests_running", "Sequences in the running batch", s.running)
+        yield GaugeMetricFamily("mole_requests_waiting", "Requests queued for admission", s.waiting)
         yield GaugeMetricFamily("mole_kv_cache_usage_ratio", "Fraction of KV slots in use",
-                                sched.kv_slots.num_used / sched.kv_slots.num_slots)
-        yield GaugeMetricFamily("mole_adapter_slots_used", "Adapters resident in device slots", pool.num_resident)
-        yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", pool.max_loras)
-        yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", pool.loads)
-        yield CounterMetricFamily("mole_adapter_evictions", "Adapters evicted from a device slot", pool.evictions)
+                                s.kv_slots_used / s.kv_slots_total)
+        yield GaugeMetricFamily("mole_adapter_slots_used", "Adapters resident in device slots", s.lora_slots_used)
+        yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", s.lora_slots_total)
+        yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", s.adapter_loads)
+        yield CounterMetricFamily("mole_adapter_evictions", "Adapters evicted from a device slot", s.adapter_evictions)
 
 
 class Metrics:
@@ -62,7 +63,7 @@ class Metrics:
         self._adapter_labels: set[str] = set()
         self._adapter_label_limit = adapter_label_limit
 
-    def watch_engine(self, get_engine: Callable[[], object | None]) -> None:
+    def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> None:
         self.registry.register(EngineCollector(get_engine))
 
     def observe_adapters(self, report: list[dict], gate_entropy: float | None) -> None:
@@ -73,11 +74,10 @@ class Metrics:
         if gate_entropy is not None:
             self.gate_entropy.observe(gate_entropy)
 
-    def observe_step(self, engine) -> None:
+    def observe_step(self, batch_size: int, retrieval_seconds: list[float]) -> None:
         """Called by the engine thread after each step."""
-        self.batch_size.observe(engine.last_batch_size)
-        seconds, engine.selector.retrieval_seconds = engine.selector.retrieval_seconds, []
-        for s in seconds:
+        self.batch_size.observe(batch_size)
+        for s in retrieval_seconds:
             self.retrieval_latency.observe(s)
 
     def count_adapter(self, name: str) -> None:

@@ -1,4 +1,4 @@
-"""OpenAI request schemas (plus our extension fields) and the OpenAI error shape. No torch here."""
+"""OpenAI request and response models, plus our extension fields. No torch here."""
 
 from __future__ import annotations
 
@@ -6,18 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from server.routing.types import Composition, MergeStrategy
 
 
 class TextPart(BaseModel):
@@ -44,7 +33,7 @@ class AdapterChoice(BaseModel):
 class MergeOptions(BaseModel):
     """Composition `merge`: a static merge of the request's adapters (PEFT's add_weighted_adapter)."""
 
-    strategy: Literal["linear", "cat", "ties", "dare_linear", "dare_ties"] = "linear"
+    strategy: MergeStrategy = "linear"
     density: float = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
     seed: int = 0  # dare's random drop
 
@@ -72,7 +61,7 @@ class SamplingFields(BaseModel):
     # --- extensions (the openai client's extra_body) ---
     adapters: list[str | AdapterChoice] | None = None
     top_k: int | None = Field(None, ge=1, le=16)  # adapters retrieval keeps for `auto` (DESIGN section 2)
-    composition: Literal["gate", "mixture", "select", "merge"] | None = None
+    composition: Composition | None = None
     merge: MergeOptions | None = None
     ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
 
@@ -110,3 +99,56 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+# --- responses (built with exclude_unset: a chunk carries only the fields set on it) ---
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage | None = None  # the whole answer
+    delta: dict[str, str] | None = None  # a streamed piece: {"role", "content"}, {"content"} or {}
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionEnvelope(BaseModel):
+    """chat.completion, chat.completion.chunk and text_completion: one envelope, their choices differ."""
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] | list[TextChoice]
+    usage: Usage | None = None
+    adapters: list[dict] | None = None  # extension: the adapters that ran, with scores and gate weights
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mole-serve"
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,6 +1,7 @@
 """AsyncEngine: the step loop of an LLMEngine in its own thread, and one async iterator of outputs
-per request. All engine state is touched by the step thread only; callers talk to it through a
-command queue and get outputs through their own asyncio queue."""
+per request; the EngineClient (client.py) of an engine in this process. All engine state is
+touched by the step thread only; callers talk to it through a command queue and get outputs
+through their own asyncio queue."""
 
 from __future__ import annotations
 
@@ -8,26 +9,36 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import TypeVar
 
-from server.engine.engine import LLMEngine, StepOutput
-from server.engine.request import AdapterRef, SamplingParams, Selection
+import numpy as np
+
+from server.engine.client import EngineStats
+from server.engine.engine import LLMEngine
+from server.engine.request import SamplingParams, StepOutput
+from server.errors import Overloaded
+from server.lora.kinds.base import AdapterWeights
+from server.routing.types import Selection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class QueueFullError(RuntimeError):
-    pass
+class QueueFullError(Overloaded):
+    code = "queue_full"
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
-                 on_step: Callable[[LLMEngine], None] | None = None) -> None:
+                 on_step: Callable[[int, list[float]], None] | None = None) -> None:
         self.engine = engine
-        self.on_step = on_step  # called in the step thread after each step (metrics)
+        # called in the step thread after each step with (sequences in the step, retrieval seconds)
+        self.on_step = on_step
+        self.model_name, self.max_model_len = engine.model_name, engine.max_model_len
+        self.tokenizer, self.catalog = engine.tokenizer, engine.catalog
         self.max_waiting = max_waiting or engine.settings.max_waiting
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[StepOutput]] = {}
@@ -78,15 +89,13 @@ class AsyncEngine:
         self.call(run)
         return await done
 
-    def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapters: Seq[AdapterRef] = (),
-        request_id: str | None = None, selection: Selection | None = None,
-    ) -> RequestStream:
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams, selection: Selection | None = None,
+                 request_id: str | None = None) -> RequestStream:
         """Submit a request now (bad input and a full queue raise here) and return its outputs as
         they come; closing the stream before its end aborts the request."""
         if self.num_pending >= self.max_waiting + self.engine.settings.max_num_seqs:
             raise QueueFullError(f"{self.num_pending} requests in flight; try again shortly")
-        seq = self.engine.make_sequence(prompt_ids, sampling, adapters, request_id, selection)
+        seq = self.engine.make_sequence(prompt_ids, sampling, (), request_id, selection)
         stream = RequestStream(self, seq.request_id)
         self._outputs[seq.request_id] = stream.queue
         self.num_pending += 1
@@ -107,9 +116,41 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 outputs = self.engine.fail_running(f"internal engine error: {e}")
             if self.on_step:
-                self.on_step(self.engine)
+                seconds, self.engine.selector.retrieval_seconds = self.engine.selector.retrieval_seconds, []
+                self.on_step(self.engine.last_batch_size, seconds)
             if outputs:  # one wake-up of the event loop per step, not one per sequence
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    # --- the rest of EngineClient ---
+    @property
+    def has_gate(self) -> bool:
+        return self.engine.pool.gate is not None
+
+    def abort(self, request_id: str) -> None:
+        self.call(lambda: self.engine.abort(request_id))
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.catalog
+
+    def adapter_usage(self, name: str) -> int:
+        return self.engine.adapter_usage[name]
+
+    async def add_adapter(self, name: str, folder: Path, weights: AdapterWeights | None = None,
+                          key: np.ndarray | None = None) -> float:
+        def add(engine: LLMEngine) -> float:
+            start = time.perf_counter()
+            engine.add_adapter(name, folder, weights, key)
+            return time.perf_counter() - start
+
+        return await self.run_in_engine(add)
+
+    async def remove_adapter(self, name: str) -> None:
+        await self.run_in_engine(lambda engine: engine.remove_adapter(name))
+
+    def stats(self) -> EngineStats:
+        sched, pool = self.engine.scheduler, self.engine.pool
+        return EngineStats(len(sched.running), len(sched.waiting), sched.kv_slots.num_used, sched.kv_slots.num_slots,
+                           pool.num_resident, pool.max_loras, pool.loads, pool.evictions)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -155,8 +196,7 @@ class RequestStream:
         self.aeng._outputs.pop(self.request_id, None)
         self.aeng.num_pending -= 1
         if not self.finished:  # the caller went away: free its KV slot and batch place
-            request_id = self.request_id
-            self.aeng.call(lambda: self.aeng.engine.abort(request_id))
+            self.aeng.abort(self.request_id)
 
     async def aclose(self) -> None:
         self.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +16,49 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.loader import resolve_base_model
 from server.engine.model import DecoderModel
-from server.engine.request import AdapterRef, FinishReason, SamplingParams, Selection, Sequence
+from server.engine.request import FinishReason, SamplingParams, Sequence, StepOutput
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
-from server.engine.selection import AdapterSelector, SelectionError
-from server.lora.formats import LoRAWeights
-from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
+from server.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError
+from server.library.artifacts import load_gate
+from server.library.catalog import Catalog
+from server.library.store import GATE_DIR, AdapterStore
+from server.lora.backends import create_backend
+from server.lora.gate import GateConfig
+from server.lora.kinds.base import AdapterWeights
 from server.lora.pool import LoRAPool
-from server.lora.store import adapter_dirs, read_card
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    token_id: int | None  # None when the output only reports an end (abort, error)
-    text: str  # new text since the last output
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    error: str | None = None
-    error_status: int = 500  # the HTTP status the error maps to
-    adapters: list[dict] | None = None  # the adapter report, on a request's first and last output
-    gate_entropy: float | None = None  # on the last output of a gated request
+from server.routing.selection import AdapterSelector
+from server.routing.types import AdapterRef, Chosen, Selection
 
 
 class LLMEngine:
-    def __init__(self, model: DecoderModel, tokenizer: PreTrainedTokenizerBase, settings: Settings) -> None:
+    def __init__(self, model: DecoderModel, tokenizer: PreTrainedTokenizerBase, settings: Settings,
+                 catalog: Catalog | None = None) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.max_model_len = min(settings.max_model_len, model.max_positions)
+        self.model_name = Path(model.config.name_or_path or "base").name
+        self.catalog = catalog or Catalog(AdapterStore(settings.adapters_dir), model.lora_spec(),
+                                          settings.max_lora_rank, self.base_names, settings.min_card_examples)
         self.kv = KVCache(model.num_layers, settings.max_num_seqs, model.num_kv_heads, self.max_model_len,
                           model.head_dim, model.dtype, model.device)
-        self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, settings.max_lora_rank,
-                             model.device, model.dtype, gather_cache_bytes=settings.lora_gather_cache_mb << 20)
+        self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device,
+                             model.dtype, self.catalog.load)
         self.scheduler = Scheduler(settings.max_num_seqs, settings.max_num_batched_tokens,
                                    self._acquire_adapters, self._release_adapters)
-        self.runner = ModelRunner(model, self.kv, self.pool)
+        backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
+        self.runner = ModelRunner(model, self.kv, self.pool, backend)
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
-        self.model_name = Path(model.config.name_or_path or "base").name
         self._seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
         self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
-        self.selector = AdapterSelector(self.pool, settings)
+        self.selector = AdapterSelector(settings, self.is_known, self.pool)
         self._unresolved: list[Sequence] = []  # added since the last step, adapters still to choose
+
+    @property
+    def base_names(self) -> set[str]:
+        """Lower-case ids of the base model: its folder's name and the served name."""
+        return {n.lower() for n in (Path(self.model.config.name_or_path or "").name, self.model_name) if n}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMEngine:
@@ -73,17 +71,15 @@ class LLMEngine:
     def from_store(cls, settings: Settings, with_gate: bool = True) -> LLMEngine:
         """The base model, every adapter of settings.adapters_dir indexed for retrieval, and the
         trained gate in its gate/ folder if there is one."""
-        from server.lora.retriever import Embedder, Retriever
+        from server.routing.retriever import Embedder, Retriever
 
         engine = cls.from_settings(settings)
         if settings.served_model_name:
             engine.model_name = settings.served_model_name
-        engine.retriever = Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max)
-        cards = {}
-        for name, path in adapter_dirs(settings.adapters_dir).items():
-            engine.pool.register(name, path)
-            cards[name] = read_card(path).get("examples")
-        engine.retriever.set_cards({name: ex for name, ex in cards.items() if ex})  # one embedding batch
+            engine.catalog.base_names = engine.base_names
+        engine.set_retriever(Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max))
+        for weights in engine.catalog.add_store():
+            engine.pool.put(weights)
         gate_dir = Path(settings.adapters_dir) / GATE_DIR
         if with_gate and gate_dir.is_dir():
             engine.load_gate(gate_dir)
@@ -92,41 +88,29 @@ class LLMEngine:
     def load_gate(self, folder: Path) -> None:
         """Attach a trained router (refused if it was trained for another base model)."""
         base = Path(self.model.config.name_or_path or "base").name
-        self.pool.attach_gate(MoLEGate.load(folder, GateConfig.for_base(base, self.model.lora_spec())))
+        self.pool.attach_gate(load_gate(folder, GateConfig.for_base(base, self.model.lora_spec())))
 
-    # --- adapters ---
-    @property
-    def retriever(self):  # server.lora.retriever.Retriever | None: enables model `auto`
-        return self.selector.retriever
+    def set_retriever(self, retriever) -> None:
+        """Enable model `auto`: retrieval over the catalog's cards (a routing.retriever.Retriever)."""
+        self.catalog.retriever = self.selector.retriever = retriever
 
-    @retriever.setter
-    def retriever(self, retriever) -> None:
-        self.selector.retriever = retriever
+    # --- adapters (run in the step thread) ---
+    def is_known(self, name: str) -> bool:
+        """An adapter of the catalog, or a merge built in memory."""
+        return name in self.catalog or self.pool.has_virtual(name)
 
-    def add_adapter(self, name: str, path: Path, weights: LoRAWeights | None = None,
-                    key: np.ndarray | None = None) -> LoRAWeights:
-        """Validate and register an adapter folder; with a retriever, index its card's examples.
-        An upload passes the weights it parsed from that folder's files and its card's key [dim],
-        both computed off the step thread, so the step loop only updates tables."""
-        weights = self.pool.register(name, path, weights)
-        if self.retriever is None:
-            return weights
-        if key is not None:
-            self.retriever.set_key(name, key)
-        elif examples := read_card(path).get("examples"):
-            self.retriever.set_card(name, examples)
+    def add_adapter(self, name: str, path: Path, weights: AdapterWeights | None = None,
+                    key: np.ndarray | None = None) -> AdapterWeights:
+        """Register (or replace) an adapter folder in the catalog and serve this version from now
+        on. An upload passes the weights and key it computed off the step thread."""
+        weights = self.catalog.add(name, path, weights, key)
+        self.pool.put(weights)
         return weights
 
     def remove_adapter(self, name: str) -> None:
         """New requests stop selecting it at once; sequences running on it finish first."""
-        if self.retriever is not None:
-            self.retriever.remove(name)
-        self.pool.unregister(name)
-
-    def set_card(self, name: str, examples: list[str]) -> None:
-        """Recompute the retrieval key of an adapter from new card examples."""
-        if self.retriever is not None:
-            self.retriever.set_card(name, examples)
+        self.catalog.remove(name)
+        self.pool.forget(name)
 
     # --- requests ---
     def make_sequence(
@@ -136,17 +120,20 @@ class LLMEngine:
         """Validate a request without touching engine state (safe from any thread). Either a final
         adapter set (`adapters`, weights as given) or a `selection` the engine resolves."""
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context window is "
+                                 f"{self.max_model_len}", "messages", "context_length_exceeded")
         refs = self._merge_duplicates(selection.explicit if selection else adapters)
         if selection is not None:
             if selection.composition == "gate" and self.pool.gate is None:
-                raise ValueError("composition `gate` needs a trained gate (adapters_store/gate); none is loaded")
+                raise InvalidRequest("composition `gate` needs a trained gate (adapters_store/gate); none is "
+                                     "loaded", "composition")
             if selection.top_k > self.adapter_limit:
-                raise ValueError(f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per request")
+                raise InvalidRequest(f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per "
+                                     "request", "top_k")
             selection = Selection(selection.composition, refs, selection.query, selection.top_k, selection.merge)
             refs = ()
         kwargs = {"request_id": request_id} if request_id else {}
-        return Sequence(list(prompt_ids), sampling, refs, selection=selection, **kwargs)
+        return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, **kwargs)
 
     @property
     def adapter_limit(self) -> int:
@@ -154,11 +141,12 @@ class LLMEngine:
 
     def _merge_duplicates(self, adapters: Seq[AdapterRef]) -> tuple[AdapterRef, ...]:
         if len(adapters) > self.adapter_limit:
-            raise ValueError(f"{len(adapters)} adapters requested; at most {self.adapter_limit} per request")
+            raise InvalidRequest(f"{len(adapters)} adapters requested; at most {self.adapter_limit} per request",
+                                 "adapters")
         merged: dict[str, float] = {}
         for a in adapters:
-            if a.name not in self.pool:
-                raise KeyError(f"unknown adapter {a.name!r}")
+            if not self.is_known(a.name):
+                raise AdapterNotFound(f"unknown adapter {a.name!r}", "adapters")
             merged[a.name] = merged.get(a.name, 0.0) + a.weight
         return tuple(AdapterRef(n, w) for n, w in merged.items())
 
@@ -175,11 +163,11 @@ class LLMEngine:
         self.add_sequence(seq)
         return seq
 
-    def abort(self, request_id: str, error: str | None = None) -> StepOutput | None:
+    def abort(self, request_id: str) -> StepOutput | None:
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
-        return self._finish(seq, FinishReason.ABORT, None, "", error)
+        return self._finish(seq, FinishReason.ABORT, None, "")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -199,7 +187,8 @@ class LLMEngine:
         return outputs
 
     def fail_running(self, error: str) -> list[StepOutput]:
-        return [self._finish(seq, FinishReason.ABORT, None, "", error) for seq in list(self.scheduler.running)]
+        return [self._finish(seq, FinishReason.ABORT, None, "", EngineFailure(error))
+                for seq in list(self.scheduler.running)]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  adapters: list[Seq[AdapterRef]] | None = None,
@@ -217,25 +206,25 @@ class LLMEngine:
         end the waiting requests whose adapter was deleted while they waited."""
         outputs = []
         for seq in list(self.scheduler.waiting):
-            gone = [a.name for a in seq.adapters if a.name not in self.pool]
+            gone = [a.name for a in seq.adapters if not self.is_known(a.name)]
             if gone:
                 outputs.append(self._finish(seq, FinishReason.ABORT, None, "",
-                                            f"The adapter `{gone[0]}` was deleted.", 404))
+                                            AdapterNotFound(f"The adapter `{gone[0]}` was deleted.", "adapters")))
         seqs, self._unresolved = [s for s in self._unresolved if not s.is_finished], []
         if not seqs:
             return outputs
         try:
-            hits = self.selector.retrieve(seqs)
+            hits = self.selector.retrieve([s.selection for s in seqs])
         except Exception as e:  # the embedder failed: these requests fail, the engine goes on
-            return outputs + [self._finish(s, FinishReason.ABORT, None, "", f"adapter retrieval failed: {e}")
-                              for s in seqs]
-        for seq in seqs:
+            return outputs + [self._finish(s, FinishReason.ABORT, None, "",
+                                           EngineFailure(f"adapter retrieval failed: {e}")) for s in seqs]
+        for seq, found in zip(seqs, hits):
             try:
-                self.selector.apply(seq, hits.get(seq.request_id, []))
-            except SelectionError as e:
-                outputs.append(self._finish(seq, FinishReason.ABORT, None, "", str(e), e.status))
+                seq.chosen = self.selector.choose(seq.selection, found)
+            except MoleError as e:
+                outputs.append(self._finish(seq, FinishReason.ABORT, None, "", e))
                 continue
-            self.adapter_usage.update(seq.sources or [a.name for a in seq.adapters])
+            self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
         return outputs
 
     def _append(self, seq: Sequence, token: int) -> StepOutput:
@@ -246,19 +235,18 @@ class LLMEngine:
             return self._finish(seq, FinishReason.STOP, token, delta)
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, FinishReason.LENGTH, token, delta)
-        report = self.selector.report(seq) if len(seq.output_ids) == 1 else None
+        report = seq.report() if len(seq.output_ids) == 1 else None
         return StepOutput(seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids),
                           adapters=report)
 
     def _finish(self, seq: Sequence, reason: FinishReason, token: int | None, delta: str,
-                error: str | None = None, error_status: int = 500) -> StepOutput:
+                error: MoleError | None = None) -> StepOutput:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq)
         del self._seqs[seq.request_id]
         delta += self._detok.pop(seq.request_id).flush()
         return StepOutput(seq.request_id, token, delta, True, reason, seq.num_prompt_tokens,
-                          len(seq.output_ids), error, error_status, self.selector.report(seq),
-                          self.selector.gate_entropy(seq))
+                          len(seq.output_ids), error, seq.report(), seq.gate_entropy())
 
     def _acquire_adapters(self, seq: Sequence) -> bool:
         if not seq.adapters:

@@ -20,11 +20,11 @@ class AttentionMetadata:
     """Where a step's tokens go in the cache and what each attends to. Tokens are laid out as
     [decode tokens (one per sequence) | prefill chunk 0 | prefill chunk 1 | ...]."""
 
-    write_slots: torch.Tensor  # [T] KV slot of each token
+    write_kv_slots: torch.Tensor  # [T] KV slot of each token
     write_positions: torch.Tensor  # [T] position of each token
     num_decode: int
-    decode_slots: torch.Tensor  # [Nd]
-    decode_slot_range: tuple[int, int] | None  # (s0, s1) when decode_slots == arange(s0, s1)
+    decode_kv_slots: torch.Tensor  # [Nd]
+    decode_kv_range: tuple[int, int] | None  # (s0, s1) when decode_kv_slots == arange(s0, s1)
     decode_max_len: int
     decode_mask: torch.Tensor | None  # [Nd, 1, 1, Lmax] bool, True = attend
     # One entry per prefill chunk: (kv slot, first position, chunk length, mask [G*c, start+c])
@@ -58,8 +58,8 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         # k, v: [T, kv_heads, head_dim]
-        self.k[layer][meta.write_slots, :, meta.write_positions] = k
-        self.v[layer][meta.write_slots, :, meta.write_positions] = v
+        self.k[layer][meta.write_kv_slots, :, meta.write_positions] = k
+        self.v[layer][meta.write_kv_slots, :, meta.write_positions] = v
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim] -> [T, heads * head_dim]."""
@@ -87,13 +87,13 @@ class KVCache:
     ) -> torch.Tensor:
         nd, _, D = q.shape
         L = meta.decode_max_len
-        if meta.decode_slot_range is not None:
-            s0, s1 = meta.decode_slot_range
+        if meta.decode_kv_range is not None:
+            s0, s1 = meta.decode_kv_range
             k = self.k[layer][s0:s1, :, :L]
             v = self.v[layer][s0:s1, :, :L]
         else:
-            k = self.k[layer][:, :, :L].index_select(0, meta.decode_slots)
-            v = self.v[layer][:, :, :L].index_select(0, meta.decode_slots)
+            k = self.k[layer][:, :, :L].index_select(0, meta.decode_kv_slots)
+            v = self.v[layer][:, :, :L].index_select(0, meta.decode_kv_slots)
         qg = q.view(nd, kv_heads, group, D)  # the group's heads act as G query rows
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask)  # [Nd, kvH, G, D]
         return o.reshape(nd, kv_heads * group, D)

@@ -18,10 +18,8 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from server.engine.kv_cache import AttentionMetadata, KVCache
-from server.lora.batch import LoRABatchInfo
-from server.lora.formats import MODULE_GROUPS, LoRATargetSpec
-from server.lora.gate import LayerGate
-from server.lora.ops import GroupStack, apply_lora
+from server.lora.context import LoRAContext
+from server.lora.kinds.base import MODULE_GROUPS, LoRATargetSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -145,41 +143,36 @@ class DecoderModel:
         kv: KVCache,
         meta: AttentionMetadata,
         sample_rows: torch.Tensor,  # [N] rows of T whose logits are needed
-        lora_stacks: list[dict[str, GroupStack]] | None = None,
-        lora: LoRABatchInfo | None = None,
-        gates: list[LayerGate] | None = None,
+        lora: LoRAContext | None = None,
     ) -> torch.Tensor:
-        """Returns float32 logits [N, V] for the sampled rows. gates: the per-layer router, used
-        when the step has gated sequences (lora.gated)."""
+        """Returns float32 logits [N, V] for the sampled rows."""
         H, kvH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         T = input_ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, hd]
         x = self.embed[input_ids]  # [T, d]
-        gated = lora is not None and lora.gated is not None and gates is not None
         for i, w in enumerate(self.layers):
-            groups = lora_stacks[i] if lora is not None else None
             h = rms_norm(x, w.input_norm, self.eps)
             qkv = w.qkv(h)  # [T, (H + 2 kvH) hd]
-            if groups:  # the probe group: the gate, if any, sets the layer's weights here
-                weights = apply_lora(h, qkv, groups["qkv"], lora, lora.token_weights, gates[i] if gated else None)
+            if lora is not None:  # the probe group: the gate, if any, sets the layer's weights here
+                weights = lora.apply(i, "qkv", h, qkv)
             q, k, v = qkv.split([H * hd, kvH * hd, kvH * hd], dim=-1)
             q = apply_rope(q.view(T, H, hd), cos, sin)
             k = apply_rope(k.view(T, kvH, hd), cos, sin)
             kv.write(i, k, v.view(T, kvH, hd), meta)
             attn = kv.attend(i, q, meta)  # [T, H hd]
             o = w.o(attn)
-            if groups:
-                apply_lora(attn, o, groups["o"], lora, weights)
+            if lora is not None:
+                lora.apply(i, "o", attn, o, weights)
             x = x + o
             h = rms_norm(x, w.post_norm, self.eps)
             gate_up = w.gate_up(h)  # [T, 2 I]
-            if groups:
-                apply_lora(h, gate_up, groups["gate_up"], lora, weights)
+            if lora is not None:
+                lora.apply(i, "gate_up", h, gate_up, weights)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             down = w.down(act)
-            if groups:
-                apply_lora(act, down, groups["down"], lora, weights)
+            if lora is not None:
+                lora.apply(i, "down", act, down, weights)
             x = x + down
         h = rms_norm(x[sample_rows], self.final_norm, self.eps)
         return self.lm_head(h).float()

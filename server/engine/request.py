@@ -6,6 +6,9 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from server.errors import InvalidRequest, MoleError
+from server.routing.types import AdapterRef, Chosen, Selection, gate_entropy, report
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,57 +23,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise InvalidRequest("temperature must be >= 0", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise InvalidRequest("top_p must be in (0, 1]", "top_p")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise InvalidRequest("top_k must be >= 0", "top_k")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """One member of a request's adapter set: an adapter by name and its prior weight."""
-
-    name: str
-    weight: float = 1.0
-
-
-COMPOSITIONS = ("gate", "mixture", "select", "merge")
-MERGE_STRATEGIES = ("linear", "cat", "ties", "dare_linear", "dare_ties")
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    strategy: str = "linear"
-    density: float = 1.0  # kept fraction for ties / dare
-    seed: int = 0  # dare's random drop
-
-
-@dataclass(frozen=True)
-class Selection:
-    """How a request's adapters are chosen; the engine resolves it when the request enters (retrieval
-    embeds a step's new requests together). Candidates are `explicit` when given (MoLE's branch
-    masking: the gate renormalizes over them), else the top_k retrieved for `query`."""
-
-    composition: str  # one of COMPOSITIONS
-    explicit: tuple[AdapterRef, ...] = ()
-    query: str | None = None
-    top_k: int = 3
-    merge: MergeSpec = MergeSpec()
-
-    def __post_init__(self) -> None:
-        if self.composition not in COMPOSITIONS:
-            raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}")
-        if self.merge.strategy not in MERGE_STRATEGIES:
-            raise ValueError(f"merge strategy must be one of {', '.join(MERGE_STRATEGIES)}")
-        if not 0 < self.merge.density <= 1:
-            raise ValueError("merge density must be in (0, 1]")
 
 
 class SequenceStatus(enum.Enum):
@@ -95,27 +58,39 @@ class Sequence:
 
     prompt_ids: list[int]
     sampling: SamplingParams
-    adapters: tuple[AdapterRef, ...] = ()
+    chosen: Chosen = field(default_factory=Chosen)  # its adapters, final unless `selection` is set
     request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
     token_ids: list[int] = field(init=False)
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    kv_slot: int | None = None
-    # Pool slot ids of `adapters`, filled when the pool makes them resident.
+    kv_slot: int | None = None  # its row of the KV cache while it runs
+    # The lora slots of its adapters (pool residency), filled when the pool makes them resident.
     lora_slots: tuple[int, ...] = ()
-    selection: Selection | None = None  # None: `adapters` is final; else resolved by the engine
-    gated: bool = False  # the gate weighs `adapters` per layer and token; their weights are a mask
-    scores: dict[str, float] = field(default_factory=dict)  # retrieval score per chosen adapter
-    sources: tuple[str, ...] = ()  # the adapters a merge was built from
+    selection: Selection | None = None  # None: `chosen` is final; else the engine resolves it
     # Gate statistics summed over layers and tokens: weight per adapter, entropy; and the count.
     gate_sums: list[float] = field(default_factory=list)
     gate_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         self.token_ids = list(self.prompt_ids)
+
+    @property
+    def adapters(self) -> tuple[AdapterRef, ...]:
+        return self.chosen.adapters
+
+    @property
+    def gated(self) -> bool:
+        return self.chosen.gated
+
+    def report(self) -> list[dict]:
+        """Its adapters as the response tells them (names, weights, scores, gate means)."""
+        return report(self.chosen, self.gate_sums, self.gate_count)
+
+    def gate_entropy(self) -> float | None:
+        return gate_entropy(self.chosen, self.gate_sums, self.gate_count)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -132,3 +107,17 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int | None  # None when the output only reports an end (abort, error)
+    text: str  # new text since the last output
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: MoleError | None = None  # why the request ended early (its kind says whose fault)
+    adapters: list[dict] | None = None  # the adapter report, on a request's first and last output
+    gate_entropy: float | None = None  # on the last output of a gated request

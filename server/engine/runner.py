@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.kv_cache import AttentionMetadata, KVCache
 from server.engine.model import DecoderModel
-from server.engine.request import Sequence
+from server.engine.request import SamplingParams, Sequence
 from server.engine.sampler import make_generator, sample
-from server.engine.scheduler import Batch
+from server.engine.scheduler import Batch, ScheduledSeq
+from server.lora.backends.base import LoRABackend
 from server.lora.batch import build_lora_batch
+from server.lora.context import LoRAContext
+from server.lora.gate import GateStats, MoLEGate
 from server.lora.pool import LoRAPool
 
 
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # [R, V] float32, the rows asked for
+    gate_stats: GateStats | None  # what the gate did per prompt (None: nothing gated)
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv: KVCache, pool: LoRAPool) -> None:
-        self.model, self.kv, self.pool = model, kv, pool
+    def __init__(self, model: DecoderModel, kv: KVCache, pool: LoRAPool, backend: LoRABackend) -> None:
+        self.model, self.kv, self.pool, self.backend = model, kv, pool, backend
         self.device = model.device
         self._generators: dict[str, torch.Generator] = {}
         self.last_logits: torch.Tensor | None = None
@@ -36,42 +48,74 @@ class ModelRunner:
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """float32 logits [N, V] of the sequences that sample this step, in batch order."""
         scheduled = batch.scheduled
-        ids, positions, slots, sample_rows = [], [], [], []
+        ids, positions, kv_slots, sample_rows = [], [], [], []
         for s in scheduled:
             start = s.seq.num_computed
             ids += s.seq.token_ids[start : start + s.num_tokens]
             positions += range(start, start + s.num_tokens)
-            slots += [s.seq.kv_slot] * s.num_tokens
+            kv_slots += [s.seq.kv_slot] * s.num_tokens
             if s.samples:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
-        meta = self.attention_metadata(batch, torch.tensor(slots, device=dev), torch.tensor(positions, device=dev))
-        lora = build_lora_batch(
-            [(s.seq.lora_slots, [a.weight for a in s.seq.adapters]) for s in scheduled],
-            [s.num_tokens for s in scheduled],
-            len(batch.decode),
-            dev,
-            self.model.dtype,
-            [s.seq.gated for s in scheduled] if self.pool.layer_gates is not None else None,
-            gather_cache=self.pool.gather_cache,
-        )
-        logits = self.model.forward(
-            torch.tensor(ids, device=dev),
-            meta.write_positions,
-            self.kv,
-            meta,
-            torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            self.pool.stacks,
-            lora,
-            self.pool.layer_gates,
-        )
-        totals = lora.gate_totals() if lora is not None else None
-        for s, sums in zip(scheduled, totals or ()):
+        meta = self.attention_metadata(batch, torch.tensor(kv_slots, device=dev), torch.tensor(positions, device=dev))
+        lora = self.lora_context([(s.seq.lora_slots, [a.weight for a in s.seq.adapters]) for s in scheduled],
+                                 [s.num_tokens for s in scheduled], len(batch.decode),
+                                 [s.seq.gated for s in scheduled])
+        logits = self.model.forward(torch.tensor(ids, device=dev), meta.write_positions, self.kv, meta,
+                                    torch.tensor(sample_rows, dtype=torch.long, device=dev), lora)
+        totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
+        for s, sums in zip(scheduled, totals):
             if s.seq.gated:
                 seq = s.seq
                 seq.gate_sums = [a + b for a, b in zip(seq.gate_sums, sums)] if seq.gate_sums else sums
                 seq.gate_count += s.num_tokens * self.model.num_layers
         return logits
+
+    def lora_context(self, sets: Seq[tuple[Seq[int], Seq[float]]], num_tokens: Seq[int], num_decode: int,
+                     gated: Seq[bool], gate: MoLEGate | None = None, force_dense: bool = False
+                     ) -> LoRAContext | None:
+        """The step's LoRA mapping over the pool's stacks (None: no adapter in the step). gate: a
+        router other than the pool's (train-gate's, with autograd)."""
+        batch = build_lora_batch(sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense)
+        if batch is None:
+            return None
+        self.backend.prepare(batch, self.pool.version, self.pool.slot_bytes)
+        gates = gate.layer_gates(self.pool.stacks) if gate is not None else self.pool.layer_gates
+        stats = GateStats.for_batch(batch, gated, num_tokens) if gates is not None else None
+        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats)
+
+    def prefill(self, prompts: list[list[int]], adapter_sets: list[tuple[list[str], list[float]]],
+                rows: torch.Tensor, gate: MoLEGate | None = None, keep_layer_weights: bool = False
+                ) -> PrefillOutput:
+        """Forward whole prompts with their (adapter names, prior weights) in one step, on a scratch
+        KV cache (the serving one is left alone), every set gated by `gate` (if given) on the
+        dense path. rows: which of the flattened tokens' logits to return. Autograd follows the
+        caller's mode: train-gate differentiates through the gate."""
+        model, dev = self.model, self.device
+        kv = KVCache(model.num_layers, len(prompts), model.num_kv_heads, max(map(len, prompts)),
+                     model.head_dim, model.dtype, dev)
+        seqs = []
+        for kv_slot, ids in enumerate(prompts):
+            seq = Sequence(ids, SamplingParams())
+            seq.kv_slot = kv_slot
+            seqs.append(seq)
+        batch = Batch([], [ScheduledSeq(seq, len(seq.token_ids)) for seq in seqs])
+        positions = torch.cat([torch.arange(len(ids)) for ids in prompts]).to(dev)
+        kv_slots = torch.cat([torch.full((len(ids),), i) for i, ids in enumerate(prompts)]).to(dev)
+        meta = self.attention_metadata(batch, kv_slots, positions)
+        lora_slots = [self.pool.acquire(names) for names, _ in adapter_sets]
+        try:
+            lora = self.lora_context([(s, w) for s, (_, w) in zip(lora_slots, adapter_sets)],
+                                     [len(p) for p in prompts], 0, [gate is not None] * len(prompts), gate,
+                                     force_dense=True)
+        finally:
+            for s in lora_slots:
+                self.pool.release(s)
+        if lora is not None and lora.stats is not None and keep_layer_weights:
+            lora.stats.layer_weights = []
+        ids = torch.tensor([t for p in prompts for t in p], device=dev)
+        logits = model.forward(ids, positions, kv, meta, rows, lora)
+        return PrefillOutput(logits, lora.stats if lora is not None else None)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.sampling.greedy:
@@ -80,13 +124,14 @@ class ModelRunner:
             self._generators[seq.request_id] = make_generator(seq.sampling.seed)
         return self._generators[seq.request_id]
 
-    def attention_metadata(self, batch: Batch, slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
+    def attention_metadata(self, batch: Batch, kv_slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
         dev = self.device
         group = self.model.num_heads // self.model.num_kv_heads
-        decode_slots = [s.seq.kv_slot for s in batch.decode]
+        decode_kv_slots = [s.seq.kv_slot for s in batch.decode]
         lens = [s.seq.num_computed + 1 for s in batch.decode]
         max_len = max(lens, default=0)
-        contiguous = bool(decode_slots) and decode_slots == list(range(decode_slots[0], decode_slots[-1] + 1))
+        contiguous = bool(decode_kv_slots) and decode_kv_slots == list(range(decode_kv_slots[0],
+                                                                              decode_kv_slots[-1] + 1))
         mask = None
         if lens and min(lens) != max_len:
             lens_t = torch.tensor(lens, device=dev)
@@ -98,11 +143,11 @@ class ModelRunner:
             causal = torch.arange(start + n, device=dev)[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
             prefill.append((s.seq.kv_slot, start, n, causal.repeat(group, 1)))
         return AttentionMetadata(
-            write_slots=slots,
+            write_kv_slots=kv_slots,
             write_positions=positions,
             num_decode=len(batch.decode),
-            decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=dev),
-            decode_slot_range=(decode_slots[0], decode_slots[-1] + 1) if contiguous else None,
+            decode_kv_slots=torch.tensor(decode_kv_slots, dtype=torch.long, device=dev),
+            decode_kv_range=(decode_kv_slots[0], decode_kv_slots[-1] + 1) if contiguous else None,
             decode_max_len=max_len,
             decode_mask=mask,
             prefill=prefill,

@@ -24,26 +24,17 @@ and learns where to sharpen it or move away from it:
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from server.lora.batch import LoRABatchInfo
-from server.lora.formats import MODULE_GROUPS, LoRATargetSpec
-from server.lora.ops import GroupStack
+from server.lora.kinds.base import MODULE_GROUPS, LoRATargetSpec
+from server.lora.stacks import GroupStack, LayerStacks
 
 PROBE_GROUP = "qkv"
-GATE_DIR = "gate"  # the trained gate's folder inside adapters_store/
-WEIGHTS_FILE, CONFIG_FILE = "gate.safetensors", "gate_config.json"
-
-
-class GateFormatError(ValueError):
-    pass
 
 
 @dataclass
@@ -62,6 +53,52 @@ class GateConfig:
 
 
 @dataclass
+class GateStats:
+    """What the gate did in one step: per sequence, its weight per column and its entropy summed
+    over layers and tokens (the response's gate_weight, train-gate's balance loss)."""
+
+    gated: torch.Tensor  # [T] bool, tokens whose weights the gate computes
+    token_seq: torch.Tensor  # [T] sequence index of each token
+    sums: torch.Tensor  # [N, C + 1]: gate weights per column, then entropy, summed
+    seq_columns: list[list[int]] | None  # per sequence, its K slots' columns (dense path)
+    # train-gate sets a list here to get every layer's per-token gate weights ([T, C] each)
+    layer_weights: list[torch.Tensor] | None = None
+
+    @classmethod
+    def for_batch(cls, batch: LoRABatchInfo, gated: Sequence[bool], num_tokens: Sequence[int]) -> GateStats | None:
+        """None when no sequence of the step is gated."""
+        if not any(gated):
+            return None
+        counts, device = torch.tensor(list(num_tokens)), batch.lora_slots.device
+        return cls(torch.tensor(list(gated)).repeat_interleave(counts).to(device),
+                   torch.arange(len(gated)).repeat_interleave(counts).to(device),
+                   torch.zeros(len(gated), batch.num_columns + 1, dtype=torch.float32, device=device),
+                   batch.seq_columns)
+
+    def record(self, rows: slice, weights: torch.Tensor) -> None:
+        """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
+        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1, keepdim=True)  # [R, 1]
+        stats = torch.cat([weights, entropy], dim=1) * self.gated[rows, None]
+        # Not detached: train_gate's balance loss is computed from these sums.
+        self.sums.index_add_(0, self.token_seq[rows], stats.to(self.sums.dtype))
+        if self.layer_weights is not None:
+            self.layer_weights.append(weights)
+
+    def seq_sums(self, i: int) -> torch.Tensor:
+        """Sequence i's sums over layers and tokens: its K adapters' weights in its own slot
+        order, then the entropy. [K + 1]"""
+        row = self.sums[i]
+        if self.seq_columns is None:
+            return row
+        cols = torch.tensor([*self.seq_columns[i], row.shape[0] - 1], device=row.device)
+        return row.index_select(0, cols)
+
+    def totals(self) -> list[list[float]]:
+        """seq_sums of every sequence, as numbers."""
+        return [self.seq_sums(i).tolist() for i in range(self.sums.shape[0])]
+
+
+@dataclass
 class LayerGate:
     """One layer's router as the LoRA op uses it."""
 
@@ -73,10 +110,10 @@ class LayerGate:
 
     def weigh(
         self, x: torch.Tensor, z: torch.Tensor, slots: torch.Tensor, prior: torch.Tensor | None,
-        info: LoRABatchInfo, rows: slice,
+        stats: GateStats, rows: slice,
     ) -> torch.Tensor:
         """x: [R, d] probe input; z: [R, C, n*r] unweighted shrink against slots [C] or [R, C].
-        prior: [R, C] weights, > 0 on the token's candidates (None: all 1). Gated rows (info.gated)
+        prior: [R, C] weights, > 0 on the token's candidates (None: all 1). Gated rows (stats.gated)
         get softmax(s / tau) over their candidates; the others keep their prior. -> [R, C]."""
         R, C = z.shape[0], z.shape[1]
         rg = self.query.shape[0]
@@ -92,8 +129,8 @@ class LayerGate:
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
-        info.record_gate(rows, weights)
-        return torch.where(info.gated[rows, None], weights, prior)
+        stats.record(rows, weights)
+        return torch.where(stats.gated[rows, None], weights, prior)
 
 
 class MoLEGate(torch.nn.Module):
@@ -115,45 +152,13 @@ class MoLEGate(torch.nn.Module):
         # Module j's B_j [slots, r, d_j] meets the rows of Br for its output columns.
         return torch.cat([B[slots] @ Br[c0:c1] for B, (c0, c1) in zip(stack.B, stack.out_columns)], dim=1)
 
-    def layer_gates(self, stacks: list[dict[str, GroupStack]]) -> list[LayerGate]:
+    def layer_gates(self, stacks: list[LayerStacks]) -> list[LayerGate]:
         """Per layer, the router for the op, with the keys of every slot."""
         dtype = stacks[0][PROBE_GROUP].A.dtype
         gain, prior_scale = self.log_gain.exp().to(dtype), self.log_prior_scale.exp().to(dtype)
         return [LayerGate(self.query[layer].to(dtype), self.slot_keys(layer, groups[PROBE_GROUP]), gain[layer],
                           prior_scale[layer], self.config.temperature)
                 for layer, groups in enumerate(stacks)]
-
-    def save(self, folder: Path, extra: dict | None = None) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({name: p.detach().contiguous() for name, p in self.named_parameters()}, folder / WEIGHTS_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2))
-
-    @classmethod
-    def load(cls, folder: Path, expected: GateConfig) -> MoLEGate:
-        """The gate in `folder`, refused with a clear error if it was trained for another base."""
-        folder = Path(folder)
-        try:
-            raw = json.loads((folder / CONFIG_FILE).read_text())
-            tensors = load_file(folder / WEIGHTS_FILE)
-        except (OSError, SafetensorError, ValueError) as e:
-            raise GateFormatError(f"gate in {folder}: cannot read it: {e}") from e
-        config = GateConfig(**{k: raw[k] for k in GateConfig.__dataclass_fields__ if k in raw})
-        for field in ("num_layers", "hidden_size", "probe_size"):
-            if getattr(config, field) != getattr(expected, field):
-                raise GateFormatError(
-                    f"gate in {folder} was trained for base model {config.base_model!r} ({field}="
-                    f"{getattr(config, field)}); the served base {expected.base_model!r} has "
-                    f"{field}={getattr(expected, field)}")
-        if config.base_model != expected.base_model:
-            raise GateFormatError(f"gate in {folder} was trained for base model {config.base_model!r}, "
-                                  f"not the served {expected.base_model!r}")
-        gate = cls(config)
-        try:
-            gate.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise GateFormatError(f"gate in {folder}: weights don't match its config: {e}") from e
-        return gate.requires_grad_(False)
 
 
 def balance_loss(mean_weights: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Resident adapter slots: stacked A/B per (layer, module group) on the device, an LRU CPU tier
-behind them, and the disk behind that.
+"""Residency: which adapters sit in device slots (the stacks), an LRU CPU tier behind them, and
+whatever `load` reads behind that (the library's catalog: the disk). Packing an adapter into a
+slot is its kind's job; which adapters exist is the catalog's.
 
 Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
 largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
@@ -9,14 +10,14 @@ A slot in use by a running sequence is pinned and never evicted.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
-from server.lora.formats import MODULE_GROUPS, LoRATargetSpec, LoRAWeights, load_peft_dir
 from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
-from server.lora.ops import GatherCache, GroupStack
+from server.lora.kinds import KINDS
+from server.lora.kinds.base import AdapterWeights, LoRATargetSpec
+from server.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
 
 
 class LoRAPool:
@@ -25,61 +26,71 @@ class LoRAPool:
         spec: LoRATargetSpec,
         max_loras: int,
         max_cpu_loras: int,
-        max_rank: int,
         device: torch.device,
         dtype: torch.dtype,
-        gather_cache_bytes: int = 0,
+        load: Callable[[str], AdapterWeights],
     ) -> None:
-        self.spec, self.max_loras, self.max_cpu_loras, self.max_rank = spec, max_loras, max_cpu_loras, max_rank
+        self.spec, self.max_loras, self.max_cpu_loras = spec, max_loras, max_cpu_loras
         self.device, self.dtype = device, dtype
+        self.load = load  # name -> weights, for adapters in neither tier (raises if it does not exist)
         self.rank = 0
-        self.stacks: list[dict[str, GroupStack]] = []  # [layer][group], empty until the first load
-        self._paths: dict[str, Path] = {}
-        self._cpu: OrderedDict[str, LoRAWeights] = OrderedDict()  # LRU, most recent last
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU
-        self._pins: Counter[int] = Counter()  # slot -> running sequences using it
+        self.stacks: list[LayerStacks] = []  # [layer][group], empty until the first load
+        self.version = 0  # bumped whenever any slot's weights change: backends' caches key on it
+        self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()  # LRU, most recent last
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> lora slot, LRU
+        self._pins: Counter[int] = Counter()  # lora slot -> running sequences using it
         self._retired: set[int] = set()  # pinned slots of replaced/deleted adapters, freed on release
         self._free = list(range(max_loras, 0, -1))
         self.loads = 0
         self.evictions = 0
         self.gate: MoLEGate | None = None
         self.layer_gates: list[LayerGate] | None = None  # the gate with every slot's keys, per layer
-        self._virtual: OrderedDict[str, LoRAWeights] = OrderedDict()  # built in memory (merges), no folder
-        self.gather_cache = GatherCache(gather_cache_bytes)  # cleared whenever a slot's weights change
+        self._virtual: OrderedDict[str, AdapterWeights] = OrderedDict()  # built in memory (merges)
 
-    # --- the library ---
-    def register(self, name: str, path: Path, weights: LoRAWeights | None = None) -> LoRAWeights:
-        """Validate an adapter folder now (errors surface here, not mid-step) and remember it;
-        `weights` already parsed from that folder's files (an upload) skips reading it again."""
-        weights = weights or load_peft_dir(path, self.spec, self.max_rank, name=name)
-        self._paths[name] = Path(path)
-        self._drop(name)
-        self._remember(name, weights)
-        return weights
+    # --- what the pool holds ---
+    def put(self, weights: AdapterWeights) -> None:
+        """A new version of an adapter (just validated): drop any stale copy, keep it in the CPU tier."""
+        self.forget(weights.name)
+        self._remember(weights.name, weights)
 
-    def register_weights(self, weights: LoRAWeights, max_kept: int) -> None:
+    def forget(self, name: str) -> None:
+        """Drop cached copies of an adapter (replaced or deleted). A pinned slot stays valid until
+        the sequences running on the old weights release it."""
+        self._cpu.pop(name, None)
+        self._virtual.pop(name, None)
+        if name in self._resident:
+            slot = self._resident.pop(name)
+            if self._pins[slot]:
+                self._retired.add(slot)
+            else:
+                self._free.append(slot)
+
+    def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None:
         """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
         self._virtual[weights.name] = weights
         self._virtual.move_to_end(weights.name)
         while len(self._virtual) > max_kept:
-            self.unregister(next(iter(self._virtual)))
+            self.forget(next(iter(self._virtual)))
+
+    def has_virtual(self, name: str) -> bool:
+        return name in self._virtual
 
     def attach_gate(self, gate: MoLEGate) -> None:
         self.gate = gate
         self._refresh_gate_keys()
 
-    def unregister(self, name: str) -> None:
-        """Forget an adapter: new requests can't use it; sequences running on it finish first."""
-        self._paths.pop(name, None)
-        self._virtual.pop(name, None)
-        self._drop(name)
+    def weights(self, name: str) -> AdapterWeights:
+        if name in self._virtual:
+            return self._virtual[name]
+        if name in self._cpu:
+            self._cpu.move_to_end(name)
+            return self._cpu[name]
+        weights = self.load(name)
+        self._remember(name, weights)
+        return weights
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._paths or name in self._virtual
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._paths)
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
 
     @property
     def num_resident(self) -> int:
@@ -88,8 +99,7 @@ class LoRAPool:
     @property
     def slot_bytes(self) -> int:
         """One slot's A and B over all layers and groups (padded to the pool's rank)."""
-        return sum(g.A[0].numel() * g.A.element_size() + sum(B[0].numel() * B.element_size() for B in g.B)
-                   for groups in self.stacks for g in groups.values())
+        return slot_bytes(self.stacks)
 
     # --- residency ---
     def acquire(self, names: Sequence[str]) -> list[int] | None:
@@ -123,51 +133,20 @@ class LoRAPool:
                     self._free.append(slot)
 
     # --- internals ---
-    def _remember(self, name: str, weights: LoRAWeights) -> None:
+    def _remember(self, name: str, weights: AdapterWeights) -> None:
         self._cpu[name] = weights
         self._cpu.move_to_end(name)
-        while len(self._cpu) > self.max_cpu_loras:  # every entry has a folder behind it to re-read
+        while len(self._cpu) > self.max_cpu_loras:  # `load` can read any entry again
             self._cpu.popitem(last=False)
-
-    def _drop(self, name: str) -> None:
-        """Forget cached copies, so a replaced adapter is re-read. A pinned slot stays valid until
-        the sequences running on the old weights release it."""
-        self._cpu.pop(name, None)
-        if name in self._resident:
-            slot = self._resident.pop(name)
-            if self._pins[slot]:
-                self._retired.add(slot)
-            else:
-                self._free.append(slot)
-
-    def weights(self, name: str) -> LoRAWeights:
-        if name in self._virtual:
-            return self._virtual[name]
-        if name in self._cpu:
-            self._cpu.move_to_end(name)
-            return self._cpu[name]
-        if name not in self._paths:
-            raise KeyError(f"unknown adapter {name!r}")
-        weights = load_peft_dir(self._paths[name], self.spec, self.max_rank, name=name)
-        self._remember(name, weights)
-        return weights
 
     def _load_into(self, slot: int, name: str) -> None:
         weights = self.weights(name)
         if weights.rank > self.rank:
             self._grow(weights.rank)
-        self.gather_cache.clear()
+        self.version += 1
+        kind = KINDS[weights.kind]
         for layer, groups in enumerate(self.stacks):
-            for group, modules in MODULE_GROUPS.items():
-                stack = groups[group]
-                stack.A[slot].zero_()
-                for j, module in enumerate(modules):
-                    stack.B[j][slot].zero_()
-                    if (layer, module) in weights.modules:
-                        A, B = weights.modules[(layer, module)]  # [r, d_in], [d_out, r]
-                        r = A.shape[0]
-                        stack.A[slot, j * self.rank : j * self.rank + r] = A
-                        stack.B[j][slot, :r] = B.t()
+            kind.pack(weights, groups, layer, slot, self.rank)
             if self.layer_gates is not None:
                 with torch.no_grad():
                     keys = self.gate.slot_keys(layer, groups[PROBE_GROUP], slice(slot, slot + 1))
@@ -177,20 +156,13 @@ class LoRAPool:
 
     def _grow(self, rank: int) -> None:
         """Re-allocate every stack at a larger rank, keeping resident adapters in place."""
-        old_rank, old = self.rank, self.stacks
+        old = self.stacks
         self.rank = rank
-        self.stacks = [self._new_group_stacks() for _ in range(self.spec.num_layers)]
-        self.gather_cache.clear()
-        self.gather_cache.slot_bytes = self.slot_bytes
-        if not old:
-            self._refresh_gate_keys()
-            return
-        for layer, groups in enumerate(old):
-            for group, modules in MODULE_GROUPS.items():
-                src, dst = groups[group], self.stacks[layer][group]
-                for j in range(len(modules)):
-                    dst.A[:, j * rank : j * rank + old_rank] = src.A[:, j * old_rank : (j + 1) * old_rank]
-                    dst.B[j][:, :old_rank] = src.B[j]
+        self.stacks = [new_layer_stacks(self.spec, self.max_loras + 1, rank, self.dtype, self.device)
+                       for _ in range(self.spec.num_layers)]
+        self.version += 1
+        for src, dst in zip(old, self.stacks):
+            copy_into_larger(src, dst)
         self._refresh_gate_keys()
 
     @torch.no_grad()
@@ -198,20 +170,3 @@ class LoRAPool:
         """Every slot's M_i for the gate (once per attach or rank growth; loads update one slot)."""
         if self.gate is not None and self.stacks:
             self.layer_gates = self.gate.layer_gates(self.stacks)
-
-    def _new_group_stacks(self) -> dict[str, GroupStack]:
-        slots, r = self.max_loras + 1, self.rank
-        groups = {}
-        for group, modules in MODULE_GROUPS.items():
-            d_in = self.spec.shapes[modules[0]][0]
-            outs = [self.spec.shapes[m][1] for m in modules]
-            columns, c = [], 0
-            for d_out in outs:
-                columns.append((c, c + d_out))
-                c += d_out
-            groups[group] = GroupStack(
-                A=torch.zeros(slots, len(modules) * r, d_in, dtype=self.dtype, device=self.device),
-                B=[torch.zeros(slots, r, d_out, dtype=self.dtype, device=self.device) for d_out in outs],
-                out_columns=columns,
-            )
-        return groups

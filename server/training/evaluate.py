@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import Settings
-from server.lora.store import adapter_dirs
+from server.library.store import adapter_dirs
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 
@@ -60,7 +60,8 @@ def top_adapter(report: list[dict]) -> str | None:
 
 def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, library: set[str]) -> list[Answer]:
     """All items in one continuous batch of the engine in this process."""
-    from server.engine.request import AdapterRef, SamplingParams, Selection
+    from server.engine.request import SamplingParams
+    from server.routing.types import AdapterRef, Selection
 
     tok = engine.tokenizer
     prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
@@ -74,13 +75,13 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
         return None
 
     if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
-        hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
+        hits = engine.catalog.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
                                        engine.settings.retrieval_floor)
         selections = [Selection("gate", tuple(AdapterRef(name) for name, _ in h)) if h else None for h in hits]
     else:
         selections = [selection(i) for i in items]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
-    return [Answer(tok.decode(s.output_ids, skip_special_tokens=True), top_adapter(engine.selector.report(s)))
+    return [Answer(tok.decode(s.output_ids, skip_special_tokens=True), top_adapter(s.report()))
             for s in seqs]
 
 

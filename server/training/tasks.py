@@ -16,6 +16,9 @@ import string
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from server.library.store import adapter_dirs, read_card
 
 N_EVAL_TEMPLATES = 2
 EVAL_BUCKETS = 5  # one input in EVAL_BUCKETS goes to eval
@@ -311,3 +314,13 @@ TASK_LIST = (
     ), make_vowels, norm_number, 4),
 )
 TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
+
+
+def task_library(adapters_dir: Path) -> dict[str, str]:
+    """task -> adapter name, for the adapters whose card names a task of the generators."""
+    library = {}
+    for name, path in adapter_dirs(adapters_dir).items():
+        task = read_card(path).get("task")
+        if task in TASKS:
+            library[task] = name
+    return library

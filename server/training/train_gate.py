@@ -24,15 +24,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from server.config import Settings
-from server.engine.kv_cache import KVCache
-from server.engine.request import SamplingParams, Sequence, SequenceStatus
-from server.engine.scheduler import Batch, ScheduledSeq
-from server.engine.selection import softmax
-from server.lora.batch import build_lora_batch
-from server.lora.gate import GATE_DIR, GateConfig, MoLEGate, balance_loss
-from server.lora.store import adapter_dirs, read_card, replace_folder
+from server.library.artifacts import save_gate as write_gate
+from server.library.store import GATE_DIR, replace_folder
+from server.lora.gate import GateConfig, MoLEGate, balance_loss
+from server.routing.selection import softmax
 from server.training.options import options_parser, parse_options
-from server.training.tasks import TASKS
+from server.training.tasks import TASKS, task_library
 from server.training.train_adapter import encode
 
 
@@ -85,31 +82,14 @@ def candidate_sets(prompts_true: list[tuple[str, str]], names: list[str], retrie
     return sets
 
 
-def training_batch(engine, examples: list[Example]):
-    """Model inputs for a batch, every sequence prefilled whole in one step. Returns (ids, positions,
-    kv, meta, rows predicting answer tokens, their targets, lora info)."""
-    model, pool = engine.model, engine.pool
-    scheduled, rows, targets, offset = [], [], [], 0
-    for slot, ex in enumerate(examples):
-        seq = Sequence(ex.ids, SamplingParams())
-        seq.kv_slot, seq.status = slot, SequenceStatus.RUNNING
-        scheduled.append(ScheduledSeq(seq, len(ex.ids)))
+def answer_rows(examples: list[Example]) -> tuple[list[int], list[int]]:
+    """(rows of the flattened batch that predict answer tokens, those tokens)."""
+    rows, targets, offset = [], [], 0
+    for ex in examples:
         rows += range(offset + ex.num_prompt - 1, offset + len(ex.ids) - 1)
         targets += ex.ids[ex.num_prompt :]
         offset += len(ex.ids)
-    dev, dtype = model.device, model.dtype
-    kv = KVCache(model.num_layers, len(examples), model.num_kv_heads, max(len(ex.ids) for ex in examples),
-                 model.head_dim, dtype, dev)
-    positions = torch.cat([torch.arange(len(ex.ids)) for ex in examples]).to(dev)
-    slots = torch.cat([torch.full((len(ex.ids),), i) for i, ex in enumerate(examples)]).to(dev)
-    meta = engine.runner.attention_metadata(Batch([], scheduled), slots, positions)
-    slot_sets = [pool.acquire(ex.candidates) for ex in examples]
-    lora = build_lora_batch([(s, ex.priors) for s, ex in zip(slot_sets, examples)], [len(ex.ids) for ex in examples],
-                            0, dev, dtype, [True] * len(examples), force_dense=True)
-    for s in slot_sets:
-        pool.release(s)
-    ids = torch.tensor([t for ex in examples for t in ex.ids], device=dev)
-    return ids, positions, kv, meta, torch.tensor(rows, device=dev), torch.tensor(targets, device=dev), lora
+    return rows, targets
 
 
 class UsageTracker:
@@ -137,24 +117,25 @@ def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTra
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(LM loss, balance loss, routing loss, share of examples whose true adapter got the largest
     mean weight on the answer-predicting tokens)."""
-    ids, positions, kv, meta, rows, targets, lora = training_batch(engine, examples)
-    pool = engine.pool
-    lora.layer_gate_weights = []
-    logits = engine.model.forward(ids, positions, kv, meta, rows, pool.stacks, lora, gate.layer_gates(pool.stacks))
-    lm = F.cross_entropy(logits, targets)
+    rows, targets = answer_rows(examples)
+    dev = engine.model.device
+    out = engine.runner.prefill([ex.ids for ex in examples], [(ex.candidates, ex.priors) for ex in examples],
+                                torch.tensor(rows, device=dev), gate, keep_layer_weights=True)
+    stats = out.gate_stats
+    lm = F.cross_entropy(out.logits, torch.tensor(targets, device=dev))
     # Routing is scored on the tokens that predict the answer: they have read the whole request,
     # where earlier ones (the system prompt every example shares) cannot tell the task, and
     # diluted a whole-sequence mean until a router that barely tilted toward the right adapter
     # (0.38 against 0.31) already counted as correct.
-    answer_weights = torch.stack(lora.layer_gate_weights)[:, rows].split(
+    answer_weights = torch.stack(stats.layer_weights)[:, rows].split(
         [len(ex.ids) - ex.num_prompt for ex in examples], dim=1)  # per example [layers, answer tokens, U]
     per_adapter: dict[str, list[torch.Tensor]] = {}  # each candidacy's mean weight over the whole sequence
     hits, route = 0, []
     for i, (ex, w) in enumerate(zip(examples, answer_weights)):
-        w = w[..., lora.seq_columns[i]]  # [layers, answer tokens, k] in candidate order
+        w = w[..., stats.seq_columns[i]]  # [layers, answer tokens, k] in candidate order
         hits += ex.candidates[int(w.mean((0, 1)).argmax())] == ex.true
         route.append(-w[..., ex.candidates.index(ex.true)].clamp_min(1e-9).log().mean())
-        means = lora.seq_gate_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
+        means = stats.seq_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
         for name, m in zip(ex.candidates, means):
             per_adapter.setdefault(name, []).append(m)
     return lm, usage.balance(per_adapter), torch.stack(route).mean(), hits / len(examples)
@@ -182,16 +163,6 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
             priors = [1.0 / len(cands)] * len(cands)
         examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t))
     return examples
-
-
-def task_library(adapters_dir: Path) -> dict[str, str]:
-    """task -> adapter name, for the adapters whose card names a task of the generators."""
-    library = {}
-    for name, path in adapter_dirs(adapters_dir).items():
-        task = read_card(path).get("task")
-        if task in TASKS:
-            library[task] = name
-    return library
 
 
 def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:
@@ -237,7 +208,7 @@ def save_gate(gate: MoLEGate, log: dict, out: Path) -> None:
     """Weights, config and training log, replacing the folder `out` in one rename."""
 
     def write(folder: Path) -> None:
-        gate.save(folder, {"trained_on": log["summary"]["library"]})
+        write_gate(gate, folder, {"trained_on": log["summary"]["library"]})
         (folder / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
     replace_folder(out, write)
@@ -252,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine.engine import LLMEngine
 
     engine = LLMEngine.from_store(Settings(adapters_dir=args.adapters_dir), with_gate=False)
-    gate, log = train_gate(engine, engine.retriever, opts)
+    gate, log = train_gate(engine, engine.catalog.retriever, opts)
     save_gate(gate, log, args.adapters_dir / GATE_DIR)
     print(json.dumps(log["summary"], indent=2))
     return 0

@@ -2,7 +2,7 @@
 
 LoraRetriever trains its sentence encoder so that prompts land near the adapter of their task. Here
 MiniLM stays frozen and a residual map e -> normalize(e + delta e) [dim] -> [dim] is learned instead
-(server.lora.retriever.RetrievalProjection): a contrastive loss over the library's adapters, each
+(server.routing.retriever.RetrievalProjection): a contrastive loss over the library's adapters, each
 prompt against every adapter's card key computed through the same map, on prompts of the task
 generators' *train* phrasings (the eval phrasings stay unseen). Two terms keep it general:
 - weight decay on delta keeps the map near the identity, which is what lets it carry over to tasks
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from server.config import Settings
-from server.lora.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection, project
-from server.lora.store import adapter_dirs, read_card, replace_folder
+from server.library.store import adapter_dirs, read_card, replace_folder
+from server.routing.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection, project
 from server.training.options import options_parser, parse_options
 from server.training.tasks import TASKS
 from server.training.train_gate import task_library

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from clients.admin import ADAPTER_FILES, AdminClient, AdminError
-from server.lora.store import adapter_dirs
+from server.library.store import adapter_dirs
 from tests.e2e.conftest import REPO, start_server
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,9 @@ from transformers import AutoModelForCausalLM
 
 from server.config import Settings
 from server.engine.engine import LLMEngine
-from server.engine.request import AdapterRef, SamplingParams
-from server.lora.store import adapter_dirs
+from server.engine.request import SamplingParams
+from server.library.store import adapter_dirs
+from server.routing.types import AdapterRef
 
 pytestmark = pytest.mark.e2e
 

@@ -47,7 +47,7 @@ def make_adapter(hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_
 def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **settings) -> LLMEngine:
     """An engine on a tiny model with one random adapter per task, each with a real task card, and
     a retriever (the real embedder) over the cards."""
-    from server.lora.retriever import Embedder, Retriever
+    from server.routing.retriever import Embedder, Retriever
     from server.training.tasks import TASKS
 
     hf = tiny_hf_model()
@@ -56,7 +56,7 @@ def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **set
         examples = [p for p, _ in TASKS[task].examples("train", 8, seed=1)]
         (path / "card.json").write_text(json.dumps({"name": task, "task": task, "examples": examples}))
     engine = engine_for(hf, tokenizer, adapters_dir=tmp_path, **settings)
-    engine.retriever = Retriever(Embedder())
+    engine.set_retriever(Retriever(Embedder()))
     for task in tasks:
         engine.add_adapter(task, tmp_path / task)
     return engine

@@ -19,8 +19,8 @@ from safetensors.torch import save as save_tensors
 
 from server.api.app import create_app
 from server.config import Settings
-from server.lora.retriever import Retriever
-from server.lora.store import AdapterStore, adapter_dirs
+from server.library.store import AdapterStore, adapter_dirs
+from server.routing.retriever import Retriever
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 from tests.unit.test_store import tar_bytes, zip_bytes
 
@@ -86,8 +86,9 @@ def admin_client(hf, tokenizer, store_dir, engine_settings: dict | None = None, 
 
     def load():
         AdapterStore(store_dir).recover()
-        engine = engine_for(hf, tokenizer, **(engine_settings or {}))
-        engine.retriever = Retriever(HashEmbedder())
+        engine = engine_for(hf, tokenizer, adapters_dir=store_dir, max_lora_rank=settings.max_lora_rank,
+                            **(engine_settings or {}))
+        engine.set_retriever(Retriever(HashEmbedder()))
         for name, path in adapter_dirs(store_dir).items():
             engine.add_adapter(name, path)
         return engine
@@ -156,7 +157,7 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     assert info["loaded"] and info["rank"] == 4 and info["config"]["r"] == 4 and info["size_bytes"] > 10_000
     assert set(info) >= {"card", "config", "targets", "num_layers"} and info["usage"] == 1  # the chat above
 
-    retriever = client.app.state.engine.engine.retriever
+    retriever = client.app.state.engine.catalog.retriever
     before = retriever.key("alpha")
     r = client.patch("/admin/adapters/alpha", headers=AUTH, json={"examples": examples("sort letters")})
     assert r.status_code == 200 and r.json()["card"]["description"] == "v2"
@@ -290,7 +291,8 @@ def test_openapi_schema_lists_the_admin_routes(client):
 
 
 def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, tokenizer, files, tmp_path):
-    from server.engine.request import AdapterRef, SamplingParams
+    from server.engine.request import SamplingParams
+    from server.routing.types import AdapterRef
 
     folder = AdapterStore(tmp_path)
     folder.commit("alpha", files).finish()

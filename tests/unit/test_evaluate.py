@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from server.engine.request import AdapterRef, SamplingParams, Selection
+from server.engine.request import SamplingParams
 from server.lora.gate import GateConfig, MoLEGate
+from server.routing.types import AdapterRef, Selection
 from server.training.evaluate import Answer, accuracy_table, engine_answers, eval_set, markdown, top_adapter
 from server.training.train_adapter import build_chat
 from tests.unit.helpers import task_library_engine
@@ -48,7 +49,7 @@ def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path,
         gate.log_gain.fill_(-math.inf)
     engine.pool.attach_gate(gate)
     items = eval_set(list(library), per_task=2)
-    hits = engine.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
+    hits = engine.catalog.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
                                    engine.settings.retrieval_floor)
     assert all(len(h) == 3 for h in hits)
     prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,

@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 
-from server.engine.request import AdapterRef, SamplingParams, Selection
+from server.engine.request import SamplingParams
+from server.library.artifacts import GateFormatError, load_gate, save_gate
+from server.lora.backends.torch_ref import _shrink_dense
 from server.lora.batch import build_lora_batch
-from server.lora.gate import GateConfig, GateFormatError, MoLEGate
-from server.lora.ops import GroupStack, _shrink_dense
+from server.lora.gate import GateConfig, GateStats, MoLEGate
+from server.lora.stacks import GroupStack
+from server.routing.types import AdapterRef, Selection
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44]]
@@ -32,9 +35,10 @@ def test_rank_space_score_equals_score_from_explicit_lora_outputs():
     layer = gate.layer_gates([{"qkv": stack}])[0]
     x = torch.randn(3, d)
     slots = torch.tensor([1, 3, 4])
-    info = build_lora_batch([((1, 3, 4), (1 / 3,) * 3)], [3], 0, torch.device("cpu"), torch.float32, [True])
+    batch = build_lora_batch([((1, 3, 4), (1 / 3,) * 3)], [3], 0, torch.device("cpu"), torch.float32)
+    stats = GateStats.for_batch(batch, [True], [3])
     with torch.no_grad():
-        w = layer.weigh(x, _shrink_dense(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), info, slice(None))
+        w = layer.weigh(x, _shrink_dense(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), stats, slice(None))
         Ar, Br = gate.query[0], gate.key[0]  # [rg, d], [d_probe, rg]
 
         def unit_rms(v):
@@ -58,10 +62,11 @@ def test_masking_renormalizes_over_the_remaining_candidates():
     x = torch.randn(2, d)
     slots = torch.tensor([1, 2, 3])
     z = _shrink_dense(x, stack, slots, None)
-    info = build_lora_batch([((1, 2, 3), (1.0,) * 3)], [2], 0, torch.device("cpu"), torch.float32, [True])
+    batch = build_lora_batch([((1, 2, 3), (1.0,) * 3)], [2], 0, torch.device("cpu"), torch.float32)
+    stats = GateStats.for_batch(batch, [True], [2])
     with torch.no_grad():
-        full = layer.weigh(x, z, slots, torch.ones(2, 3), info, slice(None))
-        masked = layer.weigh(x, z, slots, torch.tensor([[1.0, 0.0, 1.0]] * 2), info, slice(None))
+        full = layer.weigh(x, z, slots, torch.ones(2, 3), stats, slice(None))
+        masked = layer.weigh(x, z, slots, torch.tensor([[1.0, 0.0, 1.0]] * 2), stats, slice(None))
     assert torch.all(masked[:, 1] == 0)
     kept = full[:, [0, 2]]
     assert torch.allclose(masked[:, [0, 2]], kept / kept.sum(-1, keepdim=True), atol=1e-6)
@@ -136,23 +141,23 @@ def test_dense_and_gathered_paths_gate_alike(gated_engine_parts, tokenizer):
 
 def test_a_gate_for_another_base_is_refused(tmp_path):
     mine = GateConfig("SmolLM2-135M-Instruct", num_layers=30, hidden_size=576, probe_size=960)
-    MoLEGate(GateConfig("SmolLM2-135M-Instruct", 2, 64, 128)).save(tmp_path / "other_shape")
-    MoLEGate(GateConfig("Qwen2-0.5B", 30, 576, 960)).save(tmp_path / "other_name")
+    save_gate(MoLEGate(GateConfig("SmolLM2-135M-Instruct", 2, 64, 128)), tmp_path / "other_shape")
+    save_gate(MoLEGate(GateConfig("Qwen2-0.5B", 30, 576, 960)), tmp_path / "other_name")
     with pytest.raises(GateFormatError, match="num_layers"):
-        MoLEGate.load(tmp_path / "other_shape", mine)
+        load_gate(tmp_path / "other_shape", mine)
     with pytest.raises(GateFormatError, match="Qwen2-0.5B"):
-        MoLEGate.load(tmp_path / "other_name", mine)
+        load_gate(tmp_path / "other_name", mine)
     with pytest.raises(GateFormatError, match="cannot read"):
-        MoLEGate.load(tmp_path / "missing", mine)
+        load_gate(tmp_path / "missing", mine)
     (tmp_path / "other_name" / "gate.safetensors").write_bytes(b"not safetensors")  # safetensors' own error type
     with pytest.raises(GateFormatError, match="cannot read"):
-        MoLEGate.load(tmp_path / "other_name", mine)
+        load_gate(tmp_path / "other_name", mine)
 
 
 def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):
     """gate, an explicit adapter, a TIES merge, select and mixture side by side: each request gets
     exactly the tokens it gets alone, and the merge is built once into one virtual adapter."""
-    from server.engine.request import MergeSpec
+    from server.routing.types import MergeSpec
 
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=5, ignore_eos=True)
@@ -171,7 +176,7 @@ def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):
         alone = gated_engine(hf, paths, tokenizer).generate([prompt], params, selections=[sel])[0]
         assert seq.output_ids == alone.output_ids, sel.composition
     merged, select = together[2], together[3]
-    assert merged.adapters[0].name.startswith("merge-") and merged.sources == ("a0", "a1", "a2")
+    assert merged.adapters[0].name.startswith("merge-") and merged.chosen.sources == ("a0", "a1", "a2")
     assert select.adapters == (AdapterRef("a1", 1.0),)  # the largest prior weight
     again = engine.generate([PROMPTS[0]], params, selections=[selections[2]])[0]
     assert again.adapters == merged.adapters and engine.pool.loads == 4 + 1  # 4 adapters + 1 merge, built once

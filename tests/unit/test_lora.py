@@ -8,10 +8,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from server.engine.request import AdapterRef, SamplingParams
+from server.engine.request import SamplingParams
+from server.errors import AdapterNotFound
+from server.lora.backends import create_backend
+from server.lora.backends.torch_ref import TorchBackend
 from server.lora.batch import build_lora_batch
-from server.lora.formats import AdapterFormatError
-from server.lora.ops import GatherCache, GroupStack, apply_lora
+from server.lora.kinds.base import AdapterFormatError
+from server.lora.stacks import GroupStack
+from server.routing.types import AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -143,7 +147,7 @@ def test_gather_cache_is_not_reused_when_new_adapters_take_the_same_slots(librar
         return engine, outputs
 
     cached, outputs = run(cache_mb=64)
-    assert cached.pool.evictions == 2 and cached.pool.gather_cache.reused_steps > 0
+    assert cached.pool.evictions == 2 and cached.runner.backend.gather_cache.reused_steps > 0
     assert outputs == run(cache_mb=0)[1]
 
 
@@ -161,18 +165,21 @@ def random_stack(slots, n, r, d_in, outs, seed):
     return GroupStack(A, B, columns)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("path", ["dense-view", "dense-gather", "gathered", "gathered-cached"])
-def test_ops_match_naive_loop(path):
+def test_ops_match_naive_loop(path, backend):
     stack = random_stack(slots=7, n=3, r=4, d_in=16, outs=[16, 8, 8], seed=0)
     # 3 decode sequences then 2 prefill chunks of 4 and 3 tokens.
     sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
     counts = [1, 1, 1, 4, 3]
-    cache = GatherCache(budget_bytes=1 << 30) if path == "gathered-cached" else None
-    if cache:  # a first step fills the cache; the one checked below reads it
-        first = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32, gather_cache=cache)
-        apply_lora(torch.randn(sum(counts), 16), torch.zeros(sum(counts), 32), stack, first, first.token_weights)
-    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32, gather_cache=cache)
-    assert (info.gather_cache is not None) == (cache is not None)
+    ops = create_backend(backend, cache_bytes=1 << 30 if path == "gathered-cached" else 0)
+    slot_bytes = sum(t[0].numel() * 4 for t in (stack.A, *stack.B))
+    if path == "gathered-cached":  # a first step fills the cache; the one checked below reads it
+        first = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+        ops.prepare(first, 0, slot_bytes)
+        ops.apply(torch.randn(sum(counts), 16), torch.zeros(sum(counts), 32), stack, first, first.token_weights)
+    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+    ops.prepare(info, 0, slot_bytes)
     if path.startswith("dense"):
         info.unique_slots = torch.tensor([1, 2, 3, 4, 5, 6])
         info.unique_range = (1, 7) if path == "dense-view" else None
@@ -185,7 +192,7 @@ def test_ops_match_naive_loop(path):
         assert info.unique_slots is None
     x = torch.randn(sum(counts), 16)
     out = torch.zeros(sum(counts), 32)
-    apply_lora(x, out, stack, info, info.token_weights)
+    ops.apply(x, out, stack, info, info.token_weights)
     expected = torch.zeros_like(out)
     row = 0
     for (slots, ws), n in zip(sets, counts):
@@ -196,8 +203,19 @@ def test_ops_match_naive_loop(path):
                     expected[t, c0:c1] += w * (x[t] @ A.t()) @ stack.B[j][s]
         row += n
     assert torch.allclose(out, expected, atol=1e-4)
-    if cache:
-        assert cache.reused_steps == 1
+    if path == "gathered-cached" and backend == "torch":
+        assert ops.gather_cache.reused_steps == 1
+
+
+def test_gather_cache_is_dropped_when_slot_weights_change():
+    """The pool's stacks version changes whenever a slot is written: the same decode slot matrix
+    then gathers again instead of reading the old weights."""
+    sets, counts = [((1, 2), (0.5, 0.5)), ((3,), (1.0,))], [1, 1]
+    info = build_lora_batch(sets, counts, 2, torch.device("cpu"), torch.float32)
+    ops = TorchBackend(cache_bytes=1 << 30)
+    for version in (0, 0, 1):
+        ops.prepare(info, version, 1000)
+    assert ops.gather_cache.reused_steps == 1
 
 
 def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
@@ -228,7 +246,7 @@ def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
         assert name in str(err.value)
     with pytest.raises(AdapterFormatError, match="DoRA"):
         engine.add_adapter("dora", variant("dora", tensors, {**config, "use_dora": True}))
-    with pytest.raises(KeyError, match="unknown adapter"):
+    with pytest.raises(AdapterNotFound, match="unknown adapter"):
         engine.add_request([1, 2], SamplingParams(), [AdapterRef("missing")])
 
 
@@ -254,6 +272,6 @@ def test_dense_path_for_one_shared_adapter_matches_naive_loop():
     assert info.unique_range == (2, 3) and info.token_weights is None
     x = torch.randn(sum(counts), 16)
     out = torch.zeros(sum(counts), 24)
-    apply_lora(x, out, stack, info, info.token_weights)
+    TorchBackend().apply(x, out, stack, info, info.token_weights)
     expected = torch.cat([x @ stack.A[2, j * 4 : (j + 1) * 4].t() @ stack.B[j][2] for j in range(2)], dim=1)
     assert torch.allclose(out, expected, atol=1e-4)

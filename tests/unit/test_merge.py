@@ -9,9 +9,11 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from server.engine.model import DecoderModel
-from server.engine.request import AdapterRef, SamplingParams
-from server.lora.formats import LoRAWeights, load_peft_dir
-from server.lora.merge import STRATEGIES, merge_adapters, merge_key
+from server.engine.request import SamplingParams
+from server.library.catalog import read_adapter
+from server.lora.kinds.base import AdapterWeights
+from server.routing.merge import merge_adapters, merge_key
+from server.routing.types import MERGE_STRATEGIES, AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -30,7 +32,7 @@ def adapters(tmp_path_factory):
         "r8": make_adapter(hf, root / "r8", seed=4, rank=8),
     }
     spec = DecoderModel(hf.config, hf.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
-    return hf, paths, {n: load_peft_dir(p, spec, 64, name=n) for n, p in paths.items()}
+    return hf, paths, {n: read_adapter(p, spec, 64, n) for n, p in paths.items()}
 
 
 def peft_merged(paths, names, weights, strategy, density, seed):
@@ -64,7 +66,7 @@ def peft_modules(model) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def save_as_peft(weights: LoRAWeights, path):
+def save_as_peft(weights: AdapterWeights, path):
     """A PEFT folder for a merged adapter: r = alpha = its rank, so B (scaling folded) loads as is."""
     path.mkdir()
     assert all(A.shape[0] == weights.rank for A, _ in weights.modules.values())
@@ -168,4 +170,4 @@ def test_merge_key():
     assert key != merge_key(["a", "b"], [0.5, 0.5], "ties", 0.6)
     assert merge_key(["a"], [1], "linear", 0.3, 1) == merge_key(["a"], [1.0], "linear", None, 2)
     assert merge_key(["a"], [1], "dare_linear", 0.5, 1) != merge_key(["a"], [1], "dare_linear", 0.5, 2)
-    assert len(key) == 16 and set(STRATEGIES) == {"linear", "cat", "ties", "dare_linear", "dare_ties"}
+    assert len(key) == 16 and set(MERGE_STRATEGIES) == {"linear", "cat", "ties", "dare_linear", "dare_ties"}

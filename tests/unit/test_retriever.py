@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from server.config import Settings
-from server.lora import retriever as retriever_mod
-from server.lora.retriever import (
+from server.routing import retriever as retriever_mod
+from server.routing.retriever import (
     FINGERPRINT_TEXT,
     PROJECTION_DIR,
     Embedder,

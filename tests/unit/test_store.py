@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 
-from server.lora.store import AdapterExistsError, AdapterStore, adapter_dirs, describe, read_card, valid_name
-from server.lora.upload import UploadError, UploadTooLargeError, collect, unpack_archive
+from server.library.store import AdapterExistsError, AdapterStore, adapter_dirs, describe, read_card, valid_name
+from server.library.upload import UploadError, UploadTooLargeError, collect, unpack_archive
 
 OLD = {"adapter_config.json": b'{"r": 1}', "adapter_model.safetensors": b"old" * 1000, "card.json": b'{"v": 1}'}
 NEW = {"adapter_config.json": b'{"r": 2}', "adapter_model.safetensors": b"new" * 2000, "card.json": b'{"v": 2}'}

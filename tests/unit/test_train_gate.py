@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.lora.gate import GATE_DIR, GateConfig, MoLEGate
+from server.library.store import GATE_DIR
+from server.lora.gate import GateConfig, MoLEGate
 from server.training.tasks import TASKS
 from server.training.train_adapter import encode
 from server.training.train_gate import (
@@ -32,7 +33,7 @@ def library_engine(tmp_path, tokenizer):
 def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
     engine = library_engine
     opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05, prior_temperature_max=1.0, route_weight=1.0)
-    gate, log = train_gate(engine, engine.retriever, opts)
+    gate, log = train_gate(engine, engine.catalog.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
     assert all(torch.isfinite(torch.tensor([s["lm"], s["balance"], s["route"]])).all() for s in log["steps"])
     torch.manual_seed(opts.seed)

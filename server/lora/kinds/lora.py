@@ -1,48 +1,19 @@
-"""Read PEFT LoRA folders (adapter_config.json + adapter_model.safetensors) and check them
-against the base model. Every problem is an AdapterFormatError naming the adapter."""
+"""Kind `lora`: PEFT LoRA (any subset of the 7 projections, alpha_pattern, rsLoRA scaling).
+
+    delta y = s * B A x,   A: [r, d_in], B: [d_out, r],   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Modules that read the same input share one A stack (one gather, one shrink); the model fuses
-# their base weights in this order too.
-MODULE_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
+from server.lora.kinds.base import MODULE_GROUPS, AdapterFormatError, AdapterWeights, LoRATargetSpec
+
+PEFT_TYPES = ("LORA",)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
-
-
-class AdapterFormatError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class LoRATargetSpec:
-    """What an adapter may target in the base model: module -> (d_in, d_out), per layer."""
-
-    num_layers: int
-    shapes: dict[str, tuple[int, int]]
-
-
-@dataclass
-class LoRAWeights:
-    name: str
-    rank: int  # largest rank over its modules
-    # (layer, module) -> (A [r, d_in], B [d_out, r] with the alpha/r scaling folded in)
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    config: dict = field(default_factory=dict)
 
 
 def _pattern_value(patterns: dict, module_key: str, default: float) -> float:
@@ -58,8 +29,6 @@ def lora_scaling(config: dict, module_key: str, rank: int) -> float:
 
 
 def _check_config(name: str, config: dict) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
         raise AdapterFormatError(f"adapter {name!r}: DoRA adapters are not supported")
     if config.get("bias", "none") != "none":
@@ -68,9 +37,8 @@ def _check_config(name: str, config: dict) -> None:
         raise AdapterFormatError(f"adapter {name!r}: modules_to_save {config['modules_to_save']} is not supported")
 
 
-def parse_lora(
-    name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRATargetSpec, max_rank: int
-) -> LoRAWeights:
+def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRATargetSpec,
+          max_rank: int) -> AdapterWeights:
     """Validate PEFT tensors against the base model and fold the scaling into B."""
     _check_config(name, config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -105,23 +73,28 @@ def parse_lora(
             raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values")
         modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, r)).contiguous())
         max_seen = max(max_seen, r)
-    return LoRAWeights(name=name, rank=max_seen, modules=modules, config=config)
+    return AdapterWeights(name=name, rank=max_seen, modules=modules, config=config)
 
 
-def load_peft_dir(path: Path, spec: LoRATargetSpec, max_rank: int, name: str | None = None) -> LoRAWeights:
-    path = Path(path)
-    name = name or path.name
-    config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_path.is_file():
-        raise AdapterFormatError(f"adapter {name!r}: {config_path} is missing")
-    if not weights_path.is_file():
-        raise AdapterFormatError(f"adapter {name!r}: {weights_path} is missing (only safetensors is read)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"adapter {name!r}: adapter_config.json is not valid JSON: {e}") from e
-    try:
-        tensors = load_file(weights_path)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFormatError(f"adapter {name!r}: cannot read adapter_model.safetensors: {e}") from e
-    return parse_lora(name, config, tensors, spec, max_rank)
+def pack(weights: AdapterWeights, groups: dict, layer: int, slot: int, rank: int) -> None:
+    """Write one layer of `weights` into pool slot `slot` of the layer's group stacks (padded to
+    `rank`; modules it does not target stay zero)."""
+    for group, module_names in MODULE_GROUPS.items():
+        stack = groups[group]
+        stack.A[slot].zero_()
+        for j, module in enumerate(module_names):
+            stack.B[j][slot].zero_()
+            if (layer, module) in weights.modules:
+                A, B = weights.modules[(layer, module)]  # [r, d_in], [d_out, r]
+                r = A.shape[0]
+                stack.A[slot, j * rank : j * rank + r] = A
+                stack.B[j][slot, :r] = B.t()
+
+
+def reference_delta(weights: AdapterWeights, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
+    """What the adapter adds to `module`'s output at `layer` for inputs x [T, d_in]: [T, d_out];
+    None where it does not target the module."""
+    if (layer, module) not in weights.modules:
+        return None
+    A, B = weights.modules[(layer, module)]
+    return x @ A.t() @ B.t()

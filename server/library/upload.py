@@ -1,8 +1,10 @@
 """An uploaded adapter, checked in memory before anything touches the store: the files from a
-multipart form or one archive, its name, card, config and tensors against the base model.
+multipart form or one archive, its name, card and config. The tensors are checked against the
+base model by the catalog (catalog.check), which knows the base.
 
-Each refusal is an UploadError whose `status` says what kind: 400 a malformed upload, 413 too
-large, 422 an adapter that does not fit this server."""
+Refusals are error kinds: UploadError a malformed upload, UploadTooLargeError too large,
+InvalidAdapterError an adapter that does not fit this server. No torch here: the HTTP layer
+imports this module."""
 
 from __future__ import annotations
 
@@ -17,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from server.lora.formats import AdapterFormatError, LoRATargetSpec, LoRAWeights, parse_lora
-from server.lora.gate import GATE_DIR
-from server.lora.retriever import PROJECTION_DIR
-from server.lora.store import ADAPTER_FILES, NAME_PATTERN, valid_name
+from server.errors import InvalidAdapter, InvalidRequest, TooLarge
+from server.library.store import (
+    ADAPTER_FILES,
+    CARD_FILE,
+    CONFIG_FILE,
+    GATE_DIR,
+    NAME_PATTERN,
+    PROJECTION_DIR,
+    valid_name,
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -41,24 +49,26 @@ def single_threaded(fn: Callable[..., T], *args) -> T:
     return fn(*args)
 
 
-class UploadError(ValueError):
-    status, code = 400, "invalid_upload"
+class UploadError(InvalidRequest):
+    code = "invalid_upload"
 
 
-class UploadTooLargeError(UploadError):
-    status, code = 413, "upload_too_large"
+class UploadTooLargeError(TooLarge, UploadError):  # TooLarge first: the status table walks the MRO
+    code = "upload_too_large"
 
 
-class InvalidAdapterError(UploadError):
-    status, code = 422, "invalid_adapter"
+class InvalidAdapterError(InvalidAdapter):
+    code = "invalid_adapter"
 
 
 @dataclass
-class CheckedAdapter:
+class UploadedFiles:
+    """An upload whose name, card and config passed; its tensors are still to be checked."""
+
     name: str
     files: dict[str, bytes]  # ADAPTER_FILES -> bytes, card.json rewritten with the final name
     card: dict
-    weights: LoRAWeights
+    config: dict
 
 
 def is_archive(file_name: str) -> bool:
@@ -188,13 +198,10 @@ def _json(files: dict[str, bytes], file_name: str) -> object:
         raise InvalidAdapterError(f"{file_name} is not valid JSON: {e}") from e
 
 
-def check_adapter(files: dict[str, bytes], name: str | None, spec: LoRATargetSpec, max_rank: int,
-                  base_names: set[str], min_examples: int) -> CheckedAdapter:
-    """Validate the adapter files; `name` (the form field) overrides the card's. base_names: the
-    lower-case names an adapter's base_model_name_or_path may give (its last path part)."""
-    from safetensors.torch import load as load_safetensors
-
-    card = _json(files, "card.json")
+def check_files(files: dict[str, bytes], name: str | None, base_names: set[str], min_examples: int) -> UploadedFiles:
+    """Validate name, card and config; `name` (the form field) overrides the card's. base_names:
+    the lower-case names an adapter's base_model_name_or_path may give (its last path part)."""
+    card = _json(files, CARD_FILE)
     name = name or (card.get("name") if isinstance(card, dict) else None)
     if not isinstance(name, str) or not valid_name(name):
         raise UploadError(f"adapter name {name!r} is invalid: it must match {NAME_PATTERN.pattern} "
@@ -202,16 +209,6 @@ def check_adapter(files: dict[str, bytes], name: str | None, spec: LoRATargetSpe
     if name in RESERVED_NAMES or name in base_names:
         raise UploadError(f"adapter name {name!r} is reserved (a model id of this server)")
     card = check_card(card, name, min_examples)
-    config = _check_config(_json(files, "adapter_config.json"), base_names)
-    try:
-        tensors = load_safetensors(files["adapter_model.safetensors"])
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise InvalidAdapterError(f"adapter_model.safetensors cannot be read: {e}") from e
-    try:
-        weights = parse_lora(name, config, tensors, spec, max_rank)
-    except AdapterFormatError as e:
-        raise InvalidAdapterError(str(e)) from e
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # odd config values meeting the tensor math
-        raise InvalidAdapterError(f"adapter {name!r} does not fit the base model: {e}") from e
-    stored = {**files, "card.json": json.dumps(card, indent=2).encode() + b"\n"}
-    return CheckedAdapter(name, stored, card, weights)
+    config = _check_config(_json(files, CONFIG_FILE), base_names)
+    stored = {**files, CARD_FILE: json.dumps(card, indent=2).encode() + b"\n"}
+    return UploadedFiles(name, stored, card, config)

@@ -2,7 +2,7 @@
 
 The result equals PEFT's `LoraModel.add_weighted_adapter(adapters, weights, name, combination_type=
 strategy, density=density)` for the same inputs, and PEFT's own tensor functions do the combining.
-Like every LoRAWeights, the output has its scaling folded into B, so the pool loads it as any adapter.
+Like every AdapterWeights, the output has its scaling folded into B, so the pool loads it as any adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
-from server.lora.formats import TARGET_MODULES, LoRAWeights, lora_scaling
+from server.lora.kinds.base import TARGET_MODULES, AdapterWeights
+from server.lora.kinds.lora import lora_scaling
+from server.routing.types import DENSITY_STRATEGIES, MERGE_STRATEGIES
 
 # PEFT's task-arithmetic family: (tensors, per-tensor weights, density) -> combined tensor.
 _COMBINE: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float | None], torch.Tensor]] = {
@@ -25,8 +27,6 @@ _COMBINE: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float | None], t
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
 }
-STRATEGIES = ("linear", "cat", "ties", "dare_linear", "dare_ties")
-_USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 
 
 def merge_key(names: Sequence[str], weights: Sequence[float], strategy: str, density: float | None = None,
@@ -37,22 +37,22 @@ def merge_key(names: Sequence[str], weights: Sequence[float], strategy: str, den
         "names": list(names),
         "weights": [float(w) for w in weights],
         "strategy": strategy,
-        "density": float(density) if strategy in _USES_DENSITY and density is not None else None,
+        "density": float(density) if strategy in DENSITY_STRATEGIES and density is not None else None,
         "seed": int(seed) if strategy.startswith("dare") else None,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check(adapters: Sequence[LoRAWeights], weights: Sequence[float], strategy: str, density: float | None) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown merge strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+def _check(adapters: Sequence[AdapterWeights], weights: Sequence[float], strategy: str, density: float | None) -> None:
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"unknown merge strategy {strategy!r}; expected one of {', '.join(MERGE_STRATEGIES)}")
     if not adapters:
         raise ValueError("a merge needs at least one adapter")
     if len(weights) != len(adapters):
         raise ValueError(f"a merge of {len(adapters)} adapters needs {len(adapters)} weights, got {len(weights)}")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"merge weights must be finite, got {list(weights)}")
-    if strategy in _USES_DENSITY and (density is None or not 0 < density <= 1):
+    if strategy in DENSITY_STRATEGIES and (density is None or not 0 < density <= 1):
         raise ValueError(f"merge strategy {strategy!r} needs a density in (0, 1], got {density}")
     # PEFT refuses unequal ranks for the task-arithmetic family: A and B are summed elementwise.
     if strategy != "cat" and len(adapters) > 1 and len({a.rank for a in adapters}) > 1:
@@ -60,8 +60,8 @@ def _check(adapters: Sequence[LoRAWeights], weights: Sequence[float], strategy: 
         raise ValueError(f"merge strategy {strategy!r} needs adapters of equal rank, got {ranks} (use 'cat')")
 
 
-def merge_adapters(adapters: Sequence[LoRAWeights], weights: Sequence[float], strategy: str, name: str,
-                   density: float | None = None, seed: int = 0) -> LoRAWeights:
+def merge_adapters(adapters: Sequence[AdapterWeights], weights: Sequence[float], strategy: str, name: str,
+                   density: float | None = None, seed: int = 0) -> AdapterWeights:
     _check(adapters, weights, strategy, density)
     if len(adapters) == 1:
         strategy = "linear"  # as PEFT: a single adapter is always merged linearly
@@ -106,4 +106,4 @@ def merge_adapters(adapters: Sequence[LoRAWeights], weights: Sequence[float], st
                 A = _COMBINE[strategy](As, wA, density)
                 B = _COMBINE[strategy](Bs, wB, density)
             modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, new_rank)).contiguous())
-    return LoRAWeights(name=name, rank=new_rank, modules=modules, config=config)
+    return AdapterWeights(name=name, rank=new_rank, modules=modules, config=config)

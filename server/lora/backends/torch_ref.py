@@ -1,10 +1,5 @@
-"""The batched heterogeneous LoRA math: out += sum_i w_i * B_i A_i x, each token with its own set.
-
-Adapters sit in slot stacks per (layer, module group); modules that share an input (q/k/v,
-gate/up) share one A stack, so one gather and one shrink serve the whole group:
-
-    A: [slots, n * r, d_in]     rows j*r:(j+1)*r belong to module j of the group (PEFT lora_A layout)
-    B[j]: [slots, r, d_out_j]   alpha/r already folded in
+"""The torch backend: the op of backends/base.py as a few large torch operations (the CPU path,
+and the CUDA path until a kernel backend is chosen).
 
 Two paths, chosen once per step in batch.py; both keep the shrink z unweighted until the weights
 are known, so a gate can score candidates from z in rank space (gate.py) before the expand:
@@ -18,31 +13,16 @@ are known, so a gate can score candidates from z in rank space (gate.py) before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from server.lora.backends.base import LoRABackend
 from server.lora.batch import LoRABatchInfo
+from server.lora.stacks import GroupStack
 
 if TYPE_CHECKING:
-    from server.lora.gate import LayerGate
-
-
-@dataclass
-class GroupStack:
-    A: torch.Tensor  # [slots, n * r, d_in]
-    B: list[torch.Tensor]  # n x [slots, r, d_out_j]
-    out_columns: list[tuple[int, int]]  # where module j's output sits in the fused projection
-
-    @property
-    def rank(self) -> int:
-        return self.B[0].shape[1]
-
-    def rows(self, t: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int] | None) -> torch.Tensor:
-        """t[slots]: a view when slots == arange(*slot_range), else a gathered copy."""
-        return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots.reshape(-1))
-
+    from server.lora.gate import GateStats, LayerGate
 
 Gathered = tuple[torch.Tensor, list[torch.Tensor]]  # A [N, K*n*r, d_in], n x B [N, K*r, d_out_j]
 
@@ -58,13 +38,12 @@ def gather(stack: GroupStack, slots: torch.Tensor) -> Gathered:
 
 class GatherCache:
     """The decode rows' gathered adapters of every (layer, group), kept while the decode batch's
-    slot matrix stays the same: a steady batch gathers once, not every step. The pool clears it
-    whenever a slot's weights change; past `budget_bytes` nothing is kept (gathered per step)."""
+    slot matrix and the slots' weights stay the same: a steady batch gathers once, not every
+    step. Past `budget_bytes` nothing is kept (gathered per step)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self.slot_bytes = 0  # one slot's A and B over all layers and groups (set by the pool)
-        self._key: tuple[tuple[int, ...], ...] | None = None
+        self._key: tuple | None = None
         self._gathered: dict[int, Gathered] = {}  # id(stack) -> its rows' adapters
         self.reused_steps = 0  # steps that gathered nothing
 
@@ -72,16 +51,17 @@ class GatherCache:
         self._key = None
         self._gathered.clear()
 
-    def use(self, decode_slots: tuple[tuple[int, ...], ...]) -> bool:
+    def use(self, decode_slots: tuple[tuple[int, ...], ...], stacks_version: int, slot_bytes: int) -> bool:
         """Start a step whose decode rows have these (padded) slots; False: nothing is kept."""
-        if not self.budget_bytes or sum(map(len, decode_slots)) * self.slot_bytes > self.budget_bytes:
+        if not self.budget_bytes or sum(map(len, decode_slots)) * slot_bytes > self.budget_bytes:
             self.clear()
             return False
-        if decode_slots == self._key:
+        key = (stacks_version, decode_slots)
+        if key == self._key:
             self.reused_steps += 1
         else:
             self.clear()
-            self._key = decode_slots
+            self._key = key
         return True
 
     def get(self, stack: GroupStack, slots: torch.Tensor) -> Gathered:
@@ -91,37 +71,45 @@ class GatherCache:
         return hit
 
 
-def apply_lora(
-    x: torch.Tensor, out: torch.Tensor, stack: GroupStack, info: LoRABatchInfo, weights: torch.Tensor | None,
-    gate: LayerGate | None = None,
-) -> torch.Tensor | None:
-    """x: [T, d_in]; out: [T, d_out_total], updated in place. weights: the tokens' weights over
-    the path's columns (info.token_weights, or what the layer's gate made of them). With `gate`
-    (the layer's probe group), gated tokens get their weights from the gate; returns the weights
-    used, which the layer's other groups then apply."""
-    if info.unique_slots is not None:
-        z = _shrink_dense(x, stack, info.unique_slots, info.unique_range)  # [T, U, n*r]
-        if gate is not None:
-            weights = gate.weigh(x, z, info.unique_slots, weights, info, slice(None))
-        _expand_dense(z, weights, out, stack, info.unique_slots, info.unique_range)
-        return weights
-    parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
-    nd = info.num_decode
-    if nd:
-        slots = info.seq_slots[:nd]  # [nd, K]
-        A, Bs = info.gather_cache.get(stack, slots) if info.gather_cache else gather(stack, slots)
-        z = torch.bmm(x[:nd].unsqueeze(1), A.transpose(1, 2)).view(nd, slots.shape[1], -1)  # [nd, K, n*r]
-        w = weights[:nd] if gate is None else gate.weigh(x[:nd], z, slots, weights[:nd], info, slice(0, nd))
-        parts.append(w)
-        _expand_gathered(z, w, out[:nd], stack, Bs)
-    for i, (offset, length) in enumerate(info.prefill_spans, start=nd):
-        rows = slice(offset, offset + length)
-        slots = info.seq_slots[i]  # [K]
-        z = _shrink_dense(x[rows], stack, slots, None)  # [L, K, n*r]
-        w = weights[rows] if gate is None else gate.weigh(x[rows], z, slots, weights[rows], info, rows)
-        parts.append(w)
-        _expand_dense(z, w, out[rows], stack, slots, None)
-    return weights if gate is None else torch.cat(parts)
+class TorchBackend(LoRABackend):
+    name = "torch"
+
+    def __init__(self, cache_bytes: int = 0) -> None:
+        self.gather_cache = GatherCache(cache_bytes)
+        self._cached = False  # whether this step's decode rows read the gather cache
+
+    def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
+        self._cached = bool(batch.decode_slots) and self.gather_cache.use(batch.decode_slots, stacks_version,
+                                                                          slot_bytes)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, batch: LoRABatchInfo,
+              weights: torch.Tensor | None, gate: LayerGate | None = None,
+              stats: GateStats | None = None) -> torch.Tensor | None:
+        """x: [T, d_in]; out: [T, d_out_total], updated in place. weights: the tokens' weights over
+        the path's columns (batch.token_weights, or what the layer's gate made of them)."""
+        if batch.unique_slots is not None:
+            z = _shrink_dense(x, stack, batch.unique_slots, batch.unique_range)  # [T, U, n*r]
+            if gate is not None:
+                weights = gate.weigh(x, z, batch.unique_slots, weights, stats, slice(None))
+            _expand_dense(z, weights, out, stack, batch.unique_slots, batch.unique_range)
+            return weights
+        parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
+        nd = batch.num_decode
+        if nd:
+            slots = batch.lora_slots[:nd]  # [nd, K]
+            A, Bs = self.gather_cache.get(stack, slots) if self._cached else gather(stack, slots)
+            z = torch.bmm(x[:nd].unsqueeze(1), A.transpose(1, 2)).view(nd, slots.shape[1], -1)  # [nd, K, n*r]
+            w = weights[:nd] if gate is None else gate.weigh(x[:nd], z, slots, weights[:nd], stats, slice(0, nd))
+            parts.append(w)
+            _expand_gathered(z, w, out[:nd], stack, Bs)
+        for i, (offset, length) in enumerate(batch.prefill_spans, start=nd):
+            rows = slice(offset, offset + length)
+            slots = batch.lora_slots[i]  # [K]
+            z = _shrink_dense(x[rows], stack, slots, None)  # [L, K, n*r]
+            w = weights[rows] if gate is None else gate.weigh(x[rows], z, slots, weights[rows], stats, rows)
+            parts.append(w)
+            _expand_dense(z, w, out[rows], stack, slots, None)
+        return weights if gate is None else torch.cat(parts)
 
 
 def _shrink_dense(

@@ -1,7 +1,10 @@
 """adapters_store/ on disk: one folder per adapter (PEFT files + card.json), changed atomically.
+Every layout name of the store lives here.
 
 Layout under the store root:
     <name>/                 a complete adapter (the only entries adapter_dirs lists)
+    gate/                   the trained MoLE router (library/artifacts.py)
+    retriever/              the trained retrieval projection (routing/retriever.py)
     .staging/<uuid>/        an upload being written; renamed to <name>/ once fsynced
     .replaced/<name>@<id>/  the previous version during a replace; dropped once the new one serves
     .deleted/<name>@<id>/   on its way out (rmtree); whatever is left here is removed at start-up
@@ -24,13 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.errors import AlreadyExists
+
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "card.json")
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "card.json"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
 STAGING, REPLACED, DELETED = ".staging", ".replaced", ".deleted"
+GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate_config.json"
+PROJECTION_DIR, PROJECTION_WEIGHTS, PROJECTION_CONFIG = "retriever", "projection.safetensors", "projection_config.json"
 
 
-class AdapterExistsError(FileExistsError):
-    pass
+class AdapterExistsError(AlreadyExists):
+    code = "adapter_exists"
 
 
 def valid_name(name: str) -> bool:
@@ -43,12 +51,12 @@ def adapter_dirs(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir())
-            if not p.name.startswith(".") and (p / "adapter_config.json").is_file()}
+            if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()}
 
 
 def read_card(folder: Path) -> dict:
     """card.json of an adapter folder ({} when it has none)."""
-    path = Path(folder) / "card.json"
+    path = Path(folder) / CARD_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -88,7 +96,7 @@ def describe(folder: Path) -> dict:
     from safetensors import safe_open
 
     folder = Path(folder)
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / WEIGHTS_FILE
     targets, layers, rank = set(), set(), 0
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
@@ -135,7 +143,7 @@ class AdapterStore:
         return self.root / name
 
     def __contains__(self, name: str) -> bool:
-        return valid_name(name) and (self.root / name / "adapter_config.json").is_file()
+        return valid_name(name) and (self.root / name / CONFIG_FILE).is_file()
 
     def names(self) -> list[str]:
         return list(adapter_dirs(self.root))
@@ -197,7 +205,7 @@ class AdapterStore:
             staging.mkdir(exist_ok=True)
             tmp = staging / f"card-{uuid.uuid4().hex}.json"  # same filesystem; recover() clears leftovers
             write_file_durably(tmp, json.dumps(card, indent=2).encode() + b"\n")
-            os.replace(tmp, folder / "card.json")
+            os.replace(tmp, folder / CARD_FILE)
             fsync_dir(folder)
 
     # --- internals ---

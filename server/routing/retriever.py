@@ -19,12 +19,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from server.config import Settings
-from server.lora.store import adapter_dirs, read_card
+from server.library.store import PROJECTION_CONFIG, PROJECTION_DIR, PROJECTION_WEIGHTS, adapter_dirs, read_card
 
 Hits = list[tuple[str, float]]  # (adapter name, cosine score), best first
 
-PROJECTION_DIR = "retriever"  # the trained retrieval projection's folder inside adapters_store/
-PROJECTION_FILE, PROJECTION_CONFIG = "projection.safetensors", "projection_config.json"
 # Embedded by the encoder a projection was trained on and stored with it: a projection is only
 # meaningful in the embedding space it was trained in, and this tells another encoder apart.
 FINGERPRINT_TEXT = "Retrieval fingerprint: which sentence encoder trained this projection?"
@@ -75,7 +73,7 @@ class RetrievalProjection:
     def save(self, folder: Path, extra: dict | None = None) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"delta": self.delta, "fingerprint": self.fingerprint}, folder / PROJECTION_FILE)
+        save_file({"delta": self.delta, "fingerprint": self.fingerprint}, folder / PROJECTION_WEIGHTS)
         (folder / PROJECTION_CONFIG).write_text(json.dumps({"dim": int(self.fingerprint.size), **(extra or {})},
                                                            indent=2))
 
@@ -84,7 +82,7 @@ class RetrievalProjection:
         """The projection in `folder`, refused with a clear error if `encoder` (the plain one) is not
         the encoder it was trained on."""
         try:
-            tensors = load_file(Path(folder) / PROJECTION_FILE)
+            tensors = load_file(Path(folder) / PROJECTION_WEIGHTS)
             projection = cls(tensors["delta"], tensors["fingerprint"])
         except (OSError, SafetensorError, KeyError, ValueError) as e:
             raise ProjectionFormatError(f"retrieval projection in {folder}: cannot read it: {e}") from e
@@ -125,7 +123,7 @@ class Embedder:
         """The encoder, with the store's trained projection when there is one and it is enabled."""
         embedder = cls(settings.embedder, settings.embedder_device)
         folder = Path(settings.adapters_dir) / PROJECTION_DIR
-        if settings.retrieval_projection and (folder / PROJECTION_FILE).is_file():
+        if settings.retrieval_projection and (folder / PROJECTION_WEIGHTS).is_file():
             embedder.projection = RetrievalProjection.load(folder, embedder)
         return embedder
 

@@ -1,0 +1,208 @@
+"""What /v1/chat/completions and /v1/completions share: the request to the engine (adapter
+selection, sampling), one Generation per prompt, and the response written once for both: the
+envelope, the SSE stream, include_usage, [DONE]. The routes only say how a choice looks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.errors import APIError
+from server.api.metrics import Metrics
+from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields, Usage
+from server.config import Settings
+from server.engine.client import EngineClient
+from server.engine.request import SamplingParams, StepOutput
+from server.errors import MoleError
+from server.routing.types import AdapterRef, MergeSpec, Selection
+
+
+def build_selection(client: EngineClient, settings: Settings, body: SamplingFields, query: str) -> Selection | None:
+    """How the engine picks this request's adapters, from `model` and the extension fields (DESIGN
+    section 2): `auto` retrieves (unless `adapters` names the candidates), an adapter's name is that
+    adapter, the base model's id is no adapter unless `adapters` names some."""
+    explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
+    if body.model not in ("auto", client.model_name):
+        if not client.has_adapter(body.model):
+            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model",
+                           "model_not_found")
+        explicit = explicit or (AdapterRef(body.model),)
+    if body.model != "auto" and not explicit:
+        return None
+    composition = body.composition or ("gate" if client.has_gate else "mixture")
+    merge = body.merge or MergeOptions()
+    return Selection(composition, explicit, query if body.model == "auto" else None,
+                     body.top_k or settings.retrieval_top_k, MergeSpec(merge.strategy, merge.density, merge.seed))
+
+
+def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int) -> SamplingParams:
+    if body.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    window = client.max_model_len
+    max_tokens = body.token_limit() or window - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > window:
+        raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
+                            f"{max_tokens} in the completion).", param="messages", code="context_length_exceeded")
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
+
+
+class Generation:
+    """One engine request seen from HTTP: runs it, times it, counts it in the metrics."""
+
+    def __init__(self, client: EngineClient, settings: Settings, metrics: Metrics, route: str,
+                 prompt_ids: list[int], body: SamplingFields, query: str) -> None:
+        self.metrics, self.route, self.prompt_ids = metrics, route, prompt_ids
+        selection = build_selection(client, settings, body, query)
+        self.sampling = sampling_params(client, body, len(prompt_ids))
+        self.text, self.finish_reason, self.completion_tokens = "", None, 0
+        self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
+        self.gate_entropy: float | None = None
+        self._first: StepOutput | None = None
+        self.start = time.perf_counter()
+        # submitted now, so a full queue or a bad request is an HTTP error before any byte is sent
+        self.outputs = client.generate(prompt_ids, self.sampling, selection)
+
+    async def first_output(self) -> None:
+        """Wait for the first token (or an early error), so the adapters chosen are known before
+        the response headers go out."""
+        try:
+            self._first = await anext(aiter(self.outputs))
+        except BaseException:
+            self.outputs.close()
+            raise
+        self._check(self._first)
+
+    def _check(self, out: StepOutput) -> None:
+        if out.adapters is not None:
+            self.adapters = out.adapters
+        if out.gate_entropy is not None:
+            self.gate_entropy = out.gate_entropy
+        if out.error is not None:
+            self.outputs.close()
+            raise out.error
+
+    async def _outputs(self) -> AsyncIterator[StepOutput]:
+        if self._first is not None:
+            yield self._first
+        async for out in self.outputs:
+            self._check(out)
+            yield out
+
+    async def deltas(self) -> AsyncIterator[str]:
+        start = first = self.start
+        try:
+            async for out in self._outputs():
+                if self.completion_tokens == 0 and out.num_output_tokens:
+                    first = time.perf_counter()
+                    self.metrics.ttft.observe(first - start)
+                self.completion_tokens = out.num_output_tokens
+                self.text += out.text
+                if out.finished:
+                    self.finish_reason = out.finish_reason.value
+                if out.text:
+                    yield out.text
+        finally:  # also when the client disconnects mid-stream (the task is cancelled)
+            self.outputs.close()
+        end = time.perf_counter()
+        self.metrics.latency.labels(self.route).observe(end - start)
+        if self.completion_tokens > 1:
+            self.metrics.tpot.observe((end - first) / (self.completion_tokens - 1))
+        self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+        self.metrics.completion_tokens.inc(self.completion_tokens)
+        self.metrics.observe_adapters(self.adapters, self.gate_entropy)
+
+    async def run(self) -> None:
+        async for _ in self.deltas():
+            pass
+
+    def usage(self) -> Usage:
+        n = len(self.prompt_ids)
+        return Usage(prompt_tokens=n, completion_tokens=self.completion_tokens,
+                     total_tokens=n + self.completion_tokens)
+
+
+async def start(gens_from: list[Callable[[], Generation]]) -> list[Generation]:
+    """Submit every prompt and wait for each first output; on a refusal, release what was submitted
+    and raise it as an APIError."""
+    gens: list[Generation] = []
+    try:
+        for make in gens_from:
+            gens.append(make())
+        for g in gens:
+            await g.first_output()
+    except MoleError as e:
+        for g in gens:
+            g.outputs.close()
+        raise APIError.of(e) from e
+    except BaseException:
+        for g in gens:
+            g.outputs.close()
+        raise
+    return gens
+
+
+@dataclass
+class Shape:
+    """How one endpoint's response looks: its object names and its choices."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[int, Generation], object]  # the whole answer of prompt i
+    delta: Callable[[int, str, str | None], object]  # a streamed piece of prompt i (text, finish reason)
+    opening: Callable[[], object] | None = None  # a first chunk before any text (chat: the role)
+
+
+def total_usage(gens: list[Generation]) -> Usage:
+    usages = [g.usage() for g in gens]
+    return Usage(**{k: sum(getattr(u, k) for u in usages) for k in Usage.model_fields})
+
+
+def sse(payload: CompletionEnvelope | str) -> str:
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_unset=True)
+    return f"data: {data}\n\n"
+
+
+def adapters_header(report: list[dict]) -> dict[str, str]:
+    return {"x-mole-adapters": ",".join(f"{a['name']}={a['weight']:.4g}" for a in report)}
+
+
+async def respond(shape: Shape, body: SamplingFields, gens: list[Generation]) -> Response:
+    """The whole response, or its SSE stream, for generations already started."""
+    rid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    header = adapters_header(gens[0].adapters)
+
+    def envelope(obj: str, choices: list, **extra) -> CompletionEnvelope:
+        return CompletionEnvelope(id=rid, object=obj, created=created, model=body.model, choices=choices, **extra)
+
+    if not body.stream:
+        try:
+            for g in gens:
+                await g.run()
+        except MoleError as e:
+            raise APIError.of(e) from e
+        whole = envelope(shape.object, [shape.choice(i, g) for i, g in enumerate(gens)], usage=total_usage(gens),
+                         adapters=gens[0].adapters)
+        return JSONResponse(whole.model_dump(mode="json", exclude_unset=True), headers=header)
+
+    async def events() -> AsyncIterator[str]:
+        if shape.opening is not None:
+            yield sse(envelope(shape.chunk_object, [shape.opening()], adapters=gens[0].adapters))
+        for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
+            async for text in g.deltas():
+                yield sse(envelope(shape.chunk_object, [shape.delta(i, text, None)]))
+            # the last chunk of a prompt carries its adapters again, with the gate's mean weights
+            yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason)], adapters=g.adapters))
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(envelope(shape.chunk_object, [], usage=total_usage(gens)))
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=header)

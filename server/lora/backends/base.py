@@ -1,0 +1,77 @@
+"""What a LoRA backend computes, stated as a plain loop (the tests' oracle for every backend).
+
+For one adapted module group of one layer, with x: [T, d_in] and the group's fused base output
+out: [T, d_out_total], a backend adds in place, for every token t of sequence i(t):
+
+    for c, slot in enumerate(batch's columns of t):         # K slots (gathered) or U unique (dense)
+        z[t, c] = stack.A[slot] @ x[t]                        # shrink, [n*r]
+    w[t] = weights[t]                                         # [C] prior weights (None: all 1)
+           or, at the probe group with a gate, gate.weigh(x, z, ...) for the gated tokens
+    for j, (c0, c1) in enumerate(stack.out_columns):          # module j of the group
+        out[t, c0:c1] += sum_c w[t, c] * z[t, c, j*r:(j+1)*r] @ stack.B[j][slot]
+
+and returns the weights it used, which the layer's other groups then apply (one gate decision
+per layer, MoLE's hierarchical control). z stays unweighted until the weights are known, so the
+gate scores candidates in rank space before the expand. Slot 0 is all zeros: padding costs
+nothing but FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.lora.batch import LoRABatchInfo
+from server.lora.stacks import GroupStack
+
+if TYPE_CHECKING:
+    from server.lora.gate import GateStats, LayerGate
+
+
+class LoRABackend:
+    """The contract. A backend may keep state across steps (caches); `prepare` is called once per
+    step before any layer runs."""
+
+    name = "base"
+
+    def __init__(self, cache_bytes: int = 0) -> None:
+        """cache_bytes: memory the backend may keep across steps (0: none)."""
+
+    def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
+        """A new step. stacks_version changes whenever any slot's weights change (caches keyed
+        on slot numbers must then be dropped); slot_bytes is one slot's size over every layer."""
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, batch: LoRABatchInfo,
+              weights: torch.Tensor | None, gate: LayerGate | None = None,
+              stats: GateStats | None = None) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+def token_columns(batch: LoRABatchInfo) -> list[list[int]]:
+    """Per token, the slots its weight columns stand for."""
+    if batch.unique_slots is not None:
+        return [batch.unique_slots.tolist()] * (batch.num_decode + sum(n for _, n in batch.prefill_spans))
+    per_seq = batch.lora_slots.tolist()
+    rows = per_seq[: batch.num_decode]
+    for i, (_, n) in enumerate(batch.prefill_spans, start=batch.num_decode):
+        rows += [per_seq[i]] * n
+    return rows
+
+
+class ReferenceBackend(LoRABackend):
+    """The loop above, token by token (no gate: the gate's math is tested on its own). Slow; for tests."""
+
+    name = "reference"
+
+    def apply(self, x, out, stack, batch, weights, gate=None, stats=None):
+        if gate is not None:
+            raise NotImplementedError("the reference loop states the ungated op")
+        r = stack.rank
+        for t, slots in enumerate(token_columns(batch)):
+            for c, slot in enumerate(slots):
+                w = 1.0 if weights is None else weights[t, c]
+                z = stack.A[slot] @ x[t]  # [n*r]
+                for j, (c0, c1) in enumerate(stack.out_columns):
+                    out[t, c0:c1] += w * z[j * r : (j + 1) * r] @ stack.B[j][slot]
+        return weights

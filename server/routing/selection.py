@@ -1,0 +1,104 @@
+"""Turns a request's Selection into its adapter set: retrieval for `auto` (one batched embedding
+per step), then the composition mode: gate, mixture, select, or a static merge held in one slot.
+Runs without an engine: a selection in, a `Chosen` out."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from typing import Protocol
+
+from server.config import Settings
+from server.errors import AdapterNotFound, InvalidRequest
+from server.lora.kinds.base import AdapterWeights
+from server.routing.merge import merge_adapters, merge_key
+from server.routing.retriever import Retriever
+from server.routing.types import AdapterRef, Chosen, Selection
+
+
+class SelectionError(InvalidRequest):
+    """A selection that cannot be built (a merge of incompatible adapters, over the rank limit)."""
+
+
+class Merges(Protocol):
+    """Where merged adapters are kept (the pool's virtual adapters) and the sources' weights read."""
+
+    def weights(self, name: str) -> AdapterWeights: ...
+
+    def has_virtual(self, name: str) -> bool: ...
+
+    def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None: ...
+
+
+def softmax(scores: Seq[float], temperature: float) -> list[float]:
+    top = max(scores)
+    exps = [math.exp((s - top) / temperature) for s in scores]
+    return [e / sum(exps) for e in exps]
+
+
+class AdapterSelector:
+    """exists: whether an adapter name exists now (the catalog); merges: where merges are built."""
+
+    def __init__(self, settings: Settings, exists: Callable[[str], bool], merges: Merges,
+                 retriever: Retriever | None = None) -> None:
+        self.settings, self.exists, self.merges = settings, exists, merges
+        self.retriever = retriever  # None: `auto` is the base model
+        self.retrieval_seconds: list[float] = []  # one entry per batched search, drained by metrics
+
+    def retrieve(self, selections: Seq[Selection]) -> list[list[tuple[str, float]]]:
+        """Per selection, its top-k (adapter, score) over the similarity floor; one batch for all."""
+        asking = [i for i, s in enumerate(selections) if s.query is not None and not s.explicit]
+        hits: list[list[tuple[str, float]]] = [[] for _ in selections]
+        if not asking or self.retriever is None:
+            return hits
+        start = time.perf_counter()
+        k = max(selections[i].top_k for i in asking)
+        found = self.retriever.search([selections[i].query for i in asking], k, self.settings.retrieval_floor)
+        self.retrieval_seconds.append(time.perf_counter() - start)
+        for i, h in zip(asking, found):
+            hits[i] = h[: selections[i].top_k]
+        return hits
+
+    def choose(self, sel: Selection, hits: list[tuple[str, float]]) -> Chosen:
+        """The adapters of a selection given its retrieval hits. Raises AdapterNotFound, SelectionError."""
+        chosen = Chosen()
+        if sel.explicit:
+            names, priors = [a.name for a in sel.explicit], [a.weight for a in sel.explicit]
+        else:
+            names, scores = [n for n, _ in hits], [s for _, s in hits]
+            chosen.scores = dict(hits)
+            priors = softmax(scores, self.settings.mixture_temperature) if scores else []
+        for name in names:
+            if not self.exists(name):  # deleted since the request was accepted
+                raise AdapterNotFound(f"The adapter `{name}` does not exist.", "adapters")
+        if not names:  # nothing relevant retrieved: the base model answers
+            return chosen
+        total = sum(priors)
+        priors = [w / total for w in priors]
+        if sel.composition == "select":
+            best = max(range(len(names)), key=priors.__getitem__)
+            chosen.adapters = (AdapterRef(names[best], 1.0),)
+        elif sel.composition == "merge":
+            chosen.adapters = (AdapterRef(self._merged(names, priors, sel), 1.0),)
+            chosen.sources = tuple(names)
+        else:  # mixture, or gate: the gate computes per-layer, per-token weights from these priors
+            chosen.adapters = tuple(AdapterRef(n, w) for n, w in zip(names, priors))
+            chosen.gated = sel.composition == "gate" and len(names) > 1
+        return chosen
+
+    def _merged(self, names: list[str], weights: list[float], sel: Selection) -> str:
+        spec = sel.merge
+        name = "merge-" + merge_key(names, weights, spec.strategy, spec.density, spec.seed)
+        if not self.merges.has_virtual(name):
+            sources = [self.merges.weights(n) for n in names]
+            try:
+                merged = merge_adapters(sources, weights, spec.strategy, name, spec.density, spec.seed)
+            except ValueError as e:
+                raise SelectionError(f"merge: {e}", "merge") from e
+            if merged.rank > self.settings.max_lora_rank:
+                raise SelectionError(f"merge: the {spec.strategy} merge has rank {merged.rank}, over the limit "
+                                     f"{self.settings.max_lora_rank}", "merge")
+            self.merges.put_virtual(merged, self.settings.max_merges)
+        return name
