@@ -99,8 +99,9 @@ async def upload_adapter(request: Request, replace: bool = False):
     files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
     checked = await asyncio.to_thread(single_threaded, engine.catalog.check, files, name)
     done = await engine.catalog.upload(checked, replace, engine)
-    return JSONResponse({"object": "adapter", "name": done.name, "card": done.card, **done.info, "nearest": done.nearest,
-                         "load_s": round(done.load_s, 4), "replaced": done.replaced}, status_code=201)
+    return JSONResponse({"object": "adapter", "name": done.name, "card": done.card, **done.info,
+                         "nearest": done.nearest, "load_s": round(done.load_s, 4), "replaced": done.replaced},
+                        status_code=201)
 
 
 def _summary(store: AdapterStore, name: str, engine: EngineClient | None) -> dict | None:

@@ -24,8 +24,8 @@ router = APIRouter()
 
 CHAT = Shape(
     "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda i, g: ChatChoice(index=i, message=AssistantMessage(content=g.text), logprobs=None,
-                                   finish_reason=g.finish_reason),
+    choice=lambda i, g: ChatChoice(index=i, message=AssistantMessage(role="assistant", content=g.text),
+                                   logprobs=None, finish_reason=g.finish_reason),
     delta=lambda i, text, finish: ChatChoice(index=i, delta={"content": text} if text else {}, logprobs=None,
                                              finish_reason=finish),
     opening=lambda: ChatChoice(index=0, delta={"role": "assistant", "content": ""}, logprobs=None,

@@ -306,3 +306,26 @@ def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, 
     for _ in range(20):
         engine.step()
     assert running.is_finished and waiting.is_finished and not engine.has_unfinished()
+
+
+def test_an_upload_the_engine_cannot_take_is_rolled_back(client, files, tmp_path, monkeypatch):
+    """The catalog's transaction: a failure after the store commit puts back the previous version
+    (replace) or nothing (new name), on disk and in the engine."""
+    assert upload(client, files).status_code == 201
+    engine = client.app.state.engine.engine
+    v1 = (tmp_path / "store" / "alpha" / "card.json").read_bytes()
+    real_add = engine.add_adapter
+
+    def add_failing_once(name, path, weights=None, key=None):
+        if weights is not None:  # the upload's own call; the rollback's re-read goes through
+            raise OSError("disk went away")
+        return real_add(name, path, weights, key)
+
+    monkeypatch.setattr(engine, "add_adapter", add_failing_once)
+    r = upload(client, with_card(files, description="v2"), replace=True)
+    assert r.status_code == 422 and "could not be loaded" in r.json()["error"]["message"]
+    assert (tmp_path / "store" / "alpha" / "card.json").read_bytes() == v1
+    assert chat(client, "alpha").status_code == 200
+    r = upload(client, files, name="gamma")
+    assert r.status_code == 422 and "gamma" not in adapter_dirs(tmp_path / "store")
+    assert chat(client, "gamma").status_code == 404 and not client.app.state.engine.has_adapter("gamma")

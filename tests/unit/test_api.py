@@ -33,6 +33,36 @@ def tiny_engine(tokenizer):
     return lambda **kw: engine_for(tiny_hf_model(), tokenizer, **kw)
 
 
+def test_error_kinds_map_through_one_table():
+    from server.api.errors import APIError
+    from server.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError, Overloaded
+    from server.library.store import AdapterExistsError
+    from server.library.upload import InvalidAdapterError, UploadError, UploadTooLargeError
+
+    cases = [(InvalidRequest("x", "top_k"), 400), (AdapterNotFound("x"), 404), (AdapterExistsError("x"), 409),
+             (UploadError("x"), 400), (UploadTooLargeError("x"), 413), (InvalidAdapterError("x"), 422),
+             (Overloaded("x"), 429), (EngineFailure("x"), 500), (MoleError("x"), 500)]
+    for error, status in cases:
+        mapped = APIError.of(error)
+        assert mapped.status == status and mapped.message == "x", error
+    assert APIError.of(InvalidRequest("x", "top_k")).body()["error"]["param"] == "top_k"
+    assert APIError.of(Overloaded("x")).headers == {"Retry-After": "1"}
+
+
+def test_a_key_error_from_a_bug_is_a_500_not_a_404(tiny_engine, monkeypatch):
+    engine = tiny_engine()
+
+    def broken(*args, **kwargs):
+        raise KeyError("some internal table")
+
+    monkeypatch.setattr(engine, "make_sequence", broken)
+    with TestClient(create_app(Settings(), lambda: engine), raise_server_exceptions=False) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+
+
 def test_not_ready_is_503_then_ready(tiny_engine):
     release = threading.Event()
 

@@ -1,0 +1,85 @@
+"""The house rules (DESIGN.md section 1), checked on the source: which package may import which,
+no import circles inside a package, no torch behind the HTTP layer, no disk inside lora/."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "server"
+
+FORBIDDEN = {  # package -> packages of server it must not import
+    "lora": {"library", "routing", "api", "training", "engine"},
+    "engine": {"api", "training"},
+    "routing": {"engine", "api", "training"},
+    "library": {"engine", "api", "training"},
+    "api": {"training"},
+}
+DISK_MODULES = {"safetensors", "pathlib", "os", "shutil", "json", "tempfile"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Modules imported anywhere in the file (functions included), except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+    return found
+
+
+MODULES = {module_name(p): runtime_imports(p) for p in ROOT.rglob("*.py")}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_packages_import_only_what_the_layers_allow(package):
+    bad = sorted((mod, imp) for mod, imports in MODULES.items() if mod.startswith(f"server.{package}.")
+                 for imp in imports for other in FORBIDDEN[package] if imp.startswith(f"server.{other}"))
+    assert not bad, bad
+
+
+def test_lora_never_touches_disk():
+    bad = sorted((mod, imp) for mod, imports in MODULES.items() if mod.startswith("server.lora.")
+                 for imp in imports if imp.split(".")[0] in DISK_MODULES)
+    assert not bad, bad
+
+
+def test_no_import_circles_inside_a_package():
+    graph = {mod: {imp for imp in imports if imp in MODULES and imp != mod} for mod, imports in MODULES.items()}
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for dep in graph[mod]:
+            same_package = dep.rsplit(".", 1)[0] == mod.rsplit(".", 1)[0]
+            if state.get(dep) == 1 and same_package:
+                raise AssertionError(f"import circle: {' -> '.join(path + [dep])}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+
+
+def test_the_http_layer_imports_no_torch():
+    code = ("import sys, server.api.app, server.api.serving, server.api.openai_routes, server.api.admin_routes; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
