@@ -36,6 +36,7 @@ class LoRAPool:
         self.rank = 0
         self.stacks: list[LayerStacks] = []  # [layer][group], empty until the first load
         self.version = 0  # bumped whenever any slot's weights change: backends' caches key on it
+        self.slot_bytes = 0  # one slot's A and B over all layers and groups (padded to the pool's rank)
         self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()  # LRU, most recent last
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> lora slot, LRU
         self._pins: Counter[int] = Counter()  # lora slot -> running sequences using it
@@ -95,11 +96,6 @@ class LoRAPool:
     @property
     def num_resident(self) -> int:
         return len(self._resident)
-
-    @property
-    def slot_bytes(self) -> int:
-        """One slot's A and B over all layers and groups (padded to the pool's rank)."""
-        return slot_bytes(self.stacks)
 
     # --- residency ---
     def acquire(self, names: Sequence[str]) -> list[int] | None:
@@ -161,6 +157,7 @@ class LoRAPool:
         self.stacks = [new_layer_stacks(self.spec, self.max_loras + 1, rank, self.dtype, self.device)
                        for _ in range(self.spec.num_layers)]
         self.version += 1
+        self.slot_bytes = slot_bytes(self.stacks)
         for src, dst in zip(old, self.stacks):
             copy_into_larger(src, dst)
         self._refresh_gate_keys()
