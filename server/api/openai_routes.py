@@ -80,13 +80,22 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(text_shape([p if body.echo else "" for p in prompts]), body, gens)
 
 
+def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:
+    """The base model (no parent), `auto`, or an adapter (parent: the base, as vLLM lists LoRAs)."""
+    base = engine.model_name
+    return ModelCard(id=model_id, created=created, root=base, parent=None if model_id == base else base)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
+    engine, created = ready_engine(request), int(time.time())
+    ids = [engine.model_name, "auto", *engine.catalog.names]
+    return ModelList(data=[model_card(engine, i, created) for i in ids]).model_dump(mode="json")
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request):
     engine = ready_engine(request)
-    created, base = int(time.time()), engine.model_name
-
-    def card(model_id: str, parent: str | None) -> ModelCard:
-        return ModelCard(id=model_id, created=created, root=base, parent=parent)
-
-    data = [card(base, None), card("auto", base)] + [card(n, base) for n in engine.catalog.names]
-    return ModelList(data=data).model_dump(mode="json")
+    if model_id not in (engine.model_name, "auto") and not engine.has_adapter(model_id):
+        raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model", "model_not_found")
+    return model_card(engine, model_id, int(time.time())).model_dump(mode="json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.routing.types import Composition, MergeStrategy
 
@@ -42,10 +42,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _lone_surrogate(value: object) -> bool:
+    """Whether a JSON value holds a string with a lone UTF-16 surrogate ("\\ud800"): valid JSON,
+    but no Unicode text; the tokenizer and every UTF-8 encoder refuse it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # C speed, where a scan per character would take a second on 20 MB
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        if _lone_surrogate(data):
+            raise ValueError("the request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode")
+        return data
 
     model: str = "auto"
     max_tokens: int | None = Field(None, ge=1)

@@ -169,3 +169,29 @@ def test_adapter_metric_labels_are_bounded():
     samples = {s.labels["adapter"]: s.value for s in metrics.adapter_requests.collect()[0].samples
                if s.name.endswith("_total")}
     assert samples == {"a": 2.0, "b": 1.0, "other": 2.0}
+
+
+def test_lone_surrogates_are_a_400_and_the_connection_stays_usable(tiny_engine):
+    """Valid JSON, invalid Unicode: in a message, a prompt, the model field; never a 500."""
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        bad = [("/v1/chat/completions", '{"model": "auto", "messages": [{"role": "user", "content": "\\ud800 x"}]}'),
+               ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}'),
+               ("/v1/completions", '{"model": "auto", "prompt": ["ok", "\\ud83d"]}')]
+        for path, body in bad:
+            r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_models_retrieve_each_listed_id(tiny_engine):
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        listed = client.get("/v1/models").json()["data"]
+        for card in listed:
+            r = client.get(f"/v1/models/{card['id']}")
+            assert r.status_code == 200 and r.json()["id"] == card["id"] and r.json()["parent"] == card["parent"]
+        r = client.get("/v1/models/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
