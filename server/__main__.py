@@ -76,6 +76,19 @@ def admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from server.library.catalog import convert_to_safetensors
+    from server.lora.kinds.base import AdapterFormatError
+
+    for folder in args.path:
+        try:
+            print(convert_to_safetensors(folder))
+        except AdapterFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _admin_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_)
     p.add_argument("--url", default=os.environ.get("MOLE_URL", "http://127.0.0.1:8000"), help="server (MOLE_URL)")
@@ -105,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p = _admin_parser(sub, "adapters", "list, show or delete the adapters of a server")
     p.add_argument("action", choices=["list", "show", "delete"])
     p.add_argument("name", nargs="?")
+
+    p = sub.add_parser("convert", help="write the safetensors twin of an adapter folder's adapter_model.bin "
+                                       "(the format MoE-PEFT and the MELoRA code save; uploads take safetensors only)")
+    p.add_argument("path", nargs="+", help="adapter folders")
+    p.set_defaults(func=convert)
 
     sub.add_parser("train-adapter", help="train task LoRAs (see --help)", add_help=False)
     sub.add_parser("train-gate", help="train the MoLE router on the library (see --help)", add_help=False)

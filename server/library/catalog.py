@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 from safetensors.torch import load, load_file
 
 from server.errors import AdapterNotFound
 from server.library.store import (
     CONFIG_FILE,
+    PICKLED_WEIGHTS,
     WEIGHTS_FILE,
     AdapterStore,
     Commit,
@@ -77,23 +79,44 @@ def parse_adapter(name: str, config: object, tensors: dict, spec: LoRATargetSpec
         raise AdapterFormatError(f"adapter {name!r} does not fit the base model: {e}") from e
 
 
-def read_adapter(folder: Path, spec: LoRATargetSpec, max_rank: int, name: str) -> AdapterWeights:
-    """An adapter folder from disk (safetensors only), parsed by its kind."""
+def read_tensors(folder: Path, name: str) -> dict:
+    """adapter_model.safetensors, else the authors' adapter_model.bin (MoE-PEFT, the MELoRA fork)
+    through torch.load(weights_only=True): tensors only, never arbitrary pickled objects. Only
+    folders on this machine get here; uploads are safetensors only."""
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    try:
+        if (folder / WEIGHTS_FILE).is_file():
+            return load_file(folder / WEIGHTS_FILE)
+        if (folder / PICKLED_WEIGHTS).is_file():
+            tensors = torch.load(folder / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise ValueError("it does not hold a flat dict of tensors")
+            return tensors
+    except Exception as e:  # safetensors and torch raise their own error types for corrupt files
+        raise AdapterFormatError(f"adapter {name!r}: cannot read its weights: {e}") from e
+    raise AdapterFormatError(f"adapter {name!r}: {folder} has neither {WEIGHTS_FILE} nor {PICKLED_WEIGHTS}")
+
+
+def read_adapter(folder: Path, spec: LoRATargetSpec, max_rank: int, name: str) -> AdapterWeights:
+    """An adapter folder from disk, parsed by its kind."""
+    config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterFormatError(f"adapter {name!r}: {config_path} is missing")
-    if not weights_path.is_file():
-        raise AdapterFormatError(f"adapter {name!r}: {weights_path} is missing (only safetensors is read)")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON: {e}") from e
-    try:
-        tensors = load_file(weights_path)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFormatError(f"adapter {name!r}: cannot read {WEIGHTS_FILE}: {e}") from e
-    return parse_adapter(name, config, tensors, spec, max_rank)
+    return parse_adapter(name, config, read_tensors(folder, name), spec, max_rank)
+
+
+def convert_to_safetensors(folder: Path) -> Path:
+    """Write the safetensors twin of a folder's adapter_model.bin beside it (`mole-serve convert`)."""
+    from safetensors.torch import save_file
+
+    tensors = read_tensors(folder, Path(folder).name)
+    out = Path(folder) / WEIGHTS_FILE
+    save_file({k: t.contiguous() for k, t in tensors.items()}, out)
+    return out
 
 
 class Catalog:

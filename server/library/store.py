@@ -32,6 +32,7 @@ from server.errors import AlreadyExists
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "card.json"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
+PICKLED_WEIGHTS = "adapter_model.bin"  # the authors' format for MixLoRA and MELoRA; read from local folders only
 STAGING, REPLACED, DELETED = ".staging", ".replaced", ".deleted"
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate_config.json"
 PROJECTION_DIR, PROJECTION_WEIGHTS, PROJECTION_CONFIG = "retriever", "projection.safetensors", "projection_config.json"

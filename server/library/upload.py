@@ -180,8 +180,9 @@ def _check_config(config: object, base_names: set[str]) -> dict:
         raise InvalidAdapterError(f"the adapter was trained on {base!r}; this server's base model is "
                                   f"{sorted(base_names)[0]!r}")
     alpha = config.get("lora_alpha", 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidAdapterError(f"adapter_config.json: lora_alpha {alpha!r} is not a number")
+    alphas = alpha if isinstance(alpha, list) and alpha else [alpha]  # MELoRA: one per mini LoRA
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
+        raise InvalidAdapterError(f"adapter_config.json: lora_alpha {alpha!r} is not a number (or a list of them)")
     for field in ("alpha_pattern", "rank_pattern"):
         pattern = config.get(field) or {}
         if not isinstance(pattern, dict) or not all(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.lora.kinds import lora
+from server.lora.kinds import lora, melora
 from server.lora.kinds.base import AdapterFormatError, AdapterKind
 
-KINDS: dict[str, AdapterKind] = {"lora": lora}
+KINDS: dict[str, AdapterKind] = {"lora": lora, "melora": melora}
 
 
 def kind_for(name: str, config: dict) -> AdapterKind:

@@ -48,6 +48,9 @@ class AdapterWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     config: dict = field(default_factory=dict)
     kind: str = "lora"
+    # The kind's native form where it differs from `modules` (melora: per module, A [n, r, d_in/n]
+    # and B [n, d_out/n, r] of its n mini LoRAs, scaling folded in); None for a plain LoRA.
+    blocks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class AdapterKind(Protocol):
