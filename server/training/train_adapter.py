@@ -1,4 +1,5 @@
-"""Train one task LoRA (PEFT) on the base model and write it, with its card, into adapters_store/.
+"""Train one task adapter on the base model and write it, with its card, into adapters_store/:
+a LoRA through PEFT (kind `lora`), or a MELoRA through training/melora.py (kind `melora`).
 
 Loss is on the assistant answer only, and the LM head runs only on the positions that predict answer
 tokens: on a 135M model with a 49k vocabulary that head is a fifth of the forward cost otherwise.
@@ -35,7 +36,9 @@ def build_chat(prompt: str) -> list[dict]:
 
 @dataclass
 class TrainOptions:
-    rank: int = 8
+    kind: str = "lora"  # or "melora"
+    rank: int = 8  # melora: the rank of each mini LoRA
+    blocks: int = 8  # melora: n, the mini LoRAs per module
     alpha: int = 16
     targets: tuple[str, ...] = TARGET_MODULES
     steps: int = 240
@@ -98,18 +101,18 @@ def lr_factor(step: int, opts: TrainOptions) -> float:
     return max(0.0, (opts.steps - step) / max(1, opts.steps - opts.warmup))
 
 
-def train_lora(peft_model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOptions) -> list[float]:
-    """Run the optimisation on `pairs` (opts.steps * opts.batch of them); returns the loss per step."""
-    inner = peft_model.get_base_model()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOptions) -> list[float]:
+    """Run the optimisation on `pairs` (opts.steps * opts.batch of them); returns the loss per step.
+    model: the causal LM with its adapter modules injected (only they require grad)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, opts))
-    peft_model.train()
+    model.train()
     losses: list[float] = []
     bar = tqdm(range(opts.steps), desc="train", mininterval=5)
     for step in bar:
         batch = collate(tokenizer, pairs[step * opts.batch : (step + 1) * opts.batch])
-        loss = answer_loss(inner, batch)
+        loss = answer_loss(model, batch)
         loss.backward()
         optim.step()
         sched.step()
@@ -118,7 +121,7 @@ def train_lora(peft_model, tokenizer, pairs: list[tuple[str, str]], opts: TrainO
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if len(losses) >= 10 and sum(losses[-10:]) / 10 < opts.stop_loss:
             break
-    peft_model.eval()
+    model.eval()
     return losses
 
 
@@ -158,14 +161,14 @@ def load_base(settings: Settings):
     return model, AutoTokenizer.from_pretrained(path), path.name
 
 
-def save_adapter(peft_model, card: dict, out_dir: Path) -> None:
-    """PEFT files (safetensors only) + card.json, written to a temp dir and renamed into place."""
+def save_adapter(write_weights, card: dict, out_dir: Path) -> None:
+    """The adapter's files (write_weights(folder): config + safetensors) and card.json, written to
+    a temp dir and renamed into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        peft_model.peft_config["default"].base_model_name_or_path = card["base_model"]
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        write_weights(tmp)
         for extra in set(os.listdir(tmp)) - set(PEFT_FILES):  # PEFT also writes a README stub
             os.remove(tmp / extra)
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -181,29 +184,28 @@ def save_adapter(peft_model, card: dict, out_dir: Path) -> None:
 def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = None,
                   settings: Settings | None = None, model=None, tokenizer=None,
                   base_model_name: str | None = None) -> dict:
-    """Train the LoRA of one task and write it to out_dir; returns its card. `model` is consumed
-    (LoRA layers are injected into it); without one the base model of `settings` is loaded."""
-    from peft import LoraConfig, get_peft_model
-
+    """Train the adapter of one task and write it to out_dir; returns its card. `model` is consumed
+    (adapter layers are injected into it); without one the base model of `settings` is loaded."""
     opts, task = opts or TrainOptions(), TASKS[task_name]
     if model is None:
         model, tokenizer, base_model_name = load_base(settings or Settings())
+    base_model_name = base_model_name or getattr(model.config, "name_or_path", "") or "unknown"
     eval_pairs = task.examples("eval", opts.n_eval, seed=0)  # the fixed eval set, whatever the seed
     base_acc = accuracy(model, tokenizer, task, eval_pairs, opts.eval_batch)
-    torch.manual_seed(opts.seed)  # LoRA A init
-    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    torch.manual_seed(opts.seed)  # A init
+    trained, write_weights = inject(model, opts, base_model_name)
     train_pairs = task.examples("train", opts.steps * opts.batch, seed=opts.seed)
     start = time.perf_counter()
-    losses = train_lora(peft_model, tokenizer, train_pairs, opts)
+    losses = train_lora(trained, tokenizer, train_pairs, opts)
     wall = time.perf_counter() - start
     card = {
-        "name": task.name,
+        "name": out_dir.name,
         "description": task.description,
         "task": task.name,
         "family": task.family,
-        "base_model": base_model_name or getattr(model.config, "name_or_path", "") or "unknown",
+        "base_model": base_model_name,
+        "kind": opts.kind,
+        "trainable_params": sum(p.numel() for p in trained.parameters() if p.requires_grad),
         "examples": list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples],
         "system_prompt": SYSTEM_PROMPT,
         "training": {k: v for k, v in asdict(opts).items() if k != "eval_batch"},
@@ -212,11 +214,32 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "base_accuracy": base_acc,
-        "adapter_accuracy": accuracy(peft_model, tokenizer, task, eval_pairs, opts.eval_batch),
+        "adapter_accuracy": accuracy(trained, tokenizer, task, eval_pairs, opts.eval_batch),
         "n_eval": len(eval_pairs),
     }
-    save_adapter(peft_model, card, out_dir)
+    save_adapter(write_weights, card, out_dir)
     return card
+
+
+def inject(model, opts: TrainOptions, base_model_name: str):
+    """(the model with the trainable adapter modules in it, a function writing the adapter's files)."""
+    if opts.kind == "melora":
+        from server.training.melora import inject_melora, save_melora
+
+        injected = inject_melora(model, opts.targets, opts.blocks, opts.rank, opts.alpha)
+        return model, lambda folder: save_melora(injected, folder, opts.targets, opts.blocks, opts.rank,
+                                                 opts.alpha, base_model_name)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+
+    def write(folder: Path) -> None:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+
+    return peft_model.get_base_model(), write
 
 
 # --- the library ------------------------------------------------------------------------------
@@ -253,9 +276,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--task", nargs="+", choices=sorted(TASKS), help="train these tasks, in order")
     which.add_argument("--all", action="store_true", help="(re)build the whole library")
     p.add_argument("--out", type=Path, default=Path("adapters_store"), help="library folder")
+    p.add_argument("--suffix", default="", help="adapter folder = task + this (e.g. -melora)")
     p.add_argument("--force", action="store_true", help="retrain adapters whose folder exists")
     d = TrainOptions()
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--kind", choices=("lora", "melora"), default=d.kind)
+    p.add_argument("--n", type=int, default=d.blocks, help="melora: mini LoRAs per module")
+    p.add_argument("--rank", "--r", type=int, default=d.rank, help="rank (melora: of each mini LoRA)")
     p.add_argument("--alpha", type=int, default=d.alpha)
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
     p.add_argument("--steps", type=int, default=d.steps, help="most optimizer steps")
@@ -272,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = TrainOptions(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
-                        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+    opts = TrainOptions(kind=args.kind, rank=args.rank, blocks=args.n, alpha=args.alpha,
+                        targets=tuple(args.targets.split(",")), steps=args.steps, batch=args.batch, lr=args.lr,
+                        seed=args.seed,
                         stop_loss=args.stop_loss, n_eval=args.n_eval)
     names = sorted(TASKS) if args.all else args.task
     for name in names:
-        out_dir = args.out / name
+        out_dir = args.out / f"{name}{args.suffix}"
         if (out_dir / "card.json").is_file() and not args.force:
             print(f"{name}: exists, skipped (--force retrains)", flush=True)
             continue

@@ -200,3 +200,29 @@ def test_a_melora_upload_is_served_and_a_bad_one_is_a_422(hf, tokenizer, tmp_pat
         assert r.status_code == 422 and "lacks lora_A.2" in r.json()["error"]["message"]
         assert chat(client, "mini").status_code == 200 and "broken" not in client.get(
             "/admin/adapters", headers=AUTH).text
+
+
+def test_a_trained_melora_serves_as_it_trained(tokenizer, tmp_path):
+    """train-adapter --kind melora writes the authors' layout; the server's logits equal the
+    training module's own forward (an independent implementation: einsum over the blocks)."""
+    from server.training.train_adapter import TrainOptions, train_adapter
+    from tests.unit.test_training import tiny_llama
+
+    opts = TrainOptions(kind="melora", rank=1, blocks=4, steps=12, batch=4, lr=1e-2, warmup=2, stop_loss=0.0,
+                        n_eval=4, n_card_examples=5)
+    trained = tiny_llama(tokenizer)
+    card = train_adapter("odd_or_even", tmp_path / "odd_or_even", opts, model=trained, tokenizer=tokenizer,
+                         base_model_name="tiny-llama")
+    assert card["kind"] == "melora" and card["final_loss"] < card["first_loss"]
+    config = json.loads((tmp_path / "odd_or_even" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MELORA" and config["r"] == [1] * 4
+    engine = engine_for(tiny_llama(tokenizer), tokenizer)
+    engine.add_adapter("m", tmp_path / "odd_or_even")
+    engine.add_request(PROMPT, SamplingParams(max_tokens=1), [AdapterRef("m")])
+    engine.step()
+    with torch.no_grad():
+        expected = trained(torch.tensor([PROMPT])).logits[0, -1]
+    assert (engine.runner.last_logits[0] - expected).abs().max() < 1e-4
+    # 1 per-mini rank over 4 blocks: the parameters of a rank-1 LoRA, an update of rank 4
+    per_module = sum(d_in + d_out for d_in, d_out in engine.model.lora_spec().shapes.values())
+    assert card["trainable_params"] == per_module * engine.model.num_layers
