@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     lora_backend: Literal["torch", "reference"] = Field(
         "torch", description="How the batched LoRA op runs: torch (index_select + bmm; CPU and CUDA) or reference "
         "(the plain per-token loop that states the op's semantics; tests only).")
+    lora_native_blocks: bool = Field(
+        True, description="Run a sequence whose one adapter is a MELoRA as its n mini LoRAs (1/n the bytes of the "
+        "dense form); false: always the dense blockdiag form, which weighted sets, the gate and merges use.")
     max_adapters_per_request: int = Field(4, ge=1, description="K: most (adapter, weight) pairs per request.")
     max_merges: int = Field(16, ge=1, description="Static merges (composition `merge`) kept built, LRU.")
 

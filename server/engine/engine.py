@@ -46,7 +46,7 @@ class LLMEngine:
         self.scheduler = Scheduler(settings.max_num_seqs, settings.max_num_batched_tokens,
                                    self._acquire_adapters, self._release_adapters)
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
-        self.runner = ModelRunner(model, self.kv, self.pool, backend)
+        self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self._seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0

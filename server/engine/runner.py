@@ -13,7 +13,7 @@ from server.engine.request import SamplingParams, Sequence
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Batch, ScheduledSeq
 from server.lora.backends.base import LoRABackend
-from server.lora.batch import build_lora_batch
+from server.lora.batch import build_block_rows, build_lora_batch
 from server.lora.context import LoRAContext
 from server.lora.gate import GateStats, MoLEGate
 from server.lora.pool import LoRAPool
@@ -26,8 +26,10 @@ class PrefillOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv: KVCache, pool: LoRAPool, backend: LoRABackend) -> None:
+    def __init__(self, model: DecoderModel, kv: KVCache, pool: LoRAPool, backend: LoRABackend,
+                 native_blocks: bool = True) -> None:
         self.model, self.kv, self.pool, self.backend = model, kv, pool, backend
+        self.native_blocks = native_blocks  # run a lone MELoRA adapter as its mini LoRAs
         self.device = model.device
         self._generators: dict[str, torch.Generator] = {}
         self.last_logits: torch.Tensor | None = None
@@ -58,9 +60,11 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
         meta = self.attention_metadata(batch, torch.tensor(kv_slots, device=dev), torch.tensor(positions, device=dev))
-        lora = self.lora_context([(s.seq.lora_slots, [a.weight for a in s.seq.adapters]) for s in scheduled],
+        native = [self._native(s.seq) for s in scheduled]
+        lora = self.lora_context([((), ()) if nat else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
+                                  for s, nat in zip(scheduled, native)],
                                  [s.num_tokens for s in scheduled], len(batch.decode),
-                                 [s.seq.gated for s in scheduled])
+                                 [s.seq.gated for s in scheduled], native=native)
         logits = self.model.forward(torch.tensor(ids, device=dev), meta.write_positions, self.kv, meta,
                                     torch.tensor(sample_rows, dtype=torch.long, device=dev), lora)
         totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
@@ -71,18 +75,31 @@ class ModelRunner:
                 seq.gate_count += s.num_tokens * self.model.num_layers
         return logits
 
-    def lora_context(self, sets: Seq[tuple[Seq[int], Seq[float]]], num_tokens: Seq[int], num_decode: int,
-                     gated: Seq[bool], gate: MoLEGate | None = None, force_dense: bool = False
-                     ) -> LoRAContext | None:
-        """The step's LoRA mapping over the pool's stacks (None: no adapter in the step). gate: a
-        router other than the pool's (train-gate's, with autograd)."""
-        batch = build_lora_batch(sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense)
-        if batch is None:
+    def _native(self, seq: Sequence) -> tuple[tuple[int, int], int, float] | None:
+        """(block shape, lora slot, weight) when the sequence runs its adapter's native blocks: one
+        adapter that has them (MELoRA), not gated. Weighted sets, gate candidates and merges run
+        the dense blockdiag form, which every composition shares."""
+        if not self.native_blocks or seq.gated or len(seq.lora_slots) != 1:
             return None
-        self.backend.prepare(batch, self.pool.version, self.pool.slot_bytes)
+        shape = self.pool.block_shape.get(seq.lora_slots[0])
+        return (shape, seq.lora_slots[0], seq.adapters[0].weight) if shape else None
+
+    def lora_context(self, sets: Seq[tuple[Seq[int], Seq[float]]], num_tokens: Seq[int], num_decode: int,
+                     gated: Seq[bool], gate: MoLEGate | None = None, force_dense: bool = False,
+                     native: Seq[tuple[tuple[int, int], int, float] | None] = ()) -> LoRAContext | None:
+        """The step's LoRA mapping over the pool's stacks (None: no adapter in the step). gate: a
+        router other than the pool's (train-gate's, with autograd). native: per sequence, what
+        _native chose (its set in `sets` is then empty)."""
+        blocks = build_block_rows(native, num_tokens, self.device, self.model.dtype) if any(native) else []
+        batch = build_lora_batch(sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense)
+        if batch is None and not blocks:
+            return None
         gates = gate.layer_gates(self.pool.stacks) if gate is not None else self.pool.layer_gates
-        stats = GateStats.for_batch(batch, gated, num_tokens) if gates is not None else None
-        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats)
+        stats = None
+        if batch is not None:
+            self.backend.prepare(batch, self.pool.version, self.pool.slot_bytes)
+            stats = GateStats.for_batch(batch, gated, num_tokens) if gates is not None else None
+        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats, blocks, self.pool.block_stacks)
 
     def prefill(self, prompts: list[list[int]], adapter_sets: list[tuple[list[str], list[float]]],
                 rows: torch.Tensor, gate: MoLEGate | None = None, keep_layer_weights: bool = False

@@ -35,6 +35,35 @@ class LoRABatchInfo:
         return len(self.unique_slots) if self.unique_slots is not None else self.lora_slots.shape[1]
 
 
+@dataclass
+class BlockRows:
+    """Token rows that run one adapter's native block form (MELoRA's n mini LoRAs) instead of the
+    dense slot stacks: a sequence whose set is one such adapter, not gated. One per block shape."""
+
+    shape: tuple[int, int]  # (n blocks, rank of each)
+    rows: torch.Tensor  # [Tb] token rows of the step
+    slots: torch.Tensor  # [Tb] lora slot of each row
+    weights: torch.Tensor  # [Tb] the adapter's prior weight for each row
+
+
+def build_block_rows(seqs: Sequence[tuple[tuple[int, int], int, float] | None], num_tokens: Sequence[int],
+                     device: torch.device, dtype: torch.dtype) -> list[BlockRows]:
+    """seqs[i] = (block shape, lora slot, weight) of sequence i, or None when it runs dense."""
+    starts = [0]
+    for n in num_tokens:
+        starts.append(starts[-1] + n)
+    groups: dict[tuple[int, int], tuple[list[int], list[int], list[float]]] = {}
+    for i, native in enumerate(seqs):
+        if native is not None:
+            shape, slot, weight = native
+            rows, slots, weights = groups.setdefault(shape, ([], [], []))
+            rows += range(starts[i], starts[i + 1])
+            slots += [slot] * num_tokens[i]
+            weights += [weight] * num_tokens[i]
+    return [BlockRows(shape, torch.tensor(r, device=device), torch.tensor(s, device=device),
+                      torch.tensor(w, dtype=dtype, device=device)) for shape, (r, s, w) in groups.items()]
+
+
 def build_lora_batch(
     sets: Sequence[tuple[Sequence[int], Sequence[float]]],
     num_tokens: Sequence[int],

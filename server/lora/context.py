@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from server.lora.backends.base import LoRABackend
-from server.lora.batch import LoRABatchInfo
+from server.lora.batch import BlockRows, LoRABatchInfo
 from server.lora.gate import PROBE_GROUP, GateStats, LayerGate
+from server.lora.kinds.base import MODULE_GROUPS
 from server.lora.stacks import LayerStacks
 
 
 @dataclass
 class LoRAContext:
     stacks: list[LayerStacks]  # [layer][group]
-    batch: LoRABatchInfo
+    batch: LoRABatchInfo | None  # the rows on the dense stacks (None: every adapted row runs native blocks)
     backend: LoRABackend
     gates: list[LayerGate] | None = None  # per layer, set when some sequence of the step is gated
     stats: GateStats | None = None  # what the gate did, per sequence
+    blocks: list[BlockRows] = field(default_factory=list)  # rows on native block forms, per block shape
+    block_stacks: dict = field(default_factory=dict)  # the pool's, per block shape
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
               weights: torch.Tensor | None = None) -> torch.Tensor | None:
         """out += the group's adapters applied to x (in place). The probe group goes first in a
         layer and sets its weights (the step's priors, or the gate's for gated tokens); the
         layer's other groups pass back the weights it returned."""
+        stack = self.stacks[layer][group]
+        for rows in self.blocks:
+            modules = self.block_stacks[rows.shape][layer]
+            for module, columns in zip(MODULE_GROUPS[group], stack.out_columns):
+                if module in modules:
+                    self.backend.apply_blocks(x, out[:, columns[0] : columns[1]], *modules[module], rows)
+        if self.batch is None:
+            return None
         gate = None
         if group == PROBE_GROUP:
             weights = self.batch.token_weights
             gate = self.gates[layer] if self.stats is not None and self.gates is not None else None
-        return self.backend.apply(x, out, self.stacks[layer][group], self.batch, weights, gate, self.stats)
+        return self.backend.apply(x, out, stack, self.batch, weights, gate, self.stats)

@@ -47,6 +47,10 @@ class LoRAPool:
         self.gate: MoLEGate | None = None
         self.layer_gates: list[LayerGate] | None = None  # the gate with every slot's keys, per layer
         self._virtual: OrderedDict[str, AdapterWeights] = OrderedDict()  # built in memory (merges)
+        # Native block forms (MELoRA) beside the dense stacks, per block shape (n, r): per layer,
+        # module -> (A [slots, n, r, d_in/n], B [slots, n, d_out/n, r]); 1/n of the dense bytes.
+        self.block_stacks: dict[tuple[int, int], list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.block_shape: dict[int, tuple[int, int]] = {}  # lora slot -> its adapter's block shape
 
     # --- what the pool holds ---
     def put(self, weights: AdapterWeights) -> None:
@@ -141,6 +145,9 @@ class LoRAPool:
             self._grow(weights.rank)
         self.version += 1
         kind = KINDS[weights.kind]
+        self.block_shape.pop(slot, None)
+        if weights.blocks:
+            self._pack_blocks(weights, slot)
         for layer, groups in enumerate(self.stacks):
             kind.pack(weights, groups, layer, slot, self.rank)
             if self.layer_gates is not None:
@@ -149,6 +156,26 @@ class LoRAPool:
                 self.layer_gates[layer].keys[slot] = keys[0]
         self._resident[name] = slot
         self.loads += 1
+
+    def _pack_blocks(self, weights: AdapterWeights, slot: int) -> None:
+        """The adapter's native blocks into its shape's block stacks (allocated on first use)."""
+        A0 = next(iter(weights.blocks.values()))[0]
+        shape = (A0.shape[0], A0.shape[1])  # (n, r)
+        n, r = shape
+        if shape not in self.block_stacks:
+            slots = self.max_loras + 1
+            self.block_stacks[shape] = [
+                {m: (torch.zeros(slots, n, r, d_in // n, dtype=self.dtype, device=self.device),
+                     torch.zeros(slots, n, d_out // n, r, dtype=self.dtype, device=self.device))
+                 for m, (d_in, d_out) in self.spec.shapes.items() if d_in % n == 0 and d_out % n == 0}
+                for _ in range(self.spec.num_layers)]
+        for layer, modules in enumerate(self.block_stacks[shape]):
+            for module, (A, B) in modules.items():
+                A[slot].zero_()
+                B[slot].zero_()
+                if (layer, module) in weights.blocks:
+                    A[slot], B[slot] = weights.blocks[(layer, module)]
+        self.block_shape[slot] = shape
 
     def _grow(self, rank: int) -> None:
         """Re-allocate every stack at a larger rank, keeping resident adapters in place."""

@@ -226,3 +226,26 @@ def test_a_trained_melora_serves_as_it_trained(tokenizer, tmp_path):
     # 1 per-mini rank over 4 blocks: the parameters of a rank-1 LoRA, an update of rank 4
     per_module = sum(d_in + d_out for d_in, d_out in engine.model.lora_spec().shapes.values())
     assert card["trainable_params"] == per_module * engine.model.num_layers
+
+
+def test_native_blocks_equal_the_dense_path_in_a_mixed_batch(hf, tokenizer, tmp_path):
+    """Lone MELoRAs (two block shapes, one at weight 0.5) run natively beside a MELoRA in a
+    weighted set, plain LoRAs and the base model, with chunked prefill joining decode: each
+    request's tokens as with the dense blockdiag path everywhere."""
+    folders = {"m4": write_melora(tmp_path / "m4", melora_tensors(hf, 4, 2, seed=7), 4, 2),
+               "m8": write_melora(tmp_path / "m8", melora_tensors(hf, 8, 1, seed=8), 8, 1),
+               "p": make_adapter(hf, tmp_path / "p", seed=50)}
+    sets = [(AdapterRef("m4"),), (AdapterRef("m8", 0.5),), (AdapterRef("m4", 0.7), AdapterRef("p", 0.3)),
+            (AdapterRef("p"),), (), (AdapterRef("m8"),)]
+    prompts = [PROMPT, [21, 22, 23, 24], [31, 32, 33], PROMPT[:6], [41, 42, 43], [51] * 10]
+
+    def run(native: bool):
+        engine = engine_for(hf, tokenizer, lora_native_blocks=native, max_num_batched_tokens=16)
+        for name, folder in folders.items():
+            engine.add_adapter(name, folder)
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), sets)
+        return engine, [s.output_ids for s in seqs]
+
+    native, tokens = run(True)
+    assert set(native.pool.block_shape.values()) == {(4, 2), (8, 1)}
+    assert tokens == run(False)[1]

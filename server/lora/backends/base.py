@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.lora.batch import LoRABatchInfo
+from server.lora.batch import BlockRows, LoRABatchInfo
 from server.lora.stacks import GroupStack
 
 if TYPE_CHECKING:
@@ -46,6 +46,20 @@ class LoRABackend:
               weights: torch.Tensor | None, gate: LayerGate | None = None,
               stats: GateStats | None = None) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def apply_blocks(self, x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     rows: BlockRows) -> None:
+        """The native block form (MELoRA) of one module for its rows t, with s = rows.slots[t]:
+
+            out[t, i*o:(i+1)*o] += w[t] * B[s, i] @ A[s, i] @ x[t, i*d:(i+1)*d]    for each block i
+
+        x: [T, d_in]; out: [T, d_out] (this module's columns, updated in place); A: [slots, n, r,
+        d = d_in/n]; B: [slots, n, o = d_out/n, r]. Equal to the dense blockdiag update, 1/n the bytes."""
+        n = A.shape[1]
+        xs = x.index_select(0, rows.rows).view(len(rows.rows), n, -1)  # [Tb, n, d]
+        z = torch.einsum("tnd,tnrd->tnr", xs, A.index_select(0, rows.slots))  # [Tb, n, r]
+        delta = torch.einsum("tnr,tnor->tno", z * rows.weights[:, None, None], B.index_select(0, rows.slots))
+        out.index_add_(0, rows.rows, delta.reshape(len(rows.rows), -1))  # [Tb, d_out]
 
 
 def token_columns(batch: LoRABatchInfo) -> list[list[int]]:
