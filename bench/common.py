@@ -57,9 +57,10 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int) -> Path:
-    """A PEFT folder with small random A/B on all projections: real shapes and bytes for
-    throughput work, no training needed."""
+def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int, blocks: int = 0) -> Path:
+    """A folder with small random A/B on all projections: real shapes and bytes for throughput
+    work, no training needed. blocks > 0: a MELoRA of that many mini LoRAs of rank `rank` each
+    (the authors' layout), else a PEFT LoRA."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(spec.num_layers):
@@ -67,11 +68,15 @@ def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int)
             d_in, d_out = spec.shapes[module]
             part = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
-            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
+            n = max(blocks, 1)
+            for suffix in [f".{i}" for i in range(blocks)] or [""]:
+                tensors[f"{key}.lora_A{suffix}.weight"] = torch.randn(rank, d_in // n, generator=g) * 0.02
+                tensors[f"{key}.lora_B{suffix}.weight"] = torch.randn(d_out // n, rank, generator=g) * 0.02
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGET_MODULES),
               "bias": "none"}
+    if blocks:
+        config = {**config, "peft_type": "MELORA", "r": [rank] * blocks, "lora_alpha": [2 * rank] * blocks}
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir

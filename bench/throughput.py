@@ -39,6 +39,8 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
 def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list[tuple[AdapterRef, ...]]:
     if kind == "base":
         return [()] * n
+    if kind.startswith("melora"):
+        return [(AdapterRef(f"melora{i:03d}"),) for i in range(n)]
     if kind == "identical":
         return [(AdapterRef(pool[0]),)] * n
     if kind == "hetero1":
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     paths = [synthetic_adapter(tmp / n, engine.model.lora_spec(), args.rank, seed=i) for i, n in enumerate(names)]
     for n, p in zip(names, paths):
         engine.add_adapter(n, p)
+    # MELoRAs of the same equivalent rank as the LoRAs: n=8 mini LoRAs of rank rank/8 (1/8 the parameters)
+    for i in range(args.requests):
+        engine.add_adapter(f"melora{i:03d}", synthetic_adapter(tmp / f"melora{i:03d}", engine.model.lora_spec(),
+                                                              max(1, args.rank // 8), seed=1000 + i, blocks=8))
     gate_dir = Path(settings.adapters_dir) / GATE_DIR
     if gate_dir.is_dir():
         engine.load_gate(gate_dir)
@@ -152,14 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
         results[f"{key}_tok_s"], results["e2e_tok_s"][key] = round(decode, 1), round(e2e, 1)
         print(f"{key:>10}: decode {decode:7.1f} tok/s   end-to-end {e2e:7.1f} tok/s", flush=True)
 
-    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3"]
-    sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds[:-1]}
+    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3", "melora", "melora_dense"]
+    sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds if kind != "gate3"}
     sets["gate3"] = sets["hetero3"]  # the same candidates, weighted by the gate per layer and token
     # Rounds interleave the scenarios and the best round counts: this shared 2-core machine's
     # speed drifts by 10-20% between minutes, which would otherwise land on one scenario.
     best: dict[str, tuple[float, float, float]] = {}
     for _ in range(args.rounds):
         for kind in kinds:
+            engine.runner.native_blocks = kind != "melora_dense"  # melora_dense: the blockdiag LoRA form
             run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated=kind == "gate3")
             best[kind] = max(best.get(kind, run), run)
     for kind in kinds:
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = results["base_tok_s"]
     ratios = {f"{k}/base": results[f"{k}_tok_s"] / base for k in ["identical", "hetero1", "hetero3", "skewed3"]}
     ratios["gate3/hetero3"] = results["gate3_tok_s"] / results["hetero3_tok_s"]
+    ratios["melora/hetero1"] = results["melora_tok_s"] / results["hetero1_tok_s"]
+    ratios["melora/melora_dense"] = results["melora_tok_s"] / results["melora_dense_tok_s"]
     if "peft_mixed_tok_s" in results:
         ratios["hetero1/peft_mixed"] = results["hetero1_tok_s"] / results["peft_mixed_tok_s"]
         ratios["base/hf_base"] = base / results["hf_base_tok_s"]
@@ -184,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "pool": args.pool, "dtype": str(engine.model.dtype), "device": args.device,
                          "base_model": engine.model_name,
                          "gate3": "the hetero3 candidate sets, weighted per layer and token by the "
-                                  + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)")}
+                                  + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)"),
+                         "melora": f"each request on its own MELoRA (8 mini LoRAs of rank {max(1, args.rank // 8)}, "
+                                   "the same equivalent rank as hetero1's LoRAs), native blocks; melora_dense: the "
+                                   "same as the dense blockdiag LoRA"}
     results["machine"] = machine()
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():

@@ -317,10 +317,11 @@ TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
 
 
 def task_library(adapters_dir: Path) -> dict[str, str]:
-    """task -> adapter name, for the adapters whose card names a task of the generators."""
+    """task -> adapter name, for the adapters whose card names a task of the generators; where
+    several do (a task's LoRA and its MELoRA twin), the one named after the task."""
     library = {}
     for name, path in adapter_dirs(adapters_dir).items():
         task = read_card(path).get("task")
-        if task in TASKS:
+        if task in TASKS and library.get(task) != task:
             library[task] = name
     return library
