@@ -202,9 +202,13 @@ class Catalog:
 
     async def upload(self, checked: CheckedAdapter, replace: bool, serving: Serving) -> Uploaded:
         """Commit to the store, then serve it; if serving fails, the store and the engine go back
-        to the previous version (or to none)."""
+        to the previous version (or to none). The same files again (a client retrying an upload
+        whose answer it lost) are answered as that upload, not refused as a duplicate."""
         name = checked.name
         async with self._change(name):
+            if not replace and name in self and await asyncio.to_thread(self.store.holds, name, checked.files):
+                info = await asyncio.to_thread(describe, self.store.path(name))
+                return Uploaded(name, checked.card, False, 0.0, self.nearest(name), info)
             commit: Commit = await asyncio.to_thread(self.store.commit, name, checked.files, replace)
             folder = self.store.path(name)
             try:

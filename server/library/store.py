@@ -188,6 +188,13 @@ class AdapterStore:
             raise
         return Commit(self, name, previous)
 
+    def holds(self, name: str, files: dict[str, bytes]) -> bool:
+        """Whether adapter `name` is exactly these files (an upload retried after its commit)."""
+        folder = self.path(name)
+        with self._lock:
+            return name in self and all((folder / f).is_file() and (folder / f).read_bytes() == data
+                                        for f, data in files.items())
+
     def delete(self, name: str) -> bool:
         """Remove adapter `name` (one rename makes it invisible); False if it did not exist."""
         with self._lock:

@@ -63,7 +63,7 @@ def chat(url: str, model: str, prompt: str = "hi", max_tokens: int = 1) -> httpx
         "temperature": 0})
 
 
-def test_upload_is_served_at_once_and_retrieved_by_auto(server):
+def test_upload_is_served_at_once_and_retrieved_by_auto(server, tmp_path):
     admin = AdminClient(server.url, TOKEN)
     start = time.perf_counter()
     body = admin.upload(SOURCE, name="cipher-e2e")
@@ -78,8 +78,13 @@ def test_upload_is_served_at_once_and_retrieved_by_auto(server):
                              TOKEN], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert {a["name"] for a in json.loads(listed.stdout)} == {*LIBRARY, "cipher-e2e"}
+    again = admin.upload(SOURCE, name="cipher-e2e")  # a retry of the same bytes: answered as that upload
+    assert again["name"] == "cipher-e2e" and not again["replaced"]
+    other = shutil.copytree(SOURCE, tmp_path / "other")
+    card = json.loads((other / "card.json").read_text())
+    (other / "card.json").write_text(json.dumps({**card, "description": "another adapter"}))
     with pytest.raises(AdminError) as refused:
-        admin.upload(SOURCE, name="cipher-e2e")
+        admin.upload(other, name="cipher-e2e")
     assert refused.value.status == 409
 
 

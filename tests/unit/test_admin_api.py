@@ -140,7 +140,9 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     r = chat(client, "alpha")
     assert r.status_code == 200 and r.json()["adapters"][0]["name"] == "alpha"
 
-    r = upload(client, files)
+    r = upload(client, files)  # a retry of the same bytes (its answer lost): answered as that upload
+    assert r.status_code == 201 and r.json()["name"] == "alpha" and not r.json()["replaced"]
+    r = upload(client, with_card(files, description="other"))
     assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_exists"
     r = upload(client, with_card(files, description="v2"), replace=True)
     assert r.status_code == 201 and r.json()["replaced"] and r.json()["card"]["description"] == "v2"
