@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     min_card_examples: int = Field(5, ge=1, description="Example prompts an adapter card needs (its retrieval key).")
 
     # --- http ---
+    max_request_mb: float = Field(
+        4, gt=0, description="Largest /v1 request body in MB: 413 above, before it is parsed.")
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8000, description="Port the server listens on.")
     api_key: str | None = Field(None, description="If set, /v1 routes need `Authorization: Bearer <api_key>`.")

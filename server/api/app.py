@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.admin_routes import admin_denial
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
+from server.api.limits import BodyLimit
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
 from server.config import Settings
@@ -77,6 +78,7 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
                 app.state.engine.shutdown()
 
     app = FastAPI(title="mole-serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * (1 << 20)))
     app.state.engine = None
     app.state.loop_ready = loop_ready
     app.state.metrics = metrics

@@ -3,11 +3,13 @@ responses; here only what differs between the endpoints)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
 from server.api.errors import APIError
+from server.api.limits import check_prompt_chars
 from server.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -64,8 +66,10 @@ def generation(request: Request, route: str, prompt_ids: list[int], body, query:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = ready_engine(request)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]
+    check_prompt_chars(sum(len(m["content"]) for m in messages), engine.max_token_chars, engine.max_model_len)
+    # off the event loop: a long prompt must not stall every other request (and /health)
+    prompt_ids = (await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                          tokenize=True, return_dict=True))["input_ids"]
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
     gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query)])
     return await respond(CHAT, body, gens)
@@ -73,10 +77,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    tokenizer = ready_engine(request).tokenizer
+    engine = ready_engine(request)
     prompts = body.prompts()
-    gens = await start([lambda p=p: generation(request, "/v1/completions", tokenizer(p)["input_ids"], body, p)
-                        for p in prompts])
+    for p in prompts:
+        check_prompt_chars(len(p), engine.max_token_chars, engine.max_model_len)
+    ids = await asyncio.to_thread(lambda: [engine.tokenizer(p)["input_ids"] for p in prompts])
+    gens = await start([lambda i=i, p=p: generation(request, "/v1/completions", ids[i], body, p)
+                        for i, p in enumerate(prompts)])
     return await respond(text_shape([p if body.echo else "" for p in prompts]), body, gens)
 
 

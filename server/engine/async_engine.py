@@ -39,6 +39,8 @@ class AsyncEngine:
         self.on_step = on_step
         self.model_name, self.max_model_len = engine.model_name, engine.max_model_len
         self.tokenizer, self.catalog = engine.tokenizer, engine.catalog
+        # a byte-level or sentencepiece symbol decodes to at most as many characters as it has
+        self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()), default=1)
         self.max_waiting = max_waiting or engine.settings.max_waiting
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[StepOutput]] = {}

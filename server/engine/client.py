@@ -41,6 +41,7 @@ class OutputStream(Protocol):
 class EngineClient(Protocol):
     model_name: str  # the base model's id
     max_model_len: int
+    max_token_chars: int  # the most characters one token of the tokenizer stands for
     tokenizer: Any  # the base model's (chat template, counting)
     catalog: Catalog  # which adapters exist; the admin API changes it through this client
 

@@ -195,3 +195,42 @@ def test_models_retrieve_each_listed_id(tiny_engine):
             assert r.status_code == 200 and r.json()["id"] == card["id"] and r.json()["parent"] == card["parent"]
         r = client.get("/v1/models/nope")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(tiny_engine):
+    with TestClient(create_app(Settings(max_request_mb=0.01), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 20_000}]}
+        r = client.post("/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"model": "auto", "messages": [{"role": "user", "content": "'
+            for _ in range(30):
+                yield b"y" * 1000
+            yield b'"}]}'
+
+        r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_prompt_too_long_by_its_characters_is_refused_before_tokenizing(tiny_engine, monkeypatch):
+    engine = tiny_engine(max_model_len=128)
+    real = engine.tokenizer.apply_chat_template
+
+    def guarded(messages, **kwargs):
+        assert sum(len(m["content"]) for m in messages) < 100_000, "a hopeless prompt reached the tokenizer"
+        return real(messages, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", guarded)
+    with TestClient(create_app(Settings(), lambda: engine)) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        long = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}
+        r = client.post("/v1/chat/completions", json=long)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": "auto", "prompt": ["ok", "word " * 200_000]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
