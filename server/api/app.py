@@ -78,7 +78,6 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
                 app.state.engine.shutdown()
 
     app = FastAPI(title="mole-serve", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * (1 << 20)))
     app.state.engine = None
     app.state.loop_ready = loop_ready
     app.state.metrics = metrics
@@ -104,6 +103,8 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
         route = request.scope.get("route")
         metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
         return response
+
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * (1 << 20)))  # outermost: added last
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

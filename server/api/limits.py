@@ -4,11 +4,13 @@ tokenizer runs: a token covers at most `max_token_chars` characters)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from server.api.errors import APIError
 
 TOO_LARGE = "request_too_large"
+DISCONNECTED = "mole.disconnected"  # scope key: an asyncio.Event set when the client goes away
 
 
 def _too_large_body(limit: int) -> bytes:
@@ -17,9 +19,11 @@ def _too_large_body(limit: int) -> bytes:
 
 
 class BodyLimit:
-    """ASGI middleware: a /v1 body over `limit` bytes is a 413 as soon as that is known, from its
-    Content-Length or, for a chunked body, while it arrives; a body within it is read here and
-    handed to the app whole."""
+    """ASGI middleware, outermost: a /v1 body over `limit` bytes is a 413 as soon as that is known,
+    from its Content-Length or, for a chunked body, while it arrives; a body within it is read here
+    and handed to the app whole. Then it listens for the client's departure and sets
+    scope[DISCONNECTED] (Starlette's BaseHTTPMiddleware hides a disconnect from
+    Request.is_disconnected, so a non-streaming handler could not see it)."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -48,7 +52,18 @@ class BodyLimit:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: the disconnect, when it comes
 
-        await self.app(scope, replay, send)
+        gone = scope[DISCONNECTED] = asyncio.Event()
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            listener.cancel()
 
     async def _refuse(self, send) -> None:
         body = _too_large_body(self.limit)

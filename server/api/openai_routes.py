@@ -72,7 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                           tokenize=True, return_dict=True))["input_ids"]
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
     gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query)])
-    return await respond(CHAT, body, gens)
+    return await respond(CHAT, body, gens, request)
 
 
 @router.post("/v1/completions")
@@ -84,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request):
     ids = await asyncio.to_thread(lambda: [engine.tokenizer(p)["input_ids"] for p in prompts])
     gens = await start([lambda i=i, p=p: generation(request, "/v1/completions", ids[i], body, p)
                         for i, p in enumerate(prompts)])
-    return await respond(text_shape([p if body.echo else "" for p in prompts]), body, gens)
+    return await respond(text_shape([p if body.echo else "" for p in prompts]), body, gens, request)
 
 
 def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:

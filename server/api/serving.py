@@ -4,14 +4,17 @@ envelope, the SSE stream, include_usage, [DONE]. The routes only say how a choic
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.errors import APIError
+from server.api.limits import DISCONNECTED
 from server.api.metrics import Metrics
 from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields, Usage
 from server.config import Settings
@@ -103,7 +106,7 @@ class Generation:
                 if self.completion_tokens == 0 and out.num_output_tokens:
                     first = time.perf_counter()
                     self.metrics.ttft.observe(first - start)
-                self.completion_tokens = out.num_output_tokens
+                self.completion_tokens = max(self.completion_tokens, out.num_output_tokens)
                 self.text += out.text
                 if out.finished:
                     self.finish_reason = out.finish_reason.value
@@ -175,7 +178,18 @@ def adapters_header(report: list[dict]) -> dict[str, str]:
     return {"x-mole-adapters": ",".join(f"{a['name']}={a['weight']:.4g}" for a in report)}
 
 
-async def respond(shape: Shape, body: SamplingFields, gens: list[Generation]) -> Response:
+async def close_when_gone(request: Request, gens: list[Generation]) -> None:
+    """A non-streaming caller that leaves (timeout, closed socket) is only noticed when its answer
+    is written: wait for its disconnect (limits.BodyLimit signals it) and end its requests, which
+    free their batch places within a step."""
+    gone = request.scope.get(DISCONNECTED)
+    if gone is not None:
+        await gone.wait()
+        for g in gens:
+            g.outputs.close()
+
+
+async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], request: Request) -> Response:
     """The whole response, or its SSE stream, for generations already started."""
     rid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     header = adapters_header(gens[0].adapters)
@@ -183,12 +197,15 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation]) ->
     def envelope(obj: str, choices: list, **extra) -> CompletionEnvelope:
         return CompletionEnvelope(id=rid, object=obj, created=created, model=body.model, choices=choices, **extra)
 
-    if not body.stream:
+    if not body.stream:  # (a streaming response notices a departed client when it next writes)
+        watcher = asyncio.create_task(close_when_gone(request, gens))
         try:
             for g in gens:
                 await g.run()
         except MoleError as e:
             raise APIError.of(e) from e
+        finally:
+            watcher.cancel()
         whole = envelope(shape.object, [shape.choice(i, g) for i, g in enumerate(gens)], usage=total_usage(gens),
                          adapters=gens[0].adapters)
         return JSONResponse(whole.model_dump(mode="json", exclude_unset=True), headers=header)

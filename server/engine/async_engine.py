@@ -18,7 +18,7 @@ import numpy as np
 
 from server.engine.client import EngineStats
 from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams, StepOutput
+from server.engine.request import FinishReason, SamplingParams, StepOutput
 from server.errors import Overloaded
 from server.lora.kinds.base import AdapterWeights
 from server.routing.types import Selection
@@ -199,6 +199,8 @@ class RequestStream:
         self.aeng.num_pending -= 1
         if not self.finished:  # the caller went away: free its KV slot and batch place
             self.aeng.abort(self.request_id)
+            # and end the iteration of whoever still reads (a watcher closed it for them)
+            self.queue.put_nowait(StepOutput(self.request_id, None, "", True, FinishReason.ABORT, 0, 0))
 
     async def aclose(self) -> None:
         self.close()

@@ -234,3 +234,45 @@ def test_a_prompt_too_long_by_its_characters_is_refused_before_tokenizing(tiny_e
         r = client.post("/v1/completions", json={"model": "auto", "prompt": ["ok", "word " * 200_000]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatch):
+    """A real server on loopback: the client sends a long non-streaming request and closes its
+    socket; the request ends within a few steps instead of generating to max_tokens."""
+    import socket
+    import time
+
+    import uvicorn
+
+    engine = tiny_engine(max_model_len=256)
+    step = engine.step
+
+    def slow_step():  # 20 ms a step: 200 tokens would take 4 s
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    app = create_app(Settings(), lambda: engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while app.state.engine is None:
+            time.sleep(0.05)
+        body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, ' \
+               b'"ignore_eos": true}'
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while not engine.has_unfinished():
+                time.sleep(0.01)
+        gone = time.perf_counter()
+        while engine.has_unfinished() and time.perf_counter() - gone < 2.0:
+            time.sleep(0.02)
+        assert not engine.has_unfinished(), "the request ran on after its client left"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
