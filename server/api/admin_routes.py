@@ -22,6 +22,7 @@ from server.api.errors import APIError
 from server.api.openai_routes import ready_engine
 from server.config import Settings
 from server.engine.client import EngineClient
+from server.errors import AdapterNotFound
 from server.library.store import ADAPTER_FILES, AdapterStore, describe, read_card
 from server.library.upload import UploadError, UploadTooLargeError, collect, single_threaded
 
@@ -53,7 +54,7 @@ def _store(request: Request) -> AdapterStore:
 def _existing(request: Request, name: str) -> Path:
     store = _store(request)
     if name not in store:
-        raise APIError(404, f"The adapter `{name}` does not exist.", "NotFoundError", "name", "adapter_not_found")
+        raise AdapterNotFound(f"The adapter `{name}` does not exist.", "name")
     return store.path(name)
 
 
@@ -136,8 +137,7 @@ async def get_adapter(request: Request, name: str):
     try:
         info = await asyncio.to_thread(read)
     except FileNotFoundError as e:  # deleted between the check and the read
-        raise APIError(404, f"The adapter `{name}` does not exist.", "NotFoundError", "name",
-                       "adapter_not_found") from e
+        raise AdapterNotFound(f"The adapter `{name}` does not exist.", "name") from e
     served = engine is not None and engine.has_adapter(name)
     usage = engine.adapter_usage(name) if engine is not None else 0
     return {"object": "adapter", "name": name, **info, "loaded": served, "usage": usage}

@@ -17,7 +17,7 @@ from server.errors import (
 # kind -> (status, OpenAI error type); a kind's status is that of its first class found here in its MRO
 STATUS: dict[type[MoleError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
-    NotFound: (404, "NotFoundError"),
+    NotFound: (404, "invalid_request_error"),  # as OpenAI: the code says what was not found
     AlreadyExists: (409, "invalid_request_error"),
     TooLarge: (413, "invalid_request_error"),
     InvalidAdapter: (422, "invalid_request_error"),

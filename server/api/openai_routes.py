@@ -21,6 +21,7 @@ from server.api.protocol import (
 )
 from server.api.serving import Generation, Shape, respond, start
 from server.engine.client import EngineClient
+from server.errors import ModelNotFound
 
 router = APIRouter()
 
@@ -104,5 +105,5 @@ async def list_models(request: Request):
 async def retrieve_model(model_id: str, request: Request):
     engine = ready_engine(request)
     if model_id not in (engine.model_name, "auto") and not engine.has_adapter(model_id):
-        raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model", "model_not_found")
+        raise ModelNotFound(f"The model `{model_id}` does not exist.", "model")
     return model_card(engine, model_id, int(time.time())).model_dump(mode="json")

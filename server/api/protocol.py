@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from server.routing.types import Composition, MergeStrategy
 
@@ -18,6 +18,16 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: object) -> object:
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part of type {kind!r} is not supported: this model reads text only")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -39,7 +49,7 @@ class MergeOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 def _lone_surrogate(value: object) -> bool:
@@ -77,16 +87,21 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
-    adapters: list[str | AdapterChoice] | None = None
+    adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
     top_k: int | None = Field(None, ge=1, le=16)  # adapters retrieval keeps for `auto` (DESIGN section 2)
     composition: Composition | None = None
     merge: MergeOptions | None = None
-    ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
+    ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _names_are_choices(cls, v: object) -> object:
+        return [{"name": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
 
     @field_validator("stop")
     @classmethod
@@ -101,7 +116,7 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def adapter_choices(self) -> list[AdapterChoice]:
-        return [a if isinstance(a, AdapterChoice) else AdapterChoice(name=a) for a in self.adapters or []]
+        return list(self.adapters or [])
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -115,7 +130,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(min_length=1)
-    echo: bool = False
+    echo: StrictBool = False
 
     def token_limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for /v1/completions

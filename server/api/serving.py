@@ -20,7 +20,7 @@ from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.request import SamplingParams, StepOutput
-from server.errors import MoleError
+from server.errors import ModelNotFound, MoleError
 from server.routing.types import AdapterRef, MergeSpec, Selection
 
 
@@ -31,8 +31,7 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
     explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
     if body.model not in ("auto", client.model_name):
         if not client.has_adapter(body.model):
-            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model",
-                           "model_not_found")
+            raise ModelNotFound(f"The model `{body.model}` does not exist.", "model")
         explicit = explicit or (AdapterRef(body.model),)
     if body.model != "auto" and not explicit:
         return None
@@ -45,7 +44,7 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
 def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    if body.logprobs:
+    if body.logprobs is not None and body.logprobs is not False:  # 0 asks for the sampled tokens' logprobs
         raise APIError(400, "logprobs are not supported", param="logprobs")
     window = client.max_model_len
     max_tokens = body.token_limit() or window - num_prompt_tokens

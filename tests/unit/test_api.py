@@ -276,3 +276,22 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]
+        cases = [({**CHAT, "stream": "yes"}, "stream", None),
+                 ({**CHAT, "messages": [{"role": "user", "content": image}]}, "messages.0.content", None),
+                 ({**CHAT, "adapters": [{"name": "a", "weight": 0}]}, "adapters.0.weight", None),
+                 ({**CHAT, "logprobs": 0}, "logprobs", None),
+                 ({**CHAT, "model": "nope"}, "model", "model_not_found")]
+        for body, param, code in cases:
+            r = client.post("/v1/chat/completions", json=body)
+            error = r.json()["error"]
+            assert r.status_code == (404 if code else 400) and error["param"] == param, (body, error)
+            assert error["type"] == "invalid_request_error" and error["code"] == code, error
+        assert "image_url" in client.post("/v1/chat/completions", json=cases[1][0]).json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "a", "echo": "no"}).status_code == 400
