@@ -108,6 +108,8 @@ def test_error_mapping(tiny_engine):
             assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
         r = client.get("/v1/nowhere", headers=auth)
         assert r.status_code == 404 and "error" in r.json()
+        r = client.get("/v1/chat/completions", headers=auth)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
         assert client.get("/health").status_code == 200  # still serving
 
 
