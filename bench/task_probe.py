@@ -21,9 +21,8 @@ from bench.common import machine, write_json
 from server.config import Settings
 from server.engine.loader import resolve_base_model
 from server.routing.retriever import Retriever
-from server.training.tasks import TASKS
+from server.training.tasks import TASKS, task_library
 from server.training.train_adapter import build_chat
-from server.training.train_gate import task_library
 
 
 @torch.no_grad()

@@ -141,12 +141,15 @@ class Catalog:
         with self._lock:
             return sorted(self._folders)
 
-    def load(self, name: str) -> AdapterWeights:
-        """The weights of a registered adapter, read from its folder (the pool's loader)."""
+    def folder(self, name: str) -> Path:
         folder = self._folders.get(name)
         if folder is None:
             raise AdapterNotFound(f"unknown adapter {name!r}", "adapters")
-        return read_adapter(folder, self.spec, self.max_rank, name)
+        return folder
+
+    def load(self, name: str) -> AdapterWeights:
+        """The weights of a registered adapter, read from its folder (the pool's loader)."""
+        return read_adapter(self.folder(name), self.spec, self.max_rank, name)
 
     def add(self, name: str, folder: Path, weights: AdapterWeights | None = None,
             key: np.ndarray | None = None) -> AdapterWeights:

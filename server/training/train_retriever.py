@@ -26,8 +26,7 @@ from server.config import Settings
 from server.library.store import adapter_dirs, read_card, replace_folder
 from server.routing.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection, project
 from server.training.options import options_parser, parse_options
-from server.training.tasks import TASKS
-from server.training.train_gate import task_library
+from server.training.tasks import TASKS, task_library
 
 
 @dataclass
