@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         512, ge=16, description="Token budget of one step: decode tokens plus prefill chunks."
     )
     max_model_len: int = Field(2048, ge=16, description="Most tokens (prompt + output) of one sequence.")
-    max_waiting: int = Field(256, ge=1, description="Most requests queued before new ones get 429.")
+    max_waiting: int = Field(
+        256, ge=1, description="Most requests waiting for a place in the running batch before new ones get 429: "
+        "up to max_num_seqs + max_waiting requests are in flight at once.")
 
     # --- adapters ---
     adapters_dir: Path = Field(Path("adapters_store"), description="The adapter library on disk.")
