@@ -44,6 +44,7 @@ class BlockRows:
     rows: torch.Tensor  # [Tb] token rows of the step
     slots: torch.Tensor  # [Tb] lora slot of each row
     weights: torch.Tensor  # [Tb] the adapter's prior weight for each row
+    row_range: tuple[int, int] | None = None  # (r0, r1) when rows == arange(r0, r1): slices, not gathers
 
 
 def build_block_rows(seqs: Sequence[tuple[tuple[int, int], int, float] | None], num_tokens: Sequence[int],
@@ -61,7 +62,9 @@ def build_block_rows(seqs: Sequence[tuple[tuple[int, int], int, float] | None], 
             slots += [slot] * num_tokens[i]
             weights += [weight] * num_tokens[i]
     return [BlockRows(shape, torch.tensor(r, device=device), torch.tensor(s, device=device),
-                      torch.tensor(w, dtype=dtype, device=device)) for shape, (r, s, w) in groups.items()]
+                      torch.tensor(w, dtype=dtype, device=device),
+                      (r[0], r[-1] + 1) if r == list(range(r[0], r[-1] + 1)) else None)
+            for shape, (r, s, w) in groups.items()]
 
 
 def build_lora_batch(
