@@ -93,23 +93,25 @@ def replace_folder(out: Path, write: Callable[[Path], None]) -> None:
 
 
 def describe(folder: Path) -> dict:
-    """Size, rank and targets of an adapter folder, from the safetensors header (no tensor read)."""
+    """Size, rank and targets of an adapter folder, from the safetensors header (no tensor read).
+    The rank is a module's total over its lora_A blocks: a MELoRA's n mini ranks add up."""
     from safetensors import safe_open
 
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
-    targets, layers, rank = set(), set(), 0
+    targets, layers, ranks = set(), set(), {}
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
             parts = key.split(".")
-            if "lora_A" in parts:  # ...layers.<i>.<self_attn|mlp>.<module>.lora_A[.default].weight
+            if "lora_A" in parts:  # ...layers.<i>.<self_attn|mlp>.<module>.lora_A[.default|.<block>].weight
                 i = parts.index("lora_A")
                 targets.add(parts[i - 1])
                 if "layers" in parts:
                     layers.add(int(parts[parts.index("layers") + 1]))
-                rank = max(rank, f.get_slice(key).get_shape()[0])
-    return {"size_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()), "rank": rank,
-            "targets": sorted(targets), "num_layers": len(layers)}
+                module = ".".join(parts[:i])
+                ranks[module] = ranks.get(module, 0) + f.get_slice(key).get_shape()[0]
+    return {"size_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+            "rank": max(ranks.values(), default=0), "targets": sorted(targets), "num_layers": len(layers)}
 
 
 @dataclass

@@ -193,7 +193,7 @@ def test_a_melora_upload_is_served_and_a_bad_one_is_a_422(hf, tokenizer, tmp_pat
              "card.json": json.dumps(card).encode()}
     with admin_client(hf, tokenizer, tmp_path / "store") as client:
         r = upload(client, files)
-        assert r.status_code == 201, r.text
+        assert r.status_code == 201 and r.json()["rank"] == 8, r.text  # 4 mini LoRAs of rank 2
         assert chat(client, "mini").status_code == 200
         uneven = {k: v for k, v in tensors.items() if "lora_A.2." not in k}
         r = upload(client, {**files, "adapter_model.safetensors": save(uneven)}, name="broken")
