@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "params_over_lora8": round(rows[args.tasks[0]][v]["params"] / rows[args.tasks[0]]["lora8"]["params"],
                                               4)}
                for v in VARIANTS}
-    print("\n| task | " + " | ".join(f"{v} acc (params)" for v in VARIANTS) + " |\n|---" * (len(VARIANTS) + 1) + "|")
+    print("\n| task | " + " | ".join(f"{v} acc (params)" for v in VARIANTS) + " |")
+    print("|---" * (len(VARIANTS) + 1) + "|")
     for task, r in rows.items():
         print(f"| {task} | " + " | ".join(f"{r[v]['accuracy_served']:.1%} ({r[v]['params']:,})" for v in VARIANTS)
               + " |")
