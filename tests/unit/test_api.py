@@ -262,7 +262,9 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        while app.state.engine is None:
+        deadline = time.perf_counter() + 60
+        while not server.started or app.state.engine is None:  # listening, and the engine attached
+            assert time.perf_counter() < deadline, "the server did not start"
             time.sleep(0.05)
         body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, ' \
                b'"ignore_eos": true}'
@@ -270,6 +272,7 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
             conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while not engine.has_unfinished():
+                assert time.perf_counter() < deadline, "the request never reached the engine"
                 time.sleep(0.01)
         gone = time.perf_counter()
         while engine.has_unfinished() and time.perf_counter() - gone < 2.0:
