@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -23,7 +22,7 @@ from server.api.openai_routes import ready_engine
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.errors import AdapterNotFound
-from server.library.store import ADAPTER_FILES, AdapterStore, describe, read_card
+from server.library.store import ADAPTER_FILES, CONFIG_FILE, AdapterStore, describe, read_card
 from server.library.upload import UploadError, UploadTooLargeError, collect, single_threaded
 
 router = APIRouter(prefix="/admin")
@@ -49,13 +48,6 @@ def admin_denial(settings: Settings, authorization: str | None) -> APIError | No
 
 def _store(request: Request) -> AdapterStore:
     return request.app.state.store
-
-
-def _existing(request: Request, name: str) -> Path:
-    store = _store(request)
-    if name not in store:
-        raise AdapterNotFound(f"The adapter `{name}` does not exist.", "name")
-    return store.path(name)
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, bytes]], str | None]:
@@ -128,10 +120,10 @@ async def list_adapters(request: Request, offset: int = Query(0, ge=0), limit: i
 
 @router.get("/adapters/{name}")
 async def get_adapter(request: Request, name: str):
-    path, engine = _existing(request, name), request.app.state.engine
+    path, engine = _store(request).existing(name), request.app.state.engine
 
     def read() -> dict:
-        return {"card": read_card(path), "config": json.loads((path / "adapter_config.json").read_text()),
+        return {"card": read_card(path), "config": json.loads((path / CONFIG_FILE).read_text()),
                 **describe(path)}
 
     try:

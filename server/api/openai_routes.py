@@ -19,9 +19,8 @@ from server.api.protocol import (
     ModelList,
     TextChoice,
 )
-from server.api.serving import Generation, Shape, respond, start
+from server.api.serving import Generation, Shape, check_model, respond, start
 from server.engine.client import EngineClient
-from server.errors import ModelNotFound
 
 router = APIRouter()
 
@@ -104,6 +103,5 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id}")
 async def retrieve_model(model_id: str, request: Request):
     engine = ready_engine(request)
-    if model_id not in (engine.model_name, "auto") and not engine.has_adapter(model_id):
-        raise ModelNotFound(f"The model `{model_id}` does not exist.", "model")
+    check_model(engine, model_id)
     return model_card(engine, model_id, int(time.time())).model_dump(mode="json")

@@ -20,18 +20,23 @@ from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.request import SamplingParams, StepOutput
-from server.errors import ModelNotFound, MoleError
+from server.errors import ModelNotFound
 from server.routing.types import AdapterRef, MergeSpec, Selection
+
+
+def check_model(client: EngineClient, model_id: str) -> None:
+    """A model id is the base model's, `auto`, or an adapter's name; anything else is a 404."""
+    if model_id not in ("auto", client.model_name) and not client.has_adapter(model_id):
+        raise ModelNotFound(f"The model `{model_id}` does not exist.", "model")
 
 
 def build_selection(client: EngineClient, settings: Settings, body: SamplingFields, query: str) -> Selection | None:
     """How the engine picks this request's adapters, from `model` and the extension fields (DESIGN
     section 2): `auto` retrieves (unless `adapters` names the candidates), an adapter's name is that
     adapter, the base model's id is no adapter unless `adapters` names some."""
+    check_model(client, body.model)
     explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
-    if body.model not in ("auto", client.model_name):
-        if not client.has_adapter(body.model):
-            raise ModelNotFound(f"The model `{body.model}` does not exist.", "model")
+    if body.model not in ("auto", client.model_name):  # an adapter's name
         explicit = explicit or (AdapterRef(body.model),)
     if body.model != "auto" and not explicit:
         return None
@@ -132,18 +137,14 @@ class Generation:
 
 
 async def start(gens_from: list[Callable[[], Generation]]) -> list[Generation]:
-    """Submit every prompt and wait for each first output; on a refusal, release what was submitted
-    and raise it as an APIError."""
+    """Submit every prompt and wait for each first output; on a refusal (an error kind, which the
+    app answers through api/errors.py's table), release what was submitted."""
     gens: list[Generation] = []
     try:
         for make in gens_from:
             gens.append(make())
         for g in gens:
             await g.first_output()
-    except MoleError as e:
-        for g in gens:
-            g.outputs.close()
-        raise APIError.of(e) from e
     except BaseException:
         for g in gens:
             g.outputs.close()
@@ -201,8 +202,6 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], re
         try:
             for g in gens:
                 await g.run()
-        except MoleError as e:
-            raise APIError.of(e) from e
         finally:
             watcher.cancel()
         whole = envelope(shape.object, [shape.choice(i, g) for i, g in enumerate(gens)], usage=total_usage(gens),

@@ -227,14 +227,14 @@ class Catalog:
     async def delete(self, name: str, serving: Serving) -> None:
         """The engine first: new requests stop selecting it at once, running ones keep their slot."""
         async with self._change(name):
-            self._existing(name)
+            self.store.existing(name)
             await serving.remove_adapter(name)
             await asyncio.to_thread(self.store.delete, name)
 
     async def update_card(self, name: str, changes: dict) -> tuple[dict, list[dict]]:
         """Replace card fields; new examples re-key retrieval. -> (the card, its nearest adapters)."""
         async with self._change(name):
-            card = check_card({**read_card(self._existing(name)), **changes}, name, self.min_examples)
+            card = check_card({**read_card(self.store.existing(name)), **changes}, name, self.min_examples)
             await asyncio.to_thread(self.store.write_card, name, card)
             if "examples" in changes and self.retriever is not None and name in self:
                 key = await asyncio.to_thread(single_threaded, self.retriever.card_key, card["examples"])
@@ -246,8 +246,3 @@ class Catalog:
         if lock is None:
             lock = self._changing[name] = asyncio.Lock()
         return lock
-
-    def _existing(self, name: str) -> Path:
-        if name not in self.store:
-            raise AdapterNotFound(f"The adapter `{name}` does not exist.", "name")
-        return self.store.path(name)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import AlreadyExists
+from server.errors import AdapterNotFound, AlreadyExists
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "card.json"
@@ -144,6 +144,12 @@ class AdapterStore:
         if not valid_name(name):
             raise ValueError(f"invalid adapter name {name!r}")
         return self.root / name
+
+    def existing(self, name: str) -> Path:
+        """The folder of adapter `name`; AdapterNotFound when the store has none."""
+        if name not in self:
+            raise AdapterNotFound(f"The adapter `{name}` does not exist.", "name")
+        return self.path(name)
 
     def __contains__(self, name: str) -> bool:
         return valid_name(name) and (self.root / name / CONFIG_FILE).is_file()
