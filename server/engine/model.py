@@ -134,7 +134,7 @@ class DecoderModel:
             self.intermediate_size
         shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                   "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
-        return LoRATargetSpec(num_layers=self.num_layers, shapes=shapes)
+        return LoRATargetSpec(num_layers=self.num_layers, shapes=shapes, hidden_act=self.config.hidden_act)
 
     def forward(
         self,
@@ -170,6 +170,8 @@ class DecoderModel:
                 lora.apply(i, "gate_up", h, gate_up, weights)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
+            if lora is not None and lora.experts:  # MixLoRA rows: the mixture of their FFN experts
+                lora.mix_ffn(i, h, gate_up, act)
             down = w.down(act)
             if lora is not None:
                 lora.apply(i, "down", act, down, weights)

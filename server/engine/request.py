@@ -71,6 +71,8 @@ class Sequence:
     # Gate statistics summed over layers and tokens: weight per adapter, entropy; and the count.
     gate_sums: list[float] = field(default_factory=list)
     gate_count: int = 0
+    # A MoE-kind adapter's routing weight per expert, summed over its generated tokens and routers.
+    expert_usage: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -87,7 +89,7 @@ class Sequence:
 
     def report(self) -> list[dict]:
         """Its adapters as the response tells them (names, weights, scores, gate means)."""
-        return report(self.chosen, self.gate_sums, self.gate_count)
+        return report(self.chosen, self.gate_sums, self.gate_count, self.expert_usage)
 
     def gate_entropy(self) -> float | None:
         return gate_entropy(self.chosen, self.gate_sums, self.gate_count)

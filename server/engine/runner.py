@@ -16,6 +16,7 @@ from server.lora.backends.base import LoRABackend
 from server.lora.batch import build_block_rows, build_lora_batch
 from server.lora.context import LoRAContext
 from server.lora.gate import GateStats, MoLEGate
+from server.lora.moe import ExpertRows
 from server.lora.pool import LoRAPool
 
 
@@ -61,10 +62,11 @@ class ModelRunner:
         dev = self.device
         meta = self.attention_metadata(batch, torch.tensor(kv_slots, device=dev), torch.tensor(positions, device=dev))
         native = [self._native(s.seq) for s in scheduled]
-        lora = self.lora_context([((), ()) if nat else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
-                                  for s, nat in zip(scheduled, native)],
+        expert_slots = [self._expert_slot(s.seq) for s in scheduled]
+        lora = self.lora_context([((), ()) if nat or ex else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
+                                  for s, nat, ex in zip(scheduled, native, expert_slots)],
                                  [s.num_tokens for s in scheduled], len(batch.decode),
-                                 [s.seq.gated for s in scheduled], native=native)
+                                 [s.seq.gated for s in scheduled], native=native, expert_slots=expert_slots)
         logits = self.model.forward(torch.tensor(ids, device=dev), meta.write_positions, self.kv, meta,
                                     torch.tensor(sample_rows, dtype=torch.long, device=dev), lora)
         totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
@@ -73,7 +75,15 @@ class ModelRunner:
                 seq = s.seq
                 seq.gate_sums = [a + b for a, b in zip(seq.gate_sums, sums)] if seq.gate_sums else sums
                 seq.gate_count += s.num_tokens * self.model.num_layers
+        for rows in lora.experts if lora is not None else ():
+            for i, usage in zip(rows.seqs, rows.usage.tolist()):
+                seq = scheduled[i].seq
+                seq.expert_usage = [a + b for a, b in zip(seq.expert_usage, usage)] if seq.expert_usage else usage
         return logits
+
+    def _expert_slot(self, seq: Sequence) -> int | None:
+        """The lora slot of the sequence's adapter when it is a mixture of LoRA experts (named alone)."""
+        return seq.lora_slots[0] if len(seq.lora_slots) == 1 and seq.lora_slots[0] in self.pool.experts else None
 
     def _native(self, seq: Sequence) -> tuple[tuple[int, int], int, float] | None:
         """(block shape, lora slot, weight) when the sequence runs its adapter's native blocks: one
@@ -86,20 +96,35 @@ class ModelRunner:
 
     def lora_context(self, sets: Seq[tuple[Seq[int], Seq[float]]], num_tokens: Seq[int], num_decode: int,
                      gated: Seq[bool], gate: MoLEGate | None = None, force_dense: bool = False,
-                     native: Seq[tuple[tuple[int, int], int, float] | None] = ()) -> LoRAContext | None:
+                     native: Seq[tuple[tuple[int, int], int, float] | None] = (),
+                     expert_slots: Seq[int | None] = ()) -> LoRAContext | None:
         """The step's LoRA mapping over the pool's stacks (None: no adapter in the step). gate: a
-        router other than the pool's (train-gate's, with autograd). native: per sequence, what
-        _native chose (its set in `sets` is then empty)."""
+        router other than the pool's (train-gate's, with autograd). native, expert_slots: per
+        sequence, what _native and _expert_slot chose (its set in `sets` is then empty)."""
         blocks = build_block_rows(native, num_tokens, self.device, self.model.dtype) if any(native) else []
+        experts = self._expert_rows(expert_slots, num_tokens, num_decode)
         batch = build_lora_batch(sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense)
-        if batch is None and not blocks:
+        if batch is None and not blocks and not experts:
             return None
         gates = gate.layer_gates(self.pool.stacks) if gate is not None else self.pool.layer_gates
         stats = None
         if batch is not None:
             self.backend.prepare(batch, self.pool.version, self.pool.slot_bytes)
             stats = GateStats.for_batch(batch, gated, num_tokens) if gates is not None else None
-        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats, blocks, self.pool.block_stacks)
+        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats, blocks, self.pool.block_stacks,
+                           experts)
+
+    def _expert_rows(self, expert_slots: Seq[int | None], num_tokens: Seq[int], num_decode: int) -> list[ExpertRows]:
+        """One ExpertRows per MoE-kind adapter of the step, over its sequences' rows."""
+        by_slot: dict[int, list[int]] = {}
+        for i, slot in enumerate(expert_slots):
+            if slot is not None:
+                by_slot.setdefault(slot, []).append(i)
+        starts = [0]
+        for n in num_tokens:
+            starts.append(starts[-1] + n)
+        return [ExpertRows.for_step(self.pool.experts[slot], seqs, starts, list(num_tokens), num_decode)
+                for slot, seqs in by_slot.items()]
 
     def prefill(self, prompts: list[list[int]], adapter_sets: list[tuple[list[str], list[float]]],
                 rows: torch.Tensor, gate: MoLEGate | None = None, keep_layer_weights: bool = False

@@ -34,7 +34,7 @@ from server.library.store import (
     read_card,
 )
 from server.library.upload import InvalidAdapterError, UploadedFiles, check_card, check_files, single_threaded
-from server.lora.kinds import kind_for
+from server.lora.kinds import RUNS_ALONE, kind_for
 from server.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
 from server.routing.retriever import Retriever
 
@@ -77,6 +77,12 @@ def parse_adapter(name: str, config: object, tensors: dict, spec: LoRATargetSpec
         raise
     except (TypeError, ValueError, KeyError, RuntimeError) as e:  # odd config values meeting the tensor math
         raise AdapterFormatError(f"adapter {name!r} does not fit the base model: {e}") from e
+
+
+def retrievable(card: dict, weights: AdapterWeights) -> bool:
+    """Whether `auto` may retrieve the adapter: the card's `auto` field; by default every kind but
+    the mixtures of LoRA experts (they run alone, so a request would get only them)."""
+    return bool(card.get("auto", weights.kind not in RUNS_ALONE))
 
 
 def read_tensors(folder: Path, name: str) -> dict:
@@ -160,7 +166,9 @@ class Catalog:
         with self._lock:
             self._folders[name] = Path(folder)
         if self.retriever is not None:
-            if key is not None:
+            if not retrievable(read_card(folder), weights):
+                self.retriever.remove(name)
+            elif key is not None:
                 self.retriever.set_key(name, key)
             elif examples := read_card(folder).get("examples"):
                 self.retriever.set_card(name, examples)
@@ -180,8 +188,9 @@ class Catalog:
         with self._lock:
             self._folders.update(folders)
         if self.retriever is not None:
-            cards = {name: read_card(path).get("examples") for name, path in folders.items()}
-            self.retriever.set_cards({name: ex for name, ex in cards.items() if ex})
+            cards = {w.name: read_card(folders[w.name]) for w in weights}
+            self.retriever.set_cards({w.name: cards[w.name]["examples"] for w in weights
+                                      if cards[w.name].get("examples") and retrievable(cards[w.name], w)})
         return weights
 
     def nearest(self, name: str) -> list[dict]:

@@ -166,6 +166,8 @@ def check_card(card: object, name: str, min_examples: int) -> dict:
                                   "(they are the adapter's retrieval key)")
     if len(examples) > MAX_EXAMPLES or any(len(e) > MAX_EXAMPLE_CHARS for e in examples):
         raise InvalidAdapterError(f"card.json: at most {MAX_EXAMPLES} examples of {MAX_EXAMPLE_CHARS} characters")
+    if not isinstance(card.get("auto", False), bool):
+        raise InvalidAdapterError("card.json: `auto` (whether `auto` may retrieve the adapter) must be true or false")
     description = card.get("description", "")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidAdapterError(f"card.json: `description` must be a string of at most {MAX_DESCRIPTION_CHARS}")

@@ -10,6 +10,7 @@ from server.lora.backends.base import LoRABackend
 from server.lora.batch import BlockRows, LoRABatchInfo
 from server.lora.gate import PROBE_GROUP, GateStats, LayerGate
 from server.lora.kinds.base import MODULE_GROUPS
+from server.lora.moe import ExpertRows
 from server.lora.stacks import LayerStacks
 
 
@@ -22,6 +23,7 @@ class LoRAContext:
     stats: GateStats | None = None  # what the gate did, per sequence
     blocks: list[BlockRows] = field(default_factory=list)  # rows on native block forms, per block shape
     block_stacks: dict = field(default_factory=dict)  # the pool's, per block shape
+    experts: list[ExpertRows] = field(default_factory=list)  # rows on a mixture of LoRA experts, per adapter
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
               weights: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -34,6 +36,8 @@ class LoRAContext:
             for module, columns in zip(MODULE_GROUPS[group], stack.out_columns):
                 if module in modules:
                     self.backend.apply_blocks(x, out[:, columns[0] : columns[1]], *modules[module], rows)
+        for rows in self.experts:
+            rows.apply(self.backend, layer, group, stack, x, out)
         if self.batch is None:
             return None
         gate = None
@@ -41,3 +45,10 @@ class LoRAContext:
             weights = self.batch.token_weights
             gate = self.gates[layer] if self.stats is not None and self.gates is not None else None
         return self.backend.apply(x, out, stack, self.batch, weights, gate, self.stats)
+
+    def mix_ffn(self, layer: int, h: torch.Tensor, gate_up: torch.Tensor, act: torch.Tensor) -> None:
+        """The FFN experts' rows (MixLoRA): act [T, I] becomes each row's mixture of its experts'
+        activations, in place, before the base down projection. h: the FFN input; gate_up: its
+        fused base gate/up output."""
+        for rows in self.experts:
+            rows.mix_ffn(self.backend, layer, self.stacks[layer], h, gate_up, act)

@@ -4,7 +4,9 @@ slot is its kind's job; which adapters exist is the catalog's.
 
 Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
 largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
-A slot in use by a running sequence is pinned and never evicted.
+A slot in use by a running sequence is pinned and never evicted. A mixture of LoRA experts
+(MixLoRA, MoELoRA) takes 1 + E slots: its own (the shared LoRAs; what sequences pin) and one per
+expert, all evicted together; its routers sit beside them (`experts`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from server.lora.kinds import KINDS
 from server.lora.kinds.base import AdapterWeights, LoRATargetSpec
+from server.lora.kinds.lora import pack as pack_lora
+from server.lora.moe import ResidentExperts
 from server.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
 
 
@@ -51,6 +55,7 @@ class LoRAPool:
         # module -> (A [slots, n, r, d_in/n], B [slots, n, d_out/n, r]); 1/n of the dense bytes.
         self.block_stacks: dict[tuple[int, int], list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.block_shape: dict[int, tuple[int, int]] = {}  # lora slot -> its adapter's block shape
+        self.experts: dict[int, ResidentExperts] = {}  # lora slot of a MoE-kind adapter -> its experts
 
     # --- what the pool holds ---
     def put(self, weights: AdapterWeights) -> None:
@@ -68,7 +73,7 @@ class LoRAPool:
             if self._pins[slot]:
                 self._retired.add(slot)
             else:
-                self._free.append(slot)
+                self._free_slots(slot)
 
     def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None:
         """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
@@ -107,14 +112,15 @@ class LoRAPool:
         need are all pinned by running sequences."""
         missing = [n for n in dict.fromkeys(names) if n not in self._resident]
         evictable = [n for n, slot in self._resident.items() if self._pins[slot] == 0 and n not in names]
-        if len(missing) > len(self._free) + len(evictable):
+        needed = {n: self.footprint(self.weights(n)) for n in missing}
+        if sum(needed.values()) > len(self._free) + sum(self._held(self._resident[n]) for n in evictable):
             return None
         for name in missing:
-            if not self._free:
-                victim = evictable.pop(0)
-                self._free.append(self._resident.pop(victim))
+            while len(self._free) < needed[name]:
+                self._free_slots(self._resident.pop(evictable.pop(0)))
                 self.evictions += 1
-            self._load_into(self._free.pop(), name)
+            # ascending: a MoE adapter's expert slots then form a range (views, not gathers)
+            self._load_into(sorted(self._free.pop() for _ in range(needed[name])), name)
         slots = []
         for name in names:
             self._resident.move_to_end(name)
@@ -130,7 +136,21 @@ class LoRAPool:
                 del self._pins[slot]
                 if slot in self._retired:  # its adapter was replaced or deleted while it ran
                     self._retired.remove(slot)
-                    self._free.append(slot)
+                    self._free_slots(slot)
+
+    @staticmethod
+    def footprint(weights: AdapterWeights) -> int:
+        """Slots an adapter takes: 1, or 1 + E for a mixture of LoRA experts."""
+        return 1 + (weights.moe.num_experts if weights.moe else 0)
+
+    def _held(self, slot: int) -> int:
+        return 1 + (self.experts[slot].num_experts if slot in self.experts else 0)
+
+    def _free_slots(self, slot: int) -> None:
+        """An adapter's slot back to the free list, with its experts' slots."""
+        experts = self.experts.pop(slot, None)
+        self._free += experts.slots.tolist() if experts is not None else []
+        self._free.append(slot)
 
     # --- internals ---
     def _remember(self, name: str, weights: AdapterWeights) -> None:
@@ -139,8 +159,10 @@ class LoRAPool:
         while len(self._cpu) > self.max_cpu_loras:  # `load` can read any entry again
             self._cpu.popitem(last=False)
 
-    def _load_into(self, slot: int, name: str) -> None:
+    def _load_into(self, slots: list[int], name: str) -> None:
+        """slots: the adapter's own, then its experts' (footprint)."""
         weights = self.weights(name)
+        slot = slots[0]
         if weights.rank > self.rank:
             self._grow(weights.rank)
         self.version += 1
@@ -148,8 +170,12 @@ class LoRAPool:
         self.block_shape.pop(slot, None)
         if weights.blocks:
             self._pack_blocks(weights, slot)
+        if weights.moe:
+            self.experts[slot] = ResidentExperts.build(weights, slot, slots[1:], self.spec.num_layers, self.device)
         for layer, groups in enumerate(self.stacks):
             kind.pack(weights, groups, layer, slot, self.rank)
+            for e, expert_slot in enumerate(slots[1:]):
+                pack_lora(weights.moe.expert(e, name, weights.rank), groups, layer, expert_slot, self.rank)
             if self.layer_gates is not None:
                 with torch.no_grad():
                     keys = self.gate.slot_keys(layer, groups[PROBE_GROUP], slice(slot, slot + 1))

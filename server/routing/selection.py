@@ -75,6 +75,14 @@ class AdapterSelector:
                 raise AdapterNotFound(f"The adapter `{name}` does not exist.", "adapters")
         if not names:  # nothing relevant retrieved: the base model answers
             return chosen
+        alone = self._runs_alone(names, sel)
+        if alone is not None:
+            chosen.adapters = (AdapterRef(alone, 1.0),)
+            chosen.scores = {alone: chosen.scores[alone]} if alone in chosen.scores else {}
+            return chosen
+        if not sel.explicit:  # a retrieved mixture of experts below the top hit: the rest go without it
+            kept = [i for i, n in enumerate(names) if self.merges.weights(n).moe is None]
+            names, priors = [names[i] for i in kept], [priors[i] for i in kept]
         total = sum(priors)
         priors = [w / total for w in priors]
         if sel.composition == "select":
@@ -87,6 +95,25 @@ class AdapterSelector:
             chosen.adapters = tuple(AdapterRef(n, w) for n, w in zip(names, priors))
             chosen.gated = sel.composition == "gate" and len(names) > 1
         return chosen
+
+    def _runs_alone(self, names: list[str], sel: Selection) -> str | None:
+        """The adapter when the selection is one mixture of LoRA experts (its routers mix its own
+        experts, so it runs by itself): named alone, or retrieval's top hit. SelectionError when
+        one is named with others or for a merge, or needs more slots than the pool has."""
+        mixtures = [n for n in names if self.merges.weights(n).moe is not None]
+        if not mixtures or (not sel.explicit and mixtures[0] != names[0]):
+            return None
+        weights = self.merges.weights(mixtures[0])
+        if sel.explicit and (len(names) > 1 or sel.composition == "merge"):
+            what = "with other adapters" if len(names) > 1 else "in a merge"
+            raise SelectionError(f"adapter `{weights.name}` is a {weights.kind} adapter: its own routers mix its "
+                                 f"{weights.moe.num_experts} experts, so a request names it alone, not {what}",
+                                 "adapters")
+        slots = 1 + weights.moe.num_experts
+        if slots > self.settings.max_loras:
+            raise SelectionError(f"adapter `{weights.name}` needs {slots} adapter slots (one per expert and one "
+                                 f"shared); this server has max_loras={self.settings.max_loras}", "adapters")
+        return weights.name
 
     def _merged(self, names: list[str], weights: list[float], sel: Selection) -> str:
         spec = sel.merge

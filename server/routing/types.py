@@ -62,9 +62,11 @@ class Chosen:
     sources: tuple[str, ...] = ()  # the adapters a merge was built from
 
 
-def report(chosen: Chosen, gate_sums: Sequence[float], gate_count: int) -> list[dict]:
-    """What the response tells about the adapters: names, weights, retrieval scores, gate means.
-    gate_sums: the gate's weight per adapter summed over layers and tokens (then the entropy)."""
+def report(chosen: Chosen, gate_sums: Sequence[float], gate_count: int,
+           expert_usage: Sequence[float] = ()) -> list[dict]:
+    """What the response tells about the adapters: names, weights, retrieval scores, gate means,
+    a MoE adapter's expert usage. gate_sums: the gate's weight per adapter summed over layers and
+    tokens (then the entropy); expert_usage: a MoE adapter's routing weight per expert, summed."""
     entries = []
     for i, a in enumerate(chosen.adapters):
         entry: dict = {"name": a.name, "weight": round(a.weight, 4)}
@@ -73,6 +75,8 @@ def report(chosen: Chosen, gate_sums: Sequence[float], gate_count: int) -> list[
         if chosen.gated and gate_count:
             entry["gate_weight"] = round(gate_sums[i] / gate_count, 4)
         entries.append(entry)
+    if expert_usage and sum(expert_usage) > 0:  # a mixture of LoRA experts, named alone
+        entries[0]["expert_usage"] = [round(u / sum(expert_usage), 4) for u in expert_usage]
     if chosen.sources:  # a merge: one virtual adapter built from these
         entries[0]["sources"] = [{"name": n, **({"score": round(chosen.scores[n], 4)} if n in chosen.scores else {})}
                                  for n in chosen.sources]

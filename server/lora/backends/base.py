@@ -67,6 +67,58 @@ class LoRABackend:
         else:
             out.index_add_(0, rows.rows, delta)
 
+    # --- mixtures of LoRA experts (MixLoRA, MoELoRA): one adapter's E expert slots, rows of its own ---
+    def apply_experts(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                      slot_range: tuple[int, int] | None, weights: torch.Tensor | None) -> None:
+        """out[t, cols_j] += sum_e w[t, j, e] * B_j[s_e] @ A_j[s_e] @ x[t] over the E slots s_e, for
+        module j of the group. x: [T, d_in]; weights: [T, n, E] (a router's top-k, zero elsewhere:
+        the unselected experts cost FLOPs, not a gather), or None (all 1: a shared LoRA)."""
+        expand(shrink(x, stack, slots, slot_range), weights, out, stack, slots, slot_range)
+
+    def expert_outputs(self, x: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                       slot_range: tuple[int, int] | None) -> list[torch.Tensor]:
+        """Each expert's own output, unweighted, per module j of the group: [T, E, d_out_j] (MixLoRA's
+        gate/up, which the activation then mixes per expert)."""
+        T, E, r = x.shape[0], len(slots), stack.rank
+        z = shrink(x, stack, slots, slot_range).view(T, E, len(stack.B), r).transpose(0, 1)  # [E, T, n, r]
+        return [torch.bmm(z[:, :, j], stack.rows(B, slots, slot_range)).transpose(0, 1)  # [T, E, d_out_j]
+                for j, B in enumerate(stack.B)]
+
+    def apply_routed_inputs(self, xk: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                            slot_range: tuple[int, int] | None, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """out[t] += sum_k w[t, k] * B[s_e] @ A[s_e] @ xk[t, k] with e = experts[t, k]: each of a
+        token's k experts on its own input (MixLoRA's down projection of each expert's activation).
+        xk: [T, k, d_in]; experts, weights: [T, k]. One-module groups only."""
+        T, k, _ = xk.shape
+        E, r = len(slots), stack.rank
+        z = shrink(xk.reshape(T * k, -1), stack, slots, slot_range).view(T, k, E, r)  # every expert, then pick
+        own = z.gather(2, experts.view(T, k, 1, 1).expand(T, k, 1, r)).squeeze(2) * weights.unsqueeze(-1)
+        per_expert = z.new_zeros(T, E, r).scatter_add_(1, experts.unsqueeze(-1).expand(T, k, r), own)
+        expand(per_expert, None, out, stack, slots, slot_range)
+
+
+def shrink(x: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+           slot_range: tuple[int, int] | None) -> torch.Tensor:
+    """All rows of x against one set of U slots: [T, U, n*r]."""
+    A = stack.rows(stack.A, slots, slot_range)  # [U, n*r, d_in]
+    U, nr = A.shape[0], A.shape[1]
+    return (x @ A.reshape(U * nr, -1).t()).view(x.shape[0], U, nr)
+
+
+def expand(z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, stack: GroupStack,
+           slots: torch.Tensor, slot_range: tuple[int, int] | None) -> None:
+    """out += the U slots' B applied to z [T, U, n*r], weighted: weights [T, U] or [1, U] (one per
+    slot), [T, n, U] (one per module and slot), or None (all 1)."""
+    T, U, r, n = z.shape[0], z.shape[1], stack.rank, len(stack.B)
+    z = z.view(T, U, n, r)
+    if weights is not None:
+        z = z * (weights.transpose(1, 2).unsqueeze(-1) if weights.dim() == 3 else weights.view(-1, U, 1, 1))
+    for j, (c0, c1) in enumerate(stack.out_columns):
+        B = stack.rows(stack.B[j], slots, slot_range).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
+        # With one slot, module j's z is a strided view [T, r]: BLAS reads it without a copy.
+        zj = z[:, 0, j] if U == 1 else z[:, :, j].reshape(T, U * r)
+        out[:, c0:c1].addmm_(zj, B)
+
 
 def token_columns(batch: LoRABatchInfo) -> list[list[int]]:
     """Per token, the slots its weight columns stand for."""

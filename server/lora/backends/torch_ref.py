@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.lora.backends.base import LoRABackend
+from server.lora.backends.base import LoRABackend, expand, shrink
 from server.lora.batch import LoRABatchInfo
 from server.lora.stacks import GroupStack
 
@@ -88,10 +88,10 @@ class TorchBackend(LoRABackend):
         """x: [T, d_in]; out: [T, d_out_total], updated in place. weights: the tokens' weights over
         the path's columns (batch.token_weights, or what the layer's gate made of them)."""
         if batch.unique_slots is not None:
-            z = _shrink_dense(x, stack, batch.unique_slots, batch.unique_range)  # [T, U, n*r]
+            z = shrink(x, stack, batch.unique_slots, batch.unique_range)  # [T, U, n*r]
             if gate is not None:
                 weights = gate.weigh(x, z, batch.unique_slots, weights, stats, slice(None))
-            _expand_dense(z, weights, out, stack, batch.unique_slots, batch.unique_range)
+            expand(z, weights, out, stack, batch.unique_slots, batch.unique_range)
             return weights
         parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
         nd = batch.num_decode
@@ -105,36 +105,11 @@ class TorchBackend(LoRABackend):
         for i, (offset, length) in enumerate(batch.prefill_spans, start=nd):
             rows = slice(offset, offset + length)
             slots = batch.lora_slots[i]  # [K]
-            z = _shrink_dense(x[rows], stack, slots, None)  # [L, K, n*r]
+            z = shrink(x[rows], stack, slots, None)  # [L, K, n*r]
             w = weights[rows] if gate is None else gate.weigh(x[rows], z, slots, weights[rows], stats, rows)
             parts.append(w)
-            _expand_dense(z, w, out[rows], stack, slots, None)
+            expand(z, w, out[rows], stack, slots, None)
         return weights if gate is None else torch.cat(parts)
-
-
-def _shrink_dense(
-    x: torch.Tensor, stack: GroupStack, slots: torch.Tensor, slot_range: tuple[int, int] | None
-) -> torch.Tensor:
-    """All rows of x against one set of U slots: [T, U, n*r]."""
-    A = stack.rows(stack.A, slots, slot_range)  # [U, n*r, d_in]
-    U, nr = A.shape[0], A.shape[1]
-    return (x @ A.reshape(U * nr, -1).t()).view(x.shape[0], U, nr)
-
-
-def _expand_dense(
-    z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
-    slot_range: tuple[int, int] | None,
-) -> None:
-    """z: [T, U, n*r]; weights: [T, U], [1, U] or None (all 1)."""
-    T, U, r, n = z.shape[0], z.shape[1], stack.rank, len(stack.B)
-    z = z.view(T, U, n, r)
-    if weights is not None:
-        z = z * weights.view(-1, U, 1, 1)
-    for j, (c0, c1) in enumerate(stack.out_columns):
-        B = stack.rows(stack.B[j], slots, slot_range).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
-        # With one slot, module j's z is a strided view [T, r]: BLAS reads it without a copy.
-        zj = z[:, 0, j] if U == 1 else z[:, :, j].reshape(T, U * r)
-        out[:, c0:c1].addmm_(zj, B)
 
 
 def _expand_gathered(z: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, stack: GroupStack,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from server.lora.kinds import lora, melora
+from server.lora.kinds import lora, melora, mixlora, moelora
 from server.lora.kinds.base import AdapterFormatError, AdapterKind
 
-KINDS: dict[str, AdapterKind] = {"lora": lora, "melora": melora}
+KINDS: dict[str, AdapterKind] = {"lora": lora, "melora": melora, "mixlora": mixlora, "moelora": moelora}
+# Kinds whose own routers mix their experts: a request names such an adapter alone.
+RUNS_ALONE = frozenset({"mixlora", "moelora"})
 
 
 def kind_for(name: str, config: dict) -> AdapterKind:

@@ -1,6 +1,6 @@
 """The contract every adapter kind meets, and what an adapter may target in the base model.
 
-A kind module (lora.py today; melora, moe next) states: the `peft_type` values it reads, `parse`
+A kind module (lora, melora, mixlora, moelora) states: the `peft_type` values it reads, `parse`
 (config + tensors -> validated weights, scaling folded in), `pack` (weights -> one pool slot of
 the stacks) and `reference_delta` (the naive per-module output, the tests' oracle). Reading the
 files is the library's job; nothing here touches disk.
@@ -36,6 +36,7 @@ class LoRATargetSpec:
 
     num_layers: int
     shapes: dict[str, tuple[int, int]]
+    hidden_act: str = "silu"  # the FFN's activation (MixLoRA's experts default to it)
 
 
 @dataclass
@@ -51,6 +52,37 @@ class AdapterWeights:
     # The kind's native form where it differs from `modules` (melora: per module, A [n, r, d_in/n]
     # and B [n, d_out/n, r] of its n mini LoRAs, scaling folded in); None for a plain LoRA.
     blocks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+    moe: MoEWeights | None = None  # the experts and routers of a mixture-of-LoRA-experts kind
+
+
+# The router key of an FFN-wide router (MixLoRA's one per layer, on the FFN input) in MoEWeights.routers.
+FFN_ROUTER = "mlp"
+
+
+@dataclass
+class MoEWeights:
+    """A mixture of LoRA experts: E experts, each a plain LoRA over some modules, and top-k
+    routers. `AdapterWeights.modules` holds the part every expert shares (MixLoRA's attention
+    LoRAs). Per token, a router picks k experts and weighs them (softmax over its E logits, top-k,
+    renormalized over the k).
+
+    ffn=False (MoELoRA, MoE-PEFT's MoLA): a router per routed module on that module's input,
+        y = W x + sum_topk w_e B_e A_e x.
+    ffn=True (MixLoRA): one router per layer on the FFN input; each expert is the whole FFN with
+        its own gate/up/down LoRAs over the shared base weights,
+        y = sum_topk w_e FFN_e(x),  FFN_e(x) = (W_d + B_d,e A_d,e)(act(g_e) * u_e)."""
+
+    num_experts: int
+    top_k: int
+    experts: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]  # per expert: as `modules`
+    routers: dict[tuple[int, str], torch.Tensor]  # (layer, module or FFN_ROUTER) -> W_g [E, d_in], fp32
+    ffn: bool
+    act_fn: str = "silu"
+    renormalize: bool = True  # divide the k kept probabilities by their sum
+
+    def expert(self, e: int, name: str, rank: int) -> AdapterWeights:
+        """Expert e as a plain LoRA (what packs into one pool slot)."""
+        return AdapterWeights(name=f"{name}#expert{e}", rank=rank, modules=self.experts[e])
 
 
 class AdapterKind(Protocol):

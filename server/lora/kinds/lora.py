@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +39,23 @@ def _check_config(name: str, config: dict) -> None:
         raise AdapterFormatError(f"adapter {name!r}: modules_to_save {config['modules_to_save']} is not supported")
 
 
+def checked_pair(name: str, where: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int], max_rank: int,
+                 scaling: Callable[[int], float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA's (A [r, d_in], B [d_out, r]) checked against the module's (d_in, d_out): fp32,
+    the scaling (of the rank) folded into B."""
+    A, B = A.float(), B.float()
+    d_in, d_out = shape
+    r = A.shape[0] if A.dim() == 2 else -1
+    if r < 1 or A.shape != (r, d_in) or B.shape != (d_out, r):
+        raise AdapterFormatError(f"adapter {name!r}: {where} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                                 f"the base model needs A [r, {d_in}], B [{d_out}, r]")
+    if r > max_rank:
+        raise AdapterFormatError(f"adapter {name!r}: rank {r} at {where} is over the limit {max_rank}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values")
+    return A.contiguous(), (B * scaling(r)).contiguous()
+
+
 def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRATargetSpec,
           max_rank: int) -> AdapterWeights:
     """Validate PEFT tensors against the base model and fold the scaling into B."""
@@ -59,20 +78,9 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
         where = f"layers.{layer}.{module}"
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
-        A, B = ab["A"].float(), ab["B"].float()
-        d_in, d_out = spec.shapes[module]
-        r = A.shape[0]
-        if A.shape != (r, d_in) or B.shape != (d_out, r):
-            raise AdapterFormatError(
-                f"adapter {name!r}: {where} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
-                f"the base model needs A [r, {d_in}], B [{d_out}, r]"
-            )
-        if r > max_rank:
-            raise AdapterFormatError(f"adapter {name!r}: rank {r} at {where} is over the limit {max_rank}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values")
-        modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, r)).contiguous())
-        max_seen = max(max_seen, r)
+        A, B = modules[(layer, module)] = checked_pair(name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
+                                                       functools.partial(lora_scaling, config, where))
+        max_seen = max(max_seen, A.shape[0])
     return AdapterWeights(name=name, rank=max_seen, modules=modules, config=config)
 
 

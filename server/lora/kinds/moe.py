@@ -1,0 +1,79 @@
+"""What the two mixture-of-LoRA-experts kinds (mixlora.py, moelora.py) read alike: the expert
+count and top-k of the config, the routers, and E experts' LoRA pairs, checked against the base."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from server.lora.kinds.base import AdapterFormatError, LoRATargetSpec
+from server.lora.kinds.lora import checked_pair, lora_scaling
+
+Found = dict[tuple[int, str, int], dict[str, torch.Tensor]]  # (layer, module, expert) -> {"A": .., "B": ..}
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def experts_and_top_k(name: str, config: dict) -> tuple[int, int]:
+    num_experts, top_k = config.get("num_experts"), config.get("top_k", 2)
+    if not _positive_int(num_experts):
+        raise AdapterFormatError(f"adapter {name!r}: `num_experts` must be a positive integer, got {num_experts!r}")
+    if not _positive_int(top_k) or top_k > num_experts:
+        raise AdapterFormatError(f"adapter {name!r}: `top_k` must be an integer from 1 to num_experts "
+                                 f"({num_experts}), got {top_k!r}")
+    return num_experts, top_k
+
+
+def reject_dora(name: str, *configs: dict) -> None:
+    if any(c.get("use_dora") for c in configs):
+        raise AdapterFormatError(f"adapter {name!r}: DoRA experts are not supported (MoE-PEFT saves no "
+                                 "magnitude vectors, so a saved DoRA expert is not the expert it trained)")
+
+
+def checked_router(name: str, where: str, W: torch.Tensor, num_experts: int, d_in: int) -> torch.Tensor:
+    """A router W_g [E, d_in], kept in fp32 (MoE-PEFT routes in fp32)."""
+    if tuple(W.shape) != (num_experts, d_in):
+        raise AdapterFormatError(f"adapter {name!r}: the router at {where} has shape {tuple(W.shape)}; "
+                                 f"num_experts={num_experts} and the base model need [{num_experts}, {d_in}]")
+    if not torch.isfinite(W).all():
+        raise AdapterFormatError(f"adapter {name!r}: the router at {where} holds non-finite values")
+    return W.float().contiguous()
+
+
+def checked_experts(name: str, found: Found, num_experts: int, spec: LoRATargetSpec, max_rank: int,
+                    config: dict) -> tuple[list[dict], int]:
+    """Per expert, (layer, module) -> (A, scaled B); and the largest rank. Every routed module must
+    have all E experts; `config` gives their r / lora_alpha / use_rslora."""
+    experts: list[dict] = [{} for _ in range(num_experts)]
+    per_module: dict[tuple[int, str], set[int]] = {}
+    for layer, module, e in found:
+        if e >= num_experts:
+            raise AdapterFormatError(f"adapter {name!r}: layers.{layer}.{module} has expert {e}, but num_experts "
+                                     f"is {num_experts}")
+        per_module.setdefault((layer, module), set()).add(e)
+    rank = 0
+    for (layer, module), have in sorted(per_module.items()):
+        missing = sorted(set(range(num_experts)) - have)
+        if missing:
+            raise AdapterFormatError(f"adapter {name!r}: layers.{layer}.{module} lacks experts "
+                                     f"{', '.join(map(str, missing))} of {num_experts}")
+        for e in range(num_experts):
+            where = f"layers.{layer}.{module}.experts.{e}"
+            ab = found[(layer, module, e)]
+            if set(ab) != {"A", "B"}:
+                raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
+            A, _ = experts[e][(layer, module)] = checked_pair(
+                name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
+                functools.partial(lora_scaling, config, where))
+            rank = max(rank, A.shape[0])
+    return experts, rank
+
+
+def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
+    if module not in spec.shapes:
+        raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
+    if layer >= spec.num_layers:
+        raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")
