@@ -3,7 +3,11 @@
     mole-serve eval                         # through the engine in this process, in batch
     mole-serve eval --url http://127.0.0.1:8000   # against a running server
 
-Modes: `base` (no adapter), `oracle` (each prompt on its own task's adapter), and model `auto`
+Modes: `base` (no adapter), `oracle` (each prompt on its own task's adapter), the one-adapter-for-
+all-tasks rows by name (`multitask_lora`, `mixlora`, `moelora`: the adapters `multitask-lora`,
+`multitask-mixlora`, `multitask-moelora`, trained on the mixture of the library's tasks by
+`mole-serve train-adapter --task multitask`; in-process, folders under --extra-adapters are added
+beside the store's), and model `auto`
 with composition `select` (top-1 retrieved), `mixture` (retrieval-score weights) or `gate` (the
 trained router). Not run by default: `router`, the gate over the same retrieved candidates named as
 `adapters` without weights, so its prior is uniform and the router alone chooses. In-domain tasks
@@ -26,8 +30,10 @@ from server.library.store import adapter_dirs
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 
-MODES = ("base", "oracle", "select", "mixture", "gate", "router")
-DEFAULT_MODES = MODES[:-1]
+# one adapter for every prompt, by name
+BY_NAME = {"multitask_lora": "multitask-lora", "mixlora": "multitask-mixlora", "moelora": "multitask-moelora"}
+MODES = ("base", "oracle", "select", "mixture", "gate", "router", *BY_NAME)
+DEFAULT_MODES = MODES[:5]
 RETRIEVAL_MODES = ("select", "mixture", "gate")
 
 
@@ -72,6 +78,8 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
             return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
         if mode in RETRIEVAL_MODES:
             return Selection(mode, query=item.prompt, top_k=engine.settings.retrieval_top_k)
+        if mode in BY_NAME:
+            return Selection("mixture", (AdapterRef(BY_NAME[mode]),))
         return None
 
     if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
@@ -98,7 +106,8 @@ def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, 
                                               temperature=0, extra_body=extra)
 
     def ask(item: Item) -> Answer:
-        model = "auto" if mode in RETRIEVAL_MODES else item.task if mode == "oracle" and item.task in library else base
+        model = ("auto" if mode in RETRIEVAL_MODES else item.task if mode == "oracle" and item.task in library
+                 else BY_NAME.get(mode, base))
         extra = {"composition": mode} if mode in RETRIEVAL_MODES else {}
         if mode == "router":  # the mixture's report lists retrieval's candidates, then they go by name
             found = complete(item, "auto", {"composition": "mixture"}, 1).model_extra.get("adapters") or []
@@ -155,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-out-of-domain", dest="out_of_domain", action="store_false",
                     help="skip the tasks without an adapter in the library")
     ap.add_argument("--out", default="bench/results/eval.md", help="markdown table; JSON is written beside it")
+    ap.add_argument("--extra-adapters", type=Path, default=Path("bench/results/multitask"),
+                    help="in-process: adapter folders to add beside the store's (the multitask_lora baseline)")
     args = ap.parse_args(argv)
 
     settings = Settings()
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         from server.engine.engine import LLMEngine
 
         engine = LLMEngine.from_store(settings)
+        for name, folder in adapter_dirs(args.extra_adapters).items() if args.extra_adapters.is_dir() else ():
+            if name not in engine.catalog:
+                engine.add_adapter(name, folder)
 
         def answer(mode: str) -> list[Answer]:
             return engine_answers(engine, items, mode, args.max_tokens, library)

@@ -1,5 +1,7 @@
 """Train one task adapter on the base model and write it, with its card, into adapters_store/:
-a LoRA through PEFT (kind `lora`), or a MELoRA through training/melora.py (kind `melora`).
+a LoRA through PEFT (kind `lora`), a MELoRA through training/melora.py (kind `melora`), or a
+MixLoRA / MoELoRA through training/moe.py. Task `multitask` trains on the mixture of all tasks
+(the MixLoRA paper's setting) and evaluates on each.
 
 Loss is on the assistant answer only, and the LM head runs only on the positions that predict answer
 tokens: on a 135M model with a 49k vocabulary that head is a fifth of the forward cost otherwise.
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,9 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from server.config import Settings
-from server.training.tasks import TASKS, Task
+from server.training.tasks import TASKS, Task, task_library
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+MULTITASK = "multitask"  # the pseudo-task of one adapter trained on the mixture of all tasks
+MULTITASK_DESCRIPTION = "One adapter for all library tasks, trained on their mixture"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -36,10 +42,16 @@ def build_chat(prompt: str) -> list[dict]:
 
 @dataclass
 class TrainOptions:
-    kind: str = "lora"  # or "melora"
+    kind: str = "lora"  # or "melora", "mixlora", "moelora"
     rank: int = 8  # melora: the rank of each mini LoRA
     blocks: int = 8  # melora: n, the mini LoRAs per module
     alpha: int = 16
+    experts: int = 8  # mixlora / moelora: E
+    top_k: int = 2
+    balance_coef: float = 0.01  # MoE-PEFT's router_aux_loss_coef (its README's top-k example)
+    contrastive_coef: float = 0.01  # moelora: lambda of the contrastive loss
+    contrastive_tau: float = 0.1
+    contrastive_tokens: int = 32  # moelora: tokens sampled per routed linear and step
     targets: tuple[str, ...] = TARGET_MODULES
     steps: int = 240
     batch: int = 8
@@ -101,9 +113,11 @@ def lr_factor(step: int, opts: TrainOptions) -> float:
     return max(0.0, (opts.steps - step) / max(1, opts.steps - opts.warmup))
 
 
-def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOptions) -> list[float]:
-    """Run the optimisation on `pairs` (opts.steps * opts.batch of them); returns the loss per step.
-    model: the causal LM with its adapter modules injected (only they require grad)."""
+def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOptions,
+               extra_loss: Callable[[dict], torch.Tensor] | None = None) -> list[float]:
+    """Run the optimisation on `pairs` (opts.steps * opts.batch of them); returns the answer loss per
+    step. model: the causal LM with its adapter modules injected (only they require grad);
+    extra_loss(batch): the kind's own terms after the forward (routers' balance, contrastive)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, opts))
@@ -113,7 +127,7 @@ def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOption
     for step in bar:
         batch = collate(tokenizer, pairs[step * opts.batch : (step + 1) * opts.batch])
         loss = answer_loss(model, batch)
-        loss.backward()
+        (loss + extra_loss(batch) if extra_loss else loss).backward()
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
@@ -186,23 +200,30 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
                   base_model_name: str | None = None) -> dict:
     """Train the adapter of one task and write it to out_dir; returns its card. `model` is consumed
     (adapter layers are injected into it); without one the base model of `settings` is loaded."""
-    opts, task = opts or TrainOptions(), TASKS[task_name]
+    opts = opts or TrainOptions()
+    settings = settings or Settings()
+    # the mixture is the library's tasks: the tasks without an adapter stay out of its domain
+    tasks = sorted(task_library(settings.adapters_dir)) if task_name == MULTITASK else [task_name]
     if model is None:
-        model, tokenizer, base_model_name = load_base(settings or Settings())
+        model, tokenizer, base_model_name = load_base(settings)
     base_model_name = base_model_name or getattr(model.config, "name_or_path", "") or "unknown"
-    eval_pairs = task.examples("eval", opts.n_eval, seed=0)  # the fixed eval set, whatever the seed
-    base_acc = accuracy(model, tokenizer, task, eval_pairs, opts.eval_batch)
+    # the fixed eval sets, whatever the seed; a mixture evaluates on each task
+    n_eval = opts.n_eval if len(tasks) == 1 else max(1, opts.n_eval // 4)
+    eval_sets = {t: TASKS[t].examples("eval", n_eval, seed=0) for t in tasks}
+    base_acc = {t: accuracy(model, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
     torch.manual_seed(opts.seed)  # A init
-    trained, write_weights = inject(model, opts, base_model_name)
-    train_pairs = task.examples("train", opts.steps * opts.batch, seed=opts.seed)
+    trained, write_weights, extra_loss = inject(model, opts, base_model_name)
+    train_pairs = training_pairs(tasks, opts.steps * opts.batch, opts.seed)
     start = time.perf_counter()
-    losses = train_lora(trained, tokenizer, train_pairs, opts)
+    losses = train_lora(trained, tokenizer, train_pairs, opts, extra_loss)
     wall = time.perf_counter() - start
+    adapter_acc = {t: accuracy(trained, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
+    task = TASKS[tasks[0]]
     card = {
         "name": out_dir.name,
-        "description": task.description,
-        "task": task.name,
-        "family": task.family,
+        "description": task.description if len(tasks) == 1 else MULTITASK_DESCRIPTION,
+        "task": task.name if len(tasks) == 1 else MULTITASK,
+        "family": task.family if len(tasks) == 1 else MULTITASK,
         "base_model": base_model_name,
         "kind": opts.kind,
         "trainable_params": sum(p.numel() for p in trained.parameters() if p.requires_grad),
@@ -213,22 +234,38 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "wall_time_s": round(wall, 1),
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-        "base_accuracy": base_acc,
-        "adapter_accuracy": accuracy(trained, tokenizer, task, eval_pairs, opts.eval_batch),
-        "n_eval": len(eval_pairs),
+        "base_accuracy": sum(base_acc.values()) / len(tasks),
+        "adapter_accuracy": sum(adapter_acc.values()) / len(tasks),
+        "n_eval": sum(map(len, eval_sets.values())),
     }
+    if len(tasks) > 1:
+        card["per_task_accuracy"] = {t: {"base": base_acc[t], "adapter": adapter_acc[t]} for t in tasks}
+    if opts.kind in ("mixlora", "moelora"):
+        card["auto"] = False  # it runs alone (its routers mix its experts); a card may set true
     save_adapter(write_weights, card, out_dir)
     return card
 
 
+def training_pairs(tasks: list[str], n: int, seed: int) -> list[tuple[str, str]]:
+    """n training pairs: one task's, or a shuffled mixture with an equal share of each task's."""
+    if len(tasks) == 1:
+        return TASKS[tasks[0]].examples("train", n, seed=seed)
+    pairs = [pair for t in tasks for pair in TASKS[t].examples("train", -(-n // len(tasks)), seed=seed)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n]
+
+
 def inject(model, opts: TrainOptions, base_model_name: str):
-    """(the model with the trainable adapter modules in it, a function writing the adapter's files)."""
+    """(the model with the trainable adapter modules in it, a function writing the adapter's files,
+    the kind's extra loss or None)."""
     if opts.kind == "melora":
         from server.training.melora import inject_melora, save_melora
 
         injected = inject_melora(model, opts.targets, opts.blocks, opts.rank, opts.alpha)
         return model, lambda folder: save_melora(injected, folder, opts.targets, opts.blocks, opts.rank,
-                                                 opts.alpha, base_model_name)
+                                                 opts.alpha, base_model_name), None
+    if opts.kind in ("mixlora", "moelora"):
+        return inject_moe_kind(model, opts, base_model_name)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets),
@@ -239,7 +276,29 @@ def inject(model, opts: TrainOptions, base_model_name: str):
     def write(folder: Path) -> None:
         peft_model.save_pretrained(folder, safe_serialization=True)
 
-    return peft_model.get_base_model(), write
+    return peft_model.get_base_model(), write, None
+
+
+def inject_moe_kind(model, opts: TrainOptions, base_model_name: str):
+    from server.training.moe import balance_loss, contrastive_loss, inject_moe, save_moe
+
+    E, k = opts.experts, opts.top_k
+    routed = inject_moe(model, opts.kind, opts.targets, E, k, opts.rank, opts.alpha)
+    generator = torch.Generator().manual_seed(opts.seed)
+
+    def extra_loss(batch: dict) -> torch.Tensor:
+        mask = batch["attention_mask"].reshape(-1).bool()
+        loss = balance_loss(routed, mask, k, opts.balance_coef)
+        if opts.kind == "moelora" and opts.contrastive_coef:
+            loss = loss + opts.contrastive_coef * contrastive_loss(routed, mask, opts.contrastive_tau,
+                                                                   opts.contrastive_tokens, generator)
+        return loss
+
+    options = {"router_aux_loss_coef": opts.balance_coef}
+    if opts.kind == "moelora":
+        options |= {"contrastive_coef": opts.contrastive_coef, "contrastive_tau": opts.contrastive_tau}
+    return model, lambda folder: save_moe(model, opts.kind, folder, opts.targets, E, k, opts.rank, opts.alpha,
+                                          base_model_name, options), extra_loss
 
 
 # --- the library ------------------------------------------------------------------------------
@@ -273,13 +332,18 @@ def write_library_readme(store_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mole-serve train-adapter", description="Train task LoRAs.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", nargs="+", choices=sorted(TASKS), help="train these tasks, in order")
+    which.add_argument("--task", nargs="+", choices=[*sorted(TASKS), MULTITASK],
+                       help=f"train these tasks, in order ({MULTITASK}: one adapter on the mixture of all)")
     which.add_argument("--all", action="store_true", help="(re)build the whole library")
     p.add_argument("--out", type=Path, default=Path("adapters_store"), help="library folder")
     p.add_argument("--suffix", default="", help="adapter folder = task + this (e.g. -melora)")
     p.add_argument("--force", action="store_true", help="retrain adapters whose folder exists")
     d = TrainOptions()
-    p.add_argument("--kind", choices=("lora", "melora"), default=d.kind)
+    p.add_argument("--kind", choices=("lora", "melora", "mixlora", "moelora"), default=d.kind)
+    p.add_argument("--experts", type=int, default=d.experts, help="mixlora/moelora: experts per router")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="mixlora/moelora: experts per token")
+    p.add_argument("--balance-coef", type=float, default=d.balance_coef, help="load-balance loss coefficient")
+    p.add_argument("--contrastive-coef", type=float, default=d.contrastive_coef, help="moelora: contrastive loss")
     p.add_argument("--n", type=int, default=d.blocks, help="melora: mini LoRAs per module")
     p.add_argument("--rank", "--r", type=int, default=d.rank, help="rank (melora: of each mini LoRA)")
     p.add_argument("--alpha", type=int, default=d.alpha)
@@ -298,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = TrainOptions(kind=args.kind, rank=args.rank, blocks=args.n, alpha=args.alpha,
+    opts = TrainOptions(kind=args.kind, rank=args.rank, blocks=args.n, alpha=args.alpha, experts=args.experts,
+                        top_k=args.top_k, balance_coef=args.balance_coef, contrastive_coef=args.contrastive_coef,
                         targets=tuple(args.targets.split(",")), steps=args.steps, batch=args.batch, lr=args.lr,
                         seed=args.seed,
                         stop_loss=args.stop_loss, n_eval=args.n_eval)

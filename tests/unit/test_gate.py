@@ -8,7 +8,7 @@ import torch
 
 from server.engine.request import SamplingParams
 from server.library.artifacts import GateFormatError, load_gate, save_gate
-from server.lora.backends.torch_ref import _shrink_dense
+from server.lora.backends.base import shrink
 from server.lora.batch import build_lora_batch
 from server.lora.gate import GateConfig, GateStats, MoLEGate
 from server.lora.stacks import GroupStack
@@ -38,7 +38,7 @@ def test_rank_space_score_equals_score_from_explicit_lora_outputs():
     batch = build_lora_batch([((1, 3, 4), (1 / 3,) * 3)], [3], 0, torch.device("cpu"), torch.float32)
     stats = GateStats.for_batch(batch, [True], [3])
     with torch.no_grad():
-        w = layer.weigh(x, _shrink_dense(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), stats, slice(None))
+        w = layer.weigh(x, shrink(x, stack, slots, None), slots, torch.full((3, 3), 1 / 3), stats, slice(None))
         Ar, Br = gate.query[0], gate.key[0]  # [rg, d], [d_probe, rg]
 
         def unit_rms(v):
@@ -61,7 +61,7 @@ def test_masking_renormalizes_over_the_remaining_candidates():
     layer = gate.layer_gates([{"qkv": stack}])[0]
     x = torch.randn(2, d)
     slots = torch.tensor([1, 2, 3])
-    z = _shrink_dense(x, stack, slots, None)
+    z = shrink(x, stack, slots, None)
     batch = build_lora_batch([((1, 2, 3), (1.0,) * 3)], [2], 0, torch.device("cpu"), torch.float32)
     stats = GateStats.for_batch(batch, [True], [2])
     with torch.no_grad():

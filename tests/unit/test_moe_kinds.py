@@ -305,3 +305,42 @@ def test_a_pickled_mixlora_upload_is_refused_and_convert_writes_safetensors(hf, 
     (folder / "adapter_model.bin").unlink()
     weights = read_adapter(folder, tiny_spec(hf), 64, "mix")
     assert out.name == "adapter_model.safetensors" and weights.kind == "mixlora" and weights.moe.top_k == 2
+
+
+@pytest.mark.parametrize("kind", ["mixlora", "moelora"])
+def test_what_train_adapter_writes_serves_as_it_trained(tokenizer, tmp_path, kind):
+    from server.training.moe import balance_loss, inject_moe, save_moe
+
+    hf = tiny_hf_model()
+    engine = engine_for(hf, tokenizer)  # the base weights, before the training modules go in
+    routed = inject_moe(hf, kind, tuple(ALL_TARGETS), 4, 2, 4, 8)
+    g = torch.Generator().manual_seed(5)
+    for name, p in hf.named_parameters():
+        if p.requires_grad and name.endswith("B"):  # as after some training: nonzero updates
+            p.data.normal_(0, 0.2, generator=g)
+    with torch.no_grad():
+        expected = hf(torch.tensor([PROMPT])).logits[0, -1]
+    mask = torch.ones(len(PROMPT), dtype=torch.bool)
+    assert balance_loss(routed, mask, 2, 0.01) > 0
+    save_moe(hf, kind, tmp_path, tuple(ALL_TARGETS), 4, 2, 4, 8, "tiny", {})
+    engine.add_adapter(kind, tmp_path)
+    _, logits = step_logits(engine, PROMPT, [AdapterRef(kind)], tokens=1)
+    assert (logits[0] - expected).abs().max() < 1e-4
+
+
+def test_balance_loss_is_moe_peft_formula_on_concatenated_layers():
+    from server.training.moe import balance_loss
+
+    class Router:
+        def __init__(self, logits):
+            self.logits = logits
+
+    g = torch.Generator().manual_seed(0)
+    layers = [Router(torch.randn(6, 4, generator=g)) for _ in range(3)]
+    mask = torch.tensor([True] * 5 + [False])  # the last token is padding
+    logits = torch.cat([r.logits[:5] for r in layers])  # [15, 4]
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(2, -1).indices
+    f = torch.stack([torch.stack([(top[:, k] == e).float().mean() for e in range(4)]) for k in range(2)])  # [k, E]
+    expected = 0.01 * 4 * sum(f[k, e] * probs[:, e].mean() for k in range(2) for e in range(4))
+    assert torch.allclose(balance_loss(layers, mask, 2, 0.01), expected)
