@@ -80,3 +80,40 @@ def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int,
         config = {**config, "peft_type": "MELORA", "r": [rank] * blocks, "lora_alpha": [2 * rank] * blocks}
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir
+
+
+def synthetic_moe_adapter(out_dir: Path, spec: LoRATargetSpec, kind: str, experts: int, top_k: int, rank: int,
+                          seed: int) -> Path:
+    """A random MixLoRA (shared attention LoRAs, FFN experts, a router per layer) or MoELoRA (a router
+    and E experts on every projection) on all 7 projections, in MoE-PEFT's layout; written as
+    safetensors and as the .bin the `mixlora` package reads."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def pair(prefix: str, module: str) -> None:
+        d_in, d_out = spec.shapes[module]
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
+
+    for layer in range(spec.num_layers):
+        for module in TARGET_MODULES:
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"{kind}.layers.{layer}.{part}.{module}"
+            if kind == "mixlora" and part == "self_attn":
+                pair(key, module)
+                continue
+            if kind == "moelora":
+                tensors[f"{key}.moe_gate.weight"] = torch.randn(experts, spec.shapes[module][0], generator=g) * 0.1
+            for e in range(experts):
+                pair(f"{key}.experts.{e}", module)
+        if kind == "mixlora":
+            tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(
+                experts, spec.shapes["gate_proj"][0], generator=g) * 0.1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    torch.save(tensors, out_dir / "adapter_model.bin")
+    config = {"peft_type": kind.upper(), "routing_strategy": kind, "num_experts": experts, "top_k": top_k, "r": rank,
+              "lora_alpha": 2 * rank, "lora_dropout": 0.05, "target_modules": list(TARGET_MODULES), "bias": "none",
+              "act_fn": spec.hidden_act, "task_type": "CAUSAL_LM", "base_model_name_or_path": "base"}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    return out_dir

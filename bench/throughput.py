@@ -1,5 +1,6 @@
 """Decode throughput of the engine with heterogeneous multi-LoRA batches, against the base model
-alone, transformers `generate`, and PEFT's mixed-adapter batch, all in this process.
+alone, transformers `generate`, PEFT's mixed-adapter batch, and the `mixlora` package's `generate`
+(the MixLoRA authors' inference), all in this process.
 
     python -m bench.throughput --requests 32 --max-tokens 64 --out bench/results/throughput.json
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine, synthetic_adapter, write_json
+from bench.common import machine, synthetic_adapter, synthetic_moe_adapter, write_json
 from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -41,6 +42,12 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
         return [()] * n
     if kind.startswith("melora"):
         return [(AdapterRef(f"melora{i:03d}"),) for i in range(n)]
+    if kind in ("mixlora", "moelora"):
+        return [(AdapterRef(kind),)] * n
+    if kind == "mixed_kinds":  # round robin over plain, gate3 (see main), MixLoRA, MoELoRA, MELoRA
+        hetero3 = adapter_sets("hetero3", n, pool, rng)
+        return [[(AdapterRef(pool[i]),), hetero3[i], (AdapterRef("mixlora"),), (AdapterRef("moelora"),),
+                 (AdapterRef(f"melora{i:03d}"),)][i % 5] for i in range(n)]
     if kind == "identical":
         return [(AdapterRef(pool[0]),)] * n
     if kind == "hetero1":
@@ -61,13 +68,13 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
 def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False) -> tuple[float, float, float]:
     """(decode tokens/s, end-to-end tokens/s, MB of distinct adapter weights one decode step reads).
     Decode = the steps after every prompt is prefilled: each sequence adds one token per step.
-    gated: each set is the request's candidates, weighted per layer and token by the gate."""
+    gated: each set of more than one adapter is the request's candidates, weighted per layer and
+    token by the gate."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    selections = [Selection("gate", s) for s in sets] if gated else None
-    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), sets if not gated else None,
-                    selections)  # warm-up: adapters resident
-    seqs = [engine.add_request(p, params, () if gated else s, None, Selection("gate", s) if gated else None)
-            for p, s in zip(prompts, sets)]
+    selections = [Selection("gate", s) if gated and len(s) > 1 else None for s in sets]
+    plain = [() if sel else s for s, sel in zip(sets, selections)]
+    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), plain, selections)  # warm-up: resident
+    seqs = [engine.add_request(p, params, s, None, sel) for p, s, sel in zip(prompts, plain, selections)]
     start = time.perf_counter()
     decode_start, decode_tokens, distinct = None, 0, []
     while engine.has_unfinished():
@@ -84,13 +91,24 @@ def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = 
 
 
 def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int,
-           adapter_paths: list[Path] | None) -> tuple[float, float]:
-    """transformers generate (+ PEFT mixed adapters): (decode tokens/s, end-to-end tokens/s)."""
+           adapter_paths: list[Path] | None, mixlora_path: Path | None = None) -> tuple[float, float]:
+    """transformers generate (+ PEFT mixed adapters, or the `mixlora` package's injected MixLoRA):
+    (decode tokens/s, end-to-end tokens/s)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     kwargs = {}
+    if mixlora_path:
+        from mixlora import inject_adapter_in_model, load_adapter_weights
+
+        config, weights = load_adapter_weights(str(mixlora_path), device="cpu", dtype=torch.float32)
+        inject_adapter_in_model(model, config, weights)
+        model.eval()  # its dropout off, as a user serving it would (the experts sit in plain dicts)
+        for layer in model.model.layers:
+            for moe in layer.mlp.mixlora_moes.values():
+                for expert in moe.experts_.values():
+                    expert.eval()
     if adapter_paths:
         model = PeftModel.from_pretrained(model, adapter_paths[0], adapter_name="a0")
         for i, p in enumerate(adapter_paths[1:], start=1):
@@ -142,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.requests):
         engine.add_adapter(f"melora{i:03d}", synthetic_adapter(tmp / f"melora{i:03d}", engine.model.lora_spec(),
                                                               max(1, args.rank // 8), seed=1000 + i, blocks=8))
+    # The MoE kinds as the issue sizes them: 8 experts, top-2, rank 8 on all 7 projections
+    moe_paths = {kind: synthetic_moe_adapter(tmp / kind, engine.model.lora_spec(), kind, 8, 2, args.rank, seed=7)
+                 for kind in ("mixlora", "moelora")}
+    for kind, path in moe_paths.items():
+        engine.add_adapter(kind, path)
     gate_dir = Path(settings.adapters_dir) / GATE_DIR
     if gate_dir.is_dir():
         engine.load_gate(gate_dir)
@@ -158,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[f"{key}_tok_s"], results["e2e_tok_s"][key] = round(decode, 1), round(e2e, 1)
         print(f"{key:>10}: decode {decode:7.1f} tok/s   end-to-end {e2e:7.1f} tok/s", flush=True)
 
-    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3", "melora", "melora_dense"]
+    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3", "melora", "melora_dense", "mixlora",
+             "moelora", "mixed_kinds"]
     sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds if kind != "gate3"}
     sets["gate3"] = sets["hetero3"]  # the same candidates, weighted by the gate per layer and token
     # Rounds interleave the scenarios and the best round counts: this shared 2-core machine's
@@ -167,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         for kind in kinds:
             engine.runner.native_blocks = kind != "melora_dense"  # melora_dense: the blockdiag LoRA form
-            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated=kind == "gate3")
+            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated=kind in ("gate3", "mixed_kinds"))
             best[kind] = max(best.get(kind, run), run)
     for kind in kinds:
         decode, e2e, mb = best[kind]
@@ -178,12 +202,18 @@ def main(argv: list[str] | None = None) -> dict:
         record("hf_base", *max(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None)
                                for _ in range(args.rounds)))
         record("peft_mixed", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests]))
+        record("mixlora_ref", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None,
+                                      moe_paths["mixlora"]))
 
     base = results["base_tok_s"]
     ratios = {f"{k}/base": results[f"{k}_tok_s"] / base for k in ["identical", "hetero1", "hetero3", "skewed3"]}
     ratios["gate3/hetero3"] = results["gate3_tok_s"] / results["hetero3_tok_s"]
     ratios["melora/hetero1"] = results["melora_tok_s"] / results["hetero1_tok_s"]
     ratios["melora/melora_dense"] = results["melora_tok_s"] / results["melora_dense_tok_s"]
+    for kind in ("mixlora", "moelora", "mixed_kinds"):
+        ratios[f"{kind}/base"] = results[f"{kind}_tok_s"] / base
+    if "mixlora_ref_tok_s" in results:
+        ratios["mixlora/mixlora_ref"] = results["mixlora_tok_s"] / results["mixlora_ref_tok_s"]
     if "peft_mixed_tok_s" in results:
         ratios["hetero1/peft_mixed"] = results["hetero1_tok_s"] / results["peft_mixed_tok_s"]
         ratios["base/hf_base"] = base / results["hf_base_tok_s"]
@@ -196,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
                                   + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)"),
                          "melora": f"each request on its own MELoRA (8 mini LoRAs of rank {max(1, args.rank // 8)}, "
                                    "the same equivalent rank as hetero1's LoRAs), native blocks; melora_dense: the "
-                                   "same as the dense blockdiag LoRA"}
+                                   "same as the dense blockdiag LoRA",
+                         "mixlora": f"every request on one MixLoRA: 8 experts, top-2, rank {args.rank} on all 7 "
+                                    "projections; moelora: the same sizes as per-linear experts; mixlora_ref: the "
+                                    "`mixlora` package's generate on that adapter, batch of all requests",
+                         "mixed_kinds": "requests round robin over a plain LoRA, gate3's gated candidates, the "
+                                        "MixLoRA, the MoELoRA and a MELoRA"}
     results["machine"] = machine()
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():

@@ -60,6 +60,10 @@ class Metrics:
         self.gate_entropy = Histogram(
             "mole_gate_entropy_nats", "Mean entropy of the gate's weights over a gated request's layers and tokens",
             buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4), registry=r)
+        self.expert_usage = Counter(
+            "mole_expert_usage", "A mixture-of-LoRA-experts adapter's mean routing weight per expert over a "
+            "request's generated tokens, summed over requests (divide by mole_adapter_requests for the mean)",
+            ["adapter", "expert"], registry=r)
         self._adapter_labels: set[str] = set()
         self._adapter_label_limit = adapter_label_limit
 
@@ -71,6 +75,8 @@ class Metrics:
         for entry in report:
             for name in [s["name"] for s in entry.get("sources", ())] or [entry["name"]]:
                 self.count_adapter(name)
+            for expert, usage in enumerate(entry.get("expert_usage", ())):
+                self.expert_usage.labels(self._label(entry["name"]), str(expert)).inc(usage)
         if gate_entropy is not None:
             self.gate_entropy.observe(gate_entropy)
 
@@ -81,6 +87,10 @@ class Metrics:
             self.retrieval_latency.observe(s)
 
     def count_adapter(self, name: str) -> None:
+        self.adapter_requests.labels(self._label(name)).inc()
+
+    def _label(self, name: str) -> str:
+        """The adapter's label, or `other` past the label limit (bounded cardinality)."""
         if name not in self._adapter_labels and len(self._adapter_labels) < self._adapter_label_limit:
             self._adapter_labels.add(name)
-        self.adapter_requests.labels(name if name in self._adapter_labels else "other").inc()
+        return name if name in self._adapter_labels else "other"

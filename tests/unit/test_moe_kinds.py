@@ -344,3 +344,30 @@ def test_balance_loss_is_moe_peft_formula_on_concatenated_layers():
     f = torch.stack([torch.stack([(top[:, k] == e).float().mean() for e in range(4)]) for k in range(2)])  # [k, E]
     expected = 0.01 * 4 * sum(f[k, e] * probs[:, e].mean() for k in range(2) for e in range(4))
     assert torch.allclose(balance_loss(layers, mask, 2, 0.01), expected)
+
+
+def test_over_http_a_mixture_reports_expert_usage_and_prometheus_counts_it(hf, tokenizer, tmp_path):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.config import Settings
+
+    write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
+    make_adapter(hf, tmp_path / "a", seed=11)
+    engine = engine_for(hf, tokenizer, max_loras=8)
+    engine.add_adapter("mix", tmp_path / "mix")
+    engine.add_adapter("a", tmp_path / "a")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    with TestClient(create_app(Settings(), lambda: engine)) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        r = client.post("/v1/chat/completions", json={**chat, "model": "mix"})
+        assert r.status_code == 200, r.text
+        usage = r.json()["adapters"][0]["expert_usage"]
+        assert len(usage) == 4 and abs(sum(usage) - 1) < 1e-3
+        r = client.post("/v1/chat/completions", json={**chat, "model": "auto", "adapters": ["mix", "a"]})
+        assert r.status_code == 400 and "names it alone" in r.json()["error"]["message"]
+        metrics = client.get("/metrics").text
+        assert 'mole_expert_usage_total{adapter="mix",expert="0"}' in metrics
