@@ -132,6 +132,8 @@ class LLMEngine:
                                      "request", "top_k")
             selection = Selection(selection.composition, refs, selection.query, selection.top_k, selection.merge)
             refs = ()
+        elif refs:  # in-process callers name adapters directly: a mixture of experts still runs alone
+            self.selector.runs_alone([r.name for r in refs], Selection("mixture", refs))
         kwargs = {"request_id": request_id} if request_id else {}
         return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, **kwargs)
 

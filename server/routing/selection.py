@@ -75,7 +75,7 @@ class AdapterSelector:
                 raise AdapterNotFound(f"The adapter `{name}` does not exist.", "adapters")
         if not names:  # nothing relevant retrieved: the base model answers
             return chosen
-        alone = self._runs_alone(names, sel)
+        alone = self.runs_alone(names, sel)
         if alone is not None:
             chosen.adapters = (AdapterRef(alone, 1.0),)
             chosen.scores = {alone: chosen.scores[alone]} if alone in chosen.scores else {}
@@ -96,7 +96,7 @@ class AdapterSelector:
             chosen.gated = sel.composition == "gate" and len(names) > 1
         return chosen
 
-    def _runs_alone(self, names: list[str], sel: Selection) -> str | None:
+    def runs_alone(self, names: list[str], sel: Selection) -> str | None:
         """The adapter when the selection is one mixture of LoRA experts (its routers mix its own
         experts, so it runs by itself): named alone, or retrieval's top hit. SelectionError when
         one is named with others or for a merge, or needs more slots than the pool has."""

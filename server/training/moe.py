@@ -94,22 +94,29 @@ class MixLoRAFFN(nn.Module):
         self.down_A, self.down_B = _lora_init(E, r, inter, d)
         self.logits: torch.Tensor | None = None
 
-    def _selected(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Each token's k selected experts' LoRA outputs on x [N, d_in]: [N, k, d_out]."""
-        A_k, B_k = A[experts], B[experts]  # [N, k, r, d_in], [N, k, d_out, r]
-        return torch.einsum("nkor,nkr->nko", B_k, torch.einsum("nkri,ni->nkr", A_k, x)) * self.scaling
+    def _outputs(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Every expert's LoRA output on x [N, d_in]: [N, E, d_out] (batched GEMMs, no gathers)."""
+        E, r = A.shape[0], A.shape[1]
+        z = (x @ A.reshape(E * r, -1).t()).view(-1, E, r).transpose(0, 1)  # [E, N, r]
+        return torch.bmm(z, B.transpose(1, 2)).transpose(0, 1) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [N, d]
         self.logits = flat.float() @ self.router.t()
         weights, experts = top_k_weights(self.logits, self.k)  # [N, k]
-        gate = self.mlp.gate_proj(flat).unsqueeze(1) + self._selected(flat, self.gate_A, self.gate_B, experts)
-        up = self.mlp.up_proj(flat).unsqueeze(1) + self._selected(flat, self.up_A, self.up_B, experts)
-        h = self.act(gate) * up  # [N, k, I]
-        A_k, B_k = self.down_A[experts], self.down_B[experts]  # [N, k, r, I], [N, k, d, r]
-        down = torch.einsum("nkor,nkr->nko", B_k, torch.einsum("nkri,nki->nkr", A_k, h)) * self.scaling
-        w = weights.to(h.dtype).unsqueeze(-1)
-        y = self.mlp.down_proj((w * h).sum(1)) + (w * down).sum(1)  # the base down once, on the mixture
+        E, r = self.down_A.shape[0], self.down_A.shape[1]
+        inter = self.gate_B.shape[1]
+        pick = experts.unsqueeze(-1).expand(-1, -1, inter)  # [N, k, I]
+        gate = self.mlp.gate_proj(flat).unsqueeze(1) + self._outputs(flat, self.gate_A, self.gate_B).gather(1, pick)
+        up = self.mlp.up_proj(flat).unsqueeze(1) + self._outputs(flat, self.up_A, self.up_B).gather(1, pick)
+        h = self.act(gate) * up  # [N, k, I]: each selected expert's activation
+        w = weights.to(h.dtype)
+        # down: each (token, k) against every expert's A, keep its own expert's, weigh, then one expand
+        z = (h.reshape(-1, h.shape[-1]) @ self.down_A.reshape(E * r, -1).t()).view(-1, self.k, E, r)
+        own = z.gather(2, experts.view(-1, self.k, 1, 1).expand(-1, -1, 1, r)).squeeze(2) * w.unsqueeze(-1)
+        per_expert = own.new_zeros(len(flat), E, r).scatter_add(1, experts.unsqueeze(-1).expand(-1, -1, r), own)
+        down = per_expert.reshape(len(flat), E * r) @ self.down_B.transpose(1, 2).reshape(E * r, -1) * self.scaling
+        y = self.mlp.down_proj((w.unsqueeze(-1) * h).sum(1)) + down  # the base down once, on the mixture
         return y.view_as(x)
 
 

@@ -241,12 +241,16 @@ def test_a_mixture_named_with_others_or_merged_is_refused(hf, tokenizer, tmp_pat
     engine.add_adapter("a", tmp_path / "a")
     with pytest.raises(SelectionError, match="names it alone, not with other adapters"):
         engine.selector.choose(Selection("mixture", explicit=(AdapterRef("mix"), AdapterRef("a"))), [])
+    with pytest.raises(SelectionError, match="names it alone"):  # in-process, adapters named directly
+        engine.add_request(PROMPT, SamplingParams(max_tokens=2), [AdapterRef("a"), AdapterRef("mix")])
     with pytest.raises(SelectionError, match="not in a merge"):
         engine.selector.choose(Selection("merge", explicit=(AdapterRef("mix"),)), [])
     small = engine_for(hf, tokenizer, max_loras=4)
     small.add_adapter("mix", tmp_path / "mix")
     with pytest.raises(SelectionError, match="needs 5 adapter slots"):
         small.selector.choose(Selection("mixture", explicit=(AdapterRef("mix"),)), [])
+    with pytest.raises(SelectionError, match="needs 5 adapter slots"):  # not a request that waits forever
+        small.add_request(PROMPT, SamplingParams(max_tokens=2), [AdapterRef("mix")])
 
 
 def _drop(suffix: str):
