@@ -220,12 +220,18 @@ def test_a_batch_of_every_kind_gives_each_request_its_own_tokens(hf, tokenizer, 
     assert len(usage) == 4 and abs(sum(usage) - 1) < 1e-3
 
 
-def test_pool_counts_an_adapter_of_e_experts_as_e_plus_one_slots(hf, tokenizer, tmp_path):
+def mixture_and_lora(hf, tokenizer, tmp_path, max_loras: int):
+    """An engine with the MixLoRA `mix` (4 experts: 5 slots) and the LoRA `a`."""
     write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
     make_adapter(hf, tmp_path / "a", seed=11)
-    engine = engine_for(hf, tokenizer, max_loras=5)
+    engine = engine_for(hf, tokenizer, max_loras=max_loras)
     engine.add_adapter("mix", tmp_path / "mix")
     engine.add_adapter("a", tmp_path / "a")
+    return engine
+
+
+def test_pool_counts_an_adapter_of_e_experts_as_e_plus_one_slots(hf, tokenizer, tmp_path):
+    engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=5)
     sampling = SamplingParams(max_tokens=3, ignore_eos=True)
     before = engine.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids
     engine.generate([PROMPT], sampling, [[AdapterRef("a")]])  # 5 slots: the mixture (1 + 4) must go
@@ -234,11 +240,7 @@ def test_pool_counts_an_adapter_of_e_experts_as_e_plus_one_slots(hf, tokenizer, 
 
 
 def test_a_mixture_named_with_others_or_merged_is_refused(hf, tokenizer, tmp_path):
-    write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
-    make_adapter(hf, tmp_path / "a", seed=11)
-    engine = engine_for(hf, tokenizer, max_loras=8)
-    engine.add_adapter("mix", tmp_path / "mix")
-    engine.add_adapter("a", tmp_path / "a")
+    engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=8)
     with pytest.raises(SelectionError, match="names it alone, not with other adapters"):
         engine.selector.choose(Selection("mixture", explicit=(AdapterRef("mix"), AdapterRef("a"))), [])
     with pytest.raises(SelectionError, match="names it alone"):  # in-process, adapters named directly
@@ -358,11 +360,7 @@ def test_over_http_a_mixture_reports_expert_usage_and_prometheus_counts_it(hf, t
     from server.api.app import create_app
     from server.config import Settings
 
-    write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
-    make_adapter(hf, tmp_path / "a", seed=11)
-    engine = engine_for(hf, tokenizer, max_loras=8)
-    engine.add_adapter("mix", tmp_path / "mix")
-    engine.add_adapter("a", tmp_path / "a")
+    engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=8)
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     with TestClient(create_app(Settings(), lambda: engine)) as client:
         while client.get("/health").status_code != 200:

@@ -56,6 +56,21 @@ def checked_pair(name: str, where: str, A: torch.Tensor, B: torch.Tensor, shape:
     return A.contiguous(), (B * scaling(r)).contiguous()
 
 
+def checked_modules(name: str, pairs: dict[tuple[int, str], dict[str, torch.Tensor]], spec: LoRATargetSpec,
+                    max_rank: int, config: dict, suffix: str = "") -> tuple[dict, int]:
+    """(layer, module) -> {"A", "B"} tensors checked, scaled by `config`: (modules, largest rank).
+    suffix: what follows `layers.{L}.{module}` in errors (an expert's `.experts.{e}`)."""
+    modules, max_seen = {}, 0
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layers.{layer}.{module}{suffix}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
+        A, _ = modules[(layer, module)] = checked_pair(name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
+                                                       functools.partial(lora_scaling, config, where))
+        max_seen = max(max_seen, A.shape[0])
+    return modules, max_seen
+
+
 def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRATargetSpec,
           max_rank: int) -> AdapterWeights:
     """Validate PEFT tensors against the base model and fold the scaling into B."""
@@ -73,14 +88,7 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors found")
-    modules, max_seen = {}, 0
-    for (layer, module), ab in sorted(pairs.items()):
-        where = f"layers.{layer}.{module}"
-        if set(ab) != {"A", "B"}:
-            raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
-        A, B = modules[(layer, module)] = checked_pair(name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
-                                                       functools.partial(lora_scaling, config, where))
-        max_seen = max(max_seen, A.shape[0])
+    modules, max_seen = checked_modules(name, pairs, spec, max_rank, config)
     return AdapterWeights(name=name, rank=max_seen, modules=modules, config=config)
 
 

@@ -14,7 +14,6 @@ alpha when present (MoE-PEFT), the top-level ones otherwise.
 
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
@@ -22,7 +21,7 @@ from transformers.activations import ACT2FN
 
 from server.lora.kinds import moe
 from server.lora.kinds.base import FFN_ROUTER, AdapterFormatError, AdapterWeights, LoRATargetSpec, MoEWeights
-from server.lora.kinds.lora import checked_pair, lora_scaling
+from server.lora.kinds.lora import checked_modules
 from server.lora.kinds.lora import pack as pack  # the shared attention LoRAs pack as any LoRA
 from server.lora.kinds.lora import reference_delta as reference_delta
 
@@ -96,13 +95,7 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
             raise AdapterFormatError(f"adapter {name!r}: layers.{layer} has FFN experts but no router "
                                      f"(mixlora.layers.{layer}.mlp.moe_gate.weight)")
     experts, rank = moe.checked_experts(name, found, num_experts, spec, max_rank, expert_config)
-    modules = {}
-    for (layer, module), ab in sorted(shared.items()):
-        where = f"layers.{layer}.{module}"
-        if set(ab) != {"A", "B"}:
-            raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
-        A, _ = modules[(layer, module)] = checked_pair(name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
-                                                       functools.partial(lora_scaling, config, where))
-        rank = max(rank, A.shape[0])
+    modules, shared_rank = checked_modules(name, shared, spec, max_rank, config)
+    rank = max(rank, shared_rank)
     return AdapterWeights(name=name, rank=rank, modules=modules, config=config, kind="mixlora",
                           moe=MoEWeights(num_experts, top_k, experts, routers, ffn=True, act_fn=act_fn))

@@ -3,12 +3,10 @@ count and top-k of the config, the routers, and E experts' LoRA pairs, checked a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from server.lora.kinds.base import AdapterFormatError, LoRATargetSpec
-from server.lora.kinds.lora import checked_pair, lora_scaling
+from server.lora.kinds.lora import checked_modules
 
 Found = dict[tuple[int, str, int], dict[str, torch.Tensor]]  # (layer, module, expert) -> {"A": .., "B": ..}
 
@@ -47,29 +45,20 @@ def checked_experts(name: str, found: Found, num_experts: int, spec: LoRATargetS
                     config: dict) -> tuple[list[dict], int]:
     """Per expert, (layer, module) -> (A, scaled B); and the largest rank. Every routed module must
     have all E experts; `config` gives their r / lora_alpha / use_rslora."""
-    experts: list[dict] = [{} for _ in range(num_experts)]
     per_module: dict[tuple[int, str], set[int]] = {}
     for layer, module, e in found:
         if e >= num_experts:
             raise AdapterFormatError(f"adapter {name!r}: layers.{layer}.{module} has expert {e}, but num_experts "
                                      f"is {num_experts}")
         per_module.setdefault((layer, module), set()).add(e)
-    rank = 0
     for (layer, module), have in sorted(per_module.items()):
         missing = sorted(set(range(num_experts)) - have)
         if missing:
             raise AdapterFormatError(f"adapter {name!r}: layers.{layer}.{module} lacks experts "
                                      f"{', '.join(map(str, missing))} of {num_experts}")
-        for e in range(num_experts):
-            where = f"layers.{layer}.{module}.experts.{e}"
-            ab = found[(layer, module, e)]
-            if set(ab) != {"A", "B"}:
-                raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
-            A, _ = experts[e][(layer, module)] = checked_pair(
-                name, where, ab["A"], ab["B"], spec.shapes[module], max_rank,
-                functools.partial(lora_scaling, config, where))
-            rank = max(rank, A.shape[0])
-    return experts, rank
+    checked = [checked_modules(name, {place: found[(*place, e)] for place in per_module}, spec, max_rank, config,
+                               f".experts.{e}") for e in range(num_experts)]
+    return [modules for modules, _ in checked], max((r for _, r in checked), default=0)
 
 
 def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
