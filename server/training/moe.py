@@ -66,19 +66,29 @@ class MoELoRALinear(nn.Module):
         self.router = nn.Parameter(torch.randn(E, base.in_features) * 0.02)
         self.A, self.B = _lora_init(E, r, base.in_features, base.out_features)  # [E, r, d_in], [E, d_out, r]
         self.logits: torch.Tensor | None = None  # [N, E] of the last forward (the balance loss)
-        self.selected: tuple[torch.Tensor, torch.Tensor] | None = None  # (outputs [N, k, d_out], experts [N, k])
+        self.routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (z [N, E, r], experts [N, k])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [N, d_in]
         E, r = self.A.shape[0], self.A.shape[1]
         self.logits = flat.float() @ self.router.t()
         weights, experts = top_k_weights(self.logits, self.k)  # [N, k]
-        z = (flat @ self.A.reshape(E * r, -1).t()).view(-1, E, r)  # [N, E, r]
-        outputs = torch.einsum("ner,eor->neo", z, self.B) * self.scaling  # [N, E, d_out]: every expert
-        chosen = outputs.gather(1, experts.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))  # [N, k, d_out]
-        self.selected = (chosen, experts)
-        delta = (weights.to(chosen.dtype).unsqueeze(-1) * chosen).sum(1)
+        z = (flat @ self.A.reshape(E * r, -1).t()).view(-1, E, r)  # [N, E, r]: every expert's shrink
+        self.routed = (z, experts)
+        dense = weights.new_zeros(len(flat), E).scatter(1, experts, weights).to(z.dtype)  # [N, E]
+        delta = (z * dense.unsqueeze(-1)).reshape(len(flat), E * r) @ self.B_flat() * self.scaling
         return self.base(x) + delta.view(*x.shape[:-1], -1)
+
+    def B_flat(self) -> torch.Tensor:
+        """[E * r, d_out]: the experts' B stacked along the rank axis."""
+        return self.B.transpose(1, 2).reshape(-1, self.B.shape[1])
+
+    def selected_outputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k selected experts' outputs at these token rows: ([R, k, d_out], experts [R, k])."""
+        z, experts = self.routed
+        picked = experts[rows]  # [R, k]
+        z_k = z[rows].gather(1, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # [R, k, r]
+        return torch.einsum("rkq,rkoq->rko", z_k, self.B[picked]) * self.scaling, picked
 
 
 class MixLoRAFFN(nn.Module):
@@ -94,21 +104,21 @@ class MixLoRAFFN(nn.Module):
         self.down_A, self.down_B = _lora_init(E, r, inter, d)
         self.logits: torch.Tensor | None = None
 
-    def _outputs(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """Every expert's LoRA output on x [N, d_in]: [N, E, d_out] (batched GEMMs, no gathers)."""
+    def _selected(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each token's k selected experts' LoRA outputs on x [N, d_in]: [N, k, d_out]. Every expert's
+        shrink, then per k one expand over the one-hot rank blocks: GEMMs, no weight gathers."""
         E, r = A.shape[0], A.shape[1]
-        z = (x @ A.reshape(E * r, -1).t()).view(-1, E, r).transpose(0, 1)  # [E, N, r]
-        return torch.bmm(z, B.transpose(1, 2)).transpose(0, 1) * self.scaling
+        z = (x @ A.reshape(E * r, -1).t()).view(-1, 1, E, r)  # [N, 1, E, r]
+        z_k = (F.one_hot(experts, E).to(z.dtype).unsqueeze(-1) * z).reshape(-1, E * r)  # [N*k, E*r]
+        return (z_k @ B.transpose(1, 2).reshape(E * r, -1)).view(len(x), self.k, -1) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [N, d]
         self.logits = flat.float() @ self.router.t()
         weights, experts = top_k_weights(self.logits, self.k)  # [N, k]
         E, r = self.down_A.shape[0], self.down_A.shape[1]
-        inter = self.gate_B.shape[1]
-        pick = experts.unsqueeze(-1).expand(-1, -1, inter)  # [N, k, I]
-        gate = self.mlp.gate_proj(flat).unsqueeze(1) + self._outputs(flat, self.gate_A, self.gate_B).gather(1, pick)
-        up = self.mlp.up_proj(flat).unsqueeze(1) + self._outputs(flat, self.up_A, self.up_B).gather(1, pick)
+        gate = self.mlp.gate_proj(flat).unsqueeze(1) + self._selected(flat, self.gate_A, self.gate_B, experts)
+        up = self.mlp.up_proj(flat).unsqueeze(1) + self._selected(flat, self.up_A, self.up_B, experts)
         h = self.act(gate) * up  # [N, k, I]: each selected expert's activation
         w = weights.to(h.dtype)
         # down: each (token, k) against every expert's A, keep its own expert's, weigh, then one expand
@@ -161,10 +171,9 @@ def contrastive_loss(routed: list[MoELoRALinear], mask: torch.Tensor, tau: float
     real = mask.nonzero().squeeze(1)
     losses = []
     for m in routed:
-        outputs, experts = m.selected
-        pick = real[torch.randperm(len(real), generator=generator)[:tokens]]
-        z = F.normalize(outputs[pick].reshape(-1, outputs.shape[-1]), dim=-1)  # [S, d_out]
-        labels = experts[pick].reshape(-1)  # [S]
+        outputs, experts = m.selected_outputs(real[torch.randperm(len(real), generator=generator)[:tokens]])
+        z = F.normalize(outputs.reshape(-1, outputs.shape[-1]), dim=-1)  # [S, d_out]
+        labels = experts.reshape(-1)  # [S]
         sim = z @ z.t() / tau
         self_pair = torch.eye(len(z), dtype=torch.bool)
         sim = sim.masked_fill(self_pair, float("-inf"))
