@@ -373,3 +373,25 @@ def test_over_http_a_mixture_reports_expert_usage_and_prometheus_counts_it(hf, t
         assert r.status_code == 400 and "names it alone" in r.json()["error"]["message"]
         metrics = client.get("/metrics").text
         assert 'mole_expert_usage_total{adapter="mix",expert="0"}' in metrics
+
+
+def test_a_moelora_uploads_through_the_admin_api_and_serves_by_name(hf, tokenizer, tmp_path):
+    from safetensors.torch import save
+
+    from tests.unit.test_admin_api import AUTH, admin_client, chat, examples, parts
+
+    tensors = moelora_tensors(hf, E=4, r=4, seed=2)
+    files = {"adapter_config.json": json.dumps(moelora_config()).encode(),
+             "adapter_model.safetensors": save(tensors),
+             "card.json": json.dumps({"name": "moe", "examples": examples("route experts")}).encode()}
+    broken = {**files, "adapter_model.safetensors": save(_drop("layers.1.mlp.down_proj.moe_gate.weight")(tensors))}
+    with admin_client(hf, tokenizer, tmp_path / "store", max_upload_bytes=2_000_000,
+                      max_uncompressed_bytes=4_000_000) as client:
+        r = client.post("/admin/adapters", headers=AUTH, files=parts(broken))
+        assert r.status_code == 422 and "layers.1.down_proj has experts but no router" in r.json()["error"]["message"]
+        r = client.post("/admin/adapters", headers=AUTH, files=parts(files))
+        assert r.status_code == 201, r.text
+        r = chat(client, "moe", max_tokens=4)
+        assert r.status_code == 200 and len(r.json()["adapters"][0]["expert_usage"]) == 4
+        found = chat(client, "auto", max_tokens=2, composition="mixture").json().get("adapters") or []
+        assert "moe" not in [a["name"] for a in found]  # a mixture's card is not retrieved unless it says so
