@@ -16,7 +16,7 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.loader import resolve_base_model
 from server.engine.model import DecoderModel
-from server.engine.request import FinishReason, SamplingParams, Sequence, StepOutput
+from server.engine.request import FinishReason, Logprob, SamplingParams, Sequence, StepOutput
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError
@@ -185,7 +185,7 @@ class LLMEngine:
             samples = s.samples
             s.seq.num_computed += s.num_tokens
             if samples:
-                outputs.append(self._append(s.seq, next(tokens)))
+                outputs.append(self._append(s.seq, *next(tokens)))
         return outputs
 
     def fail_running(self, error: str) -> list[StepOutput]:
@@ -229,17 +229,22 @@ class LLMEngine:
             self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> StepOutput:
+    def _append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> StepOutput:
         seq.token_ids.append(token)
         p = seq.sampling
         delta, stopped = self._detok[seq.request_id].update(seq.output_ids)
         if stopped or not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
-            return self._finish(seq, FinishReason.STOP, token, delta)
-        if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return self._finish(seq, FinishReason.LENGTH, token, delta)
-        report = seq.report() if len(seq.output_ids) == 1 else None
-        return StepOutput(seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids),
-                          adapters=report)
+            out = self._finish(seq, FinishReason.STOP, token, delta)
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            out = self._finish(seq, FinishReason.LENGTH, token, delta)
+        else:
+            report = seq.report() if len(seq.output_ids) == 1 else None
+            out = StepOutput(seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids),
+                             adapters=report)
+        out.logprob = logprob
+        if len(seq.output_ids) == 1 and p.prompt_logprobs is not None:
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out
 
     def _finish(self, seq: Sequence, reason: FinishReason, token: int | None, delta: str,
                 error: MoleError | None = None) -> StepOutput:

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from server.errors import InvalidRequest, MoleError
 from server.routing.types import AdapterRef, Chosen, Selection, gate_entropy, report
 
+# One token's log-probability under the model (log_softmax of its raw logits, as vLLM's default):
+# (token id, logprob, the top alternatives as (token id, logprob), most likely first).
+Logprob = tuple[int, float, tuple[tuple[int, float], ...]]
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,6 +25,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each generated token's logprob with this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (completions' echo)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,6 +37,10 @@ class SamplingParams:
             raise InvalidRequest("top_p must be in (0, 1]", "top_p")
         if self.top_k < 0:
             raise InvalidRequest("top_k must be >= 0", "top_k")
+        for field_name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, field_name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"{field_name} must be between 0 and {MAX_TOP_LOGPROBS}", field_name)
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +84,8 @@ class Sequence:
     gate_count: int = 0
     # A MoE-kind adapter's routing weight per expert, summed over its generated tokens and routers.
     expert_usage: list[float] = field(default_factory=list)
+    # With sampling.prompt_logprobs: per prompt token, its Logprob (None for the first), filled by prefill.
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -123,3 +136,5 @@ class StepOutput:
     error: MoleError | None = None  # why the request ended early (its kind says whose fault)
     adapters: list[dict] | None = None  # the adapter report, on a request's first and last output
     gate_entropy: float | None = None  # on the last output of a gated request
+    logprob: Logprob | None = None  # the new token's, when sampling.logprobs is set
+    prompt_logprobs: list[Logprob | None] | None = None  # on the first output, with sampling.prompt_logprobs

@@ -9,8 +9,8 @@ import torch
 
 from server.engine.kv_cache import AttentionMetadata, KVCache
 from server.engine.model import DecoderModel
-from server.engine.request import SamplingParams, Sequence
-from server.engine.sampler import make_generator, sample
+from server.engine.request import Logprob, SamplingParams, Sequence
+from server.engine.sampler import logprobs_of, make_generator, sample
 from server.engine.scheduler import Batch, ScheduledSeq
 from server.lora.backends.base import LoRABackend
 from server.lora.batch import build_block_rows, build_lora_batch
@@ -38,22 +38,35 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.request_id, None)
 
-    def run(self, batch: Batch) -> list[int]:
+    def run(self, batch: Batch) -> list[tuple[int, Logprob | None]]:
         """One forward over the batch; returns the next token of each sequence whose chunk reached
-        the end of its known tokens, in batch order."""
+        the end of its known tokens, in batch order, with its logprob when the sequence asks."""
         logits = self.forward_logits(batch)
-        self.last_logits = logits  # [N, V]: the step's distributions, read by tests and logprobs
+        self.last_logits = logits  # [N, V]: the step's distributions, read by tests
         sampled = [s.seq for s in batch.scheduled if s.samples]
         gens = [self._generator(seq) for seq in sampled]
-        return sample(logits, [seq.sampling for seq in sampled], gens)
+        tokens = sample(logits, [seq.sampling for seq in sampled], gens)
+        asking = [i for i, seq in enumerate(sampled) if seq.sampling.logprobs is not None]
+        logprobs: list[Logprob | None] = [None] * len(sampled)
+        if asking:
+            rows = torch.tensor(asking, device=logits.device)
+            found = logprobs_of(logits.index_select(0, rows), torch.tensor(tokens, device=logits.device)[rows],
+                                [sampled[i].sampling.logprobs for i in asking])
+            for i, lp in zip(asking, found):
+                logprobs[i] = lp
+        return list(zip(tokens, logprobs))
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """float32 logits [N, V] of the sequences that sample this step, in batch order."""
         scheduled = batch.scheduled
-        ids, positions, kv_slots, sample_rows = [], [], [], []
+        ids, positions, kv_slots, sample_rows, prompt_rows = [], [], [], [], []
         for s in scheduled:
             start = s.seq.num_computed
+            if s.seq.sampling.prompt_logprobs is not None and start < s.seq.num_prompt_tokens:
+                # the chunk's rows that predict a prompt token: logits beyond the sampled rows
+                predicted = min(s.num_tokens, s.seq.num_prompt_tokens - 1 - start)
+                prompt_rows.append((s.seq, start, list(range(len(ids), len(ids) + predicted))))
             ids += s.seq.token_ids[start : start + s.num_tokens]
             positions += range(start, start + s.num_tokens)
             kv_slots += [s.seq.kv_slot] * s.num_tokens
@@ -67,8 +80,16 @@ class ModelRunner:
                                   for s, nat, ex in zip(scheduled, native, expert_slots)],
                                  [s.num_tokens for s in scheduled], len(batch.decode),
                                  [s.seq.gated for s in scheduled], native=native, expert_slots=expert_slots)
+        extra_rows = [r for _, _, rows in prompt_rows for r in rows]
         logits = self.model.forward(torch.tensor(ids, device=dev), meta.write_positions, self.kv, meta,
-                                    torch.tensor(sample_rows, dtype=torch.long, device=dev), lora)
+                                    torch.tensor(sample_rows + extra_rows, dtype=torch.long, device=dev), lora)
+        logits, extra = logits[: len(sample_rows)], logits[len(sample_rows) :]
+        for seq, start, rows in prompt_rows:
+            if start == 0:
+                seq.prompt_logprobs = [None]  # the first prompt token has no prediction
+            targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + len(rows)], device=dev)
+            seq.prompt_logprobs += logprobs_of(extra[: len(rows)], targets, [seq.sampling.prompt_logprobs] * len(rows))
+            extra = extra[len(rows) :]
         totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
         for s, sums in zip(scheduled, totals):
             if s.seq.gated:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from server.engine.request import SamplingParams
+from server.engine.request import Logprob, SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -54,3 +54,17 @@ def _filter_top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) 
     mass_before = probs.cumsum(dim=-1) - probs
     sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps[:, None], float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> list[Logprob]:
+    """Each row's token logprob and its `top[i]` best alternatives. logits: [R, V]; tokens: [R]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    k = max(top, default=0)
+    best = logprobs.topk(k, dim=-1) if k else None
+    out = []
+    for i, (token, lp) in enumerate(zip(tokens.tolist(), chosen)):
+        alternatives = () if best is None else tuple(zip(best.indices[i, : top[i]].tolist(),
+                                                         best.values[i, : top[i]].tolist()))
+        out.append((token, lp, alternatives))
+    return out
