@@ -14,33 +14,88 @@ from server.api.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
+    ChatLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
     TextChoice,
+    TextLogprobs,
+    TokenLogprob,
+    TopLogprob,
 )
 from server.api.serving import Generation, Shape, check_model, respond, start
 from server.engine.client import EngineClient
+from server.engine.request import Logprob
 
 router = APIRouter()
 
-CHAT = Shape(
-    "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda i, g: ChatChoice(index=i, message=AssistantMessage(role="assistant", content=g.text),
-                                   logprobs=None, finish_reason=g.finish_reason),
-    delta=lambda i, text, finish: ChatChoice(index=i, delta={"content": text} if text else {}, logprobs=None,
-                                             finish_reason=finish),
-    opening=lambda: ChatChoice(index=0, delta={"role": "assistant", "content": ""}, logprobs=None,
-                               finish_reason=None),
-)
+def _token(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
 
 
-def text_shape(prefixes: list[str]) -> Shape:
-    """/v1/completions; prefixes: what precedes each answer (the prompt, with `echo`)."""
+def chat_logprobs(tokenizer, entries: list[Logprob]) -> ChatLogprobs:
+    def top(token_id: int, logprob: float) -> dict:
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return ChatLogprobs(content=[TokenLogprob(**top(t, lp), top_logprobs=[TopLogprob(**top(a, alp)) for a, alp in alts])
+                                 for t, lp, alts in entries])
+
+
+def text_logprobs(tokenizer, entries: list[Logprob | None], token_ids: list[int], offset: int) -> TextLogprobs:
+    """The legacy shape over tokens `token_ids` (an entry None: no logprob, the first prompt token);
+    each token's top dict holds the token itself too (vLLM's way: up to logprobs + 1 keys)."""
+    out = TextLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for token_id, entry in zip(token_ids, entries):
+        text = _token(tokenizer, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        out.token_logprobs.append(None if entry is None else entry[1])
+        out.top_logprobs.append(None if entry is None else {**{_token(tokenizer, a): alp for a, alp in entry[2]},
+                                                            text: entry[1]})
+    return out
+
+
+def chat_shape(tokenizer, logprobs: bool) -> Shape:
+    def pieces(g: Generation) -> ChatLogprobs | None:
+        return chat_logprobs(tokenizer, g.take_logprobs()) if logprobs else None
+
+    return Shape(
+        "chatcmpl", "chat.completion", "chat.completion.chunk",
+        choice=lambda i, g: ChatChoice(index=i, message=AssistantMessage(role="assistant", content=g.text),
+                                       logprobs=chat_logprobs(tokenizer, g.logprobs) if logprobs else None,
+                                       finish_reason=g.finish_reason),
+        delta=lambda i, text, finish, g: ChatChoice(index=i, delta={"content": text} if text else {},
+                                                    logprobs=pieces(g), finish_reason=finish),
+        opening=lambda: ChatChoice(index=0, delta={"role": "assistant", "content": ""}, logprobs=None,
+                                   finish_reason=None),
+    )
+
+
+def text_shape(prefixes: list[str], tokenizer, logprobs: bool) -> Shape:
+    """/v1/completions; prefixes: what precedes each answer (the prompt, with `echo`, whose tokens'
+    logprobs then come first)."""
+
+    def whole(i: int, g: Generation) -> TextLogprobs | None:
+        if not logprobs:
+            return None
+        echoed = g.prompt_logprobs if prefixes[i] else []
+        entries = [*echoed, *g.logprobs]
+        ids = [*g.prompt_ids[: len(echoed)], *(t for t, _, _ in g.logprobs)]
+        return text_logprobs(tokenizer, entries, ids, 0)
+
+    def piece(g: Generation, text: str) -> TextLogprobs | None:
+        if not logprobs:
+            return None
+        new = g.take_logprobs()
+        return text_logprobs(tokenizer, new, [t for t, _, _ in new], len(g.text) - len(text))
+
     return Shape("cmpl", "text_completion", "text_completion",
-                 choice=lambda i, g: TextChoice(index=i, text=prefixes[i] + g.text, logprobs=None,
+                 choice=lambda i, g: TextChoice(index=i, text=prefixes[i] + g.text, logprobs=whole(i, g),
                                                 finish_reason=g.finish_reason),
-                 delta=lambda i, text, finish: TextChoice(index=i, text=text, logprobs=None, finish_reason=finish))
+                 delta=lambda i, text, finish, g: TextChoice(index=i, text=text, logprobs=piece(g, text),
+                                                             finish_reason=finish))
 
 
 def ready_engine(request: Request) -> EngineClient:
@@ -72,19 +127,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                           tokenize=True, return_dict=True))["input_ids"]
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
     gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query)])
-    return await respond(CHAT, body, gens, request)
+    return await respond(chat_shape(engine.tokenizer, bool(body.logprobs)), body, gens, request)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     engine = ready_engine(request)
     prompts = body.prompts()
+    vocab = len(engine.tokenizer)
     for p in prompts:
-        check_prompt_chars(len(p), engine.max_token_chars, engine.max_model_len)
-    ids = await asyncio.to_thread(lambda: [engine.tokenizer(p)["input_ids"] for p in prompts])
-    gens = await start([lambda i=i, p=p: generation(request, "/v1/completions", ids[i], body, p)
-                        for i, p in enumerate(prompts)])
-    return await respond(text_shape([p if body.echo else "" for p in prompts]), body, gens, request)
+        if isinstance(p, str):
+            check_prompt_chars(len(p), engine.max_token_chars, engine.max_model_len)
+        elif not all(0 <= t < vocab for t in p):
+            raise APIError(400, f"a prompt token id is outside the vocabulary [0, {vocab})", param="prompt")
+    ids = await asyncio.to_thread(lambda: [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p
+                                           for p in prompts])
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    gens = await start([lambda i=i, text=text: generation(request, "/v1/completions", ids[i], body, text)
+                        for i, text in enumerate(texts)])
+    return await respond(text_shape([t if body.echo else "" for t in texts], engine.tokenizer,
+                                    body.logprobs is not None), body, gens, request)
 
 
 def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:

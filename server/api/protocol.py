@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from server.routing.types import Composition, MergeStrategy
 
@@ -89,7 +89,6 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
     adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
@@ -118,25 +117,46 @@ class SamplingFields(BaseModel):
     def adapter_choices(self) -> list[AdapterChoice]:
         return list(self.adapters or [])
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token); None: not asked."""
+        return None, None
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(min_length=1)
+    # text, texts, or token ids (one prompt or many), as OpenAI takes them (lm-eval sends ids)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(min_length=1)
     echo: StrictBool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # 0: the tokens' own logprobs, no alternatives
 
     def token_limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for /v1/completions
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 # --- responses (built with exclude_unset: a chunk carries only the fields set on it) ---
@@ -151,18 +171,42 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class TextLogprobs(BaseModel):
+    """The legacy completions shape; the first prompt token (with `echo`) has no logprob."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage | None = None  # the whole answer
     delta: dict[str, str] | None = None  # a streamed piece: {"role", "content"}, {"content"} or {}
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -19,7 +19,7 @@ from server.api.metrics import Metrics
 from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields, Usage
 from server.config import Settings
 from server.engine.client import EngineClient
-from server.engine.request import SamplingParams, StepOutput
+from server.engine.request import Logprob, SamplingParams, StepOutput
 from server.errors import ModelNotFound
 from server.routing.types import AdapterRef, MergeSpec, Selection
 
@@ -49,16 +49,16 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
 def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    if body.logprobs is not None and body.logprobs is not False:  # 0 asks for the sampled tokens' logprobs
-        raise APIError(400, "logprobs are not supported", param="logprobs")
     window = client.max_model_len
     max_tokens = body.token_limit() or window - num_prompt_tokens
     if num_prompt_tokens + max_tokens > window:
         raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
                             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
                             f"{max_tokens} in the completion).", param="messages", code="context_length_exceeded")
+    logprobs, prompt_logprobs = body.logprob_counts()
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
+                          seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 class Generation:
@@ -72,6 +72,9 @@ class Generation:
         self.text, self.finish_reason, self.completion_tokens = "", None, 0
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
+        self.logprobs: list[Logprob] = []  # the generated tokens', when asked
+        self.prompt_logprobs: list[Logprob | None] | None = None  # the prompt tokens', when asked
+        self._logprobs_sent = 0
         self._first: StepOutput | None = None
         self.start = time.perf_counter()
         # submitted now, so a full queue or a bad request is an HTTP error before any byte is sent
@@ -112,6 +115,10 @@ class Generation:
                     self.metrics.ttft.observe(first - start)
                 self.completion_tokens = max(self.completion_tokens, out.num_output_tokens)
                 self.text += out.text
+                if out.logprob is not None:
+                    self.logprobs.append(out.logprob)
+                if out.prompt_logprobs is not None:
+                    self.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     self.finish_reason = out.finish_reason.value
                 if out.text:
@@ -125,6 +132,12 @@ class Generation:
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
         self.metrics.completion_tokens.inc(self.completion_tokens)
         self.metrics.observe_adapters(self.adapters, self.gate_entropy)
+
+    def take_logprobs(self) -> list[Logprob]:
+        """The generated tokens' logprobs not yet streamed."""
+        new = self.logprobs[self._logprobs_sent :]
+        self._logprobs_sent = len(self.logprobs)
+        return new
 
     async def run(self) -> None:
         async for _ in self.deltas():
@@ -160,7 +173,8 @@ class Shape:
     object: str
     chunk_object: str
     choice: Callable[[int, Generation], object]  # the whole answer of prompt i
-    delta: Callable[[int, str, str | None], object]  # a streamed piece of prompt i (text, finish reason)
+    delta: Callable[[int, str, str | None, Generation], object]  # a streamed piece of prompt i (text, finish
+    # reason; the generation, for the logprobs of its tokens since the last piece)
     opening: Callable[[], object] | None = None  # a first chunk before any text (chat: the role)
 
 
@@ -213,9 +227,9 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], re
             yield sse(envelope(shape.chunk_object, [shape.opening()], adapters=gens[0].adapters))
         for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
             async for text in g.deltas():
-                yield sse(envelope(shape.chunk_object, [shape.delta(i, text, None)]))
+                yield sse(envelope(shape.chunk_object, [shape.delta(i, text, None, g)]))
             # the last chunk of a prompt carries its adapters again, with the gate's mean weights
-            yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason)], adapters=g.adapters))
+            yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason, g)], adapters=g.adapters))
         if body.stream_options and body.stream_options.include_usage:
             yield sse(envelope(shape.chunk_object, [], usage=total_usage(gens)))
         yield sse("[DONE]")

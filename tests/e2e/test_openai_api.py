@@ -56,6 +56,19 @@ def test_completions_single_and_list(client):
     assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
 
 
+def test_logprobs_through_the_sdk(client):
+    r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.logprob == t.top_logprobs[0].logprob <= 0 for t in content)
+    r = client.completions.create(model="auto", prompt="One, two, three,", max_tokens=1, temperature=0, logprobs=1,
+                                  echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert r.choices[0].text.startswith("One, two, three,") and "".join(lp.tokens) == r.choices[0].text
+
+
 def test_models_list_names_base_auto_and_adapters(client):
     models = {m.id: m for m in client.models.list().data}
     assert "auto" in models and "SmolLM2-135M-Instruct" in models
@@ -116,7 +129,7 @@ def test_stop_strings(client):
     ({"model": "auto", "messages": FRANCE, "max_tokens": 5000}, 400, "messages"),
     ({"model": "auto", "messages": []}, 400, "messages"),
     ({"model": "auto", "messages": FRANCE, "n": 2}, 400, "n"),
-    ({"model": "auto", "messages": FRANCE, "logprobs": True}, 400, "logprobs"),
+    ({"model": "auto", "messages": FRANCE, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
     ({"model": "auto", "messages": FRANCE, "temperature": "hot"}, 400, "temperature"),
 ])
 def test_errors_in_openai_shape(server, body, status, param):
