@@ -25,7 +25,7 @@ from bench.common import machine, timed, write_json
 from server.config import Settings
 from server.library.store import adapter_dirs, read_card
 from server.routing.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
-from server.training.tasks import TASKS
+from server.training.tasks import TASKS, task_library
 from server.training.train_retriever import (
     ProjectionTrainOptions,
     fit_projection,
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings()
     embedder = Embedder.from_settings(settings)  # what the server runs: through the projection, if trained
     plain = Embedder(settings.embedder, settings.embedder_device)
-    shipped = {n: read_card(p)["examples"] for n, p in adapter_dirs(settings.adapters_dir).items()}
+    paths = adapter_dirs(settings.adapters_dir)
+    shipped = {n: read_card(paths[n])["examples"] for n in task_library(settings.adapters_dir).values()}
     small = Retriever(embedder)
     small.set_cards(shipped)
     small_plain = Retriever(plain)

@@ -176,12 +176,13 @@ class Retriever:
     @classmethod
     def from_store(cls, settings: Settings, cards: dict[str, list[str]] | None = None,
                    embedder: TextEncoder | None = None) -> Retriever:
-        """A retriever over `cards` (name -> example prompts), by default every card in adapters_dir."""
+        """A retriever over `cards` (name -> example prompts), by default every card in adapters_dir
+        that does not opt out of retrieval (`auto: false`, as the shipped mixtures of experts' do)."""
         embedder = embedder or Embedder.from_settings(settings)
         retriever = cls(embedder, exact_max=settings.retrieval_exact_max)
         if cards is None:
-            cards = {name: read_card(path).get("examples") or [] for name, path in
-                     adapter_dirs(settings.adapters_dir).items()}
+            found = {name: read_card(path) for name, path in adapter_dirs(settings.adapters_dir).items()}
+            cards = {name: card.get("examples") or [] for name, card in found.items() if card.get("auto", True)}
         retriever.set_cards({name: ex for name, ex in cards.items() if ex})
         return retriever
 
