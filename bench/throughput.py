@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over our scenarios; the best counts")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers/PEFT baselines")
+    ap.add_argument("--scenarios", nargs="+", help="run only these of our scenarios (base always runs)")
     ap.add_argument("--out", default="bench/results/throughput.json")
     args = ap.parse_args(argv)
 
@@ -183,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3", "melora", "melora_dense", "mixlora",
              "moelora", "mixed_kinds"]
+    kinds = [k for k in kinds if k == "base" or not args.scenarios or k in args.scenarios]
     sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds if kind != "gate3"}
-    sets["gate3"] = sets["hetero3"]  # the same candidates, weighted by the gate per layer and token
+    sets["gate3"] = sets.get("hetero3") or adapter_sets("hetero3", args.requests, names, rng)  # the gate weighs them
     # Rounds interleave the scenarios and the best round counts: this shared 2-core machine's
     # speed drifts by 10-20% between minutes, which would otherwise land on one scenario.
     best: dict[str, tuple[float, float, float]] = {}
@@ -205,18 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
         record("mixlora_ref", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None,
                                       moe_paths["mixlora"]))
 
-    base = results["base_tok_s"]
-    ratios = {f"{k}/base": results[f"{k}_tok_s"] / base for k in ["identical", "hetero1", "hetero3", "skewed3"]}
-    ratios["gate3/hetero3"] = results["gate3_tok_s"] / results["hetero3_tok_s"]
-    ratios["melora/hetero1"] = results["melora_tok_s"] / results["hetero1_tok_s"]
-    ratios["melora/melora_dense"] = results["melora_tok_s"] / results["melora_dense_tok_s"]
-    for kind in ("mixlora", "moelora", "mixed_kinds"):
-        ratios[f"{kind}/base"] = results[f"{kind}_tok_s"] / base
-    if "mixlora_ref_tok_s" in results:
-        ratios["mixlora/mixlora_ref"] = results["mixlora_tok_s"] / results["mixlora_ref_tok_s"]
-    if "peft_mixed_tok_s" in results:
-        ratios["hetero1/peft_mixed"] = results["hetero1_tok_s"] / results["peft_mixed_tok_s"]
-        ratios["base/hf_base"] = base / results["hf_base_tok_s"]
+    pairs = [*((k, "base") for k in ["identical", "hetero1", "hetero3", "skewed3"]), ("gate3", "hetero3"),
+             ("melora", "hetero1"), ("melora", "melora_dense"), *((k, "base") for k in ["mixlora", "moelora",
+             "mixed_kinds"]), ("mixlora", "mixlora_ref"), ("hetero1", "peft_mixed"), ("base", "hf_base")]
+    ratios = {f"{a}/{b}": results[f"{a}_tok_s"] / results[f"{b}_tok_s"] for a, b in pairs
+              if f"{a}_tok_s" in results and f"{b}_tok_s" in results}
     results["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     results["config"] = {"requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
                          "rounds": args.rounds,

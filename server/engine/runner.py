@@ -97,7 +97,7 @@ class ModelRunner:
                 seq.gate_sums = [a + b for a, b in zip(seq.gate_sums, sums)] if seq.gate_sums else sums
                 seq.gate_count += s.num_tokens * self.model.num_layers
         for rows in lora.experts if lora is not None else ():
-            for i, usage in zip(rows.seqs, rows.usage.tolist()):
+            for i, usage in zip(rows.seqs, rows.usage().tolist()):
                 seq = scheduled[i].seq
                 seq.expert_usage = [a + b for a, b in zip(seq.expert_usage, usage)] if seq.expert_usage else usage
         return logits

@@ -36,7 +36,9 @@ class ResidentExperts:
     primary_range: tuple[int, int]
     slots: torch.Tensor  # [E] the experts' slots
     slot_range: tuple[int, int] | None  # (s0, s1) when slots == arange(s0, s1): views, not gathers
-    routers: list[dict[str, torch.Tensor]]  # per layer: module (or FFN_ROUTER) -> W_g [E, d_in], fp32
+    # per layer: group -> (W_g of its modules stacked [n*E, d_in] fp32, zero where a module has no
+    # router; which modules do [n] bool): one GEMM routes a group; or FFN_ROUTER -> (W_g [E, d], None)
+    routers: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
     shared_groups: frozenset[str]  # groups where the shared LoRAs have a module
     top_k: int
     ffn: bool
@@ -47,9 +49,16 @@ class ResidentExperts:
     def build(cls, weights: AdapterWeights, primary: int, slots: list[int], num_layers: int,
               device: torch.device) -> ResidentExperts:
         moe = weights.moe
-        routers: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
-        for (layer, module), W in moe.routers.items():
-            routers[layer][module] = W.to(device)
+        routers: list[dict] = [{} for _ in range(num_layers)]
+        for layer in range(num_layers):
+            if (layer, FFN_ROUTER) in moe.routers:
+                routers[layer][FFN_ROUTER] = (moe.routers[(layer, FFN_ROUTER)].to(device), None)
+            for group, modules in MODULE_GROUPS.items():
+                found = [moe.routers.get((layer, m)) for m in modules]
+                if any(W is not None for W in found):
+                    like = next(W for W in found if W is not None)
+                    W = torch.cat([torch.zeros_like(like) if W is None else W for W in found])  # [n*E, d_in]
+                    routers[layer][group] = (W.to(device), torch.tensor([W is not None for W in found], device=device))
         shared = frozenset(g for g, modules in MODULE_GROUPS.items()
                            if any(m in modules for _, m in weights.modules))
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
@@ -62,9 +71,10 @@ class ResidentExperts:
         return len(self.slots)
 
 
-def route(x: torch.Tensor, W_g: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, d_in] -> (weights [T, k] fp32, experts [T, k])."""
-    probs = torch.softmax(x.float() @ W_g.t(), dim=-1)  # [T, E]
+def route(x: torch.Tensor, W_g: torch.Tensor, num_experts: int, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d_in], W_g [n*E, d_in] (n routers on the same input) -> (weights [T, n, k] fp32, experts [T, n, k])."""
+    probs = torch.softmax((x.float() @ W_g.t()).view(len(x), -1, num_experts), dim=-1)  # [T, n, E]
     weights, experts = probs.topk(top_k, dim=-1)
     return (weights / weights.sum(-1, keepdim=True) if renormalize else weights), experts
 
@@ -79,7 +89,9 @@ class ExpertRows:
     seq_of_row: torch.Tensor  # [Tm] index of each row's sequence in `seqs`
     seqs: list[int]  # the step's sequence indices on this adapter
     usage_rows: int  # the first rows are decode rows (generated tokens): expert usage counts these
-    usage: torch.Tensor  # [len(seqs), E] routing weight per expert, summed over layers, routers and rows
+    # the decode rows' routing of every router this step, as (weights [R, n, k], experts [R, n, k],
+    # which of the n routers count [n] or None): summed into `usage` once, after the forward
+    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     _down: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -90,26 +102,34 @@ class ExpertRows:
         seq_of_row = [j for j, i in enumerate(seqs) for _ in range(num_tokens[i])]
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
         return cls(experts, torch.tensor(rows, device=device), (rows[0], rows[-1] + 1) if contiguous else None,
-                   torch.tensor(seq_of_row, device=device), seqs, sum(1 for i in seqs if i < num_decode),
-                   torch.zeros(len(seqs), experts.num_experts, device=device))
+                   torch.tensor(seq_of_row, device=device), seqs, sum(1 for i in seqs if i < num_decode))
 
     def _take(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.row_range[0] : self.row_range[1]] if self.row_range else t.index_select(0, self.rows)
 
-    def _count(self, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Add the decode rows' routing to the usage; the weights as dense [Tm, E]."""
-        dense = weights.new_zeros(len(weights), self.experts.num_experts).scatter_(1, experts, weights)
-        n = self.usage_rows
-        if n:
-            self.usage.index_add_(0, self.seq_of_row[:n], dense[:n])
-        return dense
+    def usage(self) -> torch.Tensor:
+        """[len(seqs), E]: each sequence's routing weight per expert, summed over its decode rows,
+        the layers and the routers."""
+        n, E = self.usage_rows, self.experts.num_experts
+        total = torch.zeros(len(self.seqs), E, device=self.rows.device)
+        for weights, experts, counts in self.routed:
+            if counts is not None:
+                weights = weights * counts.view(1, -1, 1)
+            dense = weights.new_zeros(n, E).scatter_add_(1, experts.reshape(n, -1), weights.reshape(n, -1))
+            total.index_add_(0, self.seq_of_row[:n], dense)
+        return total
+
+    def _record(self, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor | None) -> None:
+        if self.usage_rows:
+            n = self.usage_rows
+            self.routed.append((weights[:n], experts[:n], counts))
 
     def apply(self, backend: LoRABackend, layer: int, group: str, stack: GroupStack, x: torch.Tensor,
               out: torch.Tensor) -> None:
         """out += this adapter's part of the group for its rows: the shared LoRAs, the per-module
         experts (MoELoRA), or the down projection of each FFN expert's activation (MixLoRA)."""
         ex = self.experts
-        per_module = not ex.ffn and any(m in ex.routers[layer] for m in MODULE_GROUPS[group])
+        per_module = not ex.ffn and group in ex.routers[layer]
         down = ex.ffn and group == "down" and self._down is not None
         if group not in ex.shared_groups and not per_module and not down:
             return
@@ -118,11 +138,12 @@ class ExpertRows:
         if group in ex.shared_groups:
             backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, None)
         if per_module:
-            weights = xr.new_zeros(len(xr), len(stack.B), ex.num_experts)  # [Tm, n, E]
-            for j, module in enumerate(MODULE_GROUPS[group]):
-                if module in ex.routers[layer]:
-                    weights[:, j] = self._count(*route(xr, ex.routers[layer][module], ex.top_k, ex.renormalize))
-            backend.apply_experts(xr, target, stack, ex.slots, ex.slot_range, weights)
+            W_g, routed = ex.routers[layer][group]
+            top, experts = route(xr, W_g, ex.num_experts, ex.top_k, ex.renormalize)  # [Tm, n, k]
+            self._record(top, experts, routed)
+            # [Tm, n, E], zero for unselected experts and for the group's modules without a router
+            weights = top.new_zeros(*top.shape[:2], ex.num_experts).scatter_(-1, experts, top) * routed.view(1, -1, 1)
+            backend.apply_experts(xr, target, stack, ex.slots, ex.slot_range, weights.to(xr.dtype))
         if down:
             activations, weights, experts = self._down
             backend.apply_routed_inputs(activations, target, stack, ex.slots, ex.slot_range, experts,
@@ -137,17 +158,17 @@ class ExpertRows:
         the selected experts' activations; each expert's own activation is kept for `apply` at the
         down projection. h: [T, d] the FFN input; gate_up: [T, 2I] its base projection."""
         ex = self.experts
-        W_g = ex.routers[layer].get(FFN_ROUTER) if ex.ffn else None
+        W_g, _ = ex.routers[layer].get(FFN_ROUTER, (None, None)) if ex.ffn else (None, None)
         if W_g is None:
             return
         hr, base = self._take(h), self._take(gate_up)
-        weights, experts = route(hr, W_g, ex.top_k, ex.renormalize)  # [Tm, k]
-        self._count(weights, experts)
-        gate_all, up_all = backend.expert_outputs(hr, stacks["gate_up"], ex.slots, ex.slot_range)  # [Tm, E, I]
-        inter = gate_all.shape[-1]
-        pick = experts.unsqueeze(-1).expand(-1, -1, inter)  # [Tm, k, I]
-        gate = base[:, None, :inter] + gate_all.gather(1, pick)
-        up = base[:, None, inter:] + up_all.gather(1, pick)
+        weights, experts = route(hr, W_g, ex.num_experts, ex.top_k, ex.renormalize)
+        self._record(weights, experts, None)
+        weights, experts = weights[:, 0], experts[:, 0]  # [Tm, k]: the one router
+        gate_k, up_k = backend.selected_expert_outputs(hr, stacks["gate_up"], ex.slots, ex.slot_range, experts)
+        inter = gate_k.shape[-1]
+        gate = base[:, None, :inter] + gate_k  # [Tm, k, I]
+        up = base[:, None, inter:] + up_k
         activations = ex.act(gate) * up  # [Tm, k, I]: each selected expert's
         mixture = (weights.to(act.dtype).unsqueeze(-1) * activations).sum(1)  # [Tm, I]
         if self.row_range:

@@ -75,14 +75,20 @@ class LoRABackend:
         the unselected experts cost FLOPs, not a gather), or None (all 1: a shared LoRA)."""
         expand(shrink(x, stack, slots, slot_range), weights, out, stack, slots, slot_range)
 
-    def expert_outputs(self, x: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
-                       slot_range: tuple[int, int] | None) -> list[torch.Tensor]:
-        """Each expert's own output, unweighted, per module j of the group: [T, E, d_out_j] (MixLoRA's
-        gate/up, which the activation then mixes per expert)."""
-        T, E, r = x.shape[0], len(slots), stack.rank
-        z = shrink(x, stack, slots, slot_range).view(T, E, len(stack.B), r).transpose(0, 1)  # [E, T, n, r]
-        return [torch.bmm(z[:, :, j], stack.rows(B, slots, slot_range)).transpose(0, 1)  # [T, E, d_out_j]
-                for j, B in enumerate(stack.B)]
+    def selected_expert_outputs(self, x: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                                slot_range: tuple[int, int] | None, experts: torch.Tensor) -> list[torch.Tensor]:
+        """Each token's k selected experts' own outputs, unweighted, per module j of the group:
+        [T, k, d_out_j] (MixLoRA's gate/up, which the activation then mixes per expert). experts:
+        [T, k]. Every expert's shrink, then per k the one-hot rank block of its expert: one expand
+        GEMM per module, no gather of B."""
+        T, k = experts.shape
+        E, r, n = len(slots), stack.rank, len(stack.B)
+        z = shrink(x, stack, slots, slot_range).view(T, 1, E, n, r)
+        pick = torch.zeros(T, k, E, 1, 1, dtype=z.dtype, device=z.device).scatter_(
+            2, experts.view(T, k, 1, 1, 1), 1.0)
+        z_k = (z * pick).view(T * k, E, n, r)  # [T*k, E, n, r]: zero but for the selected expert
+        return [(z_k[:, :, j].reshape(T * k, E * r) @ stack.rows(B, slots, slot_range).reshape(E * r, -1)
+                 ).view(T, k, -1) for j, B in enumerate(stack.B)]
 
     def apply_routed_inputs(self, xk: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
                             slot_range: tuple[int, int] | None, experts: torch.Tensor, weights: torch.Tensor) -> None:
