@@ -54,11 +54,12 @@ class ResidentExperts:
             if (layer, FFN_ROUTER) in moe.routers:
                 routers[layer][FFN_ROUTER] = (moe.routers[(layer, FFN_ROUTER)].to(device), None)
             for group, modules in MODULE_GROUPS.items():
-                found = [moe.routers.get((layer, m)) for m in modules]
-                if any(W is not None for W in found):
-                    like = next(W for W in found if W is not None)
-                    W = torch.cat([torch.zeros_like(like) if W is None else W for W in found])  # [n*E, d_in]
-                    routers[layer][group] = (W.to(device), torch.tensor([W is not None for W in found], device=device))
+                per_module = [moe.routers.get((layer, m)) for m in modules]
+                routed = [W is not None for W in per_module]
+                if any(routed):
+                    zero = torch.zeros_like(per_module[routed.index(True)])
+                    stacked = torch.cat([zero if W is None else W for W in per_module])  # [n*E, d_in]
+                    routers[layer][group] = (stacked.to(device), torch.tensor(routed, device=device))
         shared = frozenset(g for g, modules in MODULE_GROUPS.items()
                            if any(m in modules for _, m in weights.modules))
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
