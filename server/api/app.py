@@ -21,6 +21,7 @@ from server.api.errors import APIError
 from server.api.limits import BodyLimit
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
+from server.api.openapi import truthful_openapi
 from server.config import Settings
 from server.errors import MoleError
 from server.library.store import AdapterStore
@@ -141,4 +142,5 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
 
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.openapi = lambda: truthful_openapi(app)
     return app

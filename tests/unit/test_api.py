@@ -300,3 +300,22 @@ def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
             assert error["type"] == "invalid_request_error" and error["code"] == code, error
         assert "image_url" in client.post("/v1/chat/completions", json=cases[1][0]).json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": "a", "echo": "no"}).status_code == 400
+
+
+def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engine):
+    from server.api.openapi import ErrorResponse
+
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        schema = client.get("/openapi.json").json()
+        chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+        assert "422" not in chat and chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorResponse")
+        r = client.post("/v1/chat/completions", json={**CHAT, "stream": "yes"})  # a validation failure
+        assert r.status_code == 400 and ErrorResponse.model_validate(r.json())
+        metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        assert list(metrics) == ["text/plain"] and client.get("/metrics").headers["content-type"].startswith(
+            "text/plain")
+        admin = schema["paths"]["/admin/adapters"]["post"]["responses"]
+        assert {"401", "409", "413", "422"} <= set(admin)
