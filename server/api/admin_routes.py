@@ -141,8 +141,11 @@ class CardUpdate(BaseModel):
     examples: list[str] | None = None
 
 
-@router.patch("/adapters/{name}")
+@router.patch("/adapters/{name}", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CardUpdate.model_json_schema()}}}})
 async def update_card(request: Request, name: str):
+    """The card's description and/or examples (new examples: a new retrieval key at once). The body
+    is read by hand, not as a parameter, so a bad one is a 400 naming the field."""
     engine = ready_engine(request)
     try:
         update = CardUpdate.model_validate_json(await request.body())

@@ -319,3 +319,5 @@ def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engi
             "text/plain")
         admin = schema["paths"]["/admin/adapters"]["post"]["responses"]
         assert {"401", "409", "413", "422"} <= set(admin)
+        patch = schema["paths"]["/admin/adapters/{name}"]["patch"]["requestBody"]["content"]["application/json"]
+        assert set(patch["schema"]["properties"]) == {"description", "examples"}
