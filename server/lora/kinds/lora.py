@@ -39,6 +39,14 @@ def _check_config(name: str, config: dict) -> None:
         raise AdapterFormatError(f"adapter {name!r}: modules_to_save {config['modules_to_save']} is not supported")
 
 
+def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
+    """A tensor's (layer, module) exists in the base model."""
+    if module not in spec.shapes:
+        raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
+    if layer >= spec.num_layers:
+        raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")
+
+
 def checked_pair(name: str, where: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int], max_rank: int,
                  scaling: Callable[[int], float]) -> tuple[torch.Tensor, torch.Tensor]:
     """One LoRA's (A [r, d_in], B [d_out, r]) checked against the module's (d_in, d_out): fp32,
@@ -81,10 +89,7 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
         if m is None:
             raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} (only LoRA A/B of projections)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        if module not in spec.shapes:
-            raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
-        if layer >= spec.num_layers:
-            raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")
+        check_place(name, key, layer, module, spec)
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors found")

@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 
 from server.lora.kinds import moe
 from server.lora.kinds.base import FFN_ROUTER, AdapterFormatError, AdapterWeights, LoRATargetSpec, MoEWeights
-from server.lora.kinds.lora import checked_modules
+from server.lora.kinds.lora import check_place, checked_modules
 from server.lora.kinds.lora import pack as pack  # the shared attention LoRAs pack as any LoRA
 from server.lora.kinds.lora import reference_delta as reference_delta
 
@@ -69,13 +69,13 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
     for key, tensor in tensors.items():
         if m := _ATTN.match(key):
             layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-            moe.check_place(name, key, layer, module, spec)
+            check_place(name, key, layer, module, spec)
             if module in FFN_MODULES:
                 raise AdapterFormatError(f"adapter {name!r}: {key!r} puts a shared LoRA on an FFN projection")
             shared.setdefault((layer, module), {})[which] = tensor
         elif m := _ROUTER.match(key):
             layer = int(m.group(1))
-            moe.check_place(name, key, layer, "gate_proj", spec)
+            check_place(name, key, layer, "gate_proj", spec)
             routers[(layer, FFN_ROUTER)] = moe.checked_router(name, f"layers.{layer}.mlp", tensor, num_experts, d)
         elif m := _EXPERT.match(key):
             layer = int(m.group(1))
@@ -83,7 +83,7 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
             module = LEGACY_NAMES.get(module, module)
             if module not in FFN_MODULES:
                 raise AdapterFormatError(f"adapter {name!r}: expert tensor {key!r} is not on an FFN projection")
-            moe.check_place(name, key, layer, module, spec)
+            check_place(name, key, layer, module, spec)
             found.setdefault((layer, module, int(m.group(3) or m.group(4))), {})[m.group(6)] = tensor
         else:
             raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} (a MixLoRA holds mixlora.layers.* "

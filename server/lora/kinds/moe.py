@@ -60,9 +60,3 @@ def checked_experts(name: str, found: Found, num_experts: int, spec: LoRATargetS
                                f".experts.{e}") for e in range(num_experts)]
     return [modules for modules, _ in checked], max((r for _, r in checked), default=0)
 
-
-def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
-    if module not in spec.shapes:
-        raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
-    if layer >= spec.num_layers:
-        raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")

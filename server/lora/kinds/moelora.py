@@ -23,6 +23,7 @@ import torch
 
 from server.lora.kinds import moe
 from server.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec, MoEWeights
+from server.lora.kinds.lora import check_place
 from server.lora.kinds.lora import pack as pack  # no shared part: the primary slot stays zero
 from server.lora.kinds.lora import reference_delta as reference_delta
 
@@ -49,12 +50,12 @@ def parse(name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRAT
     for key, tensor in tensors.items():
         if m := _ROUTER.search(key):
             layer, module = int(m.group(1)), m.group(2)
-            moe.check_place(name, key, layer, module, spec)
+            check_place(name, key, layer, module, spec)
             routers[(layer, module)] = moe.checked_router(name, f"layers.{layer}.{module}", tensor, num_experts,
                                                           spec.shapes[module][0])
         elif m := _EXPERT.search(key):
             layer, module = int(m.group(1)), m.group(2)
-            moe.check_place(name, key, layer, module, spec)
+            check_place(name, key, layer, module, spec)
             found.setdefault((layer, module, int(m.group(3))), {})[m.group(4)] = tensor
         else:
             raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} (a MoELoRA holds per-module "
