@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+
+from server.api.protocol import ErrorResponse
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # path prefix -> the error statuses its routes answer (beyond the success)
@@ -20,17 +21,6 @@ ROUTE_ERRORS = {
                 409: "The adapter exists (use replace=true)", 413: "Upload over the size limits",
                 422: "The adapter's files do not fit the base model", 503: "The model is still loading"},
 }
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 def truthful_openapi(app: FastAPI) -> dict:

@@ -222,6 +222,19 @@ class CompletionEnvelope(BaseModel):
     adapters: list[dict] | None = None  # extension: the adapters that ran, with scores and gate weights
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, in OpenAI's shape (api/errors.py builds it; openapi.py documents it)."""
+
+    error: ErrorDetail
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -13,11 +13,16 @@ from server.engine.request import Logprob, SamplingParams, Sequence
 from server.engine.sampler import logprobs_of, make_generator, sample
 from server.engine.scheduler import Batch, ScheduledSeq
 from server.lora.backends.base import LoRABackend
-from server.lora.batch import build_block_rows, build_lora_batch
+from server.lora.batch import build_block_rows, build_lora_batch, row_starts
 from server.lora.context import LoRAContext
 from server.lora.gate import GateStats, MoLEGate
 from server.lora.moe import ExpertRows
 from server.lora.pool import LoRAPool
+
+
+def summed(total: list[float], new: list[float]) -> list[float]:
+    """A sequence's running per-column sums (gate weights, expert usage) plus one step's."""
+    return [a + b for a, b in zip(total, new)] if total else new
 
 
 @dataclass
@@ -94,12 +99,12 @@ class ModelRunner:
         for s, sums in zip(scheduled, totals):
             if s.seq.gated:
                 seq = s.seq
-                seq.gate_sums = [a + b for a, b in zip(seq.gate_sums, sums)] if seq.gate_sums else sums
+                seq.gate_sums = summed(seq.gate_sums, sums)
                 seq.gate_count += s.num_tokens * self.model.num_layers
         for rows in lora.experts if lora is not None else ():
             for i, usage in zip(rows.seqs, rows.usage().tolist()):
                 seq = scheduled[i].seq
-                seq.expert_usage = [a + b for a, b in zip(seq.expert_usage, usage)] if seq.expert_usage else usage
+                seq.expert_usage = summed(seq.expert_usage, usage)
         return logits
 
     def _expert_slot(self, seq: Sequence) -> int | None:
@@ -141,9 +146,7 @@ class ModelRunner:
         for i, slot in enumerate(expert_slots):
             if slot is not None:
                 by_slot.setdefault(slot, []).append(i)
-        starts = [0]
-        for n in num_tokens:
-            starts.append(starts[-1] + n)
+        starts = row_starts(num_tokens)
         return [ExpertRows.for_step(self.pool.experts[slot], seqs, starts, list(num_tokens), num_decode)
                 for slot, seqs in by_slot.items()]
 

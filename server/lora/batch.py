@@ -35,6 +35,24 @@ class LoRABatchInfo:
         return len(self.unique_slots) if self.unique_slots is not None else self.lora_slots.shape[1]
 
 
+def row_starts(num_tokens: Sequence[int]) -> list[int]:
+    """The first row of each sequence in the step's flattened tokens, then the total."""
+    starts = [0]
+    for n in num_tokens:
+        starts.append(starts[-1] + n)
+    return starts
+
+
+def as_range(ids: Sequence[int]) -> tuple[int, int] | None:
+    """(i0, i1) when ids == range(i0, i1) (ascending, no gaps): slice with it instead of gathering."""
+    return (ids[0], ids[-1] + 1) if list(ids) == list(range(ids[0], ids[-1] + 1)) else None
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor, row_range: tuple[int, int] | None) -> torch.Tensor:
+    """t[rows]: a view when the rows are a range, else a gathered copy."""
+    return t[row_range[0] : row_range[1]] if row_range else t.index_select(0, rows)
+
+
 @dataclass
 class BlockRows:
     """Token rows that run one adapter's native block form (MELoRA's n mini LoRAs) instead of the
@@ -50,9 +68,7 @@ class BlockRows:
 def build_block_rows(seqs: Sequence[tuple[tuple[int, int], int, float] | None], num_tokens: Sequence[int],
                      device: torch.device, dtype: torch.dtype) -> list[BlockRows]:
     """seqs[i] = (block shape, lora slot, weight) of sequence i, or None when it runs dense."""
-    starts = [0]
-    for n in num_tokens:
-        starts.append(starts[-1] + n)
+    starts = row_starts(num_tokens)
     groups: dict[tuple[int, int], tuple[list[int], list[int], list[float]]] = {}
     for i, native in enumerate(seqs):
         if native is not None:
@@ -62,8 +78,7 @@ def build_block_rows(seqs: Sequence[tuple[tuple[int, int], int, float] | None], 
             slots += [slot] * num_tokens[i]
             weights += [weight] * num_tokens[i]
     return [BlockRows(shape, torch.tensor(r, device=device), torch.tensor(s, device=device),
-                      torch.tensor(w, dtype=dtype, device=device),
-                      (r[0], r[-1] + 1) if r == list(range(r[0], r[-1] + 1)) else None)
+                      torch.tensor(w, dtype=dtype, device=device), as_range(r))
             for shape, (r, s, w) in groups.items()]
 
 
@@ -98,8 +113,7 @@ def build_lora_batch(
                 if s != 0:
                     row[column[s]] += w
         info.unique_slots = torch.tensor(unique, dtype=torch.long, device=device)
-        if unique == list(range(unique[0], unique[-1] + 1)):
-            info.unique_range = (unique[0], unique[-1] + 1)
+        info.unique_range = as_range(unique)
         if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
             info.token_weights = torch.tensor(rows, dtype=dtype).repeat_interleave(counts, dim=0).to(device)
         info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]

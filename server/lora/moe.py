@@ -24,6 +24,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from server.lora.backends.base import LoRABackend
+from server.lora.batch import as_range, take_rows
 from server.lora.kinds.base import FFN_ROUTER, MODULE_GROUPS, AdapterWeights
 from server.lora.stacks import GroupStack, LayerStacks
 
@@ -62,9 +63,8 @@ class ResidentExperts:
                     routers[layer][group] = (stacked.to(device), torch.tensor(routed, device=device))
         shared = frozenset(g for g, modules in MODULE_GROUPS.items()
                            if any(m in modules for _, m in weights.modules))
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         return cls(torch.tensor([primary], device=device), (primary, primary + 1), torch.tensor(slots, device=device),
-                   (slots[0], slots[-1] + 1) if contiguous else None, routers, shared, moe.top_k, moe.ffn,
+                   as_range(slots), routers, shared, moe.top_k, moe.ffn,
                    ACT2FN[moe.act_fn], moe.renormalize)
 
     @property
@@ -101,12 +101,11 @@ class ExpertRows:
         device = experts.slots.device
         rows = [r for i in seqs for r in range(starts[i], starts[i] + num_tokens[i])]
         seq_of_row = [j for j, i in enumerate(seqs) for _ in range(num_tokens[i])]
-        contiguous = rows == list(range(rows[0], rows[-1] + 1))
-        return cls(experts, torch.tensor(rows, device=device), (rows[0], rows[-1] + 1) if contiguous else None,
+        return cls(experts, torch.tensor(rows, device=device), as_range(rows),
                    torch.tensor(seq_of_row, device=device), seqs, sum(1 for i in seqs if i < num_decode))
 
     def _take(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.row_range[0] : self.row_range[1]] if self.row_range else t.index_select(0, self.rows)
+        return take_rows(t, self.rows, self.row_range)
 
     def usage(self) -> torch.Tensor:
         """[len(seqs), E]: each sequence's routing weight per expert, summed over its decode rows,
@@ -135,7 +134,7 @@ class ExpertRows:
         if group not in ex.shared_groups and not per_module and not down:
             return
         xr = self._take(x)
-        target = out[self.row_range[0] : self.row_range[1]] if self.row_range else out.new_zeros(len(xr), out.shape[1])
+        target = self._take(out) if self.row_range else out.new_zeros(len(xr), out.shape[1])
         if group in ex.shared_groups:
             backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, None)
         if per_module:
@@ -173,7 +172,7 @@ class ExpertRows:
         activations = ex.act(gate) * up  # [Tm, k, I]: each selected expert's
         mixture = (weights.to(act.dtype).unsqueeze(-1) * activations).sum(1)  # [Tm, I]
         if self.row_range:
-            act[self.row_range[0] : self.row_range[1]] = mixture
+            self._take(act).copy_(mixture)
         else:
             act.index_copy_(0, self.rows, mixture)
         self._down = (activations, weights, experts)

@@ -75,13 +75,14 @@ class AdapterSelector:
                 raise AdapterNotFound(f"The adapter `{name}` does not exist.", "adapters")
         if not names:  # nothing relevant retrieved: the base model answers
             return chosen
-        alone = self.runs_alone(names, sel)
+        mixtures = self.mixtures(names)
+        alone = self.runs_alone(names, sel, mixtures)
         if alone is not None:
             chosen.adapters = (AdapterRef(alone, 1.0),)
             chosen.scores = {alone: chosen.scores[alone]} if alone in chosen.scores else {}
             return chosen
-        if not sel.explicit:  # a retrieved mixture of experts below the top hit: the rest go without it
-            kept = [i for i, n in enumerate(names) if self.merges.weights(n).moe is None]
+        if mixtures:  # retrieved mixtures of experts below the top hit: the rest go without them
+            kept = [i for i, n in enumerate(names) if n not in mixtures]
             names, priors = [names[i] for i in kept], [priors[i] for i in kept]
         total = sum(priors)
         priors = [w / total for w in priors]
@@ -96,11 +97,16 @@ class AdapterSelector:
             chosen.gated = sel.composition == "gate" and len(names) > 1
         return chosen
 
-    def runs_alone(self, names: list[str], sel: Selection) -> str | None:
+    def mixtures(self, names: list[str]) -> list[str]:
+        """Those of `names` that are mixtures of LoRA experts, in order."""
+        return [n for n in names if self.merges.weights(n).moe is not None]
+
+    def runs_alone(self, names: list[str], sel: Selection, mixtures: list[str] | None = None) -> str | None:
         """The adapter when the selection is one mixture of LoRA experts (its routers mix its own
         experts, so it runs by itself): named alone, or retrieval's top hit. SelectionError when
-        one is named with others or for a merge, or needs more slots than the pool has."""
-        mixtures = [n for n in names if self.merges.weights(n).moe is not None]
+        one is named with others or for a merge, or needs more slots than the pool has.
+        mixtures: self.mixtures(names), when the caller has it."""
+        mixtures = self.mixtures(names) if mixtures is None else mixtures
         if not mixtures or (not sel.explicit and mixtures[0] != names[0]):
             return None
         weights = self.merges.weights(mixtures[0])

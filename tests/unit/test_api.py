@@ -303,7 +303,7 @@ def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
 
 
 def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engine):
-    from server.api.openapi import ErrorResponse
+    from server.api.protocol import ErrorResponse
 
     with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
         while client.get("/health").status_code != 200:

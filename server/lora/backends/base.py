@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.lora.batch import BlockRows, LoRABatchInfo
+from server.lora.batch import BlockRows, LoRABatchInfo, take_rows
 from server.lora.stacks import GroupStack
 
 if TYPE_CHECKING:
@@ -56,14 +56,13 @@ class LoRABackend:
         x: [T, d_in]; out: [T, d_out] (this module's columns, updated in place); A: [slots, n, r,
         d = d_in/n]; B: [slots, n, o = d_out/n, r]. Equal to the dense blockdiag update, 1/n the bytes."""
         Tb, n = len(rows.rows), A.shape[1]
-        r0, r1 = rows.row_range or (0, 0)
-        xs = (x[r0:r1] if rows.row_range else x.index_select(0, rows.rows)).view(Tb, n, 1, -1)  # [Tb, n, 1, d]
+        xs = take_rows(x, rows.rows, rows.row_range).view(Tb, n, 1, -1)  # [Tb, n, 1, d]
         # Each token has its own blocks: elementwise products and sums, not Tb*n tiny GEMMs (2x faster
         # at SmolLM2's shapes on CPU, 32 tokens, n=8, r=1)
         z = (xs * A.index_select(0, rows.slots)).sum(-1) * rows.weights.view(Tb, 1, 1)  # [Tb, n, r]
         delta = (B.index_select(0, rows.slots) * z.unsqueeze(2)).sum(-1).view(Tb, -1)  # [Tb, d_out]
         if rows.row_range:
-            out[r0:r1] += delta
+            take_rows(out, rows.rows, rows.row_range).add_(delta)
         else:
             out.index_add_(0, rows.rows, delta)
 
