@@ -4,6 +4,7 @@ responses; here only what differs between the endpoints)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from fastapi import APIRouter, Request
@@ -21,9 +22,11 @@ from server.api.protocol import (
     TextChoice,
     TextLogprobs,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
 )
 from server.api.serving import Generation, Shape, check_model, respond, start
+from server.api.structured import ToolUse, output_constraint, template_messages
 from server.engine.client import EngineClient
 from server.engine.request import Logprob
 
@@ -57,17 +60,40 @@ def text_logprobs(tokenizer, entries: list[Logprob | None], token_ids: list[int]
     return out
 
 
-def chat_shape(tokenizer, logprobs: bool) -> Shape:
+def chat_shape(tokenizer, logprobs: bool, tool_use: ToolUse | None) -> Shape:
+    """Chat choices; with tools, the answer is read as tool calls once whole, so a stream holds its
+    text back and sends the calls (or the text, if it holds none) in its last chunk."""
+
     def pieces(g: Generation) -> ChatLogprobs | None:
         return chat_logprobs(tokenizer, g.take_logprobs()) if logprobs else None
 
+    def answer(g: Generation) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content, tool calls, finish reason)"""
+        found = tool_use.calls(g.text) if tool_use and g.finish_reason == "stop" else None
+        if found is None:
+            return g.text, None, g.finish_reason
+        return found[1], found[0], "tool_calls"
+
+    def message(i: int, g: Generation) -> ChatChoice:
+        content, calls, finish = answer(g)
+        called = {"tool_calls": calls} if calls else {}  # (absent, not null, from a text answer)
+        return ChatChoice(index=i, message=AssistantMessage(role="assistant", content=content, **called),
+                          logprobs=chat_logprobs(tokenizer, g.logprobs) if logprobs else None, finish_reason=finish)
+
+    def delta(i: int, text: str, finish: str | None, g: Generation) -> ChatChoice | None:
+        if tool_use is None:
+            return ChatChoice(index=i, delta={"content": text} if text else {}, logprobs=pieces(g),
+                              finish_reason=finish)
+        if finish is None:
+            return None
+        content, calls, finish = answer(g)
+        whole = {"content": content} if content else {}
+        if calls:
+            whole["tool_calls"] = [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
+        return ChatChoice(index=i, delta=whole, logprobs=pieces(g), finish_reason=finish)
+
     return Shape(
-        "chatcmpl", "chat.completion", "chat.completion.chunk",
-        choice=lambda i, g: ChatChoice(index=i, message=AssistantMessage(role="assistant", content=g.text),
-                                       logprobs=chat_logprobs(tokenizer, g.logprobs) if logprobs else None,
-                                       finish_reason=g.finish_reason),
-        delta=lambda i, text, finish, g: ChatChoice(index=i, delta={"content": text} if text else {},
-                                                    logprobs=pieces(g), finish_reason=finish),
+        "chatcmpl", "chat.completion", "chat.completion.chunk", choice=message, delta=delta,
         opening=lambda: ChatChoice(index=0, delta={"role": "assistant", "content": ""}, logprobs=None,
                                    finish_reason=None),
     )
@@ -112,22 +138,26 @@ def retrieval_query(messages: list[dict], mode: str) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
-def generation(request: Request, route: str, prompt_ids: list[int], body, query: str) -> Generation:
+def generation(request: Request, route: str, prompt_ids: list[int], body, query: str,
+               grammar: str | None = None) -> Generation:
     state = request.app.state
-    return Generation(ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query)
+    return Generation(ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = ready_engine(request)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    check_prompt_chars(sum(len(m["content"]) for m in messages), engine.max_token_chars, engine.max_model_len)
+    template = engine.tokenizer.chat_template
+    grammar, tool_use = output_constraint(body, template)
+    messages, tools = template_messages(body, template)
+    check_prompt_chars(sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])),
+                       engine.max_token_chars, engine.max_model_len)
     # off the event loop: a long prompt must not stall every other request (and /health)
-    prompt_ids = (await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                          tokenize=True, return_dict=True))["input_ids"]
+    prompt_ids = (await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, tools=tools,
+                                          add_generation_prompt=True, tokenize=True, return_dict=True))["input_ids"]
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
-    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query)])
-    return await respond(chat_shape(engine.tokenizer, bool(body.logprobs)), body, gens, request)
+    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar)])
+    return await respond(chat_shape(engine.tokenizer, bool(body.logprobs), tool_use), body, gens, request)
 
 
 @router.post("/v1/completions")

@@ -14,10 +14,31 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_turns_answer_a_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role `tool` needs the `tool_call_id` it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries `tool_calls`")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -46,6 +67,48 @@ class MergeOptions(BaseModel):
     strategy: MergeStrategy = "linear"
     density: float = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
     seed: int = 0  # dare's random drop
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for schema and function names
+
+
+class JSONSchemaSpec(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict = Field(default_factory=dict, alias="schema")  # `schema` shadows a BaseModel attribute
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type `json_schema`, and only with it")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; absent: a function without arguments
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -127,12 +190,22 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools the answer must call (tool_choice `required` or a named function), else None."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools) if self.tool_choice == "required" else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -168,7 +241,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -198,7 +272,8 @@ class TextLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage | None = None  # the whole answer
-    delta: dict[str, str] | None = None  # a streamed piece: {"role", "content"}, {"content"} or {}
+    delta: dict[str, str | list[dict]] | None = None  # a streamed piece: {"role", "content"}, {"content"},
+    # {"tool_calls": [...]} or {}
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -46,7 +46,8 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
                      body.top_k or settings.retrieval_top_k, MergeSpec(merge.strategy, merge.density, merge.seed))
 
 
-def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int) -> SamplingParams:
+def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int,
+                    grammar: str | None = None) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     window = client.max_model_len
@@ -58,17 +59,17 @@ def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_token
     logprobs, prompt_logprobs = body.logprob_counts()
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+                          prompt_logprobs=prompt_logprobs, grammar=grammar)
 
 
 class Generation:
     """One engine request seen from HTTP: runs it, times it, counts it in the metrics."""
 
     def __init__(self, client: EngineClient, settings: Settings, metrics: Metrics, route: str,
-                 prompt_ids: list[int], body: SamplingFields, query: str) -> None:
+                 prompt_ids: list[int], body: SamplingFields, query: str, grammar: str | None = None) -> None:
         self.metrics, self.route, self.prompt_ids = metrics, route, prompt_ids
         selection = build_selection(client, settings, body, query)
-        self.sampling = sampling_params(client, body, len(prompt_ids))
+        self.sampling = sampling_params(client, body, len(prompt_ids), grammar)
         self.text, self.finish_reason, self.completion_tokens = "", None, 0
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
@@ -173,8 +174,8 @@ class Shape:
     object: str
     chunk_object: str
     choice: Callable[[int, Generation], object]  # the whole answer of prompt i
-    delta: Callable[[int, str, str | None, Generation], object]  # a streamed piece of prompt i (text, finish
-    # reason; the generation, for the logprobs of its tokens since the last piece)
+    delta: Callable[[int, str, str | None, Generation], object | None]  # a streamed piece of prompt i (text,
+    # finish reason; the generation, for the logprobs of its tokens since the last piece); None: held back
     opening: Callable[[], object] | None = None  # a first chunk before any text (chat: the role)
 
 
@@ -227,7 +228,9 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], re
             yield sse(envelope(shape.chunk_object, [shape.opening()], adapters=gens[0].adapters))
         for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
             async for text in g.deltas():
-                yield sse(envelope(shape.chunk_object, [shape.delta(i, text, None, g)]))
+                piece = shape.delta(i, text, None, g)
+                if piece is not None:
+                    yield sse(envelope(shape.chunk_object, [piece]))
             # the last chunk of a prompt carries its adapters again, with the gate's mean weights
             yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason, g)], adapters=g.adapters))
         if body.stream_options and body.stream_options.include_usage:

@@ -19,6 +19,7 @@ from server.engine.model import DecoderModel
 from server.engine.request import FinishReason, Logprob, SamplingParams, Sequence, StepOutput
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.engine.structured import GrammarMatchers
 from server.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError
 from server.library.artifacts import load_gate
 from server.library.catalog import Catalog
@@ -48,6 +49,7 @@ class LLMEngine:
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
         self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
+        self.grammars = GrammarMatchers(tokenizer, model.config.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
@@ -135,7 +137,8 @@ class LLMEngine:
         elif refs:  # in-process callers name adapters directly: a mixture of experts still runs alone
             self.selector.runs_alone([r.name for r in refs], Selection("mixture", refs))
         kwargs = {"request_id": request_id} if request_id else {}
-        return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, **kwargs)
+        matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar else None
+        return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, matcher=matcher, **kwargs)
 
     @property
     def adapter_limit(self) -> int:
@@ -233,6 +236,11 @@ class LLMEngine:
         seq.token_ids.append(token)
         p = seq.sampling
         delta, stopped = self._detok[seq.request_id].update(seq.output_ids)
+        if seq.matcher is not None:  # the mask allowed only tokens the grammar takes
+            if not seq.matcher.consume_token(token):
+                return self._finish(seq, FinishReason.ABORT, token, delta,
+                                    EngineFailure(f"constrained decoding failed: {seq.matcher.get_error()}"))
+            stopped = stopped or seq.matcher.is_stopped()  # complete: nothing but EOS could follow
         if stopped or not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
             out = self._finish(seq, FinishReason.STOP, token, delta)
         elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:

@@ -45,7 +45,11 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process converted it first (two servers or test runs at once)
+            if not (out_dir / "model.safetensors").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # each generated token's logprob with this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (completions' echo)
+    grammar: str | None = None  # an llguidance grammar the output must match (engine/structured.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -86,6 +87,8 @@ class Sequence:
     expert_usage: list[float] = field(default_factory=list)
     # With sampling.prompt_logprobs: per prompt token, its Logprob (None for the first), filled by prefill.
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)
+    # With sampling.grammar: its llguidance matcher, which has consumed every generated token.
+    matcher: object | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -12,6 +12,7 @@ from server.engine.model import DecoderModel
 from server.engine.request import Logprob, SamplingParams, Sequence
 from server.engine.sampler import logprobs_of, make_generator, sample
 from server.engine.scheduler import Batch, ScheduledSeq
+from server.engine.structured import mask_logits
 from server.lora.backends.base import LoRABackend
 from server.lora.batch import build_block_rows, build_lora_batch, row_starts
 from server.lora.context import LoRAContext
@@ -50,7 +51,8 @@ class ModelRunner:
         self.last_logits = logits  # [N, V]: the step's distributions, read by tests
         sampled = [s.seq for s in batch.scheduled if s.samples]
         gens = [self._generator(seq) for seq in sampled]
-        tokens = sample(logits, [seq.sampling for seq in sampled], gens)
+        # the grammars' masks on a copy: logprobs stay those of the model's raw logits (vLLM's default)
+        tokens = sample(mask_logits(logits, [seq.matcher for seq in sampled]), [seq.sampling for seq in sampled], gens)
         asking = [i for i, seq in enumerate(sampled) if seq.sampling.logprobs is not None]
         logprobs: list[Logprob | None] = [None] * len(sampled)
         if asking:
