@@ -65,12 +65,13 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
     return sets
 
 
-def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False) -> tuple[float, float, float]:
+def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False,
+               grammar: str | None = None) -> tuple[float, float, float]:
     """(decode tokens/s, end-to-end tokens/s, MB of distinct adapter weights one decode step reads).
     Decode = the steps after every prompt is prefilled: each sequence adds one token per step.
     gated: each set of more than one adapter is the request's candidates, weighted per layer and
-    token by the gate."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    token by the gate. grammar: every request's output constrained by it."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, grammar=grammar)
     selections = [Selection("gate", s) if gated and len(s) > 1 else None for s in sets]
     plain = [() if sel else s for s, sel in zip(sets, selections)]
     engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), plain, selections)  # warm-up: resident

@@ -27,8 +27,8 @@ from server.library.upload import UploadError, UploadTooLargeError, collect, sin
 
 router = APIRouter(prefix="/admin")
 UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+    "type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                   "description": "adapter_config.json, adapter_model.safetensors, card.json; or one .zip/.tar.gz"},
         "name": {"type": "string", "description": "adapter name (default: the card's)"}}}}}}}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from server.api.limits import BodyLimit
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
 from server.api.openapi import truthful_openapi
+from server.api.protocol import MESSAGE_ROLES
 from server.config import Settings
 from server.errors import MoleError
 from server.library.store import AdapterStore
@@ -32,9 +34,19 @@ log = logging.getLogger(__name__)
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if loc[:1] == ["messages"] and len(loc) > 2 and loc[2] in MESSAGE_ROLES:
+        del loc[2]  # the union's tag (the role), which names no field of the request
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     return (f"{param}: {message}" if param else message), param
+
+
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the schema documents at this path (Starlette's 405 names one route's only)."""
+    for template, operations in truthful_openapi(app)["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return {method.upper() for method in operations}
+    return set()
 
 
 def attach_engine(app: FastAPI, engine) -> object:
@@ -122,8 +134,12 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = exc.headers
+        allowed = allowed_methods(app, request.url.path) if exc.status_code == 405 else None
+        if allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
-                            headers=exc.headers)  # a 405's Allow
+                            headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

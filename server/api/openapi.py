@@ -1,15 +1,20 @@
 """/openapi.json as the server answers: FastAPI documents a body's validation failure as a 422 of
 its own shape, while this server answers 400 in OpenAI's error shape (api/errors.py); each route
-family lists the statuses it can answer, all in that shape; /metrics is Prometheus text."""
+family lists the statuses it can answer, all in that shape; the OpenAI routes' answers have their
+models (and SSE when streamed); /metrics is Prometheus text."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.api.protocol import ErrorResponse
+from server.api.protocol import CompletionEnvelope, ErrorResponse, ModelCard, ModelList
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# route -> the model of its 200 answer (the routes return plain JSON, so FastAPI cannot see it)
+ANSWERS = {"/v1/chat/completions": CompletionEnvelope, "/v1/completions": CompletionEnvelope,
+           "/v1/models": ModelList, "/v1/models/{model_id}": ModelCard}
+STREAMED = ("/v1/chat/completions", "/v1/completions")
 # path prefix -> the error statuses its routes answer (beyond the success)
 ROUTE_ERRORS = {
     "/v1/": {400: "Invalid request: a field, the context length, an adapter set",
@@ -29,8 +34,9 @@ def truthful_openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.update(components["ErrorResponse"].pop("$defs", {}))
+    for model in {ErrorResponse, *ANSWERS.values()}:
+        components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(components[model.__name__].pop("$defs", {}))
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path, operations in schema["paths"].items():
@@ -41,6 +47,15 @@ def truthful_openapi(app: FastAPI) -> dict:
             for status, description in errors.items():
                 responses[str(status)] = {"description": description,
                                           "content": {"application/json": {"schema": ERROR_REF}}}
+    for path, model in ANSWERS.items():
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+        if path in STREAMED:  # with `stream: true`: server-sent events (the schema is one event's, as
+            # OpenAPI before 3.2 has it): each `data:` an envelope in JSON, the last one [DONE]
+            content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"], "properties": {
+                "data": {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
+                                                         "contentSchema": content["application/json"]["schema"]}]}}}}
+        for operation in schema["paths"][path].values():
+            operation["responses"]["200"]["content"] = content
     schema["paths"]["/metrics"]["get"]["responses"]["200"] = {
         "description": "Prometheus text exposition format",
         "content": {"text/plain": {"schema": {"type": "string"}}}}

@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from server.routing.types import Composition, MergeStrategy
+
+T = TypeVar("T")
+
+
+def _json_number(v: object) -> object:
+    """A JSON number stays one: no `true` for 1 or `"5"` for 5 (pydantic's lax mode takes both), while
+    1.0 still counts as the integer 1, as JSON Schema says."""
+    if isinstance(v, (bool, str)):
+        raise ValueError("must be a JSON number")
+    return v
+
+
+JSONInt = Annotated[int, BeforeValidator(_json_number)]
+
+
+def json_int(**limits: int) -> object:
+    """JSONInt within limits, for an optional field: the limits must sit inside the Annotated, before
+    the validator, or the JSON schema carries pydantic's own `ge`/`le` names instead of `minimum`."""
+    return Annotated[int, Field(**limits), BeforeValidator(_json_number)]
+
+JSONFloat = Annotated[float, BeforeValidator(_json_number)]
+NonEmpty = Annotated[T, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
 
 
 class TextPart(BaseModel):
@@ -25,20 +57,9 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class MessageBase(BaseModel):
+    content: str | list[TextPart]
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
-    tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    @model_validator(mode="after")
-    def _tool_turns_answer_a_call(self) -> ChatMessage:
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a message with role `tool` needs the `tool_call_id` it answers")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant message carries `tool_calls`")
-        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -56,17 +77,43 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class SystemMessage(MessageBase):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(MessageBase):
+    role: Literal["user"]
+
+
+class AssistantTurn(MessageBase):
+    """An earlier answer in the history: text, tool calls, or both."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(MessageBase):
+    role: Literal["tool"]
+    tool_call_id: str  # the call it answers
+
+
+# One model per role, as OpenAI's schema has them: what a role needs is in the schema itself.
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class AdapterChoice(BaseModel):
     name: str
-    weight: float = Field(1.0, gt=0)
+    weight: JSONFloat = Field(1.0, gt=0)
 
 
 class MergeOptions(BaseModel):
     """Composition `merge`: a static merge of the request's adapters (PEFT's add_weighted_adapter)."""
 
     strategy: MergeStrategy = "linear"
-    density: float = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
-    seed: int = 0  # dare's random drop
+    density: JSONFloat = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
+    seed: JSONInt = 0  # dare's random drop
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for schema and function names
@@ -144,18 +191,18 @@ class SamplingFields(BaseModel):
         return data
 
     model: str = "auto"
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    max_tokens: json_int(ge=1) | None = None
+    temperature: JSONFloat = Field(1.0, ge=0, le=2)
+    top_p: JSONFloat = Field(1.0, gt=0, le=1)
+    seed: JSONInt | None = None  # any integer, as OpenAI takes it (the sampler folds it into 64 bits)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit: 4
+    n: JSONInt = Field(1, ge=1, le=1)  # one choice per request
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
     adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
-    top_k: int | None = Field(None, ge=1, le=16)  # adapters retrieval keeps for `auto` (DESIGN section 2)
+    top_k: json_int(ge=1, le=16) | None = None  # adapters retrieval keeps for `auto` (DESIGN 2)
     composition: Composition | None = None
     merge: MergeOptions | None = None
     ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
@@ -164,13 +211,6 @@ class SamplingFields(BaseModel):
     @classmethod
     def _names_are_choices(cls, v: object) -> object:
         return [{"name": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return v
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -187,19 +227,20 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: json_int(ge=1) | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: json_int(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return v
 
     def forced_tools(self) -> list[Tool] | None:
         """The tools the answer must call (tool_choice `required` or a named function), else None."""
@@ -216,9 +257,10 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     # text, texts, or token ids (one prompt or many), as OpenAI takes them (lm-eval sends ids)
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(min_length=1)
+    prompt: (NonEmpty[str] | NonEmpty[list[NonEmpty[str]]] | NonEmpty[list[TokenId]]
+             | NonEmpty[list[NonEmpty[list[TokenId]]]])
     echo: StrictBool = False
-    logprobs: int | None = Field(None, ge=0, le=5)  # 0: the tokens' own logprobs, no alternatives
+    logprobs: json_int(ge=0, le=5) | None = None  # 0: the tokens' own logprobs, no alternatives
 
     def token_limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for /v1/completions

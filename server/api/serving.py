@@ -48,11 +48,9 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
 
 def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int,
                     grammar: str | None = None) -> SamplingParams:
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     window = client.max_model_len
     max_tokens = body.token_limit() or window - num_prompt_tokens
-    if num_prompt_tokens + max_tokens > window:
+    if num_prompt_tokens + max(max_tokens, 1) > window:  # (a prompt that fills the window leaves no room)
         raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
                             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
                             f"{max_tokens} in the completion).", param="messages", code="context_length_exceeded")

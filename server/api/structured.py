@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import llguidance
 
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
+from server.api.protocol import (
+    AssistantTurn,
+    ChatCompletionRequest,
+    FunctionCall,
+    MessageBase,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolMessage,
+)
 
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -155,16 +164,16 @@ def template_messages(body: ChatCompletionRequest, chat_template: str | None) ->
     return [{"role": "system", "content": told}, *messages], None
 
 
-def _template_message(m: ChatMessage, native: bool) -> dict:
+def _template_message(m: MessageBase, native: bool) -> dict:
     role = "system" if m.role == "developer" else m.role
     out = {"role": role, "content": m.text()}
-    if m.tool_calls:
+    if isinstance(m, AssistantTurn) and m.tool_calls:
         calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
         if native:
             out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
         else:  # the calls as the model would have written them
             out["content"] = (out["content"] + "\n" if out["content"] else "") + json.dumps(calls)
-    if m.tool_call_id and native:
+    if isinstance(m, ToolMessage) and native:
         out["tool_call_id"] = m.tool_call_id
     return out
 

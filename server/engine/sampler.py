@@ -18,7 +18,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(seed % (1 << 64))  # what manual_seed takes; equal seeds stay equal
     return g
 
 

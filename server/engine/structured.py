@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.errors import InvalidRequest
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarMatchers:
@@ -50,8 +49,12 @@ def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None
     bitmask = torch.empty(len(rows), (V + 31) // 32, dtype=torch.int32)  # bit b of word w: token 32 w + b
     for j, i in enumerate(rows):
         matchers[i].unsafe_compute_mask_ptr(bitmask[j].data_ptr(), bitmask.shape[1] * 4)
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :V].bool()  # [R, V]
+    # little-endian bytes unpack in token order; 0/1 bytes read as bools without a copy
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]
+    allowed = torch.from_numpy(bits).view(torch.bool).to(logits.device)  # [R, V]
+    if len(rows) == len(matchers):
+        return torch.where(allowed, logits, float("-inf"))
     masked = logits.clone()
     index = torch.tensor(rows, device=logits.device)
-    masked[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    masked[index] = torch.where(allowed, logits[index], float("-inf"))
     return masked

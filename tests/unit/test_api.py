@@ -11,7 +11,7 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine, QueueFullError
 from server.engine.request import SamplingParams
-from tests.unit.helpers import engine_for, tiny_hf_model
+from tests.unit.helpers import engine_for, live_server, tiny_hf_model
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -111,6 +111,14 @@ def test_error_mapping(tiny_engine):
         r = client.get("/v1/chat/completions", headers=auth)
         assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
         assert client.get("/health").status_code == 200  # still serving
+
+
+def test_a_405_allows_every_method_of_its_path(tiny_engine):
+    engine = tiny_engine()
+    with TestClient(create_app(Settings(admin_token="t"), lambda: engine)) as client:
+        r = client.request("OPTIONS", "/admin/adapters/x", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
+        assert client.put("/admin/adapters", headers={"Authorization": "Bearer t"}).headers["allow"] == "GET, POST"
 
 
 def test_queue_full_is_refused_at_submission(tiny_engine):
@@ -244,8 +252,6 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
     import socket
     import time
 
-    import uvicorn
-
     engine = tiny_engine(max_model_len=256)
     step = engine.step
 
@@ -254,21 +260,11 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
         return step()
 
     monkeypatch.setattr(engine, "step", slow_step)
-    app = create_app(Settings(), lambda: engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with live_server(create_app(Settings(), lambda: engine)) as url:
         deadline = time.perf_counter() + 60
-        while not server.started or app.state.engine is None:  # listening, and the engine attached
-            assert time.perf_counter() < deadline, "the server did not start"
-            time.sleep(0.05)
         body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, ' \
                b'"ignore_eos": true}'
-        with socket.create_connection(("127.0.0.1", port)) as conn:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
             conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while not engine.has_unfinished():
@@ -278,9 +274,6 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
         while engine.has_unfinished() and time.perf_counter() - gone < 2.0:
             time.sleep(0.02)
         assert not engine.has_unfinished(), "the request ran on after its client left"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):

@@ -178,7 +178,7 @@ def test_a_conversation_with_tool_turns_is_served(client):
                                                                  "schema": {"not": {"type": "string"}}}}},
      "response_format.json_schema.schema", "not"),
     ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0", "tool_call_id"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id", "required"),
 ])
 def test_bad_structured_requests_are_clear_400s(client, body, param, words):
     r = chat(client, **body)
