@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,7 @@ class Metrics:
     def __init__(self, adapter_label_limit: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         self.requests = Counter("mole_http_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
         self.latency = Histogram("mole_request_latency_seconds", "End-to-end latency of a generation request",
