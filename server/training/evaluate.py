@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import Settings
-from server.library.store import adapter_dirs
+from server.library.store import adapter_dirs, read_card
 from server.training.tasks import TASKS
 from server.training.train_adapter import build_chat
 
@@ -120,9 +120,12 @@ def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, 
         return list(pool.map(ask, items))
 
 
-def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library: set[str]) -> dict[str, dict]:
+def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library: set[str],
+                   adapter_tasks: dict[str, str] | None = None) -> dict[str, dict]:
     """mode -> task -> exact-match accuracy, the in- and out-of-domain means (over tasks), and for
-    the retrieval modes the in-domain share whose top adapter is the task's own."""
+    the retrieval modes the in-domain share whose top adapter is the task's own (adapter_tasks:
+    adapter -> the task its card names, so a task's MELoRA twin counts as its own too)."""
+    adapter_tasks = adapter_tasks or {}
     table: dict[str, dict] = {}
     for mode, preds in answers.items():
         hits: dict[str, list[bool]] = {}
@@ -135,7 +138,8 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
             if tasks and not (mode == "oracle" and domain == "out"):
                 row[f"mean_{domain}_domain"] = sum(per_task[t] for t in tasks) / len(tasks)
         if mode in (*RETRIEVAL_MODES, "router"):
-            own = [p.top_adapter == i.task for i, p in zip(items, preds) if i.task in library]
+            own = [adapter_tasks.get(p.top_adapter, p.top_adapter) == i.task for i, p in zip(items, preds)
+                   if i.task in library]
             row["top1_is_own_adapter"] = sum(own) / len(own)
         if mode == "oracle":
             row = {t: v for t, v in row.items() if t in library or t.startswith("mean_in")}
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         def answer(mode: str) -> list[Answer]:
             return engine_answers(engine, items, mode, args.max_tokens, library)
 
-    table = accuracy_table(items, {mode: answer(mode) for mode in args.modes}, library)
+    adapter_tasks = {name: read_card(path).get("task") for name, path in adapter_dirs(settings.adapters_dir).items()}
+    table = accuracy_table(items, {mode: answer(mode) for mode in args.modes}, library, adapter_tasks)
     text = markdown(table)
     print(text)
     out = Path(args.out)

@@ -306,11 +306,12 @@ def inject_moe_kind(model, opts: TrainOptions, base_model_name: str):
 
 def library_table(store_dir: Path) -> str:
     """Markdown table of every card under store_dir (one row per adapter folder)."""
-    rows = ["| adapter | task | family | base acc | adapter acc | steps | train time (s) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| adapter | kind | task | family | base acc | adapter acc | steps | train time (s) |",
+            "|---|---|---|---|---|---|---|---|"]
     for card_path in sorted(Path(store_dir).glob("*/card.json")):
         c = json.loads(card_path.read_text())
-        rows.append(f"| {c['name']} | {c['description']} | {c['family']} | {c['base_accuracy']:.0%} "
+        rows.append(f"| {c['name']} | {c.get('kind', 'lora')} | {c['description']} | {c['family']} "
+                    f"| {c['base_accuracy']:.0%} "
                     f"| {c['adapter_accuracy']:.0%} | {c['steps']} | {c['wall_time_s']:.0f} |")
     return "\n".join(rows)
 
@@ -319,7 +320,10 @@ def write_library_readme(store_dir: Path) -> None:
     text = (
         "# adapters_store\n\n"
         "Task LoRAs trained on the base model by `mole-serve train-adapter --all` "
-        "(server/training/train_adapter.py; tasks in server/training/tasks.py). Accuracy is exact match "
+        "(server/training/train_adapter.py; tasks in server/training/tasks.py), MELoRA twins of the four "
+        "hardest tasks (`-melora`: 8 mini LoRAs of rank 1, 1/8 of the LoRA's parameters; retrieval may "
+        "pick either twin for their task) and two mixtures of LoRA experts over all tasks (`multitask-*`, "
+        "by name only). Accuracy is exact match "
         "with greedy decoding on held-out inputs and held-out phrasings; each folder's card.json has the "
         "training config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
         "Beside the adapters: `retriever/`, the retrieval projection (`mole-serve train-retriever`), and "

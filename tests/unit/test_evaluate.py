@@ -26,6 +26,9 @@ def test_eval_set_is_mixed_deterministic_and_scored_fairly():
     assert 0.3 < select["mean_in_domain"] < 0.7 and 0.3 < select["mean_out_domain"] < 0.7
     own = sum(i.task == "int_to_roman" for i in items if i.task in library) / 100
     assert select["top1_is_own_adapter"] == own
+    twin = [Answer(i.answer, "int_to_roman-melora") for i in items]  # a task's MELoRA twin is its own adapter
+    twins = accuracy_table(items, {"select": twin}, library, {"int_to_roman-melora": "int_to_roman"})
+    assert twins["select"]["top1_is_own_adapter"] == own
     text = markdown(table)
     assert text.splitlines()[0] == "| task | oracle | select |" and "| mean_in_domain | 100% |" in text
     assert "| count_vowels | - |" in text  # no oracle for a task without an adapter
