@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from server.config import Settings
+from server.library.store import adapter_dirs, read_card
 from server.routing import retriever as retriever_mod
 from server.routing.retriever import (
     FINGERPRINT_TEXT,
@@ -52,6 +53,12 @@ def shipped(embedder: Embedder) -> Retriever:
     return r
 
 
+@pytest.fixture(scope="module")
+def task_of() -> dict[str, str]:
+    """adapter name -> the task its card names; a task's MELoRA twin counts as its own adapter."""
+    return {name: read_card(path).get("task") for name, path in adapter_dirs(Settings().adapters_dir).items()}
+
+
 def copy_of(r: Retriever) -> Retriever:
     """A fresh retriever with the same keys (no re-embedding)."""
     out = Retriever(r.embedder)
@@ -84,19 +91,19 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
         retriever_mod.default_embedder_path()
 
 
-def test_task_prompts_retrieve_their_adapter(shipped: Retriever) -> None:
+def test_task_prompts_retrieve_their_adapter(shipped: Retriever, task_of: dict[str, str]) -> None:
     # the cards hold train-split prompts of seed 0: seed 1 draws new inputs, and the eval split
     # also uses phrasings no card has seen
     prompts, labels = [], []
-    for name in shipped.names:
+    for task in sorted({task_of[name] for name in shipped.names}):
         for split in ("train", "eval"):
-            for prompt, _ in TASKS[name].examples(split, 15, seed=1):
+            for prompt, _ in TASKS[task].examples(split, 15, seed=1):
                 prompts.append(prompt)
-                labels.append(name)
+                labels.append(task)
     hits = shipped.search(prompts, k=3)
-    top1 = np.mean([h[0][0] == y for h, y in zip(hits, labels)])
+    top1 = np.mean([task_of[h[0][0]] == y for h, y in zip(hits, labels)])
     assert top1 >= 0.95, top1
-    assert all(y in [n for n, _ in h] for h, y in zip(hits, labels))  # top-3 always has it
+    assert all(y in [task_of[n] for n, _ in h] for h, y in zip(hits, labels))  # top-3 always has it
     assert all(h == sorted(h, key=lambda x: -x[1]) for h in hits)
 
 
@@ -104,18 +111,20 @@ def test_general_chat_gets_no_adapter(shipped: Retriever) -> None:
     assert shipped.search(GENERAL, k=3, floor=Settings().retrieval_floor) == [[], [], []]
 
 
-def eval_top1(r: Retriever, per_task: int = 20) -> float:
-    """Top-1 accuracy on held-out inputs and phrasings (the tasks' eval split)."""
-    prompts = {name: [p for p, _ in TASKS[name].examples("eval", per_task)] for name in r.names}
+def eval_top1(r: Retriever, task_of: dict[str, str], per_task: int = 20) -> float:
+    """Top-1 accuracy (the task's own adapter or its twin) on held-out inputs and phrasings (the
+    tasks' eval split)."""
+    prompts = {task: [p for p, _ in TASKS[task].examples("eval", per_task)]
+               for task in sorted({task_of[name] for name in r.names})}
     hits = r.search([p for ps in prompts.values() for p in ps], k=1)
-    labels = [name for name, ps in prompts.items() for _ in ps]
-    return float(np.mean([h[0][0] == y for h, y in zip(hits, labels)]))
+    labels = [task for task, ps in prompts.items() for _ in ps]
+    return float(np.mean([task_of[h[0][0]] == y for h, y in zip(hits, labels)]))
 
 
 def test_shipped_projection_beats_the_plain_encoder_on_held_out_phrasings(
-        shipped: Retriever, embedder: Embedder) -> None:
+        shipped: Retriever, embedder: Embedder, task_of: dict[str, str]) -> None:
     plain = Retriever.from_store(Settings(), embedder=embedder)
-    before, after = eval_top1(plain), eval_top1(shipped)
+    before, after = eval_top1(plain, task_of), eval_top1(shipped, task_of)
     assert after >= 0.98 and after > before, (before, after)
 
 
@@ -181,10 +190,12 @@ def test_projection_trained_without_a_task_still_retrieves_it(embedder: Embedder
 
 def test_remove_then_search_never_returns_it(shipped: Retriever) -> None:
     r = copy_of(shipped)
+    twin = "add_3digit-melora"  # the same card: removed too, so that add_3digit's prompts find neither
+    r.remove(twin)
     prompts = [p for p, _ in TASKS["add_3digit"].examples("train", 10, seed=2)]
     assert r.search(prompts, k=1)[0][0][0] == "add_3digit"
     assert r.remove("add_3digit") and not r.remove("add_3digit")
-    assert "add_3digit" not in r and len(r) == len(shipped) - 1 and r.index.ntotal == len(r)
+    assert "add_3digit" not in r and len(r) == len(shipped) - 2 and r.index.ntotal == len(r)
     for hits in r.search(prompts, k=len(shipped), floor=-1.0):
         assert hits and "add_3digit" not in [n for n, _ in hits]
     r.set_key("add_3digit", shipped.key("add_3digit"))  # back again, under a new id
