@@ -27,11 +27,19 @@ class Settings(BaseSettings):
     )
 
     # --- scheduling ---
-    max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
+    max_num_seqs: int = Field(
+        256, ge=1, description="Most sequences in the running batch; KV blocks admit them (see kv_cache_mb).")
     max_num_batched_tokens: int = Field(
         512, ge=16, description="Token budget of one step: decode tokens plus prefill chunks."
     )
     max_model_len: int = Field(2048, ge=16, description="Most tokens (prompt + output) of one sequence.")
+    kv_block_size: int = Field(16, ge=1, description="Token positions per KV block.")
+    kv_cache_mb: int | None = Field(
+        None, ge=1, description="Memory of the KV block pool. None: 2048 on CPU (pages committed as blocks are "
+        "first written), 80% of the device memory free after loading on CUDA.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="The KV pool in blocks, overriding kv_cache_mb.")
+    enable_prefix_caching: bool = Field(
+        True, description="Share the KV of full blocks between requests with the same prefix and adapter set.")
     max_waiting: int = Field(
         256, ge=1, description="Most requests waiting for a place in the running batch before new ones get 429: "
         "up to max_num_seqs + max_waiting requests are in flight at once.")

@@ -24,3 +24,15 @@ def tokenizer(base_model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base_model_path)
+
+
+@pytest.fixture(scope="module")
+def gated_engine_parts(tmp_path_factory):
+    """A tiny model and four random adapters a0..a3 (tests/unit/test_gate.py's gated_engine)."""
+    from tests.unit.helpers import make_adapter, tiny_hf_model
+
+    hf = tiny_hf_model()
+    root = tmp_path_factory.mktemp("gated")
+    paths = {f"a{i}": make_adapter(hf, root / f"a{i}", seed=200 + i) for i in range(4)}
+    torch.manual_seed(5)
+    return hf, paths

@@ -27,8 +27,18 @@ class EngineCollector(Collector):
         s = engine.stats()
         yield GaugeMetricFamily("mole_requests_running", "Sequences in the running batch", s.running)
         yield GaugeMetricFamily("mole_requests_waiting", "Requests queued for admission", s.waiting)
-        yield GaugeMetricFamily("mole_kv_cache_usage_ratio", "Fraction of KV slots in use",
-                                s.kv_slots_used / s.kv_slots_total)
+        yield GaugeMetricFamily("mole_kv_cache_usage_ratio", "Fraction of KV blocks held by running sequences",
+                                s.kv_blocks_used / s.kv_blocks_total)
+        yield GaugeMetricFamily("mole_kv_blocks_used", "KV blocks held by running sequences", s.kv_blocks_used)
+        yield GaugeMetricFamily("mole_kv_blocks_total", "KV blocks in the pool", s.kv_blocks_total)
+        yield GaugeMetricFamily("mole_kv_cache_used_bytes", "KV memory held by running sequences",
+                                s.kv_blocks_used * s.kv_block_bytes)
+        yield CounterMetricFamily("mole_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                                  s.prefix_queried_tokens)
+        yield CounterMetricFamily("mole_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix "
+                                  "cache (hit rate: this over the queried tokens)", s.prefix_hit_tokens)
+        yield CounterMetricFamily("mole_preemptions", "Sequences preempted for KV blocks (recomputed later)",
+                                  s.preemptions)
         yield GaugeMetricFamily("mole_adapter_slots_used", "Adapters resident in device slots", s.lora_slots_used)
         yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", s.lora_slots_total)
         yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", s.adapter_loads)

@@ -150,9 +150,11 @@ class AsyncEngine:
         await self.run_in_engine(lambda engine: engine.remove_adapter(name))
 
     def stats(self) -> EngineStats:
-        sched, pool = self.engine.scheduler, self.engine.pool
-        return EngineStats(len(sched.running), len(sched.waiting), sched.kv_slots.num_used, sched.kv_slots.num_slots,
-                           pool.num_resident, pool.max_loras, pool.loads, pool.evictions)
+        sched, pool, kv = self.engine.scheduler, self.engine.pool, self.engine.kv
+        blocks = sched.blocks
+        return EngineStats(len(sched.running), len(sched.waiting), blocks.num_used, blocks.num_blocks,
+                           kv.block_bytes, blocks.stats.queried_tokens, blocks.stats.hit_tokens,
+                           blocks.stats.preemptions, pool.num_resident, pool.max_loras, pool.loads, pool.evictions)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

@@ -22,8 +22,12 @@ class EngineStats:
 
     running: int
     waiting: int
-    kv_slots_used: int
-    kv_slots_total: int
+    kv_blocks_used: int  # referenced by running sequences
+    kv_blocks_total: int
+    kv_block_bytes: int  # one block over all layers, K and V
+    prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # of those, served from it
+    preemptions: int
     lora_slots_used: int
     lora_slots_total: int
     adapter_loads: int

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.config import Settings
+from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.loader import resolve_base_model
@@ -32,6 +33,25 @@ from server.routing.selection import AdapterSelector
 from server.routing.types import AdapterRef, Chosen, Selection
 
 
+def kv_pool_blocks(settings: Settings, model: DecoderModel, max_model_len: int) -> int:
+    """How many KV blocks the pool holds (Settings.kv_cache_mb / num_kv_blocks)."""
+    per_block = KVCache.bytes_per_block(model.num_layers, settings.kv_block_size, model.num_kv_heads,
+                                        model.head_dim, model.dtype)
+    if settings.num_kv_blocks:
+        num_blocks = settings.num_kv_blocks
+    elif settings.kv_cache_mb:
+        num_blocks = (settings.kv_cache_mb << 20) // per_block
+    elif model.device.type == "cuda":
+        num_blocks = int(0.8 * torch.cuda.mem_get_info(model.device)[0]) // per_block
+    else:
+        num_blocks = (2048 << 20) // per_block
+    needed = -(-max_model_len // settings.kv_block_size)
+    if num_blocks < needed:
+        raise ValueError(f"the KV pool holds {num_blocks} blocks of {settings.kv_block_size} tokens; one sequence "
+                         f"of max_model_len {max_model_len} needs {needed}: raise kv_cache_mb")
+    return num_blocks
+
+
 class LLMEngine:
     def __init__(self, model: DecoderModel, tokenizer: PreTrainedTokenizerBase, settings: Settings,
                  catalog: Catalog | None = None) -> None:
@@ -40,12 +60,16 @@ class LLMEngine:
         self.model_name = Path(model.config.name_or_path or "base").name
         self.catalog = catalog or Catalog(AdapterStore(settings.adapters_dir), model.lora_spec(),
                                           settings.max_lora_rank, self.base_names, settings.min_card_examples)
-        self.kv = KVCache(model.num_layers, settings.max_num_seqs, model.num_kv_heads, self.max_model_len,
-                          model.head_dim, model.dtype, model.device)
+        num_blocks = kv_pool_blocks(settings, model, self.max_model_len)
+        self.kv = KVCache(model.num_layers, num_blocks, settings.kv_block_size, model.num_kv_heads, model.head_dim,
+                          model.dtype, model.device)
         self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device,
                              model.dtype, self.catalog.load)
-        self.scheduler = Scheduler(settings.max_num_seqs, settings.max_num_batched_tokens,
+        blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    self._acquire_adapters, self._release_adapters)
+        # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
+        self._versions: Counter[str] = Counter()
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
         self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
@@ -91,6 +115,7 @@ class LLMEngine:
         """Attach a trained router (refused if it was trained for another base model)."""
         base = Path(self.model.config.name_or_path or "base").name
         self.pool.attach_gate(load_gate(folder, GateConfig.for_base(base, self.model.lora_spec())))
+        self._versions[GATE_DIR] += 1
 
     def set_retriever(self, retriever) -> None:
         """Enable model `auto`: retrieval over the catalog's cards (a routing.retriever.Retriever)."""
@@ -107,12 +132,14 @@ class LLMEngine:
         on. An upload passes the weights and key it computed off the step thread."""
         weights = self.catalog.add(name, path, weights, key)
         self.pool.put(weights)
+        self._versions[name] += 1
         return weights
 
     def remove_adapter(self, name: str) -> None:
         """New requests stop selecting it at once; sequences running on it finish first."""
         self.catalog.remove(name)
         self.pool.forget(name)
+        self._versions[name] += 1
 
     # --- requests ---
     def make_sequence(
@@ -184,11 +211,9 @@ class LLMEngine:
         if not batch:
             return outputs
         tokens = iter(self.runner.run(batch))
-        for s in batch.scheduled:
-            samples = s.samples
-            s.seq.num_computed += s.num_tokens
-            if samples:
-                outputs.append(self._append(s.seq, *next(tokens)))
+        sampling = [s.seq for s in batch.scheduled if s.samples]
+        self.scheduler.advance(batch)
+        outputs += [self._append(seq, *next(tokens)) for seq in sampling]
         return outputs
 
     def fail_running(self, error: str) -> list[StepOutput]:
@@ -264,6 +289,9 @@ class LLMEngine:
                           len(seq.output_ids), error, seq.report(), seq.gate_entropy())
 
     def _acquire_adapters(self, seq: Sequence) -> bool:
+        # what the sequence's KV depends on besides its tokens: its adapters' versions and weights
+        seq.prefix_key = (tuple((a.name, self._versions[a.name], a.weight) for a in seq.adapters),
+                          self._versions[GATE_DIR] if seq.gated else None)
         if not seq.adapters:
             return True
         slots = self.pool.acquire([a.name for a in seq.adapters])

@@ -158,8 +158,9 @@ class DecoderModel:
             q, k, v = qkv.split([H * hd, kvH * hd, kvH * hd], dim=-1)
             q = apply_rope(q.view(T, H, hd), cos, sin)
             k = apply_rope(k.view(T, kvH, hd), cos, sin)
-            kv.write(i, k, v.view(T, kvH, hd), meta)
-            attn = kv.attend(i, q, meta)  # [T, H hd]
+            v = v.view(T, kvH, hd)
+            kv.write(i, k, v, meta)
+            attn = kv.attend(i, q, k, v, meta)  # [T, H hd]
             o = w.o(attn)
             if lora is not None:
                 lora.apply(i, "o", attn, o, weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from server.errors import InvalidRequest, MoleError
@@ -76,7 +77,11 @@ class Sequence:
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    kv_slot: int | None = None  # its row of the KV cache while it runs
+    # Its KV blocks in position order while it runs (block_manager.py), the hashes of the full
+    # computed ones, and what its KV depends on besides the tokens (its adapter set, see engine).
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    prefix_key: Hashable = ()
     # The lora slots of its adapters (pool residency), filled when the pool makes them resident.
     lora_slots: tuple[int, ...] = ()
     selection: Selection | None = None  # None: `chosen` is final; else the engine resolves it

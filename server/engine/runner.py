@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.kv_cache import AttentionMetadata, KVCache
+from server.engine.kv_cache import AttentionMetadata, KVCache, PrefillChunk, block_slots
 from server.engine.model import DecoderModel
 from server.engine.request import Logprob, SamplingParams, Sequence
 from server.engine.sampler import logprobs_of, make_generator, sample
@@ -67,7 +67,7 @@ class ModelRunner:
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """float32 logits [N, V] of the sequences that sample this step, in batch order."""
         scheduled = batch.scheduled
-        ids, positions, kv_slots, sample_rows, prompt_rows = [], [], [], [], []
+        ids, sample_rows, prompt_rows = [], [], []
         for s in scheduled:
             start = s.seq.num_computed
             if s.seq.sampling.prompt_logprobs is not None and start < s.seq.num_prompt_tokens:
@@ -75,12 +75,10 @@ class ModelRunner:
                 predicted = min(s.num_tokens, s.seq.num_prompt_tokens - 1 - start)
                 prompt_rows.append((s.seq, start, list(range(len(ids), len(ids) + predicted))))
             ids += s.seq.token_ids[start : start + s.num_tokens]
-            positions += range(start, start + s.num_tokens)
-            kv_slots += [s.seq.kv_slot] * s.num_tokens
             if s.samples:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
-        meta = self.attention_metadata(batch, torch.tensor(kv_slots, device=dev), torch.tensor(positions, device=dev))
+        meta = self.attention_metadata(batch)
         native = [self._native(s.seq) for s in scheduled]
         expert_slots = [self._expert_slot(s.seq) for s in scheduled]
         lora = self.lora_context([((), ()) if nat or ex else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
@@ -88,7 +86,7 @@ class ModelRunner:
                                  [s.num_tokens for s in scheduled], len(batch.decode),
                                  [s.seq.gated for s in scheduled], native=native, expert_slots=expert_slots)
         extra_rows = [r for _, _, rows in prompt_rows for r in rows]
-        logits = self.model.forward(torch.tensor(ids, device=dev), meta.write_positions, self.kv, meta,
+        logits = self.model.forward(torch.tensor(ids, device=dev), meta.positions, self.kv, meta,
                                     torch.tensor(sample_rows + extra_rows, dtype=torch.long, device=dev), lora)
         logits, extra = logits[: len(sample_rows)], logits[len(sample_rows) :]
         for seq, start, rows in prompt_rows:
@@ -159,18 +157,16 @@ class ModelRunner:
         KV cache (the serving one is left alone), every set gated by `gate` (if given) on the
         dense path. rows: which of the flattened tokens' logits to return. Autograd follows the
         caller's mode: train-gate differentiates through the gate."""
-        model, dev = self.model, self.device
-        kv = KVCache(model.num_layers, len(prompts), model.num_kv_heads, max(map(len, prompts)),
-                     model.head_dim, model.dtype, dev)
-        seqs = []
-        for kv_slot, ids in enumerate(prompts):
+        model, dev, bs = self.model, self.device, self.kv.block_size
+        seqs, next_block = [], 0
+        for ids in prompts:  # each prompt on blocks of its own in a pool just big enough
             seq = Sequence(ids, SamplingParams())
-            seq.kv_slot = kv_slot
+            seq.block_table = list(range(next_block, next_block + -(-len(ids) // bs)))
+            next_block += len(seq.block_table)
             seqs.append(seq)
+        kv = KVCache(model.num_layers, next_block, bs, model.num_kv_heads, model.head_dim, model.dtype, dev)
         batch = Batch([], [ScheduledSeq(seq, len(seq.token_ids)) for seq in seqs])
-        positions = torch.cat([torch.arange(len(ids)) for ids in prompts]).to(dev)
-        kv_slots = torch.cat([torch.full((len(ids),), i) for i, ids in enumerate(prompts)]).to(dev)
-        meta = self.attention_metadata(batch, kv_slots, positions)
+        meta = self.attention_metadata(batch)
         lora_slots = [self.pool.acquire(names) for names, _ in adapter_sets]
         try:
             lora = self.lora_context([(s, w) for s, (_, w) in zip(lora_slots, adapter_sets)],
@@ -182,7 +178,7 @@ class ModelRunner:
         if lora is not None and lora.stats is not None and keep_layer_weights:
             lora.stats.layer_weights = []
         ids = torch.tensor([t for p in prompts for t in p], device=dev)
-        logits = model.forward(ids, positions, kv, meta, rows, lora)
+        logits = model.forward(ids, meta.positions, kv, meta, rows, lora)
         return PrefillOutput(logits, lora.stats if lora is not None else None)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
@@ -192,31 +188,34 @@ class ModelRunner:
             self._generators[seq.request_id] = make_generator(seq.sampling.seed)
         return self._generators[seq.request_id]
 
-    def attention_metadata(self, batch: Batch, kv_slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
-        dev = self.device
+    def attention_metadata(self, batch: Batch) -> AttentionMetadata:
+        """Each scheduled token's pool slot and position, and what each attends to, from the
+        sequences' block tables."""
+        dev, bs = self.device, self.kv.block_size
         group = self.model.num_heads // self.model.num_kv_heads
-        decode_kv_slots = [s.seq.kv_slot for s in batch.decode]
-        lens = [s.seq.num_computed + 1 for s in batch.decode]
-        max_len = max(lens, default=0)
-        contiguous = bool(decode_kv_slots) and decode_kv_slots == list(range(decode_kv_slots[0],
-                                                                              decode_kv_slots[-1] + 1))
+        decode = [s.seq for s in batch.decode]
+        lens = [seq.num_computed + 1 for seq in decode]  # each attends to its past and itself
+        decode_slots = block_slots([seq.block_table for seq in decode], bs, dev)[:, : max(lens, default=0)].contiguous()
+        lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
         mask = None
-        if lens and min(lens) != max_len:
-            lens_t = torch.tensor(lens, device=dev)
-            mask = (torch.arange(max_len, device=dev)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, max_len)
+        if lens and min(lens) != max(lens):
+            mask = (torch.arange(max(lens), device=dev)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, -1)
+        slot_mapping = [decode_slots[torch.arange(len(lens), device=dev), lens_t - 1]]  # the new token's
+        positions = [lens_t - 1]
         prefill = []
         for s in batch.prefill:
             start, n = s.seq.num_computed, s.num_tokens
+            slots = block_slots([s.seq.block_table], bs, dev)[0, : start + n]
+            slot_mapping.append(slots[start:])
+            positions.append(torch.arange(start, start + n, device=dev))
             # Query row i (position start+i) sees keys 0..start+i; repeated for the G heads of a group.
             causal = torch.arange(start + n, device=dev)[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
-            prefill.append((s.seq.kv_slot, start, n, causal.repeat(group, 1)))
+            prefill.append(PrefillChunk(start, n, slots if start else None, causal.repeat(group, 1)))
         return AttentionMetadata(
-            write_kv_slots=kv_slots,
-            write_positions=positions,
-            num_decode=len(batch.decode),
-            decode_kv_slots=torch.tensor(decode_kv_slots, dtype=torch.long, device=dev),
-            decode_kv_range=(decode_kv_slots[0], decode_kv_slots[-1] + 1) if contiguous else None,
-            decode_max_len=max_len,
+            slot_mapping=torch.cat(slot_mapping),
+            positions=torch.cat(positions),
+            num_decode=len(decode),
+            decode_slots=decode_slots,
             decode_mask=mask,
             prefill=prefill,
         )

@@ -1,8 +1,12 @@
 """Which sequences run in the next step, and how many tokens each. Pure Python: no torch here.
 
-Every running sequence owns one KV slot (a row of max_model_len positions), so admission never
-over-commits memory and nothing is ever preempted. A step takes every decoding sequence (one
-token each) and then prefill chunks, oldest first, until the token budget is spent.
+KV memory is admitted by blocks (block_manager.py): a waiting sequence enters the batch when
+the free blocks cover its known tokens (less what the prefix cache already holds) and its
+adapters can be made resident. A step takes every decoding sequence (one token each), then
+prefill chunks, oldest first, until the token budget is spent. When a decoding sequence needs a
+new block and none is free, the newest running sequence is preempted: its blocks go back (its
+full blocks stay cached) and it waits at the head of the queue to be recomputed, so a request
+never fails for lack of KV memory.
 """
 
 from __future__ import annotations
@@ -11,30 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.engine.block_manager import BlockManager
 from server.engine.request import FinishReason, Sequence, SequenceStatus
-
-
-class SlotAllocator:
-    """Free list of KV slots; always hands out the lowest free one so the running batch stays
-    packed at the start of the cache (a contiguous slice needs no gather)."""
-
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self._free = set(range(num_slots))
-
-    def allocate(self) -> int | None:
-        if not self._free:
-            return None
-        slot = min(self._free)
-        self._free.remove(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        self._free.add(slot)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_slots - len(self._free)
 
 
 @dataclass
@@ -50,8 +32,8 @@ class ScheduledSeq:
 
 @dataclass
 class Batch:
-    decode: list[ScheduledSeq]  # one token each, sorted by KV slot
-    prefill: list[ScheduledSeq]  # chunks of prompts
+    decode: list[ScheduledSeq]  # one token each
+    prefill: list[ScheduledSeq]  # chunks of prompts (or of a preempted sequence's tokens)
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -68,18 +50,19 @@ class Batch:
 class Scheduler:
     def __init__(
         self,
+        blocks: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         acquire_adapters: Callable[[Sequence], bool] = lambda seq: True,
         release_adapters: Callable[[Sequence], None] = lambda seq: None,
     ) -> None:
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.kv_slots = SlotAllocator(max_num_seqs)
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         # Adapter residency is the pool's business; these hooks pin and unpin a sequence's set.
         self._acquire_adapters = acquire_adapters
         self._release_adapters = release_adapters
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # oldest first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -90,44 +73,67 @@ class Scheduler:
     def schedule(self) -> Batch:
         budget = self.max_num_batched_tokens
         decode, prefill = [], []
-        for seq in self.running:
-            if seq.num_uncomputed == 1 and budget > 0:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.num_uncomputed == 1:
+                while not self.blocks.can_append(seq, 1) and seq in self.running:
+                    self._preempt(self.running[-1])
+                if seq not in self.running:  # it was the newest
+                    break
+                self.blocks.append(seq, 1)
                 decode.append(ScheduledSeq(seq, 1))
                 budget -= 1
-        for seq in self.running:
+            i += 1
+        for seq in self.running:  # admission gave them blocks for all their known tokens
             if seq.num_uncomputed > 1 and budget > 0:
                 n = min(seq.num_uncomputed, budget)
                 prefill.append(ScheduledSeq(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and self._admit(self.waiting[0]):
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             n = min(seq.num_uncomputed, budget)
             prefill.append(ScheduledSeq(seq, n))
             budget -= n
-        decode.sort(key=lambda s: s.seq.kv_slot)
         return Batch(decode, prefill)
 
+    def advance(self, batch: Batch) -> None:
+        """After the step ran: its tokens are computed; full blocks join the prefix cache."""
+        for s in batch.scheduled:
+            s.seq.num_computed += s.num_tokens
+            self.blocks.commit(s.seq)
+
     def _admit(self, seq: Sequence) -> bool:
-        slot = self.kv_slots.allocate()
-        if slot is None:
+        if not self._acquire_adapters(seq):  # first: the adapter set is part of the prefix key
             return False
-        if not self._acquire_adapters(seq):
-            self.kv_slots.free(slot)
+        if not self.blocks.allocate(seq):
+            self._release_adapters(seq)
             return False
-        seq.kv_slot = slot
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
 
+    def _preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue, to be recomputed from its tokens (prompt + output so far)."""
+        self._stop_running(seq)
+        seq.num_computed = 0
+        seq.gate_sums, seq.gate_count = [], 0  # recomputing sums them again
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.blocks.stats.preemptions += 1
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        self._release_adapters(seq)
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence wherever it is and free its KV slot and adapter pins at once."""
+        """End a sequence wherever it is and free its KV blocks and adapter pins at once."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-            self.kv_slots.free(seq.kv_slot)
-            self._release_adapters(seq)
-            seq.kv_slot = None
+            self._stop_running(seq)
         else:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -298,7 +298,7 @@ def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, 
 
     folder = AdapterStore(tmp_path)
     folder.commit("alpha", files).finish()
-    engine = engine_for(hf, tokenizer, max_num_seqs=1)  # one KV slot: the second request waits
+    engine = engine_for(hf, tokenizer, max_num_seqs=1)  # a batch of one: the second request waits
     engine.add_adapter("alpha", tmp_path / "alpha")
     running = engine.add_request([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()

@@ -138,7 +138,7 @@ def test_queue_full_is_refused_at_submission(tiny_engine):
                 if not aeng.engine.has_unfinished():
                     break
                 await asyncio.sleep(0.02)
-            assert not aeng.engine.has_unfinished() and aeng.engine.scheduler.kv_slots.num_used == 0
+            assert not aeng.engine.has_unfinished() and aeng.engine.scheduler.blocks.num_used == 0
         finally:
             aeng.shutdown()
 

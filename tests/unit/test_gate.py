@@ -13,7 +13,7 @@ from server.lora.batch import build_lora_batch
 from server.lora.gate import GateConfig, GateStats, MoLEGate
 from server.lora.stacks import GroupStack
 from server.routing.types import AdapterRef, Selection
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import engine_for
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44]]
 
@@ -70,15 +70,6 @@ def test_masking_renormalizes_over_the_remaining_candidates():
     assert torch.all(masked[:, 1] == 0)
     kept = full[:, [0, 2]]
     assert torch.allclose(masked[:, [0, 2]], kept / kept.sum(-1, keepdim=True), atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def gated_engine_parts(tmp_path_factory):
-    hf = tiny_hf_model()
-    root = tmp_path_factory.mktemp("gated")
-    paths = {f"a{i}": make_adapter(hf, root / f"a{i}", seed=200 + i) for i in range(4)}
-    torch.manual_seed(5)
-    return hf, paths
 
 
 def gated_engine(hf, paths, tokenizer, scale: float = 5.0, **settings):
