@@ -20,8 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,33 +28,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.common import machine, write_json
+from bench.common import REPO, machine, served, write_json
 from bench.throughput import TOPICS
 from server.library.store import ADAPTER_FILES, adapter_dirs
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def start_server(store: Path, token: str, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_ADMIN_TOKEN": token, "MOLE_ADAPTERS_DIR": str(store)}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env, cwd=REPO,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(log.read_text()[-3000:])
 
 
 class Operator:
@@ -203,12 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copytree(REPO / "adapters_store", store)
         library = [n for n in adapter_dirs(store) if n != args.source]
         shutil.rmtree(store / args.source)
-        proc, url = start_server(store, token, Path(tmp) / "server.log")
-        try:
-            results = asyncio.run(measure(url, token, args, library, proc.pid))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        env = {"MOLE_ADMIN_TOKEN": token, "MOLE_ADAPTERS_DIR": str(store)}
+        with served(env, Path(tmp) / "server.log") as (url, pid):
+            results = asyncio.run(measure(url, token, args, library, pid))
     idle, busy = results["idle"], results["under_load"]
     print(f"upload-to-first-served: first {results['first_upload_to_served_ms'][0]} ms; idle p50 "
           f"{idle['upload_to_served_p50_ms']} ms {idle['upload_to_served_ms']}; under load p50 "

@@ -5,15 +5,50 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from server.lora.kinds.base import TARGET_MODULES, LoRATargetSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
+    """`mole-serve serve` in a subprocess on a free loopback port with these MOLE_* settings;
+    yields (url, pid) once /health answers, stops it after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def cpu_model() -> str:

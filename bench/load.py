@@ -1,9 +1,13 @@
-"""Concurrent streaming clients over HTTP against a running server, then the same load against
-the engine in this process, so the HTTP overhead shows as a ratio.
+"""Concurrent streaming clients over HTTP, and the same load against the engine in this process
+(so the HTTP overhead shows as a ratio), with prefix caching on and off; then many short streams
+at once (admission by KV blocks); or, with --duration, a soak.
 
-    mole-serve serve &   # or make serve
-    python -m bench.load --url http://127.0.0.1:8000 --clients 32 --requests 128 --max-tokens 64 \
+    python -m bench.load --serve --clients 32 --requests 128 --max-tokens 64 --streams 256 \
         --out bench/results/load.json
+    python -m bench.load --serve --duration 600 --clients 64 --out bench/results/soak.json
+
+--serve starts `mole-serve serve` (the shipped store) on a free loopback port for each setting;
+--url measures a server you started instead (its settings as they are).
 """
 
 from __future__ import annotations
@@ -11,29 +15,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import machine, write_json
+from bench.common import machine, served, write_json
 from bench.throughput import TOPICS
+
+Timed = tuple[float, float | None, float, int]  # (start, first token, end, output tokens)
 
 
 def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (#{i})." for i in range(n)]
 
 
+def pct(xs: list[float], qs: tuple[int, ...] = (50, 95, 99)) -> dict:
+    return {f"p{q}": round(float(np.percentile(xs, q)) * 1000, 1) for q in qs} if xs else {}
+
+
 class Timing:
-    """TTFT, TPOT and latency of each request, plus the total output tokens and errors."""
+    """TTFT, TPOT and latency of each request, plus the total output tokens and errors by kind."""
 
     def __init__(self) -> None:
-        self.ttft, self.tpot, self.latency, self.tokens, self.errors = [], [], [], 0, 0
+        self.ttft, self.tpot, self.latency, self.tokens, self.errors = [], [], [], 0, Counter()
 
     def add(self, start: float, first: float | None, end: float, tokens: int) -> None:
         if first is None or tokens == 0:
-            self.errors += 1
+            self.errors["no tokens"] += 1
             return
         self.ttft.append(first - start)
         self.latency.append(end - start)
@@ -41,19 +58,43 @@ class Timing:
             self.tpot.append((end - first) / (tokens - 1))
         self.tokens += tokens
 
+    def failed(self, e: Exception) -> None:
+        self.errors[f"HTTP {e.response.status_code}" if isinstance(e, httpx.HTTPStatusError)
+                    else type(e).__name__] += 1
+
     def summary(self, wall: float) -> dict:
-        def pct(xs: list[float]) -> dict:
-            if not xs:
-                return {}
-            return {f"p{q}": round(float(np.percentile(xs, q)) * 1000, 1) for q in (50, 95, 99)}
-
         return {"ttft_ms": pct(self.ttft), "tpot_ms": pct(self.tpot), "latency_ms": pct(self.latency),
-                "output_tok_s": round(self.tokens / wall, 1), "requests": len(self.latency), "errors": self.errors,
-                "wall_s": round(wall, 2)}
+                "output_tok_s": round(self.tokens / wall, 1), "requests": len(self.latency),
+                "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors), "wall_s": round(wall, 2)}
 
 
-async def run_clients(n_clients: int, texts: list[str], one) -> tuple[Timing, float]:
-    """`n_clients` workers take prompts from a shared queue; one(text) -> (start, first, end, tokens)."""
+async def stream_chat(http: httpx.AsyncClient, text: str, max_tokens: int) -> Timed:
+    """One streamed chat completion with model `auto` (retrieval picks the adapters)."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, tokens = time.perf_counter(), None, 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    return start, first, time.perf_counter(), tokens
+
+
+async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
+    """The unlabeled samples of /metrics by name (counters as `<name>_total`)."""
+    text = (await http.get("/metrics")).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+async def run_clients(n_clients: int, texts: list[str], one: Callable[[str], Awaitable[Timed]]) -> tuple[Timing, float]:
+    """`n_clients` workers take prompts from a shared queue."""
     timing, queue = Timing(), asyncio.Queue()
     for t in texts:
         queue.put_nowait(t)
@@ -63,40 +104,54 @@ async def run_clients(n_clients: int, texts: list[str], one) -> tuple[Timing, fl
             text = queue.get_nowait()
             try:
                 timing.add(*await one(text))
-            except Exception:  # a failed request counts as an error, the load goes on
-                timing.errors += 1
+            except Exception as e:  # a failed request counts as an error, the load goes on
+                timing.failed(e)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(n_clients)))
     return timing, time.perf_counter() - start
 
 
-async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int, api_key: str | None) -> dict:
+def client_for(url: str, n_clients: int, api_key: str | None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=n_clients + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
-        async def one(text: str):
-            body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            start, first, tokens = time.perf_counter(), None, 0
-            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif first is None and chunk["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter()
-            return start, first, time.perf_counter(), tokens
-
-        await one(texts[0])  # warm-up
-        timing, wall = await run_clients(n_clients, texts, one)
-    return timing.summary(wall)
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
+                             limits=httpx.Limits(max_connections=n_clients + 8))
 
 
-def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict:
+async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int, api_key: str | None,
+                    sample_every: float = 0.5) -> dict:
+    """The load, with /metrics sampled meanwhile: the largest running batch and KV blocks held,
+    and the prefix cache's and preemption counters over the run."""
+    async with client_for(url, n_clients, api_key) as http:
+        await stream_chat(http, texts[0], max_tokens)  # warm-up
+        before, peaks, done = await scrape(http), Counter(), asyncio.Event()
+
+        async def sampler() -> None:
+            while not done.is_set():
+                m = await scrape(http)
+                for name in ("mole_requests_running", "mole_kv_blocks_used", "mole_kv_cache_used_bytes",
+                             "process_resident_memory_bytes"):
+                    peaks[name] = max(peaks[name], m.get(name, 0))
+                await asyncio.sleep(sample_every)
+
+        task = asyncio.create_task(sampler())
+        timing, wall = await run_clients(n_clients, texts, lambda t: stream_chat(http, t, max_tokens))
+        done.set()
+        await task
+        after = await scrape(http)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in
+             ("mole_prefix_cache_queried_tokens_total", "mole_prefix_cache_hit_tokens_total", "mole_preemptions_total")}
+    queried = delta["mole_prefix_cache_queried_tokens_total"]
+    return {**timing.summary(wall), "server": {
+        "prefix_hit_rate": round(delta["mole_prefix_cache_hit_tokens_total"] / queried, 3) if queried else 0.0,
+        "preemptions": int(delta["mole_preemptions_total"]), "peak_running": int(peaks["mole_requests_running"]),
+        "peak_kv_blocks_used": int(peaks["mole_kv_blocks_used"]),
+        "kv_blocks_total": int(after.get("mole_kv_blocks_total", 0)),
+        "peak_kv_used_mb": round(peaks["mole_kv_cache_used_bytes"] / 2**20, 1),
+        "peak_rss_mb": round(peaks["process_resident_memory_bytes"] / 2**20, 1)}}
+
+
+def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_caching: bool) -> dict:
     """The same clients against an AsyncEngine in this process, stepped on the main thread as
     `mole-serve serve` does, with the clients' event loop in a thread."""
     from server.__main__ import load_engine
@@ -104,12 +159,12 @@ def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict:
     from server.engine.async_engine import AsyncEngine
     from server.engine.request import SamplingParams
 
-    aeng = AsyncEngine(load_engine(Settings()))
+    aeng = AsyncEngine(load_engine(Settings(enable_prefix_caching=prefix_caching)))
     tokenizer = aeng.engine.tokenizer
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     loop, result = asyncio.new_event_loop(), {}
 
-    async def one(text: str):
+    async def one(text: str) -> Timed:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=True)["input_ids"]
         start, first, tokens = time.perf_counter(), None, 0
@@ -134,30 +189,118 @@ def engine_load(n_clients: int, texts: list[str], max_tokens: int) -> dict:
     return result
 
 
+async def timed_health(http: httpx.AsyncClient) -> float:
+    start = time.perf_counter()
+    (await http.get("/health")).raise_for_status()
+    return (time.perf_counter() - start) * 1e3
+
+
+async def soak(url: str, n_clients: int, duration: float, max_tokens: int, api_key: str | None,
+               big_prompt_mb: float) -> dict:
+    """Clients streaming back to back for `duration` s (8..max_tokens tokens each); every 10 s the
+    server's RSS and running batch, /health's latency, and /health's latency while a maximal
+    prompt (just under MOLE_MAX_REQUEST_MB) is being refused."""
+    texts, rng = prompts(1000), random.Random(0)
+    timing, samples = Timing(), []
+    deadline = time.perf_counter() + duration
+    big = {"model": "auto", "messages": [{"role": "user", "content": "word " * int(big_prompt_mb * 2**20 / 5)}]}
+    async with client_for(url, n_clients, api_key) as http:
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                try:
+                    timing.add(*await stream_chat(http, rng.choice(texts), rng.randint(8, max_tokens)))
+                except Exception as e:  # counted by kind, the load goes on
+                    timing.failed(e)
+
+        async def sampler() -> None:
+            t0 = time.perf_counter()
+            while time.perf_counter() < deadline:
+                m = await scrape(http)
+                health_ms = await timed_health(http)
+                refusal = asyncio.create_task(http.post("/v1/chat/completions", json=big))
+                await asyncio.sleep(0.005)  # the big body on its way
+                health_during_ms = await timed_health(http)
+                samples.append({"t_s": round(time.perf_counter() - t0, 1),
+                                "rss_mb": round(m.get("process_resident_memory_bytes", 0) / 2**20, 1),
+                                "running": m.get("mole_requests_running"),
+                                "kv_used_mb": round(m.get("mole_kv_cache_used_bytes", 0) / 2**20, 1),
+                                "health_ms": round(health_ms, 1),
+                                "health_during_big_prompt_ms": round(health_during_ms, 1),
+                                "big_prompt_status": (await refusal).status_code})
+                print(samples[-1], flush=True)
+                await asyncio.sleep(max(0.0, 10 - (time.perf_counter() - t0) % 10))
+
+        start = time.perf_counter()
+        await asyncio.gather(sampler(), *(client() for _ in range(n_clients)))
+        wall = time.perf_counter() - start
+    rss = [s["rss_mb"] for s in samples]
+    during = [s["health_during_big_prompt_ms"] for s in samples]
+    return {**timing.summary(wall), "samples": samples,
+            "rss_mb": {"first": rss[0], "max": max(rss), "last": rss[-1]} if rss else {},
+            "health_during_big_prompt_ms": {"p50": float(np.median(during)), "max": max(during)} if during else {}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running server")
+    where.add_argument("--serve", action="store_true", help="start the server for each setting (default)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=256, help="short streams at once (0: skip)")
+    ap.add_argument("--stream-tokens", type=int, default=16)
+    ap.add_argument("--duration", type=float, help="soak for this many seconds instead")
+    ap.add_argument("--big-prompt-mb", type=float, default=3.9, help="soak: the maximal prompt, under the body limit")
     ap.add_argument("--api-key")
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="mole-bench-load-"))
+
+    def server(**settings: str):
+        """(url, pid) of the server to load: ours with these settings, or --url's as it is."""
+        if args.url:
+            return nullcontext((args.url, None))
+        return served({f"MOLE_{k.upper()}": v for k, v in settings.items()}, tmp / "server.log")
+
+    if args.duration:
+        with server() as (url, _):
+            result = asyncio.run(soak(url, args.clients, args.duration, args.max_tokens, args.api_key,
+                                      args.big_prompt_mb))
+        print({k: v for k, v in result.items() if k != "samples"})
+        write_json(args.out, {**result, "config": vars(args), "machine": machine()})
+        return result
 
     texts = prompts(args.requests)
-    http = asyncio.run(http_load(args.url, args.clients, texts, args.max_tokens, args.api_key))
-    print("http      ", http, flush=True)
-    inproc = engine_load(args.clients, texts, args.max_tokens)
-    print("in-process", inproc, flush=True)
-    ratio = http["output_tok_s"] / inproc["output_tok_s"]
-    print(f"\nHTTP / in-process throughput: {ratio:.3f}")
-    print("| | tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | latency p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in (("http", http), ("in-process", inproc)):
-        print(f"| {name} | {r['output_tok_s']} | {r['ttft_ms'].get('p50')} | {r['ttft_ms'].get('p99')} | "
-              f"{r['tpot_ms'].get('p50')} | {r['latency_ms'].get('p99')} | {r['errors']} |")
-    results = {"http": http, "in_process": inproc, "ratios": {"http/in_process": round(ratio, 3)},
-               "config": vars(args), "machine": machine()}
+    results: dict = {"http": {}, "in_process": {}}
+    for prefix in ("on", "off") if not args.url else ("as served",):
+        with server(enable_prefix_caching=str(prefix == "on").lower()) as (url, _):
+            results["http"][prefix] = asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key))
+            print(f"http prefix caching {prefix}:", results["http"][prefix], flush=True)
+    for prefix in ("on", "off"):
+        results["in_process"][prefix] = engine_load(args.clients, texts, args.max_tokens, prefix == "on")
+        print(f"in-process prefix caching {prefix}:", results["in_process"][prefix], flush=True)
+    if args.streams:
+        with server() as (url, _):
+            results["streams"] = asyncio.run(http_load(url, args.streams, prompts(args.streams), args.stream_tokens,
+                                                       args.api_key, sample_every=0.2))
+        print(f"{args.streams} streams:", results["streams"], flush=True)
+
+    http, inproc = results["http"], results["in_process"]
+    head = next(iter(http))
+    results["ratios"] = {"http/in_process": round(http[head]["output_tok_s"] / inproc["on"]["output_tok_s"], 3)}
+    if "off" in http:
+        results["ratios"]["ttft_p50 on/off"] = round(http["on"]["ttft_ms"]["p50"] / http["off"]["ttft_ms"]["p50"], 3)
+        results["ratios"]["tok_s on/off"] = round(http["on"]["output_tok_s"] / http["off"]["output_tok_s"], 3)
+    print(f"\nratios: {results['ratios']}")
+    print("| run | prefix caching | tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | latency p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for where_, runs in (("http", http), ("in-process", inproc)):
+        for prefix, r in runs.items():
+            print(f"| {where_} | {prefix} | {r['output_tok_s']} | {r['ttft_ms'].get('p50')} | "
+                  f"{r['ttft_ms'].get('p95')} | {r['tpot_ms'].get('p50')} | {r['latency_ms'].get('p99')} | "
+                  f"{r['errors']} |")
+    results.update(config=vars(args), machine=machine())
     write_json(args.out, results)
     return results
 

@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/throughput.json")
     args = ap.parse_args(argv)
 
+    # prefix caching off: every scenario prefills its prompts as the first did (bench.load measures the cache)
     settings = Settings(device=args.device, max_num_seqs=args.requests, max_model_len=512,
-                        max_num_batched_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool)
+                        max_num_batched_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool,
+                        enable_prefix_caching=False)
     engine = LLMEngine.from_settings(settings)
     from server.engine.loader import resolve_base_model
 

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, description="Token positions per KV block.")
     kv_cache_mb: int | None = Field(
         None, ge=1, description="Memory of the KV block pool. None: 2048 on CPU (pages committed as blocks are "
-        "first written), 80% of the device memory free after loading on CUDA.")
+        "first written), kv_cache_fraction of the device memory free after loading the model on CUDA.")
+    kv_cache_fraction: float = Field(
+        0.5, gt=0, lt=1, description="CUDA: the share of free device memory the KV pool takes when kv_cache_mb is "
+        "unset (the rest stays for adapter slots, activations and the gathered adapters).")
     num_kv_blocks: int | None = Field(None, ge=1, description="The KV pool in blocks, overriding kv_cache_mb.")
     enable_prefix_caching: bool = Field(
         True, description="Share the KV of full blocks between requests with the same prefix and adapter set.")

@@ -42,7 +42,7 @@ def kv_pool_blocks(settings: Settings, model: DecoderModel, max_model_len: int) 
     elif settings.kv_cache_mb:
         num_blocks = (settings.kv_cache_mb << 20) // per_block
     elif model.device.type == "cuda":
-        num_blocks = int(0.8 * torch.cuda.mem_get_info(model.device)[0]) // per_block
+        num_blocks = int(settings.kv_cache_fraction * torch.cuda.mem_get_info(model.device)[0]) // per_block
     else:
         num_blocks = (2048 << 20) // per_block
     needed = -(-max_model_len // settings.kv_block_size)
