@@ -1,0 +1,97 @@
+"""The Triton backend without a GPU: every kernel under the Triton interpreter on CPU tensors against
+torch_ref (cases in triton_cases.py), every kernel compiled for sm_80 and sm_90 in a process
+without the interpreter, the same cases on CUDA when there is one, and bench/device_check.sh's
+dry run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The interpreter is chosen when @triton.jit decorates, i.e. when triton and the kernel module are
+# imported, and triton checks it again at launch: set for this whole process (the compile and CUDA
+# checks run in processes without it).
+os.environ["TRITON_INTERPRET"] = "1"
+from server.lora.backends.triton import TritonBackend, ops  # noqa: E402
+
+cases = importlib.import_module("tests.unit.triton_cases")
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernel module was imported before this test "
+                                "module, compiled: run this file in a process of its own")
+
+
+def _ids(case: tuple) -> str:
+    return "-".join(str(v).replace("torch.", "") for v in case)
+
+
+@pytest.mark.parametrize("case", cases.APPLY_CASES + cases.RANK_CASES, ids=_ids)
+def test_apply_matches_torch_ref(case):
+    group, rank, K, dense, dtype = case
+    cases.check_apply(group, rank, K, dense, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_gated_probe_group_matches_torch_ref(dense):
+    cases.check_gate(dense, "cpu")
+
+
+@pytest.mark.parametrize("case", cases.EXPERT_CASES, ids=_ids)
+def test_experts_match_torch_ref(case):
+    cases.check_experts(*case, device="cpu")
+
+
+@pytest.mark.parametrize("case", cases.BLOCK_CASES, ids=_ids)
+def test_melora_blocks_match_torch_ref(case):
+    cases.check_blocks(*case, device="cpu")
+
+
+def test_recorded_autograd_takes_the_torch_path():
+    """train-gate differentiates through the op: the kernels have no backward, so such a step runs
+    in torch and the gradient reaches the weights."""
+    stack = cases.random_stack("o", 4, torch.float32, "cpu", seed=3)
+    batch, counts = cases.random_batch(2, True, "cpu", torch.float32, seed=3)  # train-gate: dense
+    weights = batch.token_weights.clone().requires_grad_(True)
+    out = torch.zeros(sum(counts), stack.out_columns[-1][1])
+    TritonBackend().apply(torch.randn(sum(counts), cases.GROUPS["o"][0]), out, stack, batch, weights)
+    out.sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+def _without_interpreter() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_without_interpreter(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    """What the interpreter lets through (tl.dot shapes, dtypes, pointer casts) fails here."""
+    result = _run("-m", "tests.unit.triton_cases", "compile", timeout=300)
+    if result.returncode == 77:  # triton_compile's "cannot compile here" exit, with the reason
+        pytest.skip(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernels_match_torch_ref_on_cuda():
+    result = _run("-m", "tests.unit.triton_cases", "cuda", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_device_check_script_dry_run():
+    """bench/device_check.sh --dry-run: every command it would run on the GPU machine parses."""
+    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], cwd=ROOT, env=_without_interpreter(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bench.throughput" in result.stdout and "triton_cases cuda" in result.stdout
