@@ -5,7 +5,6 @@ dry run."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -15,37 +14,43 @@ import pytest
 import torch
 
 # The interpreter is chosen when @triton.jit decorates, i.e. when triton and the kernel module are
-# imported, and triton checks it again at launch: set for this whole process (the compile and CUDA
-# checks run in processes without it).
-os.environ["TRITON_INTERPRET"] = "1"
+# imported, and triton checks it again at launch: set for this whole process. Not where CUDA is:
+# there the kernels run compiled (the CUDA test below) and other CUDA tests of this process must
+# not get interpreted kernels. The compile and CUDA checks run in processes without it.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 from server.lora.backends.triton import TritonBackend, ops  # noqa: E402
+from tests.unit import triton_cases as cases  # noqa: E402
 
-cases = importlib.import_module("tests.unit.triton_cases")
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernel module was imported before this test "
-                                "module, compiled: run this file in a process of its own")
+interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernels are compiled in this process (CUDA "
+                                 "present, or imported before this module): the CUDA test covers them")
 
 
 def _ids(case: tuple) -> str:
     return "-".join(str(v).replace("torch.", "") for v in case)
 
 
+@interpreted
 @pytest.mark.parametrize("case", cases.APPLY_CASES + cases.RANK_CASES, ids=_ids)
 def test_apply_matches_torch_ref(case):
     group, rank, K, dense, dtype = case
     cases.check_apply(group, rank, K, dense, dtype, "cpu")
 
 
+@interpreted
 @pytest.mark.parametrize("dense", [False, True])
 def test_gated_probe_group_matches_torch_ref(dense):
     cases.check_gate(dense, "cpu")
 
 
+@interpreted
 @pytest.mark.parametrize("case", cases.EXPERT_CASES, ids=_ids)
 def test_experts_match_torch_ref(case):
     cases.check_experts(*case, device="cpu")
 
 
+@interpreted
 @pytest.mark.parametrize("case", cases.BLOCK_CASES, ids=_ids)
 def test_melora_blocks_match_torch_ref(case):
     cases.check_blocks(*case, device="cpu")
@@ -86,12 +91,15 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_kernels_match_torch_ref_on_cuda():
     result = _run("-m", "tests.unit.triton_cases", "cuda", timeout=600)
+    print(result.stdout)  # every case, for device_check.sh's log (pytest -s)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_device_check_script_dry_run():
     """bench/device_check.sh --dry-run: every command it would run on the GPU machine parses."""
-    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], cwd=ROOT, env=_without_interpreter(),
-                            capture_output=True, text=True, timeout=300)
+    env = {**_without_interpreter(), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "bench.throughput" in result.stdout and "triton_cases cuda" in result.stdout
+    assert "dry run: ok" in result.stdout
+    assert "MOLE_LORA_BACKEND=torch" in result.stdout and "MOLE_LORA_BACKEND=triton" in result.stdout
