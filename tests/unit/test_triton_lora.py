@@ -19,8 +19,12 @@ import torch
 # not get interpreted kernels. The compile and CUDA checks run in processes without it.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+from server.engine.request import SamplingParams  # noqa: E402
 from server.lora.backends.triton import TritonBackend, ops  # noqa: E402
+from server.routing.types import AdapterRef, Selection  # noqa: E402
 from tests.unit import triton_cases as cases  # noqa: E402
+from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model  # noqa: E402
+from tests.unit.test_melora import melora_tensors, write_melora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernels are compiled in this process (CUDA "
@@ -66,6 +70,39 @@ def test_recorded_autograd_takes_the_torch_path():
     TritonBackend().apply(torch.randn(sum(counts), cases.GROUPS["o"][0]), out, stack, batch, weights)
     out.sum().backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+@interpreted
+def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path):
+    """The backend inside the engine (the runner's prepare, decode rows and prefill chunks, the gate,
+    MELoRA rows in a fused output's view, MoE experts): the same tokens and logits as torch."""
+    from server.lora.gate import GateConfig, MoLEGate
+    from tests.unit.test_moe_kinds import mixlora_config, mixlora_tensors, moelora_config, moelora_tensors, write_folder
+
+    hf = tiny_hf_model()
+    make_adapter(hf, tmp_path / "a", seed=11)
+    make_adapter(hf, tmp_path / "b", seed=12, rank=3)
+    write_melora(tmp_path / "me", melora_tensors(hf, 4, 2, seed=3), 4, 2)
+    write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
+    write_folder(tmp_path / "moe", moelora_tensors(hf, E=4, r=4, seed=2), moelora_config())
+    requests = [([AdapterRef("a")], None), ([AdapterRef("a", 0.3), AdapterRef("b", -0.7)], None),
+                ([], Selection("gate", explicit=(AdapterRef("a"), AdapterRef("b")))),
+                ([AdapterRef("me")], None), ([AdapterRef("mix")], None), ([AdapterRef("moe")], None), ([], None)]
+    prompts = [list(range(5, 9 + i)) for i in range(len(requests))]
+    runs = []
+    for backend in ("triton", "torch"):
+        engine = engine_for(hf, tokenizer, max_loras=16, max_num_batched_tokens=64, lora_backend=backend)
+        assert engine.runner.backend.name == backend
+        for name in ("a", "b", "me", "mix", "moe"):
+            engine.add_adapter(name, tmp_path / name)
+        torch.manual_seed(0)
+        engine.pool.attach_gate(MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec())))
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True), [a for a, _ in requests],
+                               [s for _, s in requests])
+        runs.append(([s.output_ids for s in seqs], engine.runner.last_logits.clone()))
+    (tokens, logits), (ref_tokens, ref_logits) = runs
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
 def _without_interpreter() -> dict[str, str]:

@@ -109,9 +109,10 @@ def blocks_kernel(x_ptr, a_ptr, b_ptr, out_ptr, rows_ptr, slots_ptr, w_ptr,
     token and block is a few registers). For row t = rows[i], slot s = slots[i], block b:
         out[t, b*o:(b+1)*o] += w[i] * B[s, b] @ (A[s, b] @ x[t, b*d:(b+1)*d])
     A: [slots, n, r, d]; B: [slots, n, o, r], both contiguous. Each token has its own slot, so
-    this is a per-token (BGMV) kernel: products and sums, no tl.dot (r is below its minimum).
-    Grid: (len(rows), n_blocks, cdiv(o, BLOCK_O))."""
-    i, blk, ob = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    this is a per-token (BGMV) kernel: products and sums, no tl.dot (r is below its minimum); z is
+    computed once per (token, block) and the block's o outputs are swept in BLOCK_O steps.
+    Grid: (len(rows), n_blocks)."""
+    i, blk = tl.program_id(0), tl.program_id(1)
     t = tl.load(rows_ptr + i).to(tl.int64)
     slot = tl.load(slots_ptr + i).to(tl.int64)
     rs = tl.arange(0, R_PAD)
@@ -126,11 +127,13 @@ def blocks_kernel(x_ptr, a_ptr, b_ptr, out_ptr, rows_ptr, slots_ptr, w_ptr,
                      other=0.0).to(tl.float32)  # [R_PAD, BLOCK_D]
         z += tl.sum(at * xv[None, :], axis=1)
     z = z * tl.load(w_ptr + i).to(tl.float32)
-    cols = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-    c_mask = cols < o
-    bt = tl.load(b_ptr + ((slot * n_blocks + blk) * o + cols[:, None]) * rank + rs[None, :],
-                 mask=c_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_O, R_PAD]
-    delta = tl.sum(bt * z[None, :], axis=1)
-    dst = out_ptr + t * stride_ot + blk * o + cols
-    prev = tl.load(dst, mask=c_mask, other=0.0)
-    tl.store(dst, (prev.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=c_mask)
+    b_base = b_ptr + (slot * n_blocks + blk) * o * rank
+    for o0 in range(0, o, BLOCK_O):
+        cols = o0 + tl.arange(0, BLOCK_O)
+        c_mask = cols < o
+        bt = tl.load(b_base + cols[:, None] * rank + rs[None, :], mask=c_mask[:, None] & r_mask[None, :],
+                     other=0.0).to(tl.float32)  # [BLOCK_O, R_PAD]
+        dst = out_ptr + t * stride_ot + blk * o + cols
+        prev = tl.load(dst, mask=c_mask, other=0.0)
+        tl.store(dst, (prev.to(tl.float32) + tl.sum(bt * z[None, :], axis=1)).to(out_ptr.dtype.element_ty),
+                 mask=c_mask)

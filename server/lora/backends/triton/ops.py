@@ -133,7 +133,7 @@ def apply_blocks(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.T
         raise ValueError("the triton blocks kernel writes rows of out with unit column stride")
     _, n, r, d = A.shape
     o = B.shape[2]
-    grid = (len(rows), n, triton.cdiv(o, BLOCKS_BLOCK_O))
+    grid = (len(rows), n)
     kernels.blocks_kernel[grid](
         x, A, B, out, rows, slots, weights, d, o, r, n, x.stride(0), out.stride(0),
         R_PAD=triton.next_power_of_2(r), BLOCK_D=BLOCKS_BLOCK_D, BLOCK_O=BLOCKS_BLOCK_O)
