@@ -105,6 +105,18 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_backend_setting_defaults_to_triton_on_cuda_only(monkeypatch):
+    from server.config import Settings
+    from server.lora.backends import create_backend
+
+    monkeypatch.delenv("MOLE_LORA_BACKEND", raising=False)
+    assert Settings(device="cpu").lora_backend == "torch"
+    assert Settings(device="cuda").lora_backend == "triton"  # triton imports here
+    assert Settings(device="cuda", lora_backend="torch").lora_backend == "torch"
+    monkeypatch.setenv("MOLE_LORA_BACKEND", "triton")
+    assert isinstance(create_backend(Settings().lora_backend), TritonBackend)
+
+
 def _without_interpreter() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

@@ -65,10 +65,14 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 def shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments) -> torch.Tensor:
     """z[t, c] = A[slot(t, c)] @ x[t], fp32 and unweighted. x: [T, d_in]; A: [slots, nr, d_in]
     contiguous. -> z: [T, C, nr] (every row of x must lie in a segment)."""
+    if A.stride(-1) != 1:
+        raise ValueError("the triton shrink reads A's rows with unit stride")
     x = _rows_contiguous(x)
     T, d_in = x.shape
     nr, C = A.shape[1], seg.num_columns
     z = torch.empty(T, C, nr, dtype=torch.float32, device=x.device)
+    if not len(seg.tiles):  # no rows: a grid of zero programs is not a launch CUDA accepts
+        return z
     block_n = min(SHRINK_MAX_BLOCK_N, _pow2_at_least_16(nr))
     grid = (len(seg.tiles), C, triton.cdiv(nr, block_n))
     kernels.shrink_kernel[grid](
@@ -84,15 +88,16 @@ class BTables:
     (the pool grows its rank by allocating new stacks)."""
 
     def __init__(self) -> None:
-        self._tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, stack: GroupStack) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(B.data_ptr() for B in stack.B)
+        pointers = tuple(B.data_ptr() for B in stack.B)
+        key = (pointers, tuple(stack.out_columns))
         hit = self._tables.get(key)
         if hit is None:
             device = stack.A.device
             meta = [(c1 - c0, c0) for c0, c1 in stack.out_columns]
-            hit = self._tables[key] = (torch.tensor(key, dtype=torch.int64, device=device),
+            hit = self._tables[key] = (torch.tensor(pointers, dtype=torch.int64, device=device),
                                        torch.tensor(meta, dtype=torch.int32, device=device))
         return hit
 
@@ -106,6 +111,8 @@ def expand(z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, sta
         raise ValueError("the triton expand needs contiguous B stacks in the output's dtype")
     if out.stride(-1) != 1:
         raise ValueError("the triton expand writes rows of out with unit column stride")
+    if not len(seg.tiles):
+        return
     r, n = stack.rank, len(stack.B)
     b_table, b_meta = tables.get(stack)
     if weights is None:
