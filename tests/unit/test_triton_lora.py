@@ -55,6 +55,12 @@ def test_experts_match_torch_ref(case):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", cases.DTYPES, ids=str)
+def test_mixlora_ffn_experts_match_torch_ref(dtype):
+    cases.check_ffn_experts(dtype, "cpu")
+
+
+@interpreted
 @pytest.mark.parametrize("case", cases.BLOCK_CASES, ids=_ids)
 def test_melora_blocks_match_torch_ref(case):
     cases.check_blocks(*case, device="cpu")

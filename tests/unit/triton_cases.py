@@ -131,6 +131,29 @@ def check_experts(group: str, with_weights: bool, dtype: torch.dtype, device: st
     assert_close(out, expected, dtype)
 
 
+def check_ffn_experts(dtype: torch.dtype, device: str, seed: int = 0) -> None:
+    """MixLoRA's FFN experts: each token's k selected experts' gate/up outputs, then the down
+    projection of each expert's own activation, weighted and summed per token."""
+    E, k, T = 4, 2, 11
+    slots = torch.tensor([1, 2, 3, 4], device=device)
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(device)  # [T, k]
+    weights = torch.softmax(torch.randn(T, k, generator=g), -1).to(device, dtype)
+    gate_up = random_stack("gate_up", 5, dtype, device, seed)
+    x = torch.randn(T, GROUPS["gate_up"][0], generator=g).to(device, dtype)
+    got = TritonBackend().selected_expert_outputs(x, gate_up, slots, (1, 5), experts)
+    expected = LoRABackend().selected_expert_outputs(x.float(), as_fp32(gate_up), slots, (1, 5), experts)
+    for got_j, expected_j in zip(got, expected, strict=True):
+        assert_close(got_j, expected_j, dtype)
+    down = random_stack("down", 5, dtype, device, seed)
+    xk = torch.randn(T, k, GROUPS["down"][0], generator=g).to(device, dtype)
+    base = torch.randn(T, GROUPS["down"][1][0], generator=g).to(device, dtype)
+    out, expected = base.clone(), base.float()
+    TritonBackend().apply_routed_inputs(xk, out, down, slots, (1, 5), experts, weights)
+    LoRABackend().apply_routed_inputs(xk.float(), expected, as_fp32(down), slots, (1, 5), experts, weights.float())
+    assert_close(out, expected, dtype)
+
+
 def check_blocks(n: int, rank: int, rows: list[int], dtype: torch.dtype, device: str, seed: int = 0) -> None:
     """MELoRA's native blocks, into a column view of a wider fused output (as the layer passes it)."""
     d_in, d_out, T = 8 * n, 6 * n, 11
@@ -163,7 +186,8 @@ BLOCK_CASES = [(n, rank, rows, dtype) for n, rank, rows in ((4, 1, [0, 1, 2, 3])
 def run_all(device: str) -> int:
     """Every case on one device; prints each, returns the number of failures."""
     cases = ([(check_apply, c) for c in APPLY_CASES + RANK_CASES] + [(check_gate, (d,)) for d in (False, True)]
-             + [(check_experts, c) for c in EXPERT_CASES] + [(check_blocks, c) for c in BLOCK_CASES])
+             + [(check_experts, c) for c in EXPERT_CASES] + [(check_ffn_experts, (d,)) for d in DTYPES]
+             + [(check_blocks, c) for c in BLOCK_CASES])
     failures = 0
     for fn, args in cases:
         try:

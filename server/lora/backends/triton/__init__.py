@@ -24,9 +24,10 @@ unweighted shrink z [T, C, n*r] before the weights exist; the weights are applie
 per token and column (or per token, module and expert for the MoE kinds). The rows of a fused
 group (q/k/v, gate/up) come out of one shrink launch (their A stack is one [slots, n*r, d_in]) and
 go into one expand launch (grid axis 2 = module, each B_j reached through a table of addresses).
-MELoRA's native block form has its own fused kernel (tiny ranks: no tl.dot). MixLoRA's per-expert
-FFN activations (selected_expert_outputs, apply_routed_inputs) keep the torch implementation of
-backends/base.py.
+MELoRA's native block form has its own fused kernel (tiny ranks: no tl.dot). The MoE kinds run
+all of a MoE adapter's rows as one segment against its E expert slots, weights per (token, module,
+expert); MixLoRA's per-expert FFN activations use the same two kernels, with the pick of each
+token's k experts done in rank space in torch (a [T, k, E, r] tensor, not a gather of weights).
 """
 
 from server.lora.backends.triton.backend import TritonBackend

@@ -101,15 +101,48 @@ class TritonBackend(LoRABackend):
             return super().apply_blocks(x, out, A, B, rows)
         ops.apply_blocks(x, out, A, B, rows.rows, rows.slots, rows.weights)
 
-    def apply_experts(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
-                      slot_range: tuple[int, int] | None, weights: torch.Tensor | None) -> None:
-        """All rows against the adapter's E expert slots: one segment, weights [T, n, E]."""
-        if _needs_autograd(x, out, weights):
-            return super().apply_experts(x, out, stack, slots, slot_range, weights)
-        key = (len(x), slots.data_ptr())
+    def _expert_plan(self, rows: int, slots: torch.Tensor) -> ops.Segments:
+        """All `rows` against the adapter's E expert slots: one segment."""
+        key = (rows, slots.data_ptr())
         seg = self._expert_plans.get(key)
         if seg is None:
             if len(self._expert_plans) >= MAX_EXPERT_PLANS:
                 self._expert_plans.clear()
-            seg = self._expert_plans[key] = ops.plan([(0, len(x))], slots.view(1, -1))
+            seg = self._expert_plans[key] = ops.plan([(0, rows)], slots.view(1, -1))
+        return seg
+
+    def apply_experts(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                      slot_range: tuple[int, int] | None, weights: torch.Tensor | None) -> None:
+        """weights [T, n, E], per token, module and expert (None: all 1)."""
+        if _needs_autograd(x, out, weights):
+            return super().apply_experts(x, out, stack, slots, slot_range, weights)
+        seg = self._expert_plan(len(x), slots)
         ops.expand(ops.shrink(x, stack.A, seg), weights, out, stack, seg, self.tables)
+
+    def selected_expert_outputs(self, x: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                                slot_range: tuple[int, int] | None, experts: torch.Tensor) -> list[torch.Tensor]:
+        """As LoRABackend's: every expert's shrink, then one expand of T*k rows whose z is zero but
+        for the row's selected expert, into a fresh [T*k, sum d_out_j] split per module."""
+        if _needs_autograd(x):
+            return super().selected_expert_outputs(x, stack, slots, slot_range, experts)
+        T, k = experts.shape
+        E, nr = len(slots), stack.A.shape[1]
+        z = ops.shrink(x, stack.A, self._expert_plan(T, slots)).view(T, 1, E, nr)
+        pick = torch.zeros(T, k, E, 1, dtype=z.dtype, device=z.device).scatter_(2, experts.view(T, k, 1, 1), 1.0)
+        z_k = (z * pick).view(T * k, E, nr)
+        out = x.new_zeros(T * k, stack.out_columns[-1][1])
+        ops.expand(z_k, None, out, stack, self._expert_plan(T * k, slots), self.tables)
+        return [out[:, c0:c1].view(T, k, -1) for c0, c1 in stack.out_columns]
+
+    def apply_routed_inputs(self, xk: torch.Tensor, out: torch.Tensor, stack: GroupStack, slots: torch.Tensor,
+                            slot_range: tuple[int, int] | None, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """As LoRABackend's: the T*k inputs against every expert, each row's own expert picked and
+        weighted in rank space ([T, E, r], summed per expert), then one expand of the T rows."""
+        if _needs_autograd(xk, out, weights):
+            return super().apply_routed_inputs(xk, out, stack, slots, slot_range, experts, weights)
+        T, k, _ = xk.shape
+        E, r = len(slots), stack.rank
+        z = ops.shrink(xk.reshape(T * k, -1), stack.A, self._expert_plan(T * k, slots)).view(T, k, E, r)
+        own = z.gather(2, experts.view(T, k, 1, 1).expand(T, k, 1, r)).squeeze(2) * weights.unsqueeze(-1).float()
+        per_expert = z.new_zeros(T, E, r).scatter_add_(1, experts.unsqueeze(-1).expand(T, k, r), own)
+        ops.expand(per_expert, None, out, stack, self._expert_plan(T, slots), self.tables)
