@@ -23,8 +23,8 @@ export HF_HUB_OFFLINE=1 MOLE_DTYPE=bfloat16 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTH
 unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests only
 
 STEPS=(
-  "compile|90|$PY -m tests.unit.triton_cases compile"
-  "cuda_tests|150|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py"
+  "compile|60|$PY -m tests.unit.triton_cases compile"
+  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py"
   "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
   "throughput_triton|120|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
 )
