@@ -29,8 +29,8 @@ SLOTS = 9
 # |kernel - torch_ref in fp32 on the same rounded inputs| <= atol + rtol * |ref|
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (8e-2, 2e-2)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (rank, K) pairs: ranks 1..64, none a multiple of 16 but 64, every K from 1 to 4
-RANKS_K = ((1, 1), (3, 2), (17, 3), (64, 4), (33, 1))
+# (rank, K) pairs: ranks 1..64 (none a multiple of 16 but 64) and one over 64, every K from 1 to 4
+RANKS_K = ((1, 1), (3, 2), (17, 3), (64, 4), (33, 1), (80, 2))
 
 
 def random_stack(group: str, rank: int, dtype: torch.dtype, device: str, seed: int) -> GroupStack:

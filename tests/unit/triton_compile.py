@@ -36,11 +36,12 @@ def variants(dt: str) -> list[tuple[triton.runtime.JITFunction, dict[str, str], 
     for block_m, block_n in ((16, 16), (64, ops.SHRINK_MAX_BLOCK_N)):
         const = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": ops.SHRINK_BLOCK_K, "DOT_FP32": False}
         out.append((kernels.shrink_kernel, {**shrink, **_sig(" ".join(const), "constexpr")}, const))
-    for w_dt, has_w, block_m, r_pad in ((dt, True, 16, 16), ("fp32", True, 64, 64), (dt, False, 32, 32)):
+    for w_dt, has_w, block_m, block_r in ((dt, True, 16, 16), ("fp32", True, 64, ops.EXPAND_MAX_BLOCK_R),
+                                          (dt, False, 32, 32)):
         sig = {"z_ptr": "*fp32", "w_ptr": f"*{w_dt}", "out_ptr": f"*{dt}", "b_table_ptr": "*i64",
                **_sig("b_meta_ptr tiles_ptr seg_slots_ptr", "*i32"),
                **_sig("rank num_cols stride_zt stride_zc stride_wt stride_wj stride_wc stride_ot", "i32")}
-        const = {"HAS_WEIGHTS": has_w, "BLOCK_M": block_m, "BLOCK_N": ops.EXPAND_BLOCK_N, "R_PAD": r_pad,
+        const = {"HAS_WEIGHTS": has_w, "BLOCK_M": block_m, "BLOCK_N": ops.EXPAND_BLOCK_N, "BLOCK_R": block_r,
                  "DOT_FP32": False}
         out.append((kernels.expand_kernel, {**sig, **_sig(" ".join(const), "constexpr")}, const))
     for r_pad in (1, 8):

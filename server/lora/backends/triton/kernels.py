@@ -55,7 +55,7 @@ def shrink_kernel(x_ptr, a_ptr, z_ptr, tiles_ptr, seg_slots_ptr,
 def expand_kernel(z_ptr, w_ptr, out_ptr, b_table_ptr, b_meta_ptr, tiles_ptr, seg_slots_ptr,
                   rank, num_cols,
                   stride_zt, stride_zc, stride_wt, stride_wj, stride_wc, stride_ot,
-                  HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                   DOT_FP32: tl.constexpr):
     """out[t, c0_j + n] += sum_c w[t, j, c] * z[t, c, j*r:(j+1)*r] @ B_j[slot(t, c)][:, n], summed
     over the C columns in fp32 registers, one read-add-write of out per tile (no atomics).
@@ -75,25 +75,28 @@ def expand_kernel(z_ptr, w_ptr, out_ptr, b_table_ptr, b_meta_ptr, tiles_ptr, seg
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows64 = rows.to(tl.int64)
-    ks = tl.arange(0, R_PAD)
-    k_mask = ks < rank
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < d_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(num_cols):
         slot = tl.load(seg_slots_ptr + seg * num_cols + c).to(tl.int64)
         if slot != 0:
-            zt = tl.load(z_ptr + rows64[:, None] * stride_zt + c * stride_zc + j * rank + ks[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, R_PAD] fp32
             if HAS_WEIGHTS:
                 w = tl.load(w_ptr + rows64 * stride_wt + j * stride_wj + c * stride_wc, mask=row_mask, other=0.0)
-                zt = zt * w.to(tl.float32)[:, None]
-            bt = tl.load(b_ptr + slot * rank * d_out + ks[:, None] * d_out + cols[None, :],
-                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [R_PAD, BLOCK_N]
-            if DOT_FP32:
-                acc += tl.dot(zt, bt.to(tl.float32), input_precision="ieee")
-            else:  # tensor cores in the storage dtype, fp32 accumulation
-                acc += tl.dot(zt.to(bt.dtype), bt, input_precision="ieee")
+                w = w.to(tl.float32)
+            for k0 in range(0, rank, BLOCK_R):  # the rank in chunks: any rank, bounded registers
+                ks = k0 + tl.arange(0, BLOCK_R)
+                k_mask = ks < rank
+                zt = tl.load(z_ptr + rows64[:, None] * stride_zt + c * stride_zc + j * rank + ks[None, :],
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+                if HAS_WEIGHTS:
+                    zt = zt * w[:, None]
+                bt = tl.load(b_ptr + slot * rank * d_out + ks[:, None] * d_out + cols[None, :],
+                             mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                if DOT_FP32:
+                    acc += tl.dot(zt, bt.to(tl.float32), input_precision="ieee")
+                else:  # tensor cores in the storage dtype, fp32 accumulation
+                    acc += tl.dot(zt.to(bt.dtype), bt, input_precision="ieee")
     o = out_ptr + rows64[:, None] * stride_ot + c0 + cols[None, :]
     o_mask = row_mask[:, None] & col_mask[None, :]
     prev = tl.load(o, mask=o_mask, other=0.0)

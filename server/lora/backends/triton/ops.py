@@ -22,6 +22,7 @@ INTERPRETED = not isinstance(kernels.shrink_kernel, triton.runtime.JITFunction)
 SHRINK_BLOCK_K = 64  # d_in per step of the shrink's reduction loop
 SHRINK_MAX_BLOCK_N = 64  # rank columns (n*r) per program
 EXPAND_BLOCK_N = 64  # output columns per program
+EXPAND_MAX_BLOCK_R = 64  # rank rows per step of the expand's reduction loop
 BLOCKS_BLOCK_D, BLOCKS_BLOCK_O = 64, 64  # MELoRA: a block's input and output features per step
 
 
@@ -127,7 +128,7 @@ def expand(z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, sta
         z, w, out, b_table, b_meta, seg.tiles, seg.seg_slots, r, seg.num_columns,
         z.stride(0), z.stride(1), *strides, out.stride(0),
         HAS_WEIGHTS=weights is not None, BLOCK_M=seg.block_m, BLOCK_N=EXPAND_BLOCK_N,
-        R_PAD=_pow2_at_least_16(r), DOT_FP32=_dot_fp32(out.dtype))
+        BLOCK_R=min(EXPAND_MAX_BLOCK_R, _pow2_at_least_16(r)), DOT_FP32=_dot_fp32(out.dtype))
 
 
 def apply_blocks(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor,
