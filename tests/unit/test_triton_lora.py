@@ -1,7 +1,7 @@
 """The Triton backend without a GPU: every kernel under the Triton interpreter on CPU tensors against
-torch_ref (cases in triton_cases.py), every kernel compiled for sm_80 and sm_90 in a process
-without the interpreter, the same cases on CUDA when there is one, and bench/device_check.sh's
-dry run."""
+torch_ref (the cases are in triton_cases.py), the backend inside the engine on a batch of every
+kind, every kernel compiled for sm_80 and sm_90 in a process without the interpreter, the same
+cases on CUDA when there is one, and bench/device_check.sh's dry run."""
 
 from __future__ import annotations
 
