@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mole-serve"
@@ -56,9 +56,24 @@ class Settings(BaseSettings):
         2048, ge=0, description="Memory for the decode batch's adapters gathered out of the slots, kept "
         "while the batch's adapters stay the same (32 sequences x 3 rank-8 adapters on SmolLM2: 940 MB). "
         "0: gather every step.")
-    lora_backend: Literal["torch", "reference"] = Field(
-        "torch", description="How the batched LoRA op runs: torch (index_select + bmm; CPU and CUDA) or reference "
-        "(the plain per-token loop that states the op's semantics; tests only).")
+    lora_backend: Literal["auto", "torch", "triton", "reference"] = Field(
+        "auto", validate_default=True, description="How the batched LoRA op runs: torch (index_select + bmm; CPU "
+        "and CUDA), triton (the Triton kernels; CUDA), or reference (the plain per-token loop that states the op's "
+        "semantics; tests only). auto: triton when the device is cuda and triton imports, else torch.")
+
+    @field_validator("lora_backend")
+    @classmethod
+    def _resolve_lora_backend(cls, value: str, info: ValidationInfo) -> str:
+        if value != "auto":
+            return value
+        if info.data.get("device") != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+
     lora_native_blocks: bool = Field(
         True, description="Run a sequence whose one adapter is a MELoRA as its n mini LoRAs (1/n the bytes of the "
         "dense form); false: always the dense blockdiag form, which weighted sets, the gate and merges use.")

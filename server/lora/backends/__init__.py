@@ -10,6 +10,7 @@ from server.lora.backends.base import LoRABackend
 # name -> (module, class)
 BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("server.lora.backends.torch_ref", "TorchBackend"),
+    "triton": ("server.lora.backends.triton", "TritonBackend"),
     "reference": ("server.lora.backends.base", "ReferenceBackend"),
 }
 

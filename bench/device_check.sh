@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU machine's check, prepared to run once in under 8 minutes (one H200; torch 2.11 + CUDA 13,
+# triton 3.6), from the repository root:
+#   1. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
+#   2. the CUDA tests: every kernel against torch_ref on the GPU (compiled, not interpreted)
+#   3. bench.throughput in bf16 with MOLE_LORA_BACKEND=torch, then =triton, merged by
+#      bench.throughput_merge into bench/results/throughput_cuda.json (both runs, triton/torch per scenario)
+# A failing step does not stop the later ones (the figures still come back); the exit status is
+# then 1. Logs and the JSON are copied to $OUT when it is set (the device tool's return folder).
+#
+#   bash bench/device_check.sh            # on the GPU machine
+#   bash bench/device_check.sh --dry-run  # anywhere: print the commands, check each one parses
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+RESULTS=bench/results
+RUNS=$(mktemp -d)  # the two backends' throughput JSONs before the merge
+BENCH_ARGS=(--device cuda --requests 32 --max-tokens 64 --rounds 1)
+export HF_HUB_OFFLINE=1 MOLE_DTYPE=bfloat16 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests only
+
+STEPS=(
+  "compile|60|$PY -m tests.unit.triton_cases compile"
+  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py"
+  "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
+  "throughput_triton|120|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
+)
+
+MERGE="$PY -m bench.throughput_merge $RESULTS/throughput_cuda.json torch=$RUNS/torch.json triton=$RUNS/triton.json"
+
+if (( DRY_RUN )); then
+  status=0
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name limit cmd <<< "$step"
+    echo "[$name, timeout ${limit}s] $cmd"
+  done
+  echo "[merge] $MERGE"
+  # Each command parses: modules exist, the throughput options are known, the CUDA tests are there.
+  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+            ('tests.unit.triton_cases', 'tests.unit.triton_compile', 'bench.throughput', 'bench.throughput_merge',
+             'pytest')))" \
+    || { echo "dry run: a module is missing"; status=1; }
+  help=$("$PY" -m bench.throughput --help) || { echo "dry run: bench.throughput --help failed"; status=1; }
+  for opt in "${BENCH_ARGS[@]}" --out; do
+    [[ "$opt" == --* && "$help" != *"$opt"* ]] && { echo "dry run: bench.throughput has no $opt"; status=1; }
+  done
+  grep -q "@pytest.mark.cuda" tests/unit/test_triton_lora.py \
+    || { echo "dry run: tests/unit/test_triton_lora.py has no CUDA test"; status=1; }
+  rm -rf "$RUNS"
+  (( status == 0 )) && echo "dry run: ok"
+  exit $status
+fi
+
+LOGS=${OUT:-$RESULTS/device_check}
+mkdir -p "$LOGS" "$RESULTS"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
+          triton.__version__, torch.cuda.get_device_name(0))" | tee "$LOGS/versions.txt"
+failed=()
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit cmd <<< "$step"
+  echo "=== $name (timeout ${limit}s): $cmd"
+  start=$SECONDS
+  timeout "$limit" $cmd 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc in $((SECONDS - start)) s"
+  (( rc == 0 )) || failed+=("$name")
+done
+$MERGE | tee "$LOGS/merge.log" || failed+=(merge)
+[[ -n "${OUT:-}" ]] && cp "$RESULTS/throughput_cuda.json" "$OUT/"
+rm -rf "$RUNS"
+echo "total ${SECONDS} s; failed: ${failed[*]:-none}"
+(( ${#failed[@]} == 0 ))
