@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     where.add_argument("--url", help="a running server")
     where.add_argument("--serve", action="store_true", help="start the server for each setting (default)")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=128, help="0: only the streams")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, default=256, help="short streams at once (0: skip)")
-    ap.add_argument("--stream-tokens", type=int, default=16)
+    ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--duration", type=float, help="soak for this many seconds instead")
     ap.add_argument("--big-prompt-mb", type=float, default=3.9, help="soak: the maximal prompt, under the body limit")
     ap.add_argument("--api-key")
@@ -271,22 +271,25 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.out, {**result, "config": vars(args), "machine": machine()})
         return result
 
-    texts = prompts(args.requests)
-    results: dict = {"http": {}, "in_process": {}}
-    for prefix in ("on", "off") if not args.url else ("as served",):
-        with server(enable_prefix_caching=str(prefix == "on").lower()) as (url, _):
-            results["http"][prefix] = asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key))
-            print(f"http prefix caching {prefix}:", results["http"][prefix], flush=True)
-    for prefix in ("on", "off"):
-        results["in_process"][prefix] = engine_load(args.clients, texts, args.max_tokens, prefix == "on")
-        print(f"in-process prefix caching {prefix}:", results["in_process"][prefix], flush=True)
+    results: dict = {"config": vars(args), "machine": machine()}
     if args.streams:
         with server() as (url, _):
             results["streams"] = asyncio.run(http_load(url, args.streams, prompts(args.streams), args.stream_tokens,
                                                        args.api_key, sample_every=0.2))
         print(f"{args.streams} streams:", results["streams"], flush=True)
+    if not args.requests:
+        write_json(args.out, results)
+        return results
+    texts = prompts(args.requests)
+    http, inproc = results["http"], results["in_process"] = {}, {}
+    for prefix in ("on", "off") if not args.url else ("as served",):
+        with server(enable_prefix_caching=str(prefix == "on").lower()) as (url, _):
+            http[prefix] = asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key))
+            print(f"http prefix caching {prefix}:", http[prefix], flush=True)
+    for prefix in ("on", "off"):
+        inproc[prefix] = engine_load(args.clients, texts, args.max_tokens, prefix == "on")
+        print(f"in-process prefix caching {prefix}:", inproc[prefix], flush=True)
 
-    http, inproc = results["http"], results["in_process"]
     head = next(iter(http))
     results["ratios"] = {"http/in_process": round(http[head]["output_tok_s"] / inproc["on"]["output_tok_s"], 3)}
     if "off" in http:
@@ -300,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {where_} | {prefix} | {r['output_tok_s']} | {r['ttft_ms'].get('p50')} | "
                   f"{r['ttft_ms'].get('p95')} | {r['tpot_ms'].get('p50')} | {r['latency_ms'].get('p99')} | "
                   f"{r['errors']} |")
-    results.update(config=vars(args), machine=machine())
     write_json(args.out, results)
     return results
 

@@ -150,12 +150,6 @@ class BlockManager:
                     self._free.move_to_end(block_id, last=False)
         seq.block_table, seq.block_hashes = [], []
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block (the running sequences keep theirs, unhashed from now on)."""
-        for block in self.blocks:
-            block.hash, block.token_ids = None, ()
-        self._cached.clear()
-
     # --- internals ---
     def _take(self, block_id: int) -> int:
         block = self.blocks[block_id]

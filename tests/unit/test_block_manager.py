@@ -96,12 +96,3 @@ def test_a_twin_block_computed_at_the_same_time_stays_private():
     assert a.block_table[0] != b.block_table[0] and bm.blocks[b.block_table[0]].hash is None
     bm.free(b)
     assert bm.allocate(seq([1, 2, 5])) and bm.stats.hit_tokens == 2
-
-
-def test_reset_prefix_cache_forgets_every_block():
-    bm = BlockManager(num_blocks=4, block_size=2)
-    a = seq([1, 2, 3])
-    bm.allocate(a)
-    computed(bm, a)
-    bm.reset_prefix_cache()
-    assert bm.allocate(seq([1, 2, 3])) and bm.stats.hit_tokens == 0
