@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     engine = LLMEngine.from_settings(Settings(max_num_seqs=args.requests, max_model_len=512,
-                                              max_num_batched_tokens=2048))
+                                              max_prefill_tokens=2048))
     tokenizer, vocab = engine.tokenizer, engine.model.config.vocab_size
     results: dict = {"machine": machine(), "masks": {}}
     for case, (schema, value) in CASES.items():

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # prefix caching off: every scenario prefills its prompts as the first did (bench.load measures the cache)
     settings = Settings(device=args.device, max_num_seqs=args.requests, max_model_len=512,
-                        max_num_batched_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool,
+                        max_prefill_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool,
                         enable_prefix_caching=False)
     engine = LLMEngine.from_settings(settings)
     from server.engine.loader import resolve_base_model

@@ -29,16 +29,17 @@ class Settings(BaseSettings):
     # --- scheduling ---
     max_num_seqs: int = Field(
         256, ge=1, description="Most sequences in the running batch; KV blocks admit them (see kv_cache_mb).")
-    max_num_batched_tokens: int = Field(
-        0, ge=0, validate_default=True, description="Token budget of one step: decode tokens plus prefill chunks. "
-        "0: 128 on CPU, where a step's time grows with its tokens (a 512-token step takes ~0.6 s on 2 cores, "
-        "which every running stream waits out), 2048 on CUDA.")
+    max_prefill_tokens: int = Field(
+        0, ge=0, validate_default=True, description="Prompt tokens one step prefills (in chunks), besides the "
+        "decode token of every running sequence (SGLang's chunked_prefill_size). 0: 128 on CPU, where a step's "
+        "time grows with its tokens (a 512-token step takes ~0.6 s on 2 cores, which every running stream waits "
+        "out), 2048 on CUDA.")
 
-    @field_validator("max_num_batched_tokens")
+    @field_validator("max_prefill_tokens")
     @classmethod
-    def _default_step_budget(cls, value: int, info: ValidationInfo) -> int:
+    def _default_prefill_budget(cls, value: int, info: ValidationInfo) -> int:
         if 0 < value < 16:
-            raise ValueError("max_num_batched_tokens must be 0 (the device's default) or at least 16")
+            raise ValueError("max_prefill_tokens must be 0 (the device's default) or at least 16")
         return value or (2048 if info.data.get("device") == "cuda" else 128)
     max_model_len: int = Field(2048, ge=16, description="Most tokens (prompt + output) of one sequence.")
     kv_block_size: int = Field(16, ge=1, description="Token positions per KV block.")

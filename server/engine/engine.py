@@ -66,7 +66,7 @@ class LLMEngine:
         self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device,
                              model.dtype, self.catalog.load)
         blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
-        self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_num_batched_tokens,
+        self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_prefill_tokens,
                                    self._acquire_adapters, self._release_adapters)
         # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
         self._versions: Counter[str] = Counter()

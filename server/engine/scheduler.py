@@ -3,7 +3,10 @@
 KV memory is admitted by blocks (block_manager.py): a waiting sequence enters the batch when
 the free blocks cover its known tokens (less what the prefix cache already holds) and its
 adapters can be made resident. A step takes every decoding sequence (one token each), then
-prefill chunks, oldest first, until the token budget is spent. When a decoding sequence needs a
+prefill chunks, oldest first, until the prefill budget is spent. Decodes are outside that budget
+(unlike vLLM's max_num_batched_tokens, where they count): with a small budget, which keeps a
+CPU step short, a batch of decoding sequences as large as the budget would otherwise leave no
+room to admit anyone. When a decoding sequence needs a
 new block and none is free, the newest running sequence is preempted: its blocks go back (its
 full blocks stay cached) and it waits at the head of the queue to be recomputed, so a request
 never fails for lack of KV memory.
@@ -52,12 +55,12 @@ class Scheduler:
         self,
         blocks: BlockManager,
         max_num_seqs: int,
-        max_num_batched_tokens: int,
+        max_prefill_tokens: int,
         acquire_adapters: Callable[[Sequence], bool] = lambda seq: True,
         release_adapters: Callable[[Sequence], None] = lambda seq: None,
     ) -> None:
         self.blocks = blocks
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         # Adapter residency is the pool's business; these hooks pin and unpin a sequence's set.
         self._acquire_adapters = acquire_adapters
         self._release_adapters = release_adapters
@@ -71,10 +74,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch:
-        budget = self.max_num_batched_tokens
         decode, prefill = [], []
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running):
             seq = self.running[i]
             if seq.num_uncomputed == 1:
                 while not self.blocks.can_append(seq, 1) and seq in self.running:
@@ -83,8 +85,8 @@ class Scheduler:
                     break
                 self.blocks.append(seq, 1)
                 decode.append(ScheduledSeq(seq, 1))
-                budget -= 1
             i += 1
+        budget = self.max_prefill_tokens
         for seq in self.running:  # admission gave them blocks for all their known tokens
             if seq.num_uncomputed > 1 and budget > 0:
                 n = min(seq.num_uncomputed, budget)

@@ -32,7 +32,7 @@ def tiny_hf_model(kind: str = "llama", vocab_size: int = 49152, seed: int = 0):
 
 
 def engine_for(hf_model, tokenizer, **settings) -> LLMEngine:
-    defaults = dict(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=32, max_loras=8)
+    defaults = dict(max_num_seqs=8, max_model_len=128, max_prefill_tokens=32, max_loras=8)
     model = DecoderModel(hf_model.config, hf_model.state_dict(), torch.device("cpu"), torch.float32)
     return LLMEngine(model, tokenizer, Settings(**{**defaults, **settings}))
 

@@ -17,7 +17,7 @@ PROMPT = list(range(5, 45))
 @pytest.mark.parametrize("adapter", [False, True])
 def test_generated_and_prompt_logprobs_equal_transformers(tokenizer, tmp_path, adapter):
     hf = tiny_hf_model()
-    engine = engine_for(hf, tokenizer, max_num_batched_tokens=16)  # the 40-token prompt takes 3 chunks
+    engine = engine_for(hf, tokenizer, max_prefill_tokens=16)  # the 40-token prompt takes 3 chunks
     adapters = []
     reference = hf
     if adapter:

@@ -116,7 +116,7 @@ MIXED = [
 def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras, max_cpu_loras):
     hf, paths = library
     engine = engine_for(hf, tokenizer, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-                        max_num_batched_tokens=16, max_num_seqs=4)
+                        max_prefill_tokens=16, max_num_seqs=4)
     for name, p in paths.items():
         engine.add_adapter(name, p)
     params = SamplingParams(max_tokens=12, ignore_eos=True)

@@ -240,7 +240,7 @@ def test_native_blocks_equal_the_dense_path_in_a_mixed_batch(hf, tokenizer, tmp_
     prompts = [PROMPT, [21, 22, 23, 24], [31, 32, 33], PROMPT[:6], [41, 42, 43], [51] * 10]
 
     def run(native: bool):
-        engine = engine_for(hf, tokenizer, lora_native_blocks=native, max_num_batched_tokens=16)
+        engine = engine_for(hf, tokenizer, lora_native_blocks=native, max_prefill_tokens=16)
         for name, folder in folders.items():
             engine.add_adapter(name, folder)
         seqs = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), sets)

@@ -35,7 +35,7 @@ def test_logits_match_transformers_prefill_and_decode(kind, tokenizer):
 def test_greedy_batch_matches_transformers_generate(tokenizer):
     hf = tiny_hf_model()
     # A small token budget forces chunked prefill of the long prompt beside decoding ones.
-    engine = engine_for(hf, tokenizer, max_num_batched_tokens=16)
+    engine = engine_for(hf, tokenizer, max_prefill_tokens=16)
     seqs = engine.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))
     for prompt, seq in zip(PROMPTS, seqs):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,

@@ -198,7 +198,7 @@ def test_a_batch_of_every_kind_gives_each_request_its_own_tokens(hf, tokenizer, 
     write_melora(tmp_path / "me", melora_tensors(hf, 4, 2, seed=3), 4, 2)
     write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
     write_folder(tmp_path / "moe", moelora_tensors(hf, E=4, r=4, seed=2), moelora_config())
-    engine = engine_for(hf, tokenizer, max_loras=16, max_num_batched_tokens=24)
+    engine = engine_for(hf, tokenizer, max_loras=16, max_prefill_tokens=24)
     for name in ("a", "b", "me", "mix", "moe"):
         engine.add_adapter(name, tmp_path / name)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ def test_paging_prefix_hits_and_preemption_keep_every_request_exact(gated_engine
     alone = [gated_engine(hf, paths, tokenizer, enable_prefix_caching=False)
              .generate([p], PARAMS, selections=[sel])[0].output_ids for p, sel in cases]
     # 20 blocks of 16 for 7 sequences of 41-91 tokens (>= 30 blocks in all): preemption is certain
-    engine = gated_engine(hf, paths, tokenizer, num_kv_blocks=20, max_num_batched_tokens=64)
+    engine = gated_engine(hf, paths, tokenizer, num_kv_blocks=20, max_prefill_tokens=64)
     first = engine.generate([cases[0][0]], PARAMS, selections=[cases[0][1]])[0]  # caches the shared head
     seqs = [engine.add_request(p, PARAMS, selection=sel) for p, sel in cases[1:]]
     while engine.has_unfinished():

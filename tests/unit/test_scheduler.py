@@ -25,7 +25,7 @@ def step(sched: Scheduler):
 
 
 def test_budget_chunked_prefill_and_the_batch_cap():
-    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=8)
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_prefill_tokens=8)
     a, b, c = (Sequence(list(range(n)), SamplingParams()) for n in (5, 12, 3))
     for seq in (a, b, c):
         sched.add(seq)
@@ -33,18 +33,18 @@ def test_budget_chunked_prefill_and_the_batch_cap():
     assert [(s.seq, s.num_tokens) for s in batch.prefill] == [(a, 5), (b, 3)]
     assert (len(a.token_ids), len(b.token_ids)) == (6, 12)  # a sampled its first token, b did not
     assert list(sched.waiting) == [c]
-    batch = step(sched)  # decode first, then b's next chunk within the budget
+    batch = step(sched)  # a decodes (outside the prefill budget), b takes the 8 of the budget
     assert [(s.seq, s.num_tokens) for s in batch.decode] == [(a, 1)]
-    assert [(s.seq, s.num_tokens) for s in batch.prefill] == [(b, 7)]
+    assert [(s.seq, s.num_tokens) for s in batch.prefill] == [(b, 8)]
     used = sched.blocks.num_used
     sched.finish(a, FinishReason.STOP)  # frees its blocks at once: c is admitted next step
     assert sched.blocks.num_used == used - 2 and a.block_table == []
     batch = sched.schedule()
-    assert [s.seq for s in batch.prefill] == [b, c]
+    assert [s.seq for s in batch.decode] == [b] and [s.seq for s in batch.prefill] == [c]  # b: its last prompt token
 
 
 def test_admission_waits_for_blocks_not_for_a_slot_count():
-    sched = Scheduler(BlockManager(6, 4), max_num_seqs=100, max_num_batched_tokens=64)
+    sched = Scheduler(BlockManager(6, 4), max_num_seqs=100, max_prefill_tokens=64)
     short = [Sequence([i, i + 1], SamplingParams()) for i in range(0, 12, 2)]  # one block each
     long = Sequence(list(range(20)), SamplingParams())  # 5 blocks
     for seq in [*short, long]:
@@ -57,7 +57,7 @@ def test_admission_waits_for_blocks_not_for_a_slot_count():
 
 
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it():
-    sched = Scheduler(BlockManager(4, 2), max_num_seqs=8, max_num_batched_tokens=64)
+    sched = Scheduler(BlockManager(4, 2), max_num_seqs=8, max_prefill_tokens=64)
     old, new = Sequence([1, 2, 3], SamplingParams()), Sequence([4, 5, 6], SamplingParams())
     sched.add(old)
     sched.add(new)
@@ -77,7 +77,7 @@ def test_out_of_blocks_preempts_the_newest_and_recomputes_it():
 
 
 def test_a_lone_sequence_that_outgrows_the_pool_preempts_itself_and_waits():
-    sched = Scheduler(BlockManager(2, 2), max_num_seqs=8, max_num_batched_tokens=64)
+    sched = Scheduler(BlockManager(2, 2), max_num_seqs=8, max_prefill_tokens=64)
     seq = Sequence([1, 2, 3], SamplingParams())
     sched.add(seq)
     step(sched)

@@ -97,7 +97,7 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
     prompts = [list(range(5, 9 + i)) for i in range(len(requests))]
     runs = []
     for backend in ("triton", "torch"):
-        engine = engine_for(hf, tokenizer, max_loras=16, max_num_batched_tokens=64, lora_backend=backend)
+        engine = engine_for(hf, tokenizer, max_loras=16, max_prefill_tokens=64, lora_backend=backend)
         assert engine.runner.backend.name == backend
         for name in ("a", "b", "me", "mix", "moe"):
             engine.add_adapter(name, tmp_path / name)
