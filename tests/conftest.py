@@ -8,6 +8,12 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Triton kernels run under the interpreter on CPU (tests/unit/test_triton_lora.py). Triton reads
+# this when it is first imported and when @triton.jit decorates, and other packages of the suite
+# (xgrammar, torch's inductor) import triton early: set it before anything does. Not where CUDA
+# is: there the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

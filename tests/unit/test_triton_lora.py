@@ -13,22 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-# The interpreter is chosen when @triton.jit decorates, i.e. when triton and the kernel module are
-# imported, and triton checks it again at launch: set for this whole process. Not where CUDA is:
-# there the kernels run compiled (the CUDA test below) and other CUDA tests of this process must
-# not get interpreted kernels. The compile and CUDA checks run in processes without it.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-from server.engine.request import SamplingParams  # noqa: E402
-from server.lora.backends.triton import TritonBackend, ops  # noqa: E402
-from server.routing.types import AdapterRef, Selection  # noqa: E402
-from tests.unit import triton_cases as cases  # noqa: E402
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model  # noqa: E402
-from tests.unit.test_melora import melora_tensors, write_melora  # noqa: E402
+from server.engine.request import SamplingParams
+from server.lora.backends.triton import TritonBackend, ops
+from server.routing.types import AdapterRef, Selection
+from tests.unit import triton_cases as cases
+from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.test_melora import melora_tensors, write_melora
 
 ROOT = Path(__file__).resolve().parents[2]
+# tests/conftest.py sets TRITON_INTERPRET=1 for the whole run where there is no CUDA
 interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernels are compiled in this process (CUDA "
-                                 "present, or imported before this module): the CUDA test covers them")
+                                 "present): the CUDA test covers them")
 
 
 def _ids(case: tuple) -> str:
