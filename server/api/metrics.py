@@ -78,8 +78,10 @@ class Metrics:
         self._adapter_labels: set[str] = set()
         self._adapter_label_limit = adapter_label_limit
 
-    def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> None:
-        self.registry.register(EngineCollector(get_engine))
+    def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> EngineCollector:
+        collector = EngineCollector(get_engine)
+        self.registry.register(collector)
+        return collector
 
     def observe_adapters(self, report: list[dict], gate_entropy: float | None) -> None:
         """One finished request's adapters (the engine's report); a merge counts its sources."""
