@@ -366,6 +366,13 @@ def build_app(settings: Settings, replicas: int = 1, autoscaling: dict | None = 
     return ingress.bind(engine.bind(settings), settings, affinity)
 
 
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For `serve run` / a KubeRay RayService (import_path: server.deploy:app_builder): settings
+    from MOLE_* variables; args: replicas, replica_cpus, autoscaling (a dict)."""
+    return build_app(Settings(), int(args.get("replicas", 1)), args.get("autoscaling"),
+                     float(args.get("replica_cpus", 1.0)))
+
+
 def run(settings: Settings, replicas: int, autoscaling_file: str | None = None, replica_cpus: float = 1.0,
         address: str | None = None) -> int:
     """`mole-serve deploy`: connect to (or start) Ray, run the app on settings.host:port until
