@@ -60,8 +60,8 @@ def total_loads(engine) -> int:
     return sum(s.adapter_loads for _, s, _ in engine.broadcast("stats").results())
 
 
-def measure(settings: Settings, replicas: int, affinity: bool, names: list[str], concurrency: int,
-            max_tokens: int) -> dict:
+def measure(settings: Settings, replicas: int, affinity: bool, warmup: list[str], names: list[str],
+            concurrency: int, max_tokens: int) -> dict:
     serve.run(build_app(settings, replicas, replica_cpus=0.5, affinity=affinity), name=APP_NAME, route_prefix="/")
     engine = serve.get_deployment_handle(ENGINE_NAME, APP_NAME)
     url = f"http://127.0.0.1:{PORT}/v1/completions"
@@ -71,13 +71,12 @@ def measure(settings: Settings, replicas: int, affinity: bool, names: list[str],
                                        "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
 
-        for name in sorted(set(names))[:4]:  # warm-up: compile paths, first loads
-            ask(name)
-        loads = total_loads(engine)
-        start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(ask, warmup))  # the same traffic, other draws: the slots' first loads are not counted
+            loads = total_loads(engine)
+            start = time.perf_counter()
             list(pool.map(ask, names))
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
         loads = total_loads(engine) - loads
     serve.delete(APP_NAME)
     return {"replicas": replicas, "routing": "affinity" if affinity else "power-of-two",
@@ -87,7 +86,8 @@ def measure(settings: Settings, replicas: int, affinity: bool, names: list[str],
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", type=int, default=64)
-    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--warmup", type=int, default=200, help="requests before the measured ones")
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
     p.add_argument("--concurrency", type=int, default=4)
@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
                         max_loras=args.max_loras, max_cpu_loras=args.adapters, host="127.0.0.1", port=PORT)
     LLMEngine.from_settings(settings)  # fail here, not in a replica, on a bad model folder
     names = traffic(args.adapters, args.requests, args.zipf)
+    warmup = traffic(args.adapters, args.warmup, args.zipf, seed=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
-        rows = [measure(settings, r, a, names, args.concurrency, args.max_tokens)
+        rows = [measure(settings, r, a, warmup, names, args.concurrency, args.max_tokens)
                 for r, a in ((2, True), (2, False), (1, True))]
     finally:
         serve.shutdown()
