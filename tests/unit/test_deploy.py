@@ -72,3 +72,27 @@ def test_an_upload_reaches_every_replica_and_retrieval_and_a_delete_too(seen):
 
 def test_metrics_carry_a_replica_label_per_engine(seen):
     assert sorted(seen["metrics_replicas"]) == sorted(seen["replica_adapters"])
+
+
+def test_the_ingress_routes_by_the_heaviest_named_adapter_or_the_top_hit():
+    from server.deploy import route_key
+    from server.routing.types import AdapterRef, Selection
+
+    assert route_key(None) == ""
+    assert route_key(Selection("mixture", (AdapterRef("a", 0.2), AdapterRef("b", 0.8)))) == "b"
+    assert route_key(Selection("mixture", query="q", retrieved=(("c", 0.9), ("a", 0.5)))) == "c"
+    assert route_key(Selection("mixture", query="q", retrieved=())) == ""
+
+
+def test_hits_retrieved_upstream_are_used_without_embedding():
+    from server.config import Settings
+    from server.routing.selection import AdapterSelector
+    from server.routing.types import Selection
+
+    class NoRetriever:
+        def search(self, *_):
+            raise AssertionError("the engine embedded a query the ingress had retrieved")
+
+    selector = AdapterSelector(Settings(), lambda name: True, merges=None, retriever=NoRetriever())
+    sel = Selection("mixture", query="q", top_k=1, retrieved=(("c", 0.9), ("a", 0.5)))
+    assert selector.retrieve([sel]) == [[("c", 0.9)]]
