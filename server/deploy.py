@@ -43,14 +43,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from server.api.app import create_app
-from server.api.metrics import Metrics
+from server.api.metrics import Metrics, merged_exposition
 from server.config import Settings
 from server.engine.client import EngineStats
 from server.engine.request import FinishReason, SamplingParams, StepOutput
@@ -150,8 +149,9 @@ def engine_class(max_models: int) -> type:
             """(replica id, engine stats, requests per adapter)"""
             return self.replica_id, self.aeng.stats(), dict(self.aeng.engine.adapter_usage)
 
-        async def metrics_text(self) -> tuple[str, bytes]:
-            return self.replica_id, generate_latest(self.metrics.registry)
+        async def report(self) -> tuple[str, bytes, EngineStats]:
+            """(replica id, its Prometheus exposition, engine stats): what the ingress's /metrics reads."""
+            return self.replica_id, generate_latest(self.metrics.registry), self.aeng.stats()
 
         async def check_health(self) -> None:
             if self._started and not self.aeng._thread.is_alive():
@@ -271,13 +271,8 @@ class RemoteEngine:
         self.catalog.remove(name)
         await self.handle.broadcast("remove_adapter", name).results_async(timeout_s=BROADCAST_TIMEOUT_S)
 
-    async def replica_stats(self) -> list[tuple[str, EngineStats, dict[str, int]]]:
-        found = await self.handle.broadcast("stats").results_async(timeout_s=BROADCAST_TIMEOUT_S)
-        self._last_stats = [s for _, s, _ in found]
-        return found
-
     def stats(self) -> EngineStats:
-        """The replicas' stats summed, as of the last replica_stats()."""
+        """The replicas' stats summed, as of the last /metrics scrape."""
         fields = EngineStats.__dataclass_fields__
         return EngineStats(**{f: sum(getattr(s, f) for s in self._last_stats) for f in fields})
 
@@ -286,28 +281,12 @@ class RemoteEngine:
 
     async def scrape(self, ingress: Metrics) -> bytes:
         """One exposition: the ingress's collectors and each replica's, every series labelled."""
-        texts = await self.handle.broadcast("metrics_text").results_async(timeout_s=10, return_exceptions=True)
+        found = await self.handle.broadcast("report").results_async(timeout_s=10, return_exceptions=True)
+        reports = [r for r in found if not isinstance(r, BaseException)]
+        self._last_stats = [stats for _, _, stats in reports]
         sources = [("ingress", list(ingress.registry.collect()))]
-        sources += [(rid, list(text_string_to_metric_families(text.decode()))) for rid, text in
-                    (t for t in texts if not isinstance(t, BaseException))]
+        sources += [(rid, list(text_string_to_metric_families(text.decode()))) for rid, text, _ in reports]
         return merged_exposition(sources)
-
-
-def merged_exposition(sources: list[tuple[str, list[Metric]]]) -> bytes:
-    """Families of the same name from several processes merged into one, each sample given the
-    label replica=<source> (Prometheus refuses a family named twice in one exposition)."""
-    merged: dict[str, Metric] = {}
-    for replica, families in sources:
-        for fam in families:
-            into = merged.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
-            for s in fam.samples:
-                into.add_sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar)
-
-    class Collected:
-        def collect(self):
-            return merged.values()
-
-    return generate_latest(Collected())
 
 
 def build_app(settings: Settings, replicas: int = 1, autoscaling: dict | None = None, replica_cpus: float = 1.0,
