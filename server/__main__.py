@@ -52,6 +52,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy(args: argparse.Namespace) -> int:
+    """The app on Ray Serve: an ingress and engine replicas (server/deploy.py)."""
+    from server.deploy import run
+
+    overrides = {k: v for k, v in {"base_model": args.base_model, "adapters_dir": args.adapters_dir,
+                                    "device": args.device, "host": args.host, "port": args.port}.items()
+                 if v is not None}
+    return run(Settings(**overrides), args.replicas, args.autoscaling, args.replica_cpus, args.address)
+
+
 def admin(args: argparse.Namespace) -> int:
     """`upload` and `adapters list|show|delete` against a running server; prints the JSON answer."""
     import json
@@ -110,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters-dir", help="adapter library (default: adapters_store)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(func=serve)
+
+    p = sub.add_parser("deploy", help="serve on Ray Serve: engine replicas behind one OpenAI endpoint, requests "
+                                      "routed to the replica holding their adapter (needs the `ray` extra)")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--autoscaling", metavar="FILE", help="Ray Serve autoscaling_config as JSON (replaces --replicas)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--address", help="an existing Ray cluster (`auto`, or ray://host:10001); default: a local one")
+    p.add_argument("--host", help="default 127.0.0.1 (MOLE_HOST)")
+    p.add_argument("--port", type=int, help="default 8000 (MOLE_PORT)")
+    p.add_argument("--base-model", help="local HF folder, at the same path on every node")
+    p.add_argument("--adapters-dir", help="adapter library on storage every node mounts at the same path")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
+    p.set_defaults(func=deploy)
 
     p = _admin_parser(sub, "upload", "upload an adapter (PEFT folder with card.json, or .zip/.tar.gz) to a server")
     p.add_argument("path")

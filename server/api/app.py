@@ -96,7 +96,7 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.store = AdapterStore(settings.adapters_dir)
-    metrics.watch_engine(lambda: app.state.engine)
+    app.state.engine_collector = metrics.watch_engine(lambda: app.state.engine)  # (a Ray ingress drops it)
 
     @app.middleware("http")
     async def count_and_authorize(request: Request, call_next):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from server.engine.client import EngineClient
@@ -78,8 +79,10 @@ class Metrics:
         self._adapter_labels: set[str] = set()
         self._adapter_label_limit = adapter_label_limit
 
-    def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> None:
-        self.registry.register(EngineCollector(get_engine))
+    def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> EngineCollector:
+        collector = EngineCollector(get_engine)
+        self.registry.register(collector)
+        return collector
 
     def observe_adapters(self, report: list[dict], gate_entropy: float | None) -> None:
         """One finished request's adapters (the engine's report); a merge counts its sources."""
@@ -105,3 +108,20 @@ class Metrics:
         if name not in self._adapter_labels and len(self._adapter_labels) < self._adapter_label_limit:
             self._adapter_labels.add(name)
         return name if name in self._adapter_labels else "other"
+
+
+def merged_exposition(sources: list[tuple[str, list[Metric]]]) -> bytes:
+    """Families of the same name from several processes merged into one, each sample given the
+    label replica=<source> (Prometheus refuses a family named twice in one exposition)."""
+    merged: dict[str, Metric] = {}
+    for replica, families in sources:
+        for fam in families:
+            into = merged.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            for s in fam.samples:
+                into.add_sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar)
+
+    class Collected:
+        def collect(self):
+            return merged.values()
+
+    return generate_latest(Collected())

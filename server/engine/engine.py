@@ -3,6 +3,7 @@ abort); async_engine.AsyncEngine drives its step loop from a thread of its own."
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -94,16 +95,18 @@ class LLMEngine:
         return cls(model, AutoTokenizer.from_pretrained(path), settings)
 
     @classmethod
-    def from_store(cls, settings: Settings, with_gate: bool = True) -> LLMEngine:
+    def from_store(cls, settings: Settings, with_gate: bool = True, retrieval: bool = True) -> LLMEngine:
         """The base model, every adapter of settings.adapters_dir indexed for retrieval, and the
-        trained gate in its gate/ folder if there is one."""
+        trained gate in its gate/ folder if there is one. retrieval=False: no embedder (a Ray
+        replica, whose ingress retrieves and passes the hits in the Selection)."""
         from server.routing.retriever import Embedder, Retriever
 
         engine = cls.from_settings(settings)
         if settings.served_model_name:
             engine.model_name = settings.served_model_name
             engine.catalog.base_names = engine.base_names
-        engine.set_retriever(Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max))
+        if retrieval:
+            engine.set_retriever(Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max))
         for weights in engine.catalog.add_store():
             engine.pool.put(weights)
         gate_dir = Path(settings.adapters_dir) / GATE_DIR
@@ -159,7 +162,7 @@ class LLMEngine:
             if selection.top_k > self.adapter_limit:
                 raise InvalidRequest(f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per "
                                      "request", "top_k")
-            selection = Selection(selection.composition, refs, selection.query, selection.top_k, selection.merge)
+            selection = dataclasses.replace(selection, explicit=refs)
             refs = ()
         elif refs:  # in-process callers name adapters directly: a mixture of experts still runs alone
             self.selector.runs_alone([r.name for r in refs], Selection("mixture", refs))

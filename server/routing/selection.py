@@ -49,8 +49,9 @@ class AdapterSelector:
 
     def retrieve(self, selections: Seq[Selection]) -> list[list[tuple[str, float]]]:
         """Per selection, its top-k (adapter, score) over the similarity floor; one batch for all."""
-        asking = [i for i, s in enumerate(selections) if s.query is not None and not s.explicit]
-        hits: list[list[tuple[str, float]]] = [[] for _ in selections]
+        hits: list[list[tuple[str, float]]] = [list(s.retrieved[: s.top_k]) if s.retrieved is not None else []
+                                               for s in selections]
+        asking = [i for i, s in enumerate(selections) if s.query is not None and not s.explicit and s.retrieved is None]
         if not asking or self.retriever is None:
             return hits
         start = time.perf_counter()

@@ -35,13 +35,16 @@ class MergeSpec:
 class Selection:
     """How a request's adapters are chosen; the engine resolves it when the request enters (retrieval
     embeds a step's new requests together). Candidates are `explicit` when given (MoLE's branch
-    masking: the gate renormalizes over them), else the top_k retrieved for `query`."""
+    masking: the gate renormalizes over them), else the top_k retrieved for `query`, or `retrieved`
+    when retrieval already ran upstream (a Ray ingress routes by its top hit: the engine does not
+    embed the query again)."""
 
     composition: Composition
     explicit: tuple[AdapterRef, ...] = ()
     query: str | None = None
     top_k: int = 3
     merge: MergeSpec = MergeSpec()
+    retrieved: tuple[tuple[str, float], ...] | None = None  # (adapter, score), best first, over the floor
 
     def __post_init__(self) -> None:
         if self.composition not in COMPOSITIONS:
