@@ -31,10 +31,11 @@ def tiny_hf_model(kind: str = "llama", vocab_size: int = 49152, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
-def engine_for(hf_model, tokenizer, **settings) -> LLMEngine:
+def engine_for(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **settings) -> LLMEngine:
     defaults = dict(max_num_seqs=8, max_model_len=128, max_prefill_tokens=32, max_loras=8)
-    model = DecoderModel(hf_model.config, hf_model.state_dict(), torch.device("cpu"), torch.float32)
-    return LLMEngine(model, tokenizer, Settings(**{**defaults, **settings}))
+    settings = Settings(**{**defaults, **settings})
+    model = DecoderModel(hf_model.config, hf_model.state_dict(), torch.device(settings.device), dtype)
+    return LLMEngine(model, tokenizer, settings)
 
 
 def make_adapter(hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_TARGETS, alpha: int = 8,
