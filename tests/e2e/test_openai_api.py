@@ -189,6 +189,25 @@ def test_metrics_move(server, client):
     assert metric(server, "mole_batch_size_count") > 0
 
 
+def test_a_repeated_prompt_prefills_from_the_prefix_cache(server, client):
+    """The chat template's head and a long shared system turn come from cached KV blocks the second
+    time, under the same adapter only, and the answer is the same."""
+    messages = [{"role": "system", "content": "You convert numbers. " * 12},
+                {"role": "user", "content": "Write 587 in Roman numerals."}]
+
+    def ask(model: str) -> tuple[str, float]:
+        hits = metric(server, "mole_prefix_cache_hit_tokens_total")
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        return r.choices[0].message.content, metric(server, "mole_prefix_cache_hit_tokens_total") - hits
+
+    first, _ = ask("int_to_roman")
+    again, hit = ask("int_to_roman")
+    assert again == first and hit >= 48  # the system turn is ~60 tokens: at least three full blocks
+    _, other = ask("roman_to_int")  # the same tokens under another adapter: its own KV
+    assert other == 0
+    assert metric(server, "mole_kv_blocks_total") > metric(server, "mole_kv_blocks_used")
+
+
 def test_python_client_and_examples(server):
     from clients.mole_client import MoleClient
 
