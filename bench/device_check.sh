@@ -3,7 +3,7 @@
 # triton 3.6), from the repository root:
 #   1. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
 #   2. the CUDA tests: every kernel against torch_ref on the GPU (compiled, not interpreted), and
-#      our logits against transformers on the GPU in fp32 and bf16
+#      our logits against transformers on the GPU in fp32 and bf16, a gated batch against CPU
 #   3. bench.throughput in bf16 with MOLE_LORA_BACKEND=torch, then =triton, merged by
 #      bench.throughput_merge into bench/results/throughput_cuda.json (both runs, triton/torch per scenario)
 # A failing step does not stop the later ones (the figures still come back); the exit status is
@@ -25,7 +25,7 @@ unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests onl
 
 STEPS=(
   "compile|60|$PY -m tests.unit.triton_cases compile"
-  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py"
+  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py tests/unit/test_gate.py"
   "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
   "throughput_triton|120|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
 )

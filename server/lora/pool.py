@@ -86,7 +86,7 @@ class LoRAPool:
         return name in self._virtual
 
     def attach_gate(self, gate: MoLEGate) -> None:
-        self.gate = gate
+        self.gate = gate.to(self.device)  # fp32 parameters; layer_gates casts to the stacks' dtype
         self._refresh_gate_keys()
 
     def weights(self, name: str) -> AdapterWeights:

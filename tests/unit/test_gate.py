@@ -171,3 +171,16 @@ def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):
     assert select.adapters == (AdapterRef("a1", 1.0),)  # the largest prior weight
     again = engine.generate([PROMPTS[0]], params, selections=[selections[2]])[0]
     assert again.adapters == merged.adapters and engine.pool.loads == 4 + 1  # 4 adapters + 1 merge, built once
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gated_batch_on_cuda_equals_cpu(gated_engine_parts, tokenizer):
+    """The gate (loaded on CPU) runs beside the stacks on the device, as do its keys."""
+    hf, paths = gated_engine_parts
+    logits = []
+    for device in ("cpu", "cuda"):
+        engine = gated_engine(hf, paths, tokenizer, device=device, num_kv_blocks=64)
+        engine.generate(PROMPTS[:2], SamplingParams(max_tokens=1), selections=[gate_selection("a0", "a1", "a2")] * 2)
+        logits.append(engine.runner.last_logits.cpu())
+    assert (logits[0] - logits[1]).abs().max() < 1e-3
