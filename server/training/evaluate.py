@@ -14,6 +14,10 @@ trained router). Not run by default: `router`, the gate over the same retrieved 
 have an adapter in the library; out-of-domain tasks have none, so there retrieval can only bring
 neighbours. Also reported: how often retrieval's top-1 (and the gate's largest mean weight) is the
 prompt's own task adapter.
+
+Two eval sets, reported apart (server/training/tasks.py has the splits): held-out phrasings (the
+`eval` split: phrasing families and input formats no adapter trained on, on held-out inputs; the
+headline) and held-out inputs (`eval_inputs`: the training phrasings on inputs never trained on).
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ class Item:
     task: str
     prompt: str
     answer: str
+    split: str = "eval"
 
 
-def eval_set(tasks: list[str], per_task: int, seed: int = 0) -> list[Item]:
-    """per_task prompts from each task's eval split, shuffled together."""
-    items = [Item(t, p, a) for t in tasks for p, a in TASKS[t].examples("eval", per_task, seed=seed)]
+def eval_set(tasks: list[str], per_task: int, seed: int = 0, split: str = "eval") -> list[Item]:
+    """per_task prompts from each task's `split`, shuffled together."""
+    items = [Item(t, p, a, split) for t in tasks for p, a in TASKS[t].examples(split, per_task, seed=seed)]
     random.Random(seed).shuffle(items)
     return items
 
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="evaluate a running server instead of the engine in this process")
     ap.add_argument("--api-key")
-    ap.add_argument("--per-task", type=int, default=50)
+    ap.add_argument("--per-task", type=int, default=50, help="held-out-phrasing prompts per task")
+    ap.add_argument("--per-task-inputs", type=int, default=20,
+                    help="held-out-input prompts (training phrasings) per in-domain task")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--no-out-of-domain", dest="out_of_domain", action="store_false",
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     library = {t for t in adapter_dirs(settings.adapters_dir) if t in TASKS}
     if not library:
         ap.error(f"no task adapters in {settings.adapters_dir}")
-    items = eval_set(sorted(library) + (sorted(set(TASKS) - library) if args.out_of_domain else []), args.per_task)
+    items = (eval_set(sorted(library) + (sorted(set(TASKS) - library) if args.out_of_domain else []), args.per_task)
+             + eval_set(sorted(library), args.per_task_inputs, split="eval_inputs"))
     if args.url:
         def answer(mode: str) -> list[Answer]:
             return server_answers(args.url, args.api_key, items, mode, args.max_tokens, library)
@@ -192,12 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             return engine_answers(engine, items, mode, args.max_tokens, library)
 
     adapter_tasks = {name: read_card(path).get("task") for name, path in adapter_dirs(settings.adapters_dir).items()}
-    table = accuracy_table(items, {mode: answer(mode) for mode in args.modes}, library, adapter_tasks)
-    text = markdown(table)
+    answers = {mode: answer(mode) for mode in args.modes}
+    tables = {}
+    for split in ("eval", "eval_inputs"):
+        keep = [n for n, item in enumerate(items) if item.split == split]
+        tables[split] = accuracy_table([items[n] for n in keep], {m: [a[n] for n in keep] for m, a in answers.items()},
+                                       library, adapter_tasks)
+    text = (f"Held-out phrasings ({args.per_task} prompts per task: phrasing families and input formats no "
+            f"adapter trained on, held-out inputs):\n\n{markdown(tables['eval'])}\n\n"
+            f"Held-out inputs ({args.per_task_inputs} prompts per in-domain task, training phrasings):\n\n"
+            f"{markdown(tables['eval_inputs'])}")
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Exact match, {args.per_task} eval prompts per task, greedy. In-domain tasks have an adapter in "
-                   f"the library, out-of-domain tasks have none.\n\n{text}\n")
-    out.with_suffix(".json").write_text(json.dumps({"per_task": args.per_task, "accuracy": table}, indent=2) + "\n")
+    out.write_text(f"Exact match, greedy. In-domain tasks have an adapter in the library, out-of-domain tasks have "
+                   f"none.\n\n{text}\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"per_task": args.per_task, "per_task_inputs": args.per_task_inputs, "accuracy": tables["eval"],
+         "accuracy_held_out_inputs": tables["eval_inputs"]}, indent=2) + "\n")
     return 0

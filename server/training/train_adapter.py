@@ -61,7 +61,7 @@ class TrainOptions:
     stop_loss: float = 0.01  # stop early once the mean answer loss of the last 10 steps is below this
     n_eval: int = 64
     eval_batch: int = 32
-    n_card_examples: int = 20
+    n_card_examples: int = 32
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import calendar
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from server.config import Settings
 from server.engine.loader import resolve_base_model
-from server.training.tasks import TASKS
+from server.training.tasks import COMPOSITES, HELD_OUT_FRAMES, TASKS, TRAIN_FRAMES, frame, to_roman
 from server.training.train_adapter import (
     PEFT_FILES,
     TrainOptions,
@@ -45,18 +48,62 @@ def test_registry_has_enough_tasks_and_families():
     assert len({t.family for t in TASKS.values()}) >= 4
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(TASKS) + sorted(COMPOSITES))
 def test_task_is_deterministic_with_disjoint_splits(name):
-    task = TASKS[name]
-    assert len(task.templates_for("train")) >= 5 and task.templates_for("eval")
-    assert not set(task.templates_for("train")) & set(task.templates_for("eval"))
+    task = TASKS.get(name) or COMPOSITES[name]
+    train_templates, eval_templates = task.templates_for("train"), task.templates_for("eval")
+    assert len(set(train_templates)) >= 30 and len(set(eval_templates)) >= 10
+    assert not set(train_templates) & set(eval_templates)
+    assert task.templates_for("eval_inputs") == train_templates
     assert task.examples("train", 50, seed=3) == task.examples("train", 50, seed=3)
     assert task.examples("train", 50, seed=3) != task.examples("train", 50, seed=4)
-    train = {tuple(f.values()) for f, _, _ in task.draw("train", 400, seed=0)}
-    evals = task.draw("eval", 64, seed=0)
-    assert len(evals) == 64 and len({p for _, p, _ in evals}) == 64
-    assert not train & {tuple(f.values()) for f, _, _ in evals}
-    assert all(task.score(answer, answer) for _, _, answer in evals)
+    train = {key for key, _, _ in task.draw("train", 400, seed=0)}
+    for split in ("eval", "eval_inputs"):
+        held_out = task.draw(split, 64, seed=0)
+        assert len(held_out) == 64 and len({p for _, p, _ in held_out}) == 64
+        assert not train & {key for key, _, _ in held_out}  # whatever format an input was written in
+        assert all(task.score(answer, answer) for _, _, answer in held_out)
+
+
+def test_held_out_phrasings_use_frames_and_asks_no_task_trains_on():
+    for task in TASKS.values():
+        train = set(task.templates_for("train"))
+        assert not train & {frame(style, task.asks[-1]) for style in TRAIN_FRAMES} and task.questions[-1] not in train
+        for style in HELD_OUT_FRAMES:
+            assert frame(style, task.asks[0]) in task.templates_for("eval")
+
+
+def test_composite_answers_join_their_two_skills():
+    shapes = [c.shape for c in COMPOSITES.values()]
+    assert len(COMPOSITES) >= 6 and shapes.count("sequential") >= 2 and shapes.count("fused") >= 2
+    assert all(len(c.skills) == 2 and set(c.skills) <= set(TASKS) for c in COMPOSITES.values())
+    fields, answer, _ = COMPOSITES["datetime_to_text"].make(random.Random(0), "iso")
+    date, time = fields["dt"].split("T")
+    (y, m, d), (h, mi) = map(int, date.split("-")), map(int, time.split(":"))
+    assert answer == f"{calendar.month_name[m]} {d}, {y}, {h % 12 or 12}:{mi:02d} {'AM' if h < 12 else 'PM'}"
+    fields, answer, _ = COMPOSITES["sum_in_roman"].make(random.Random(3), "plain")
+    assert answer == to_roman(fields["a"] + fields["b"])
+    fields, answer, _ = COMPOSITES["reverse_then_shift"].make(random.Random(3), "word")
+    assert answer == "".join(chr((ord(c) - 96) % 26 + 97) for c in fields["w"][::-1])
+    assert COMPOSITES["sum_and_parity"].score("1133 , Odd.", "1133, odd")
+
+
+def test_inputs_come_in_the_formats_people_type():
+    reverse = TASKS["reverse_letters"]
+    prompts = [p for _, p, _ in reverse.draw("train", 300, seed=0)]
+    assert any(", " in p for p in prompts) and any(re.search(r"\b[a-z]{5,}\b", p) and "letters" in p
+                                                   for p in prompts)
+    words = {reverse.make(random.Random(s), fmt)[0]["w"] for s in range(3) for fmt in ("word", "spaced", "dash")}
+    assert any("-" in w for w in words) and any(" " in w for w in words)
+    fields, answer, key = reverse.make(random.Random(0), "comma")
+    assert answer == ", ".join(key[::-1]) and fields["w"] == ", ".join(key)
+    # a held-out format only in the held-out phrasing split
+    dashes = [p for _, p, _ in reverse.draw("eval", 200, seed=0) if re.search(r"[a-z]-[a-z]-[a-z]", p)]
+    assert dashes and not any(re.search(r"[a-z]-[a-z]-[a-z]", p) for p in prompts)
+    times = {TASKS["time_24h_to_12h"].make(random.Random(1), f)[0]["t"] for f in ("colon", "short", "compact", "h")}
+    assert len(times) == 4 and {TASKS["time_24h_to_12h"].make(random.Random(1), f)[1] for f in ("colon", "h")} == {
+        TASKS["time_24h_to_12h"].make(random.Random(1), "colon")[1]}
+    assert TASKS["odd_or_even"].make(random.Random(5), "comma")[2].isdigit()
 
 
 @pytest.mark.parametrize("name,prediction,answer", [
@@ -66,6 +113,8 @@ def test_task_is_deterministic_with_disjoint_splits(name):
     ("number_to_words", "Five hundred and twenty one", "five hundred twenty-one"),
     ("reverse_letters", "xbdc", "x b d c"),
     ("sort_letters", "B, C, D", "b c d"),
+    ("sort_letters", "b-c-d", "bcd"),
+    ("number_to_words", "Two thousand, forty-one", "two thousand forty-one"),
     ("time_24h_to_12h", "2:05 p.m.", "2:05 PM"),
     ("iso_date_to_text", "march 5, 2024.", "March 5, 2024"),
     ("kv_to_json", '```json\n{"age":31,"name":"Bob"}\n```', '{"name": "Bob", "age": 31}'),
