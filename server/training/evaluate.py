@@ -15,6 +15,12 @@ have an adapter in the library; out-of-domain tasks have none, so there retrieva
 neighbours. Also reported: how often retrieval's top-1 (and the gate's largest mean weight) is the
 prompt's own task adapter.
 
+`--composite` evaluates the composite tasks (one answer needs two library skills; no adapter trained
+on them) in modes `base`, `skill_a` / `skill_b` (each needed adapter alone; `best_single` is the
+better per task), `select` / `mixture` / `gate` through `auto` (with how often retrieval brings both
+skills), `pair_gate` (the two named adapters under the gate: branch masking) and the static merges
+`merge_linear` and `merge_ties` of the two.
+
 Two eval sets, reported apart (server/training/tasks.py has the splits): held-out phrasings (the
 `eval` split: phrasing families and input formats no adapter trained on, on held-out inputs; the
 headline) and held-out inputs (`eval_inputs`: the training phrasings on inputs never trained on).
@@ -31,7 +37,7 @@ from pathlib import Path
 
 from server.config import Settings
 from server.library.store import adapter_dirs, read_card
-from server.training.tasks import TASKS
+from server.training.tasks import COMPOSITES, TASKS
 from server.training.train_adapter import build_chat
 
 # one adapter for every prompt, by name
@@ -39,6 +45,9 @@ BY_NAME = {"multitask_lora": "multitask-lora", "mixlora": "multitask-mixlora", "
 MODES = ("base", "oracle", "select", "mixture", "gate", "router", *BY_NAME)
 DEFAULT_MODES = MODES[:5]
 RETRIEVAL_MODES = ("select", "mixture", "gate")
+COMPOSITE_MODES = ("base", "skill_a", "skill_b", "select", "mixture", "gate", "pair_gate", "merge_linear", "merge_ties")
+ALL_TASKS = {**TASKS, **COMPOSITES}
+TIES_DENSITY = 0.5
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Item:
 
 def eval_set(tasks: list[str], per_task: int, seed: int = 0, split: str = "eval") -> list[Item]:
     """per_task prompts from each task's `split`, shuffled together."""
-    items = [Item(t, p, a, split) for t in tasks for p, a in TASKS[t].examples(split, per_task, seed=seed)]
+    items = [Item(t, p, a, split) for t in tasks for p, a in ALL_TASKS[t].examples(split, per_task, seed=seed)]
     random.Random(seed).shuffle(items)
     return items
 
@@ -60,6 +69,7 @@ def eval_set(tasks: list[str], per_task: int, seed: int = 0, split: str = "eval"
 class Answer:
     text: str
     top_adapter: str | None  # retrieval's top-1 (select, mixture) or the gate's largest mean weight
+    adapters: tuple[str, ...] = ()  # every adapter the request ran with
 
 
 def top_adapter(report: list[dict]) -> str | None:
@@ -67,6 +77,27 @@ def top_adapter(report: list[dict]) -> str | None:
         return None
     key = "gate_weight" if "gate_weight" in report[0] else "score" if "score" in report[0] else "weight"
     return max(report, key=lambda a: a.get(key, 0))["name"]
+
+
+def selection(mode: str, item: Item, library: set[str], top_k: int):
+    """The adapters `mode` gives one item (None: the base model alone); `router` is resolved apart."""
+    from server.routing.types import AdapterRef, MergeSpec, Selection
+
+    skills = tuple(AdapterRef(s) for s in ALL_TASKS[item.task].skills)
+    if mode == "oracle":
+        return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
+    if mode in RETRIEVAL_MODES:
+        return Selection(mode, query=item.prompt, top_k=top_k)
+    if mode in BY_NAME:
+        return Selection("mixture", (AdapterRef(BY_NAME[mode]),))
+    if mode in ("skill_a", "skill_b"):
+        return Selection("mixture", (skills[mode == "skill_b"],))
+    if mode == "pair_gate":
+        return Selection("gate", skills)
+    if mode.startswith("merge_"):
+        strategy = mode.removeprefix("merge_")
+        return Selection("merge", skills, merge=MergeSpec(strategy, TIES_DENSITY if strategy == "ties" else 1.0))
+    return None
 
 
 def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, library: set[str]) -> list[Answer]:
@@ -77,25 +108,32 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
     tok = engine.tokenizer
     prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for i in items]
-
-    def selection(item: Item) -> Selection | None:
-        if mode == "oracle":
-            return Selection("mixture", (AdapterRef(item.task),)) if item.task in library else None
-        if mode in RETRIEVAL_MODES:
-            return Selection(mode, query=item.prompt, top_k=engine.settings.retrieval_top_k)
-        if mode in BY_NAME:
-            return Selection("mixture", (AdapterRef(BY_NAME[mode]),))
-        return None
-
     if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
         hits = engine.catalog.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
                                        engine.settings.retrieval_floor)
         selections = [Selection("gate", tuple(AdapterRef(name) for name, _ in h)) if h else None for h in hits]
     else:
-        selections = [selection(i) for i in items]
+        selections = [selection(mode, i, library, engine.settings.retrieval_top_k) for i in items]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
-    return [Answer(tok.decode(s.output_ids, skip_special_tokens=True), top_adapter(s.report()))
-            for s in seqs]
+    return [answer_of(tok.decode(s.output_ids, skip_special_tokens=True), s.report()) for s in seqs]
+
+
+def answer_of(text: str, report: list[dict]) -> Answer:
+    return Answer(text, top_adapter(report), tuple(a["name"] for a in report))
+
+
+def request_body(sel, base: str) -> tuple[str, dict]:
+    """The OpenAI request (model, extra body) that asks the server for `sel`."""
+    if sel is None:
+        return base, {}
+    if not sel.explicit:
+        return "auto", {"composition": sel.composition}
+    if len(sel.explicit) == 1 and sel.composition == "mixture":
+        return sel.explicit[0].name, {}
+    extra = {"composition": sel.composition, "adapters": [a.name for a in sel.explicit]}
+    if sel.composition == "merge":
+        extra["merge"] = {"strategy": sel.merge.strategy, "density": sel.merge.density}
+    return "auto", extra
 
 
 def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, max_tokens: int,
@@ -111,15 +149,13 @@ def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, 
                                               temperature=0, extra_body=extra)
 
     def ask(item: Item) -> Answer:
-        model = ("auto" if mode in RETRIEVAL_MODES else item.task if mode == "oracle" and item.task in library
-                 else BY_NAME.get(mode, base))
-        extra = {"composition": mode} if mode in RETRIEVAL_MODES else {}
+        model, extra = request_body(selection(mode, item, library, 3), base)
         if mode == "router":  # the mixture's report lists retrieval's candidates, then they go by name
             found = complete(item, "auto", {"composition": "mixture"}, 1).model_extra.get("adapters") or []
             if found:
                 model, extra = "auto", {"composition": "gate", "adapters": [a["name"] for a in found]}
         r = complete(item, model, extra, max_tokens)
-        return Answer(r.choices[0].message.content, top_adapter(r.model_extra.get("adapters") or []))
+        return answer_of(r.choices[0].message.content, r.model_extra.get("adapters") or [])
 
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(ask, items))
@@ -135,7 +171,7 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
     for mode, preds in answers.items():
         hits: dict[str, list[bool]] = {}
         for item, pred in zip(items, preds):
-            hits.setdefault(item.task, []).append(TASKS[item.task].score(pred.text, item.answer))
+            hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
         per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items(), key=lambda th: (th[0] not in library, th[0]))}
         row: dict = dict(per_task)
         for domain, tasks in (("in", [t for t in per_task if t in library]), ("out", [t for t in per_task
@@ -149,6 +185,27 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
         if mode == "oracle":
             row = {t: v for t, v in row.items() if t in library or t.startswith("mean_in")}
         table[mode] = row
+    return table
+
+
+def composite_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str, dict]:
+    """mode -> composite task -> accuracy, and the mean over tasks; `best_single` is per task the
+    better of the two skills alone; mixture and gate report the share of prompts whose retrieved
+    candidates hold both skills (select runs the top-1 alone by design)."""
+    table: dict[str, dict] = {}
+    for mode, preds in answers.items():
+        hits: dict[str, list[bool]] = {}
+        for item, pred in zip(items, preds):
+            hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
+        row: dict = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+        row["mean"] = sum(row.values()) / len(row)
+        if mode in ("mixture", "gate"):
+            both = [set(ALL_TASKS[i.task].skills) <= set(p.adapters) for i, p in zip(items, preds)]
+            row["both_skills_retrieved"] = sum(both) / len(both)
+        table[mode] = row
+    if "skill_a" in table and "skill_b" in table:
+        best = {t: max(table["skill_a"][t], table["skill_b"][t]) for t in table["skill_a"] if t != "mean"}
+        table["best_single"] = {**best, "mean": sum(best.values()) / len(best)}
     return table
 
 
@@ -170,21 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=50, help="held-out-phrasing prompts per task")
     ap.add_argument("--per-task-inputs", type=int, default=20,
                     help="held-out-input prompts (training phrasings) per in-domain task")
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
+    ap.add_argument("--modes", nargs="+", choices=sorted(set(MODES + COMPOSITE_MODES)),
+                    help=f"default: {' '.join(DEFAULT_MODES)}; with --composite: {' '.join(COMPOSITE_MODES)}")
+    ap.add_argument("--composite", action="store_true", help="the composite tasks (two skills per answer)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--no-out-of-domain", dest="out_of_domain", action="store_false",
                     help="skip the tasks without an adapter in the library")
-    ap.add_argument("--out", default="bench/results/eval.md", help="markdown table; JSON is written beside it")
+    ap.add_argument("--out", help="markdown table, JSON beside it (default bench/results/eval.md, or "
+                                  "eval_composite.md with --composite)")
     ap.add_argument("--extra-adapters", type=Path, default=Path("bench/results/multitask"),
                     help="in-process: adapter folders to add beside the store's (the multitask_lora baseline)")
     args = ap.parse_args(argv)
+    modes = args.modes or list(COMPOSITE_MODES if args.composite else DEFAULT_MODES)
+    out = Path(args.out or f"bench/results/{'eval_composite' if args.composite else 'eval'}.md")
 
     settings = Settings()
     library = {t for t in adapter_dirs(settings.adapters_dir) if t in TASKS}
-    if not library:
-        ap.error(f"no task adapters in {settings.adapters_dir}")
-    items = (eval_set(sorted(library) + (sorted(set(TASKS) - library) if args.out_of_domain else []), args.per_task)
-             + eval_set(sorted(library), args.per_task_inputs, split="eval_inputs"))
+    needed = {s for c in COMPOSITES.values() for s in c.skills} if args.composite else set()
+    if not library or not needed <= library:
+        ap.error(f"the task adapters {sorted(needed) or ''} are not all in {settings.adapters_dir}")
+    if args.composite:
+        items = eval_set(sorted(COMPOSITES), args.per_task)
+    else:
+        items = (eval_set(sorted(library) + (sorted(set(TASKS) - library) if args.out_of_domain else []),
+                          args.per_task) + eval_set(sorted(library), args.per_task_inputs, split="eval_inputs"))
     if args.url:
         def answer(mode: str) -> list[Answer]:
             return server_answers(args.url, args.api_key, items, mode, args.max_tokens, library)
@@ -199,23 +265,29 @@ def main(argv: list[str] | None = None) -> int:
         def answer(mode: str) -> list[Answer]:
             return engine_answers(engine, items, mode, args.max_tokens, library)
 
-    adapter_tasks = {name: read_card(path).get("task") for name, path in adapter_dirs(settings.adapters_dir).items()}
-    answers = {mode: answer(mode) for mode in args.modes}
-    tables = {}
-    for split in ("eval", "eval_inputs"):
-        keep = [n for n, item in enumerate(items) if item.split == split]
-        tables[split] = accuracy_table([items[n] for n in keep], {m: [a[n] for n in keep] for m, a in answers.items()},
-                                       library, adapter_tasks)
-    text = (f"Held-out phrasings ({args.per_task} prompts per task: phrasing families and input formats no "
-            f"adapter trained on, held-out inputs):\n\n{markdown(tables['eval'])}\n\n"
-            f"Held-out inputs ({args.per_task_inputs} prompts per in-domain task, training phrasings):\n\n"
-            f"{markdown(tables['eval_inputs'])}")
-    print(text)
-    out = Path(args.out)
+    answers = {mode: answer(mode) for mode in modes}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Exact match, greedy. In-domain tasks have an adapter in the library, out-of-domain tasks have "
-                   f"none.\n\n{text}\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"per_task": args.per_task, "per_task_inputs": args.per_task_inputs, "accuracy": tables["eval"],
-         "accuracy_held_out_inputs": tables["eval_inputs"]}, indent=2) + "\n")
+    if args.composite:
+        table = composite_table(items, answers)
+        text = (f"Composite tasks, {args.per_task} held-out prompts each (held-out phrasings and inputs), exact "
+                f"match, greedy; no adapter trained on them.\n\n{markdown(table)}")
+        payload = {"per_task": args.per_task, "accuracy": table,
+                   "skills": {c.name: [*c.skills, c.shape] for c in COMPOSITES.values()}}
+    else:
+        adapter_tasks = {n: read_card(path).get("task") for n, path in adapter_dirs(settings.adapters_dir).items()}
+        tables = {}
+        for split in ("eval", "eval_inputs"):
+            keep = [n for n, item in enumerate(items) if item.split == split]
+            tables[split] = accuracy_table([items[n] for n in keep], {m: [a[n] for n in keep] for m, a in
+                                                                      answers.items()}, library, adapter_tasks)
+        text = (f"Exact match, greedy. In-domain tasks have an adapter in the library, out-of-domain tasks have "
+                f"none.\n\nHeld-out phrasings ({args.per_task} prompts per task: phrasing families and input "
+                f"formats no adapter trained on, held-out inputs):\n\n{markdown(tables['eval'])}\n\n"
+                f"Held-out inputs ({args.per_task_inputs} prompts per in-domain task, training phrasings):\n\n"
+                f"{markdown(tables['eval_inputs'])}")
+        payload = {"per_task": args.per_task, "per_task_inputs": args.per_task_inputs, "accuracy": tables["eval"],
+                   "accuracy_held_out_inputs": tables["eval_inputs"]}
+    print(text)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     return 0

@@ -7,7 +7,18 @@ import torch
 from server.engine.request import SamplingParams
 from server.lora.gate import GateConfig, MoLEGate
 from server.routing.types import AdapterRef, Selection
-from server.training.evaluate import Answer, accuracy_table, engine_answers, eval_set, markdown, top_adapter
+from server.training.evaluate import (
+    Answer,
+    accuracy_table,
+    composite_table,
+    engine_answers,
+    eval_set,
+    markdown,
+    request_body,
+    selection,
+    top_adapter,
+)
+from server.training.tasks import COMPOSITES, TASKS
 from server.training.train_adapter import build_chat
 from tests.unit.helpers import task_library_engine
 
@@ -66,3 +77,31 @@ def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path,
     router = [a.text for a in engine_answers(engine, items, "router", 6, set(library))]
     gated = [a.text for a in engine_answers(engine, items, "gate", 6, set(library))]
     assert router == uniform and gated != uniform  # the two priors differ enough to change tokens
+
+
+def test_composite_modes_ask_for_the_two_skills_and_score_best_single():
+    items = eval_set(["sum_in_roman", "reverse_then_shift"], per_task=4)
+    item = next(i for i in items if i.task == "sum_in_roman")
+    library = set(TASKS)
+    names = lambda sel: tuple(a.name for a in sel.explicit)  # noqa: E731
+    assert names(selection("skill_a", item, library, 3)) == ("add_3digit",)
+    assert names(selection("skill_b", item, library, 3)) == ("int_to_roman",)
+    pair = selection("pair_gate", item, library, 3)
+    assert pair.composition == "gate" and names(pair) == ("add_3digit", "int_to_roman")
+    ties = selection("merge_ties", item, library, 3)
+    assert (ties.composition, ties.merge.strategy, ties.merge.density) == ("merge", "ties", 0.5)
+    assert selection("merge_linear", item, library, 3).merge.density == 1.0
+    assert selection("base", item, library, 3) is None
+    # the same selections as OpenAI requests
+    assert request_body(None, "base-model") == ("base-model", {})
+    assert request_body(selection("skill_b", item, library, 3), "b") == ("int_to_roman", {})
+    assert request_body(selection("gate", item, library, 3), "b") == ("auto", {"composition": "gate"})
+    assert request_body(ties, "b") == ("auto", {"composition": "merge", "adapters": ["add_3digit", "int_to_roman"],
+                                               "merge": {"strategy": "ties", "density": 0.5}})
+    right = [Answer(i.answer, None, COMPOSITES[i.task].skills) for i in items]
+    wrong = [Answer("no", None, COMPOSITES[i.task].skills[:1]) for i in items]
+    half = [Answer(i.answer if i.task == "sum_in_roman" else "no", None) for i in items]
+    table = composite_table(items, {"skill_a": wrong, "skill_b": half, "mixture": right, "gate": wrong})
+    assert table["best_single"] == {"reverse_then_shift": 0.0, "sum_in_roman": 1.0, "mean": 0.5}
+    assert table["mixture"]["both_skills_retrieved"] == 1.0 and table["gate"]["both_skills_retrieved"] == 0.0
+    assert table["mixture"]["mean"] == 1.0 and "both_skills_retrieved" not in table["skill_a"]
