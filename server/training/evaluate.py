@@ -178,7 +178,7 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
                                                                                        if t not in library])):
             if tasks and not (mode == "oracle" and domain == "out"):
                 row[f"mean_{domain}_domain"] = sum(per_task[t] for t in tasks) / len(tasks)
-        if mode in (*RETRIEVAL_MODES, "router"):
+        if mode.removesuffix("_fewshot") in (*RETRIEVAL_MODES, "router"):
             own = [adapter_tasks.get(p.top_adapter, p.top_adapter) == i.task for i, p in zip(items, preds)
                    if i.task in library]
             row["top1_is_own_adapter"] = sum(own) / len(own)
@@ -199,7 +199,7 @@ def composite_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict
             hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
         row: dict = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
         row["mean"] = sum(row.values()) / len(row)
-        if mode in ("mixture", "gate"):
+        if mode in ("mixture", "gate", "gate_fewshot"):
             both = [set(ALL_TASKS[i.task].skills) <= set(p.adapters) for i, p in zip(items, preds)]
             row["both_skills_retrieved"] = sum(both) / len(both)
         table[mode] = row
@@ -235,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the tasks without an adapter in the library")
     ap.add_argument("--out", help="markdown table, JSON beside it (default bench/results/eval.md, or "
                                   "eval_composite.md with --composite)")
+    ap.add_argument("--fewshot-gate", type=Path, help="in-process: then run the gate modes again with this gate "
+                    "(`mole-serve train-gate --composite-per-task N --out DIR`), as gate_fewshot, pair_gate_fewshot")
     ap.add_argument("--extra-adapters", type=Path, default=Path("bench/results/multitask"),
                     help="in-process: adapter folders to add beside the store's (the multitask_lora baseline)")
     args = ap.parse_args(argv)
     modes = args.modes or list(COMPOSITE_MODES if args.composite else DEFAULT_MODES)
+    if args.fewshot_gate and args.url:
+        ap.error("--fewshot-gate runs in-process: a server serves its own gate")
     out = Path(args.out or f"bench/results/{'eval_composite' if args.composite else 'eval'}.md")
 
     settings = Settings()
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             return engine_answers(engine, items, mode, args.max_tokens, library)
 
     answers = {mode: answer(mode) for mode in modes}
+    if args.fewshot_gate:
+        engine.load_gate(args.fewshot_gate)
+        for mode in [m for m in ("gate", "pair_gate") if m in modes]:
+            answers[f"{mode}_fewshot"] = answer(mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.composite:
         table = composite_table(items, answers)

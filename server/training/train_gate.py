@@ -9,6 +9,12 @@ the examples come with a uniform prior so the router learns to choose without re
 the others with a flattened one. Loss = LM loss on the answer + balance_weight x MoLE's balance
 loss + route_weight x a supervised routing loss (the true adapter of each example is known),
 on the tokens that predict the answer.
+
+`--composite-per-task N` fine-tunes a trained gate (`--init`, default the store's) on N examples of
+each composite task (LoRA-Flow's few-shot setting: the library adapters stay frozen), whose answers
+need two adapters: both are forced into the candidates and the routing loss rewards their summed
+weight; `--replay` of the examples are the library's single tasks, so the single-task routing is
+not forgotten. `--out` names the folder (default: the store's gate/).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from server.library.store import GATE_DIR, replace_folder
 from server.lora.gate import GateConfig, MoLEGate, balance_loss
 from server.routing.selection import softmax
 from server.training.options import options_parser, parse_options
-from server.training.tasks import TASKS, task_library
+from server.training.tasks import COMPOSITES, TASKS, task_library
 from server.training.train_adapter import encode
 
 
@@ -56,6 +62,9 @@ class GateTrainOptions:
     # the router near chance on uniform-prior examples (train top-1 0.78 after 800 steps).
     route_weight: float = 1.0
     seed: int = 0
+    composite_per_task: int = 0  # > 0: few-shot fine-tuning on the composite tasks (see the docstring)
+    replay: float = 0.5  # few-shot: share of the examples drawn from the library's single tasks
+    init: str = ""  # few-shot: the gate folder to start from (default: the store's gate/)
 
 
 @dataclass
@@ -64,19 +73,22 @@ class Example:
     num_prompt: int
     candidates: list[str]
     priors: list[float]  # softmax(cosine / a jittered temperature) over the candidates, or uniform
-    true: str
+    true: tuple[str, ...]  # the adapters the answer needs: one, or a composite task's two
 
 
-def candidate_sets(prompts_true: list[tuple[str, str]], names: list[str], retrieved: list[list[str]],
+def candidate_sets(trues: list[tuple[str, ...]], names: list[str], retrieved: list[list[str]],
                    opts: GateTrainOptions, rng: random.Random) -> list[list[str]]:
-    """Per (prompt, true adapter): the true adapter plus 1..top_k-1 distractors, shuffled."""
+    """Per example: its true adapters plus distractors up to top_k (at least 2 candidates), shuffled."""
     sets = []
-    for (_, true), hits in zip(prompts_true, retrieved):
-        others = [n for n in hits if n != true][: opts.top_k - 1]
+    for true, hits in zip(trues, retrieved):
+        room = max(opts.top_k - len(true), 0)
+        others = [n for n in hits if n not in true][:room]
         if rng.random() < opts.random_sets:
-            others = rng.sample([n for n in names if n != true], opts.top_k - 1)
-        kept = [n for n in others if rng.random() >= opts.dropout] or others[:1]  # at least 2 candidates
-        cands = [true, *kept]
+            others = rng.sample([n for n in names if n not in true], room)
+        kept = [n for n in others if rng.random() >= opts.dropout]
+        if len(true) + len(kept) < 2:
+            kept = others[:1]
+        cands = [*true, *kept]
         rng.shuffle(cands)
         sets.append(cands)
     return sets
@@ -115,7 +127,7 @@ class UsageTracker:
 
 def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTracker
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(LM loss, balance loss, routing loss, share of examples whose true adapter got the largest
+    """(LM loss, balance loss, routing loss, share of examples where a true adapter got the largest
     mean weight on the answer-predicting tokens)."""
     rows, targets = answer_rows(examples)
     dev = engine.model.device
@@ -133,25 +145,37 @@ def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTra
     hits, route = 0, []
     for i, (ex, w) in enumerate(zip(examples, answer_weights)):
         w = w[..., stats.seq_columns[i]]  # [layers, answer tokens, k] in candidate order
-        hits += ex.candidates[int(w.mean((0, 1)).argmax())] == ex.true
-        route.append(-w[..., ex.candidates.index(ex.true)].clamp_min(1e-9).log().mean())
+        hits += ex.candidates[int(w.mean((0, 1)).argmax())] in ex.true
+        true_mass = w[..., [ex.candidates.index(t) for t in ex.true]].sum(-1)
+        route.append(-true_mass.clamp_min(1e-9).log().mean())
         means = stats.seq_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
         for name, m in zip(ex.candidates, means):
             per_adapter.setdefault(name, []).append(m)
     return lm, usage.balance(per_adapter), torch.stack(route).mean(), hits / len(examples)
 
 
-def make_examples(engine, retriever, library: dict[str, str], n: int, opts: GateTrainOptions) -> list[Example]:
-    """n training examples spread evenly over the library's tasks (library: task -> adapter)."""
-    rng = random.Random(opts.seed)
+def task_pairs(library: dict[str, str], n: int, seed: int) -> list[tuple[str, str, tuple[str, ...]]]:
+    """n (prompt, answer, true adapters) spread evenly over the library's tasks (task -> adapter)."""
     per_task = -(-n // len(library))
-    pairs = [(p, a, name) for task, name in library.items()
-             for p, a in TASKS[task].examples("train", per_task, seed=opts.seed + 1)]
-    rng.shuffle(pairs)
-    pairs = pairs[:n]
+    pairs = [(p, a, (name,)) for task, name in library.items()
+             for p, a in TASKS[task].examples("train", per_task, seed=seed)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n]
+
+
+def composite_pairs(library: dict[str, str], per_task: int, seed: int) -> list[tuple[str, str, tuple[str, ...]]]:
+    """per_task training examples of each composite task whose two skills the library holds."""
+    return [(p, a, tuple(library[s] for s in c.skills)) for c in COMPOSITES.values()
+            if set(c.skills) <= set(library) for p, a in c.examples("train", per_task, seed=seed)]
+
+
+def make_examples(engine, retriever, pairs: list[tuple[str, str, tuple[str, ...]]], names: list[str],
+                  opts: GateTrainOptions) -> list[Example]:
+    """Examples of (prompt, answer, true adapters): candidates from retrieval, priors as the docstring says."""
+    rng = random.Random(opts.seed)
     queries = retriever.embedder.encode([p for p, _, _ in pairs])  # [n, dim], unit norm
     retrieved = [[name for name, _ in hits] for hits in retriever.search_vectors(queries, opts.top_k)]
-    sets = candidate_sets([(p, t) for p, _, t in pairs], sorted(library.values()), retrieved, opts, rng)
+    sets = candidate_sets([t for _, _, t in pairs], names, retrieved, opts, rng)
     tok = engine.tokenizer
     t_min = engine.settings.mixture_temperature
     t_max = max(opts.prior_temperature_max, t_min)
@@ -165,16 +189,31 @@ def make_examples(engine, retriever, library: dict[str, str], n: int, opts: Gate
     return examples
 
 
-def train_gate(engine, retriever, opts: GateTrainOptions) -> tuple[MoLEGate, dict]:
-    """Train a gate over every adapter in the engine's pool that has a task card; returns it and its log."""
+def training_pairs(library: dict[str, str], opts: GateTrainOptions) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The library's single tasks, or with composite_per_task the composite examples plus replay."""
+    if not opts.composite_per_task:
+        return task_pairs(library, opts.steps * opts.batch, opts.seed + 1)
+    few = composite_pairs(library, opts.composite_per_task, opts.seed + 1)
+    if not few:
+        raise SystemExit("no composite task has both of its skills in the library")
+    replay = task_pairs(library, round(len(few) * opts.replay / (1 - opts.replay)), opts.seed + 2)
+    pairs = few + replay
+    random.Random(opts.seed).shuffle(pairs)
+    # epochs over the few-shot set until opts.steps batches
+    return [pairs[i % len(pairs)] for i in range(opts.steps * opts.batch)]
+
+
+def train_gate(engine, retriever, opts: GateTrainOptions, init: MoLEGate | None = None) -> tuple[MoLEGate, dict]:
+    """Train a gate over every adapter in the engine's pool that has a task card (from `init` when
+    given: few-shot fine-tuning); returns it and its log."""
     library = task_library(engine.settings.adapters_dir)
     if len(library) < 2:
         raise SystemExit(f"a gate needs at least 2 task adapters in {engine.settings.adapters_dir}")
     torch.manual_seed(opts.seed)
     base = Path(engine.model.config.name_or_path or "base").name
     config = GateConfig.for_base(base, engine.model.lora_spec(), rank=opts.rank, temperature=opts.temperature)
-    gate = MoLEGate(config)
-    examples = make_examples(engine, retriever, library, opts.steps * opts.batch, opts)
+    gate = init.requires_grad_(True) if init is not None else MoLEGate(config)
+    examples = make_examples(engine, retriever, training_pairs(library, opts), sorted(library.values()), opts)
     optim = torch.optim.Adam(gate.parameters(), lr=opts.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.steps, pct_start=0.1)
     log: list[dict] = []
@@ -217,14 +256,21 @@ def save_gate(gate: MoLEGate, log: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = options_parser("mole-serve train-gate", "Train the MoLE router on the library.", GateTrainOptions)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", type=Path, default=None, help="gate folder to write (default: the store's gate/)")
     opts, args = parse_options(p, GateTrainOptions, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from server.engine.engine import LLMEngine
 
     engine = LLMEngine.from_store(Settings(adapters_dir=args.adapters_dir), with_gate=False)
-    gate, log = train_gate(engine, engine.catalog.retriever, opts)
-    save_gate(gate, log, args.adapters_dir / GATE_DIR)
+    init = None
+    if opts.composite_per_task:
+        if not 0 <= opts.replay < 1:
+            p.error("--replay must be in [0, 1)")
+        engine.load_gate(Path(opts.init) if opts.init else args.adapters_dir / GATE_DIR)
+        init = engine.pool.gate
+    gate, log = train_gate(engine, engine.catalog.retriever, opts, init)
+    save_gate(gate, log, args.out or args.adapters_dir / GATE_DIR)
     print(json.dumps(log["summary"], indent=2))
     return 0
 

@@ -3,6 +3,7 @@ router's parameters move, the losses are finite, and the saved gate loads back i
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -10,19 +11,21 @@ import torch
 
 from server.library.store import GATE_DIR
 from server.lora.gate import GateConfig, MoLEGate
-from server.training.tasks import TASKS
+from server.training.tasks import COMPOSITES, TASKS
 from server.training.train_adapter import encode
 from server.training.train_gate import (
     Example,
     GateTrainOptions,
     UsageTracker,
+    candidate_sets,
     save_gate,
     step_losses,
     train_gate,
+    training_pairs,
 )
 from tests.unit.helpers import task_library_engine
 
-LIBRARY = ("int_to_roman", "roman_to_int", "odd_or_even")
+LIBRARY = ("int_to_roman", "add_3digit", "odd_or_even")  # two composite tasks need two of them
 
 
 @pytest.fixture
@@ -35,6 +38,10 @@ def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
     opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05, prior_temperature_max=1.0, route_weight=1.0)
     gate, log = train_gate(engine, engine.catalog.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
+    # few-shot: fine-tuned from that gate on the composite task whose skills the library holds
+    tuned, log = train_gate(engine, engine.catalog.retriever, GateTrainOptions(
+        steps=2, batch=2, composite_per_task=2, lr=0.05), init=MoLEGate(gate.config).requires_grad_(False))
+    assert len(log["steps"]) == 2 and all(math.isfinite(s["route"]) for s in log["steps"])
     assert all(torch.isfinite(torch.tensor([s["lm"], s["balance"], s["route"]])).all() for s in log["steps"])
     torch.manual_seed(opts.seed)
     untrained = MoLEGate(gate.config)  # train_gate's init: drawn first under the same seed
@@ -71,9 +78,31 @@ def test_routing_loss_reads_the_true_adapters_weight_on_the_answer_tokens(librar
     tok = engine.tokenizer
     priors = [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.3, 0.2, 0.5]]  # over each example's candidates in order
     # the same true adapter at a different place in each candidate order: first, last, middle
-    examples = [Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i], LIBRARY[0])
+    examples = [Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i],
+                        (LIBRARY[0],))
                 for i, (p, a) in enumerate(TASKS["odd_or_even"].examples("train", 3))]
     _, _, route, top1 = step_losses(engine, gate, examples, UsageTracker())
     assert route.item() == pytest.approx(-np.log([0.7, 0.4, 0.2]).mean(), rel=1e-4)
     assert top1 == pytest.approx(1 / 3)  # the true adapter has the largest prior only in the first
+    # a composite answer needs two: the loss reads their summed weight, a hit is either on top
+    for ex in examples:
+        ex.true = (LIBRARY[0], LIBRARY[1])
+    _, _, route, top1 = step_losses(engine, gate, examples, UsageTracker())
+    assert route.item() == pytest.approx(-np.log([0.7 + 0.2, 0.4 + 0.5, 0.2 + 0.5]).mean(), rel=1e-4)
+    assert top1 == 1.0
+
+
+def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
+    library = {t: t for t in TASKS}
+    opts = GateTrainOptions(steps=10, batch=6, composite_per_task=4, replay=0.5, top_k=3, dropout=1.0,
+                            random_sets=0.0)
+    pairs = training_pairs(library, opts)
+    assert len(pairs) == 60
+    few = {(p, t) for p, _, t in pairs if len(t) == 2}
+    assert len(few) == 4 * len(COMPOSITES) and {t for _, t in few} == {c.skills for c in COMPOSITES.values()}
+    assert sum(len(t) == 1 for _, _, t in pairs[:48]) == 24  # replay: as many single-task examples
+    names = sorted(library)
+    sets = candidate_sets([("a", "b"), ("a",)], names, [["c", "a", "d"], ["a", "b", "c"]], opts, random.Random(0))
+    assert sorted(sets[0]) == ["a", "b"]  # every distractor dropped (dropout 1): the two true remain
+    assert sorted(sets[1]) == ["a", "b"]  # a single true adapter keeps one distractor
 
