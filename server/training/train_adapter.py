@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ class TrainOptions:
     n_eval: int = 64
     eval_batch: int = 32
     n_card_examples: int = 32
+    resume: str = ""  # lora: continue training the adapter in this folder (a fresh schedule)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -217,6 +218,10 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
     start = time.perf_counter()
     losses = train_lora(trained, tokenizer, train_pairs, opts, extra_loss)
     wall = time.perf_counter() - start
+    steps_before, wall_before = 0, 0.0
+    if opts.resume:  # the card counts the whole training
+        previous = json.loads((Path(opts.resume) / "card.json").read_text())
+        steps_before, wall_before = previous["steps"], previous["wall_time_s"]
     adapter_acc = {t: accuracy(trained, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
     task = TASKS[tasks[0]]
     card = {
@@ -230,8 +235,8 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "examples": list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples],
         "system_prompt": SYSTEM_PROMPT,
         "training": {k: v for k, v in asdict(opts).items() if k != "eval_batch"},
-        "steps": len(losses),
-        "wall_time_s": round(wall, 1),
+        "steps": steps_before + len(losses),
+        "wall_time_s": round(wall_before + wall, 1),
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "base_accuracy": sum(base_acc.values()) / len(tasks),
@@ -266,12 +271,15 @@ def inject(model, opts: TrainOptions, base_model_name: str):
                                                  opts.alpha, base_model_name), None
     if opts.kind in ("mixlora", "moelora"):
         return inject_moe_kind(model, opts, base_model_name)
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+    if opts.resume:
+        peft_model = PeftModel.from_pretrained(model, opts.resume, is_trainable=True)
+    else:
+        config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets),
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_name
 
     def write(folder: Path) -> None:
         peft_model.save_pretrained(folder, safe_serialization=True)
@@ -359,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop-loss", type=float, default=d.stop_loss, help="early-stop threshold (0: never)")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help="eval prompts per task")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="lora: continue training the adapter in its folder "
+                   "(a fresh schedule of --steps; pass another --seed for new examples)")
     return p.parse_args(argv)
 
 
@@ -374,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(TASKS) if args.all else args.task
     for name in names:
         out_dir = args.out / f"{name}{args.suffix}"
-        if (out_dir / "card.json").is_file() and not args.force:
+        if args.resume:
+            if args.kind != "lora" or not (out_dir / "card.json").is_file():
+                raise SystemExit(f"--resume continues a trained lora: {out_dir} has none")
+            opts = replace(opts, resume=str(out_dir))
+        elif (out_dir / "card.json").is_file() and not args.force:
             print(f"{name}: exists, skipped (--force retrains)", flush=True)
             continue
         card = train_adapter(name, out_dir, opts, Settings())

@@ -6,6 +6,7 @@ import calendar
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,3 +166,11 @@ def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
         lora = PeftModel.from_pretrained(tiny_llama(tokenizer), out).eval()
         lora_logits = lora(input_ids=ids).logits
     assert not torch.allclose(base_logits, lora_logits, atol=1e-4)
+
+    # --resume continues from those weights (loss starts where it ended) and counts every step
+    resumed = train_adapter("odd_or_even", out, replace(opts, steps=5, seed=1, resume=str(out)),
+                            model=tiny_llama(tokenizer), tokenizer=tokenizer, base_model_name="tiny-llama")
+    assert resumed["steps"] == 35 and resumed["first_loss"] < card["first_loss"] - 2.0
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(tiny_llama(tokenizer), out).eval()(input_ids=ids).logits
+    assert not torch.allclose(again, lora_logits, atol=1e-6)
