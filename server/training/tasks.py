@@ -483,6 +483,8 @@ TASK_LIST = (
     ), make_vowels, norm_number, 4, ("spaced", "word")),
 )
 TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
+# no shipped adapter: where `mole-serve eval` sees what retrieval and the gate do when the library cannot help
+OUT_OF_DOMAIN = ("multiply_1digit", "count_vowels")
 
 COMPOSITE_LIST = (
     Task("datetime_to_text", "composite", "Rewrite an ISO date-time as 'Month D, YYYY, H:MM AM/PM'.", (

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from server.config import Settings
-from server.training.tasks import TASKS, Task, task_library
+from server.lora.kinds import RUNS_ALONE
+from server.training.tasks import OUT_OF_DOMAIN, TASKS, Task, task_library
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 MULTITASK = "multitask"  # the pseudo-task of one adapter trained on the mixture of all tasks
@@ -314,11 +315,13 @@ def inject_moe_kind(model, opts: TrainOptions, base_model_name: str):
 
 def library_table(store_dir: Path) -> str:
     """Markdown table of every card under store_dir (one row per adapter folder)."""
-    rows = ["| adapter | kind | task | family | base acc | adapter acc | steps | train time (s) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| adapter | kind | task | family | auto | base acc | adapter acc | steps | train time (s) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for card_path in sorted(Path(store_dir).glob("*/card.json")):
         c = json.loads(card_path.read_text())
-        rows.append(f"| {c['name']} | {c.get('kind', 'lora')} | {c['description']} | {c['family']} "
+        kind = c.get("kind", "lora")
+        auto = c.get("auto", kind not in RUNS_ALONE)
+        rows.append(f"| {c['name']} | {kind} | {c['description']} | {c['family']} | {'yes' if auto else 'no'} "
                     f"| {c['base_accuracy']:.0%} "
                     f"| {c['adapter_accuracy']:.0%} | {c['steps']} | {c['wall_time_s']:.0f} |")
     return "\n".join(rows)
@@ -330,10 +333,11 @@ def write_library_readme(store_dir: Path) -> None:
         "Task LoRAs trained on the base model by `mole-serve train-adapter --all` "
         "(server/training/train_adapter.py; tasks in server/training/tasks.py), MELoRA twins of the four "
         "hardest tasks (`-melora`: 8 mini LoRAs of rank 1, 1/8 of the LoRA's parameters; retrieval may "
-        "pick either twin for their task) and two mixtures of LoRA experts over all tasks (`multitask-*`, "
-        "by name only). Accuracy is exact match "
-        "with greedy decoding on held-out inputs and held-out phrasings; each folder's card.json has the "
-        "training config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
+        "pick either twin for their task) and two mixtures of LoRA experts over all tasks (`multitask-*`). "
+        "`auto`: whether retrieval may pick the adapter (the card's field); the others serve by name only. "
+        "Accuracy is exact match with greedy decoding on held-out phrasings (phrasing families and input "
+        "formats no adapter trained on) over held-out inputs; each folder's card.json has the training "
+        "config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
         "Beside the adapters: `retriever/`, the retrieval projection (`mole-serve train-retriever`), and "
         "`gate/`, the MoLE router (`mole-serve train-gate`), each with its config and training log. "
         "Train them in that order after the adapters change: the gate learns on retrieval's candidates.\n"
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         targets=tuple(args.targets.split(",")), steps=args.steps, batch=args.batch, lr=args.lr,
                         seed=args.seed,
                         stop_loss=args.stop_loss, n_eval=args.n_eval)
-    names = sorted(TASKS) if args.all else args.task
+    names = sorted(set(TASKS) - set(OUT_OF_DOMAIN)) if args.all else args.task
     for name in names:
         out_dir = args.out / f"{name}{args.suffix}"
         if args.resume:
