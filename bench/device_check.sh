@@ -25,7 +25,7 @@ unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests onl
 
 STEPS=(
   "compile|60|$PY -m tests.unit.triton_cases compile"
-  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py tests/unit/test_gate.py"
+  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
   "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
   "throughput_triton|120|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
 )

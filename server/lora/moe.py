@@ -53,14 +53,14 @@ class ResidentExperts:
         routers: list[dict] = [{} for _ in range(num_layers)]
         for layer in range(num_layers):
             if (layer, FFN_ROUTER) in moe.routers:
-                routers[layer][FFN_ROUTER] = (moe.routers[(layer, FFN_ROUTER)].to(device), None)
+                routers[layer][FFN_ROUTER] = (moe.routers[(layer, FFN_ROUTER)].to(device, non_blocking=True), None)
             for group, modules in MODULE_GROUPS.items():
                 per_module = [moe.routers.get((layer, m)) for m in modules]
                 routed = [W is not None for W in per_module]
                 if any(routed):
                     zero = torch.zeros_like(per_module[routed.index(True)])
                     stacked = torch.cat([zero if W is None else W for W in per_module])  # [n*E, d_in]
-                    routers[layer][group] = (stacked.to(device), torch.tensor(routed, device=device))
+                    routers[layer][group] = (stacked.to(device, non_blocking=True), torch.tensor(routed, device=device))
         shared = frozenset(g for g, modules in MODULE_GROUPS.items()
                            if any(m in modules for _, m in weights.modules))
         return cls(torch.tensor([primary], device=device), (primary, primary + 1), torch.tensor(slots, device=device),

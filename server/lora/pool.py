@@ -18,7 +18,7 @@ import torch
 
 from server.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from server.lora.kinds import KINDS
-from server.lora.kinds.base import AdapterWeights, LoRATargetSpec
+from server.lora.kinds.base import AdapterWeights, LoRATargetSpec, pinned
 from server.lora.kinds.lora import pack as pack_lora
 from server.lora.moe import ResidentExperts
 from server.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
@@ -95,9 +95,7 @@ class LoRAPool:
         if name in self._cpu:
             self._cpu.move_to_end(name)
             return self._cpu[name]
-        weights = self.load(name)
-        self._remember(name, weights)
-        return weights
+        return self._remember(name, self.load(name))
 
     def is_resident(self, name: str) -> bool:
         return name in self._resident
@@ -153,11 +151,14 @@ class LoRAPool:
         self._free.append(slot)
 
     # --- internals ---
-    def _remember(self, name: str, weights: AdapterWeights) -> None:
+    def _remember(self, name: str, weights: AdapterWeights) -> AdapterWeights:
+        if self.device.type == "cuda":
+            weights = pinned(weights)
         self._cpu[name] = weights
         self._cpu.move_to_end(name)
         while len(self._cpu) > self.max_cpu_loras:  # `load` can read any entry again
             self._cpu.popitem(last=False)
+        return weights
 
     def _load_into(self, slots: list[int], name: str) -> None:
         """slots: the adapter's own, then its experts' (footprint)."""
@@ -200,7 +201,9 @@ class LoRAPool:
                 A[slot].zero_()
                 B[slot].zero_()
                 if (layer, module) in weights.blocks:
-                    A[slot], B[slot] = weights.blocks[(layer, module)]
+                    a, b = weights.blocks[(layer, module)]
+                    A[slot].copy_(a, non_blocking=True)
+                    B[slot].copy_(b, non_blocking=True)
         self.block_shape[slot] = shape
 
     def _grow(self, rank: int) -> None:

@@ -132,6 +132,24 @@ def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras, ma
         assert engine.pool.evictions > 0 and engine.pool.loads > len(paths)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pool_pins_its_cpu_tier_and_evicts_and_reloads_exactly(library, tokenizer):
+    # 3 slots for 6 adapters: every reload is an asynchronous copy from the pinned CPU tier
+    hf, paths = library
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    outputs = {}
+    for max_loras in (3, 8):
+        engine = engine_for(hf, tokenizer, device="cuda", max_loras=max_loras, max_cpu_loras=6, max_num_seqs=2)
+        for name, p in paths.items():
+            engine.add_adapter(name, p)
+        seqs = engine.generate([p for p, _ in MIXED], params, [a for _, a in MIXED])
+        outputs[max_loras] = [s.output_ids for s in seqs]
+    tier = list(engine.pool._cpu.values())
+    assert tier and all(A.is_pinned() and B.is_pinned() for w in tier for A, B in w.modules.values())
+    assert outputs[3] == outputs[8]  # evicted and reloaded through the pinned tier: the same tokens
+
+
 def test_gather_cache_is_not_reused_when_new_adapters_take_the_same_slots(library, tokenizer):
     # Two slots: the second batch's adapters evict the first's into the same slot numbers, so the
     # decode slot matrix repeats while the weights behind it changed.

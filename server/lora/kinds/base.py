@@ -8,7 +8,7 @@ files is the library's job; nothing here touches disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -83,6 +83,17 @@ class MoEWeights:
     def expert(self, e: int, name: str, rank: int) -> AdapterWeights:
         """Expert e as a plain LoRA (what packs into one pool slot)."""
         return AdapterWeights(name=f"{name}#expert{e}", rank=rank, modules=self.experts[e])
+
+
+def pinned(weights: AdapterWeights) -> AdapterWeights:
+    """A copy whose tensors sit in page-locked host memory: packing it into CUDA stacks is then an
+    asynchronous copy (non_blocking) instead of a staged, blocking one. CUDA only."""
+    def pin(pairs: dict) -> dict:
+        return {key: tuple(t.pin_memory() for t in pair) for key, pair in pairs.items()}
+
+    moe = weights.moe and replace(weights.moe, experts=[pin(e) for e in weights.moe.experts],
+                                  routers={key: W.pin_memory() for key, W in weights.moe.routers.items()})
+    return replace(weights, modules=pin(weights.modules), blocks=weights.blocks and pin(weights.blocks), moe=moe)
 
 
 class AdapterKind(Protocol):

@@ -108,8 +108,9 @@ def pack(weights: AdapterWeights, groups: dict, layer: int, slot: int, rank: int
             if (layer, module) in weights.modules:
                 A, B = weights.modules[(layer, module)]  # [r, d_in], [d_out, r]
                 r = A.shape[0]
-                stack.A[slot, j * rank : j * rank + r] = A
-                stack.B[j][slot, :r] = B.t()
+                # non_blocking: asynchronous from the pinned CPU tier into CUDA stacks (no-op on CPU)
+                stack.A[slot, j * rank : j * rank + r].copy_(A, non_blocking=True)
+                stack.B[j][slot, :r].copy_(B.t(), non_blocking=True)
 
 
 def reference_delta(weights: AdapterWeights, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
