@@ -393,7 +393,7 @@ TASK_LIST = (
         "What number is the Roman numeral {r}?", "What is {r} in Arabic numerals?", "{r} in digits?",
         "Which integer does {r} stand for?", "{r} = ?", "What does the Roman numeral {r} mean as a number?",
         "How much is {r}?",
-    ), make_roman_to_int, norm_number, 8, ("upper",), ("lower",)),
+    ), make_roman_to_int, norm_number, 8, ("upper", "lower")),
     Task("number_to_words", "numerals", "Spell out a number in English words.", (
         "write {n} in words", "spell out the number {n}", "convert {n} to words",
         "write the number {n} out in English", "give me the English words for {n}",
