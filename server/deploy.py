@@ -186,6 +186,7 @@ class RemoteStream:
             except RayActorError as e:  # the replica died before this request produced anything
                 if attempt == FIRST_OUTPUT_TRIES - 1:
                     raise EngineFailure(f"the engine replica failed: {e}") from e
+                await asyncio.sleep(0.2 * (attempt + 1))  # the router drops the dead replica meanwhile
         raise AssertionError("unreachable")
 
     async def __anext__(self) -> StepOutput:

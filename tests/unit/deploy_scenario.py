@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -53,7 +54,7 @@ def build(root: Path) -> tuple[Settings, Path]:
     upload = make_adapter(hf, root / "upload" / NEW[0], seed=99)
     (upload / "card.json").write_text(json.dumps(card(*NEW)))
     settings = Settings(base_model=str(base), adapters_dir=root / "store", admin_token=TOKEN, max_model_len=128,
-                        max_num_seqs=8, max_num_batched_tokens=64, max_loras=4, host="127.0.0.1", port=PORT)
+                        max_num_seqs=8, max_prefill_tokens=64, max_loras=4, host="127.0.0.1", port=PORT)
     return settings, upload
 
 
@@ -76,6 +77,36 @@ def single_server(settings: Settings, asks: list[tuple[str, str]]) -> tuple[list
 
 def usage_by_replica(engine) -> dict[str, dict[str, int]]:
     return {rid: usage for rid, _, usage in engine.broadcast("stats").results()}
+
+
+def running_replicas() -> int:
+    states = serve.status().applications[APP_NAME].deployments[ENGINE_NAME].replica_states
+    return states.get("RUNNING", 0)
+
+
+def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
+    """Kill the process of the replica that holds `ask`'s adapter, then send that request 8 times at
+    once: none of them had started, so none may be lost (the ingress resends a request whose replica
+    died before its first output). Then wait for Ray to bring the deployment back to 2 replicas."""
+    holder = next(rid for rid, names in usage_by_replica(engine).items() if names.get(ask[0]))
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA") and holder in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: answer_or_error(client, *ask), range(8)))
+    deadline = time.monotonic() + 60
+    while running_replicas() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    back = {rid for rid, _ in engine.broadcast("adapters").results()}
+    return {"results": results, "replicas_after": running_replicas(), "new_replica": holder not in back,
+            "after_recovery": answer_or_error(client, *ask)}
+
+
+def answer_or_error(client: openai.OpenAI, model: str, text: str) -> str:
+    try:
+        return chat(client, model, text).choices[0].message.content
+    except openai.APIError as e:
+        return f"error: {type(e).__name__}: {e}"
 
 
 def main(out: Path) -> None:
@@ -136,6 +167,7 @@ def main(out: Path) -> None:
         deleted = httpx.delete(f"{url}/admin/adapters/{NEW[0]}", headers={"Authorization": f"Bearer {TOKEN}"})
         seen["delete_status"] = deleted.status_code
         seen["after_delete"] = dict(engine.broadcast("adapters").results())
+        seen["kill"] = kill_a_replica(client, engine, asks[0])
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -70,6 +70,13 @@ def test_an_upload_reaches_every_replica_and_retrieval_and_a_delete_too(seen):
     assert all("chess" not in names for names in seen["after_delete"].values())
 
 
+def test_a_killed_replica_loses_no_request_and_ray_brings_it_back(seen):
+    kill = seen["kill"]
+    assert kill["results"] == [seen["expected"][0]] * 8  # sent after the kill, none had started: none lost
+    assert kill["replicas_after"] == 2 and kill["new_replica"]
+    assert kill["after_recovery"] == seen["expected"][0]
+
+
 def test_metrics_carry_a_replica_label_per_engine(seen):
     assert sorted(seen["metrics_replicas"]) == sorted(seen["replica_adapters"])
 
