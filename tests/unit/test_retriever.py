@@ -166,36 +166,39 @@ def test_store_projection_is_applied_checked_and_optional(embedder: Embedder, tm
 
 
 def test_projection_trained_without_a_task_still_retrieves_it(embedder: Embedder) -> None:
-    """The plain encoder ranks reverse/sort above caesar_shift on caesar's held-out phrasings; a
-    projection that never saw caesar_shift fixes most of them (the map stays near the identity), and
-    the hinge keeps general chat under the floor."""
+    """A projection that never saw a task retrieves it on held-out phrasings at least as well as the
+    plain encoder (the map stays near the identity), for the task the plain encoder finds hardest,
+    and the hinge keeps general chat under the floor."""
     prompts, cards = library_embeddings(embedder, Settings().adapters_dir, per_task=40, seed=7)
     names = list(cards)
-    held_out = torch.from_numpy(embedder.encode([p for p, _ in TASKS["caesar_shift"].examples("eval", 50)]))
     general = torch.from_numpy(embedder.encode(GENERAL))
 
     def scores(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [n, adapters]
         return project(delta, x) @ projected_keys(delta, [cards[n] for n in names]).T
 
-    def caesar_top1(delta: torch.Tensor) -> float:
-        return (scores(delta, held_out).argmax(1) == names.index("caesar_shift")).float().mean().item()
+    def top1(delta: torch.Tensor, task: str) -> float:
+        held_out = torch.from_numpy(embedder.encode([p for p, _ in TASKS[task].examples("eval", 50)]))
+        own = [i for i, n in enumerate(names) if read_card(Settings().adapters_dir / n).get("task") == task]
+        return torch.isin(scores(delta, held_out).argmax(1), torch.tensor(own)).float().mean().item()
 
-    delta, log = fit_projection({n: p for n, p in prompts.items() if n != "caesar_shift"}, cards,
-                                ProjectionTrainOptions(steps=150))
+    plain = torch.zeros(DIM, DIM)
+    hardest = min((n for n in names if n in TASKS), key=lambda n: top1(plain, n))
+    delta, log = fit_projection({n: p for n, p in prompts.items() if read_card(Settings().adapters_dir / n).get(
+        "task") != hardest}, cards, ProjectionTrainOptions(steps=150))
     delta = torch.from_numpy(delta)
     assert log[-1]["top1"] == 1.0 and log[-1]["loss"] < log[0]["loss"]
-    assert caesar_top1(torch.zeros_like(delta)) < 0.7 and caesar_top1(delta) > 0.85
+    assert top1(delta, hardest) >= min(top1(plain, hardest), 0.9) and top1(delta, hardest) > 0.85, hardest
     assert scores(delta, general).max() < Settings().retrieval_floor
 
 
 def test_remove_then_search_never_returns_it(shipped: Retriever) -> None:
     r = copy_of(shipped)
-    twin = "add_3digit-melora"  # the same card: removed too, so that add_3digit's prompts find neither
-    r.remove(twin)
+    # its twin has the same card: removed too (where retrieval holds it), so that add_3digit's prompts find neither
+    twins = int(r.remove("add_3digit-melora"))
     prompts = [p for p, _ in TASKS["add_3digit"].examples("train", 10, seed=2)]
     assert r.search(prompts, k=1)[0][0][0] == "add_3digit"
     assert r.remove("add_3digit") and not r.remove("add_3digit")
-    assert "add_3digit" not in r and len(r) == len(shipped) - 2 and r.index.ntotal == len(r)
+    assert "add_3digit" not in r and len(r) == len(shipped) - 1 - twins and r.index.ntotal == len(r)
     for hits in r.search(prompts, k=len(shipped), floor=-1.0):
         assert hits and "add_3digit" not in [n for n, _ in hits]
     r.set_key("add_3digit", shipped.key("add_3digit"))  # back again, under a new id
