@@ -94,10 +94,13 @@ def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: answer_or_error(client, *ask), range(8)))
-    deadline = time.monotonic() + 60
-    while running_replicas() < 2 and time.monotonic() < deadline:
+    deadline, back = time.monotonic() + 60, set()
+    while time.monotonic() < deadline:  # this handle may still list the dead replica for a while
+        found = engine.broadcast("adapters").results(return_exceptions=True)
+        back = {r[0] for r in found if not isinstance(r, BaseException)}
+        if running_replicas() == 2 and len(back) == 2:
+            break
         time.sleep(0.5)
-    back = {rid for rid, _ in engine.broadcast("adapters").results()}
     return {"results": results, "replicas_after": running_replicas(), "new_replica": holder not in back,
             "after_recovery": answer_or_error(client, *ask)}
 
