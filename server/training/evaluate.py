@@ -161,6 +161,14 @@ def server_answers(url: str, api_key: str | None, items: list[Item], mode: str, 
         return list(pool.map(ask, items))
 
 
+def per_task_accuracy(items: list[Item], preds: list[Answer]) -> dict[str, float]:
+    """task -> exact-match share of its items."""
+    hits: dict[str, list[bool]] = {}
+    for item, pred in zip(items, preds):
+        hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
+    return {t: sum(h) / len(h) for t, h in hits.items()}
+
+
 def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library: set[str],
                    adapter_tasks: dict[str, str] | None = None) -> dict[str, dict]:
     """mode -> task -> exact-match accuracy, the in- and out-of-domain means (over tasks), and for
@@ -169,10 +177,7 @@ def accuracy_table(items: list[Item], answers: dict[str, list[Answer]], library:
     adapter_tasks = adapter_tasks or {}
     table: dict[str, dict] = {}
     for mode, preds in answers.items():
-        hits: dict[str, list[bool]] = {}
-        for item, pred in zip(items, preds):
-            hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
-        per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items(), key=lambda th: (th[0] not in library, th[0]))}
+        per_task = dict(sorted(per_task_accuracy(items, preds).items(), key=lambda tv: (tv[0] not in library, tv[0])))
         row: dict = dict(per_task)
         for domain, tasks in (("in", [t for t in per_task if t in library]), ("out", [t for t in per_task
                                                                                        if t not in library])):
@@ -194,10 +199,7 @@ def composite_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict
     candidates hold both skills (select runs the top-1 alone by design)."""
     table: dict[str, dict] = {}
     for mode, preds in answers.items():
-        hits: dict[str, list[bool]] = {}
-        for item, pred in zip(items, preds):
-            hits.setdefault(item.task, []).append(ALL_TASKS[item.task].score(pred.text, item.answer))
-        row: dict = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+        row: dict = dict(sorted(per_task_accuracy(items, preds).items()))
         row["mean"] = sum(row.values()) / len(row)
         if mode in ("mixture", "gate", "gate_fewshot"):
             both = [set(ALL_TASKS[i.task].skills) <= set(p.adapters) for i, p in zip(items, preds)]
