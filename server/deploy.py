@@ -53,7 +53,7 @@ from server.api.metrics import Metrics, merged_exposition
 from server.config import Settings
 from server.engine.client import EngineStats
 from server.engine.request import FinishReason, SamplingParams, StepOutput
-from server.errors import EngineFailure, MoleError
+from server.errors import EngineFailure, MoleError, ReplicaLost
 from server.lora.kinds.base import LoRATargetSpec
 from server.routing.types import Selection
 
@@ -195,7 +195,7 @@ class RemoteStream:
         try:
             out = await self._open() if self._gen is None else await self._gen.__anext__()
         except RayActorError as e:
-            raise EngineFailure(f"the engine replica failed mid-stream: {e}") from e
+            raise ReplicaLost(f"the engine replica failed mid-request: {e}") from e
         if out.adapters:
             self.remote.count_usage(out.adapters)
         if out.finished:

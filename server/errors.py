@@ -63,3 +63,8 @@ class Overloaded(MoleError):
 
 class EngineFailure(MoleError):
     """The engine could not finish a request (a failed step, a failed retrieval)."""
+
+
+class ReplicaLost(EngineFailure):
+    """The engine replica running a request died after its first output. A caller that has sent
+    nothing of the answer yet (a non-streamed response) runs the request again; a stream cannot."""

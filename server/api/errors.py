@@ -11,6 +11,7 @@ from server.errors import (
     MoleError,
     NotFound,
     Overloaded,
+    ReplicaLost,
     TooLarge,
 )
 
@@ -22,6 +23,7 @@ STATUS: dict[type[MoleError], tuple[int, str]] = {
     TooLarge: (413, "invalid_request_error"),
     InvalidAdapter: (422, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
+    ReplicaLost: (503, "server_error"),  # after its resends: the deployment is short of replicas
     EngineFailure: (500, "server_error"),
 }
 RETRY_AFTER_S = "1"  # what an Overloaded answer tells the client to wait

@@ -20,7 +20,7 @@ from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.request import Logprob, SamplingParams, StepOutput
-from server.errors import ModelNotFound
+from server.errors import ModelNotFound, ReplicaLost
 from server.routing.types import AdapterRef, MergeSpec, Selection
 
 
@@ -60,24 +60,30 @@ def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_token
                           prompt_logprobs=prompt_logprobs, grammar=grammar)
 
 
+RESENDS = 2  # times a non-streamed request is run again after its replica died
+
+
 class Generation:
     """One engine request seen from HTTP: runs it, times it, counts it in the metrics."""
 
     def __init__(self, client: EngineClient, settings: Settings, metrics: Metrics, route: str,
                  prompt_ids: list[int], body: SamplingFields, query: str, grammar: str | None = None) -> None:
-        self.metrics, self.route, self.prompt_ids = metrics, route, prompt_ids
-        selection = build_selection(client, settings, body, query)
+        self.client, self.metrics, self.route, self.prompt_ids = client, metrics, route, prompt_ids
+        self.selection = build_selection(client, settings, body, query)
         self.sampling = sampling_params(client, body, len(prompt_ids), grammar)
-        self.text, self.finish_reason, self.completion_tokens = "", None, 0
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
+        self.start = time.perf_counter()
+        self._submit()
+
+    def _submit(self) -> None:
+        self.text, self.finish_reason, self.completion_tokens = "", None, 0
         self.logprobs: list[Logprob] = []  # the generated tokens', when asked
         self.prompt_logprobs: list[Logprob | None] | None = None  # the prompt tokens', when asked
         self._logprobs_sent = 0
         self._first: StepOutput | None = None
-        self.start = time.perf_counter()
         # submitted now, so a full queue or a bad request is an HTTP error before any byte is sent
-        self.outputs = client.generate(prompt_ids, self.sampling, selection)
+        self.outputs = self.client.generate(self.prompt_ids, self.sampling, self.selection)
 
     async def first_output(self) -> None:
         """Wait for the first token (or an early error), so the adapters chosen are known before
@@ -139,8 +145,18 @@ class Generation:
         return new
 
     async def run(self) -> None:
-        async for _ in self.deltas():
-            pass
+        """The whole answer, for a non-streamed response: none of it was sent, so a request whose
+        replica died mid-way (Ray) runs again from the start, on another replica."""
+        for resend in range(RESENDS + 1):
+            try:
+                async for _ in self.deltas():
+                    pass
+                return
+            except ReplicaLost:
+                if resend == RESENDS:
+                    raise
+                self._submit()
+                await self.first_output()
 
     def usage(self) -> Usage:
         n = len(self.prompt_ids)

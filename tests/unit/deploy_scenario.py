@@ -34,6 +34,7 @@ TOPICS = {  # adapter -> the words of its card's examples (retrieval tells them 
 }
 NEW = ("chess", "suggest a chess opening for move {} of the game")
 PORT = 8765
+LONG_TOKENS = 80  # a long answer, so that a replica can be killed while it generates
 TOKEN = "ray-test"
 
 
@@ -60,7 +61,7 @@ def build(root: Path) -> tuple[Settings, Path]:
 
 def chat(client: openai.OpenAI, model: str, text: str, **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                          max_tokens=6, temperature=0, **kw)
+                                          **{"max_tokens": 6, "temperature": 0, **kw})
 
 
 def single_server(settings: Settings, asks: list[tuple[str, str]]) -> tuple[list[str], dict, dict]:
@@ -85,15 +86,25 @@ def running_replicas() -> int:
 
 
 def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
-    """Kill the process of the replica that holds `ask`'s adapter, then send that request 8 times at
-    once: none of them had started, so none may be lost (the ingress resends a request whose replica
-    died before its first output). Then wait for Ray to bring the deployment back to 2 replicas."""
-    holder = next(rid for rid, names in usage_by_replica(engine).items() if names.get(ask[0]))
+    """Kill the process of the replica that holds `ask`'s adapter while it generates 4 long
+    non-streamed answers, then send the short request 8 times at once. No request is lost: the
+    ingress resends one whose replica died before its first output, and the app runs a non-streamed
+    one again when its replica died mid-way (nothing of it was sent). Then wait for Ray to bring the
+    deployment back to 2 replicas."""
+    model, text = ask
+    long_answer = {"max_tokens": LONG_TOKENS, "extra_body": {"ignore_eos": True}}
+    undisturbed = answer_or_error(client, model, text, **long_answer)
+    holder = next(rid for rid, names in usage_by_replica(engine).items() if names.get(model))
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith("SERVE_REPLICA") and holder in a["name"])
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(12) as pool:
+        longs = [pool.submit(answer_or_error, client, model, text, **long_answer) for _ in range(4)]
+        deadline, running = time.monotonic() + 30, 0
+        while not running and time.monotonic() < deadline:
+            running = next(stats.running for rid, stats, _ in engine.broadcast("stats").results() if rid == holder)
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
         results = list(pool.map(lambda _: answer_or_error(client, *ask), range(8)))
+        long_results = [f.result() for f in longs]
     deadline, back = time.monotonic() + 60, set()
     while time.monotonic() < deadline:  # this handle may still list the dead replica for a while
         found = engine.broadcast("adapters").results(return_exceptions=True)
@@ -101,13 +112,14 @@ def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
         if running_replicas() == 2 and len(back) == 2:
             break
         time.sleep(0.5)
-    return {"results": results, "replicas_after": running_replicas(), "new_replica": holder not in back,
+    return {"results": results, "running_at_kill": running, "long_results": long_results,
+            "long_undisturbed": undisturbed, "replicas_after": running_replicas(), "new_replica": holder not in back,
             "after_recovery": answer_or_error(client, *ask)}
 
 
-def answer_or_error(client: openai.OpenAI, model: str, text: str) -> str:
+def answer_or_error(client: openai.OpenAI, model: str, text: str, **kw) -> str:
     try:
-        return chat(client, model, text).choices[0].message.content
+        return chat(client, model, text, **kw).choices[0].message.content
     except openai.APIError as e:
         return f"error: {type(e).__name__}: {e}"
 

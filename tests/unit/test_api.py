@@ -11,6 +11,7 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine, QueueFullError
 from server.engine.request import SamplingParams
+from server.errors import ReplicaLost
 from tests.unit.helpers import engine_for, live_server, tiny_hf_model
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -41,7 +42,7 @@ def test_error_kinds_map_through_one_table():
 
     cases = [(InvalidRequest("x", "top_k"), 400), (AdapterNotFound("x"), 404), (AdapterExistsError("x"), 409),
              (UploadError("x"), 400), (UploadTooLargeError("x"), 413), (InvalidAdapterError("x"), 422),
-             (Overloaded("x"), 429), (EngineFailure("x"), 500), (MoleError("x"), 500)]
+             (Overloaded("x"), 429), (ReplicaLost("x"), 503), (EngineFailure("x"), 500), (MoleError("x"), 500)]
     for error, status in cases:
         mapped = APIError.of(error)
         assert mapped.status == status and mapped.message == "x", error
@@ -274,6 +275,58 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
         while engine.has_unfinished() and time.perf_counter() - gone < 2.0:
             time.sleep(0.02)
         assert not engine.has_unfinished(), "the request ran on after its client left"
+
+
+class DiesAfter:
+    """A request's outputs that break off after `n` of them, as a Ray replica's do when its process
+    dies (deploy.RemoteStream raises ReplicaLost then)."""
+
+    def __init__(self, stream, n: int) -> None:
+        self.stream, self.n = stream, n
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.n == 0:
+            self.stream.close()
+            raise ReplicaLost("the engine replica failed mid-request")
+        self.n -= 1
+        return await self.stream.__anext__()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@pytest.mark.parametrize("deaths", [1, 2, 3])
+def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engine, deaths):
+    """Nothing of a non-streamed answer was sent when its replica died: the request runs again from
+    the start (RESENDS times), and the answer is the undisturbed one; after that it is a 503."""
+    from server.api.serving import RESENDS
+    body = {**CHAT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        undisturbed = client.post("/v1/chat/completions", json=body).json()
+        engine = client.app.state.engine
+        generate, calls = engine.generate, []
+
+        def dying_generate(*args, **kwargs):
+            calls.append(1)
+            stream = generate(*args, **kwargs)
+            return DiesAfter(stream, 3) if len(calls) <= deaths else stream
+
+        engine.generate = dying_generate
+        r = client.post("/v1/chat/completions", json=body)
+        assert len(calls) == min(deaths, RESENDS) + 1
+        if deaths <= RESENDS:
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"] == undisturbed["choices"][0]["message"]
+            assert r.json()["usage"] == undisturbed["usage"]
+        else:
+            assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        engine.generate = generate
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
 def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):

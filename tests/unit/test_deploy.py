@@ -73,6 +73,8 @@ def test_an_upload_reaches_every_replica_and_retrieval_and_a_delete_too(seen):
 def test_a_killed_replica_loses_no_request_and_ray_brings_it_back(seen):
     kill = seen["kill"]
     assert kill["results"] == [seen["expected"][0]] * 8  # sent after the kill, none had started: none lost
+    assert kill["running_at_kill"] > 0  # the long answers were being generated on the killed replica
+    assert kill["long_results"] == [kill["long_undisturbed"]] * 4  # run again elsewhere, in full
     assert kill["replicas_after"] == 2 and kill["new_replica"]
     assert kill["after_recovery"] == seen["expected"][0]
 
