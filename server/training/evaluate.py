@@ -205,8 +205,35 @@ def composite_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict
             both = [set(ALL_TASKS[i.task].skills) <= set(p.adapters) for i, p in zip(items, preds)]
             row["both_skills_retrieved"] = sum(both) / len(both)
         table[mode] = row
+    return with_best_single(table)
+
+
+def parts_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str, dict]:
+    """The sequential composites' partial credit (Task.parts_score) per mode and task, the mean,
+    and `one_part_then_end`: the share of answers that are one skill's part alone, i.e. the
+    generation ended where that skill's adapter learned to end."""
+    table: dict[str, dict] = {}
+    for mode, preds in answers.items():
+        credit: dict[str, list[float]] = {}
+        one_part = []
+        for item, pred in zip(items, preds):
+            task = ALL_TASKS[item.task]
+            if task.shape == "sequential":
+                credit.setdefault(item.task, []).append(task.parts_score(pred.text, item.answer))
+                one_part.append(any(TASKS[s].score(pred.text, want) for s, want in
+                                    zip(task.skills, item.answer.rsplit(", ", 1))))
+        row: dict = {t: sum(c) / len(c) for t, c in sorted(credit.items())}
+        row["mean"] = sum(row.values()) / len(row)
+        row["one_part_then_end"] = sum(one_part) / len(one_part)
+        table[mode] = row
+    return with_best_single(table)
+
+
+def with_best_single(table: dict[str, dict]) -> dict[str, dict]:
+    """The table with `best_single`: per task the better of skill_a and skill_b."""
     if "skill_a" in table and "skill_b" in table:
-        best = {t: max(table["skill_a"][t], table["skill_b"][t]) for t in table["skill_a"] if t != "mean"}
+        tasks = [t for t in table["skill_a"] if t in ALL_TASKS]
+        best = {t: max(table["skill_a"][t], table["skill_b"][t]) for t in tasks}
         table["best_single"] = {**best, "mean": sum(best.values()) / len(best)}
     return table
 
@@ -278,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             answers[f"{mode}_fewshot"] = answer(mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.composite:
-        table = composite_table(items, answers)
+        table, parts = composite_table(items, answers), parts_table(items, answers)
         text = (f"Composite tasks, {args.per_task} held-out prompts each (held-out phrasings and inputs), exact "
-                f"match, greedy; no adapter trained on them.\n\n{markdown(table)}")
-        payload = {"per_task": args.per_task, "accuracy": table,
+                f"match, greedy; no adapter trained on them.\n\n{markdown(table)}\n\nSequential composites, "
+                f"partial credit (half per part, each scored as its skill scores it):\n\n{markdown(parts)}")
+        payload = {"per_task": args.per_task, "accuracy": table, "parts_credit": parts,
                    "skills": {c.name: [*c.skills, c.shape] for c in COMPOSITES.values()}}
     else:
         adapter_tasks = {n: read_card(path).get("task") for n, path in adapter_dirs(settings.adapters_dir).items()}

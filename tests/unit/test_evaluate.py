@@ -14,6 +14,7 @@ from server.training.evaluate import (
     engine_answers,
     eval_set,
     markdown,
+    parts_table,
     request_body,
     selection,
     top_adapter,
@@ -105,3 +106,21 @@ def test_composite_modes_ask_for_the_two_skills_and_score_best_single():
     assert table["best_single"] == {"reverse_then_shift": 0.0, "sum_in_roman": 1.0, "mean": 0.5}
     assert table["mixture"]["both_skills_retrieved"] == 1.0 and table["gate"]["both_skills_retrieved"] == 0.0
     assert table["mixture"]["mean"] == 1.0 and "both_skills_retrieved" not in table["skill_a"]
+
+
+def test_a_sequential_composite_gives_half_credit_per_part_and_a_single_part_at_most_half():
+    dates = COMPOSITES["datetime_to_text"]
+    want = "February 14, 2024, 7:53 PM"
+    assert dates.parts_score(want, want) == 1.0
+    assert dates.parts_score("February 14, 2024", want) == 0.5  # the date adapter's answer, then its end
+    assert dates.parts_score("7:53 pm", want) == 0.5
+    assert dates.parts_score("February 14, 2024, 19:53 AM", want) == 0.5
+    assert dates.parts_score("February 15, 2024", want) == 0.0
+    items = eval_set(["number_words_and_roman", "sum_in_roman"], per_task=2)
+    first_part = [Answer(i.answer.split(", ")[0], None) for i in items]
+    whole = [Answer(i.answer, None) for i in items]
+    table = parts_table(items, {"skill_a": first_part, "skill_b": first_part, "gate": whole})
+    assert set(table["gate"]) == {"number_words_and_roman", "mean", "one_part_then_end"}  # fused tasks: no parts
+    assert table["skill_a"]["number_words_and_roman"] == 0.5 and table["skill_a"]["one_part_then_end"] == 1.0
+    assert table["gate"]["mean"] == 1.0 and table["gate"]["one_part_then_end"] == 0.0
+    assert table["best_single"] == {"number_words_and_roman": 0.5, "mean": 0.5}
