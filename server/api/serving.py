@@ -5,6 +5,7 @@ envelope, the SSE stream, include_usage, [DONE]. The routes only say how a choic
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from server.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.request import Logprob, SamplingParams, StepOutput
-from server.errors import ModelNotFound, ReplicaLost
+from server.errors import ModelNotFound, MoleError, ReplicaLost
 from server.routing.types import AdapterRef, MergeSpec, Selection
 
 
@@ -240,13 +241,17 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], re
     async def events() -> AsyncIterator[str]:
         if shape.opening is not None:
             yield sse(envelope(shape.chunk_object, [shape.opening()], adapters=gens[0].adapters))
-        for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
-            async for text in g.deltas():
-                piece = shape.delta(i, text, None, g)
-                if piece is not None:
-                    yield sse(envelope(shape.chunk_object, [piece]))
-            # the last chunk of a prompt carries its adapters again, with the gate's mean weights
-            yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason, g)], adapters=g.adapters))
+        try:
+            for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
+                async for text in g.deltas():
+                    piece = shape.delta(i, text, None, g)
+                    if piece is not None:
+                        yield sse(envelope(shape.chunk_object, [piece]))
+                # the last chunk of a prompt carries its adapters again, with the gate's mean weights
+                yield sse(envelope(shape.chunk_object, [shape.delta(i, "", g.finish_reason, g)], adapters=g.adapters))
+        except MoleError as e:  # the status is sent: the error goes as an event (the openai client raises it)
+            yield sse(json.dumps(APIError.of(e).body()))
+            return
         if body.stream_options and body.stream_options.include_usage:
             yield sse(envelope(shape.chunk_object, [], usage=total_usage(gens)))
         yield sse("[DONE]")

@@ -329,6 +329,24 @@ def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engin
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(tiny_engine):
+    """A started stream cannot run again: after the text already sent comes an event in the OpenAI
+    error shape (the openai client raises it), and no [DONE]."""
+    import json
+
+    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        engine = client.app.state.engine
+        generate = engine.generate
+        engine.generate = lambda *args, **kwargs: DiesAfter(generate(*args, **kwargs), 3)
+        r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8, "ignore_eos": True, "stream": True})
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and "[DONE]" not in events
+        assert json.loads(events[-1])["error"]["type"] == "server_error"
+        assert any(json.loads(e).get("choices") for e in events[:-1])  # what was generated before went out
+
+
 def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
     with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
         while client.get("/health").status_code != 200:
