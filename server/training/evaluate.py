@@ -56,11 +56,13 @@ class Item:
     prompt: str
     answer: str
     split: str = "eval"
+    intermediate: str = ""  # fused composites: the first skill's answer (Task.intermediate)
 
 
 def eval_set(tasks: list[str], per_task: int, seed: int = 0, split: str = "eval") -> list[Item]:
     """per_task prompts from each task's `split`, shuffled together."""
-    items = [Item(t, p, a, split) for t in tasks for p, a in ALL_TASKS[t].examples(split, per_task, seed=seed)]
+    items = [Item(t, p, a, split, ALL_TASKS[t].intermediate(key) if ALL_TASKS[t].intermediate else "")
+             for t in tasks for key, p, a in ALL_TASKS[t].draw(split, per_task, seed=seed)]
     random.Random(seed).shuffle(items)
     return items
 
@@ -229,6 +231,20 @@ def parts_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str
     return with_best_single(table)
 
 
+def intermediate_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str, dict]:
+    """The fused composites: per mode and task, the share of answers that are the intermediate
+    (the first skill's answer: the sum, the value, the reversed letters) instead of the composite's."""
+    table: dict[str, dict] = {}
+    for mode, preds in answers.items():
+        hits: dict[str, list[bool]] = {}
+        for item, pred in zip(items, preds):
+            if item.intermediate:
+                first_skill = TASKS[ALL_TASKS[item.task].skills[0]]
+                hits.setdefault(item.task, []).append(first_skill.score(pred.text, item.intermediate))
+        table[mode] = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+    return table
+
+
 def with_best_single(table: dict[str, dict]) -> dict[str, dict]:
     """The table with `best_single`: per task the better of skill_a and skill_b."""
     if "skill_a" in table and "skill_b" in table:
@@ -305,11 +321,14 @@ def main(argv: list[str] | None = None) -> int:
             answers[f"{mode}_fewshot"] = answer(mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.composite:
-        table, parts = composite_table(items, answers), parts_table(items, answers)
+        table, parts, middle = composite_table(items, answers), parts_table(items, answers), intermediate_table(
+            items, answers)
         text = (f"Composite tasks, {args.per_task} held-out prompts each (held-out phrasings and inputs), exact "
                 f"match, greedy; no adapter trained on them.\n\n{markdown(table)}\n\nSequential composites, "
-                f"partial credit (half per part, each scored as its skill scores it):\n\n{markdown(parts)}")
-        payload = {"per_task": args.per_task, "accuracy": table, "parts_credit": parts,
+                f"partial credit (half per part, each scored as its skill scores it):\n\n{markdown(parts)}\n\n"
+                f"Fused composites, answers that are the intermediate (the first skill's answer):\n\n"
+                f"{markdown(middle)}")
+        payload = {"per_task": args.per_task, "accuracy": table, "parts_credit": parts, "intermediate": middle,
                    "skills": {c.name: [*c.skills, c.shape] for c in COMPOSITES.values()}}
     else:
         adapter_tasks = {n: read_card(path).get("task") for n, path in adapter_dirs(settings.adapters_dir).items()}

@@ -114,6 +114,8 @@ class Task:
     held_out_formats: tuple[str, ...] = ()
     skills: tuple[str, ...] = ()  # composite tasks: the two library tasks one answer needs
     shape: str = ""  # composite tasks: "sequential" (one part per skill) or "fused" (both at once)
+    # fused composites: the first skill's answer (never written in the composite's), from the canonical input
+    intermediate: Callable[[str], str] | None = None
 
     def templates_for(self, split: str) -> tuple[str, ...]:
         train = tuple(frame(f, a) for a in self.asks[:-1] for f in TRAIN_FRAMES) + self.questions[:-2]
@@ -538,7 +540,8 @@ COMPOSITE_LIST = (
         "What is {a} + {b} in Roman numerals?", "{a}+{b} as a Roman numeral?",
         "How do the Romans write the sum of {a} and {b}?", "{a} + {b} -> Roman",
         "What is the Roman numeral for {a} plus {b}?", "Sum of {a} and {b}, in roman?",
-    ), make_sum_in_roman, norm_text, 16, skills=("add_3digit", "int_to_roman"), shape="fused"),
+    ), make_sum_in_roman, norm_text, 16, skills=("add_3digit", "int_to_roman"), shape="fused",
+        intermediate=lambda key: str(sum(map(int, key.split("+"))))),
     Task("roman_to_words", "composite", "Write the value of a Roman numeral in English words.", (
         "write the Roman numeral {r} in English words", "spell out the value of the Roman numeral {r}",
         "convert {r} from Roman numerals to words", "give me the English words for the Roman numeral {r}",
@@ -546,7 +549,8 @@ COMPOSITE_LIST = (
     ), (
         "What is the Roman numeral {r} in words?", "{r} in English words?", "How do you say {r} in words?",
         "{r} -> words", "What number is {r}, spelled out?", "Roman numeral {r}, in words?",
-    ), make_roman_to_words, norm_words, 12, skills=("roman_to_int", "number_to_words"), shape="fused"),
+    ), make_roman_to_words, norm_words, 12, skills=("roman_to_int", "number_to_words"), shape="fused",
+        intermediate=str),
     Task("reverse_then_shift", "composite", "Reverse the letters, then shift each one forward by one (Caesar).", (
         "reverse the letters {w} and then shift each one forward by one",
         "write {w} backwards and apply a Caesar shift of 1", "reverse {w}, then encode it with a Caesar shift of one",
@@ -558,7 +562,7 @@ COMPOSITE_LIST = (
         "What do you get if you reverse {w} and shift every letter forward by one?", "Reverse then ROT1: {w}",
         "{w} backwards with a Caesar shift of 1?", "What is {w} read right to left, each letter moved up one?",
     ), make_reverse_then_shift, norm_letters, 16, LETTER_FORMATS, ("dash",),
-        skills=("reverse_letters", "caesar_shift"), shape="fused"),
+        skills=("reverse_letters", "caesar_shift"), shape="fused", intermediate=lambda key: key[::-1]),
 )
 COMPOSITES: dict[str, Task] = {t.name: t for t in COMPOSITE_LIST}
 

@@ -1,6 +1,7 @@
 """The evaluation harness's bookkeeping: the mixed eval set and the accuracy table."""
 
 import math
+import re
 
 import torch
 
@@ -13,13 +14,14 @@ from server.training.evaluate import (
     composite_table,
     engine_answers,
     eval_set,
+    intermediate_table,
     markdown,
     parts_table,
     request_body,
     selection,
     top_adapter,
 )
-from server.training.tasks import COMPOSITES, TASKS
+from server.training.tasks import COMPOSITES, TASKS, caesar, to_words
 from server.training.train_adapter import build_chat
 from tests.unit.helpers import task_library_engine
 
@@ -124,3 +126,21 @@ def test_a_sequential_composite_gives_half_credit_per_part_and_a_single_part_at_
     assert table["skill_a"]["number_words_and_roman"] == 0.5 and table["skill_a"]["one_part_then_end"] == 1.0
     assert table["gate"]["mean"] == 1.0 and table["gate"]["one_part_then_end"] == 0.0
     assert table["best_single"] == {"number_words_and_roman": 0.5, "mean": 0.5}
+
+
+def test_the_fused_composites_know_their_intermediate():
+    items = eval_set(["sum_in_roman", "roman_to_words", "reverse_then_shift", "sum_and_parity"], per_task=3)
+    for item in items:
+        if item.task == "sum_in_roman":
+            a, b = (int(n) for n in re.findall(r"\d+", item.prompt.replace(",", ""))[:2])
+            assert item.intermediate == str(a + b) and TASKS["int_to_roman"].score(item.answer, item.answer)
+        elif item.task == "reverse_then_shift":  # shifting the intermediate by one gives the answer
+            assert caesar(item.intermediate) == item.answer.replace("-", "").replace(",", "").replace(" ", "")
+        elif item.task == "roman_to_words":
+            assert TASKS["number_to_words"].score(item.answer, to_words(int(item.intermediate)))
+        else:
+            assert item.intermediate == ""
+    first_skill = [Answer(i.intermediate or "no", None) for i in items]
+    table = intermediate_table(items, {"skill_a": first_skill, "gate": [Answer(i.answer, None) for i in items]})
+    assert table["skill_a"] == {"reverse_then_shift": 1.0, "roman_to_words": 1.0, "sum_in_roman": 1.0}
+    assert table["gate"] == {"reverse_then_shift": 0.0, "roman_to_words": 0.0, "sum_in_roman": 0.0}
