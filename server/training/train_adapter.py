@@ -64,6 +64,7 @@ class TrainOptions:
     eval_batch: int = 32
     n_card_examples: int = 32
     resume: str = ""  # lora: continue training the adapter in this folder (a fresh schedule)
+    by_name_only: bool = False  # the card's auto: false (retrieval never picks it)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -246,8 +247,8 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
     }
     if len(tasks) > 1:
         card["per_task_accuracy"] = {t: {"base": base_acc[t], "adapter": adapter_acc[t]} for t in tasks}
-    if opts.kind in ("mixlora", "moelora"):
-        card["auto"] = False  # it runs alone (its routers mix its experts); a card may set true
+    if opts.kind in ("mixlora", "moelora") or opts.by_name_only:
+        card["auto"] = False  # a mixture runs alone (its routers mix its experts); a card may set true
     save_adapter(write_weights, card, out_dir)
     return card
 
@@ -371,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop-loss", type=float, default=d.stop_loss, help="early-stop threshold (0: never)")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help="eval prompts per task")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--by-name-only", action="store_true", help="the card says auto: false: served by name, "
+                   "never a retrieval candidate (e.g. a second adapter of a task already in the library)")
     p.add_argument("--resume", action="store_true", help="lora: continue training the adapter in its folder "
                    "(a fresh schedule of --steps; pass another --seed for new examples)")
     return p.parse_args(argv)
@@ -383,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainOptions(kind=args.kind, rank=args.rank, blocks=args.n, alpha=args.alpha, experts=args.experts,
                         top_k=args.top_k, balance_coef=args.balance_coef, contrastive_coef=args.contrastive_coef,
                         targets=tuple(args.targets.split(",")), steps=args.steps, batch=args.batch, lr=args.lr,
-                        seed=args.seed,
-                        stop_loss=args.stop_loss, n_eval=args.n_eval)
+                        seed=args.seed, stop_loss=args.stop_loss, n_eval=args.n_eval, by_name_only=args.by_name_only)
     names = sorted(set(TASKS) - set(OUT_OF_DOMAIN)) if args.all else args.task
     for name in names:
         out_dir = args.out / f"{name}{args.suffix}"
