@@ -21,6 +21,12 @@ replica to register the committed folder; the 201 returns after every replica an
 ingress's retrieval index holds the key, and a failure rolls all back (the catalog's transaction).
 A replica that starts later (autoscaling, a restart) reads the store when it loads.
 
+Outputs. A replica streams a request's outputs to the ingress as lists: each message holds every
+output ready when it is sent, so a lagging ingress costs fewer messages, not more latency (vLLM's
+AsyncLLM merges outputs for a slow reader the same way). A replica that dies before a request's
+first output: the ingress sends it again; after it, a non-streamed request runs again from the
+start (api/serving.py, nothing was sent), a stream ends with an error event.
+
 Metrics. /metrics at the ingress is one exposition of the ingress's own collectors and every
 replica's, each series labelled `replica` ("ingress" or Ray's replica id): one scrape target
 (replicas have no stable address in Ray), per-replica series for the dashboards, and sum() by
@@ -34,7 +40,7 @@ import asyncio
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,18 +120,19 @@ def engine_class(max_models: int) -> type:
             return model_id
 
         async def generate(self, prompt_ids: list[int], sampling: SamplingParams, selection: Selection | None,
-                           request_id: str) -> AsyncIterator[StepOutput]:
+                           request_id: str) -> AsyncIterator[list[StepOutput]]:
+            """The request's outputs, each message holding every output ready when it is sent."""
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.resident(model_id)
             try:
                 stream = self._engine().generate(prompt_ids, sampling, selection, request_id)
             except MoleError as e:  # a refusal: the ingress raises it before any byte is sent
-                yield StepOutput(request_id, None, "", True, FinishReason.ABORT, len(prompt_ids), 0, error=e)
+                yield [StepOutput(request_id, None, "", True, FinishReason.ABORT, len(prompt_ids), 0, error=e)]
                 return
             try:
-                async for out in stream:
-                    yield out
+                while not stream.finished:
+                    yield await stream.next_outputs()
             finally:  # also when the ingress cancels (its client left): frees the KV and batch place
                 stream.close()
 
@@ -168,13 +175,13 @@ class RemoteStream:
     def __init__(self, remote: RemoteEngine, args: tuple, selection: Selection | None, request_id: str) -> None:
         self.remote, self.args, self.selection, self.request_id = remote, args, selection, request_id
         self._gen = None
-        self._first: StepOutput | None = None
+        self._ready: deque[StepOutput] = deque()  # received, not yet read
         self.finished = self.closed = False
 
     def __aiter__(self) -> RemoteStream:
         return self
 
-    async def _open(self) -> StepOutput:
+    async def _open(self) -> list[StepOutput]:
         sel = self.selection
         if sel is not None and sel.query is not None and not sel.explicit:
             sel = replace(sel, retrieved=tuple(await self.remote.retrieve(sel.query, sel.top_k)))
@@ -192,10 +199,12 @@ class RemoteStream:
     async def __anext__(self) -> StepOutput:
         if self.finished or self.closed:
             raise StopAsyncIteration
-        try:
-            out = await self._open() if self._gen is None else await self._gen.__anext__()
-        except RayActorError as e:
-            raise ReplicaLost(f"the engine replica failed mid-request: {e}") from e
+        if not self._ready:
+            try:
+                self._ready.extend(await self._open() if self._gen is None else await self._gen.__anext__())
+            except RayActorError as e:
+                raise ReplicaLost(f"the engine replica failed mid-request: {e}") from e
+        out = self._ready.popleft()
         if out.adapters:
             self.remote.count_usage(out.adapters)
         if out.finished:

@@ -193,6 +193,14 @@ class RequestStream:
             self.close()
         return out
 
+    async def next_outputs(self) -> list[StepOutput]:
+        """The next output and every one already queued behind it: a reader that lags (a Ray
+        replica sending to its ingress) moves them in one message instead of one per token."""
+        outs = [await self.__anext__()]
+        while not self.finished and not self.queue.empty():
+            outs.append(await self.__anext__())
+        return outs
+
     def close(self) -> None:
         if self.closed:
             return

@@ -146,6 +146,23 @@ def test_queue_full_is_refused_at_submission(tiny_engine):
     asyncio.run(main())
 
 
+def test_a_lagging_reader_gets_every_queued_output_at_once(tiny_engine):
+    async def main():
+        aeng = AsyncEngine(tiny_engine())
+        aeng.start()
+        try:
+            stream = aeng.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+            while stream.queue.qsize() < 6:  # the reader lags: every token is queued
+                await asyncio.sleep(0.01)
+            outs = await stream.next_outputs()
+            assert [o.num_output_tokens for o in outs] == [1, 2, 3, 4, 5, 6] and outs[-1].finished
+            assert stream.finished and aeng.num_pending == 0
+        finally:
+            aeng.shutdown()
+
+    asyncio.run(main())
+
+
 def test_queue_full_is_429_with_retry_after(tiny_engine):
     settings = Settings(max_num_seqs=1, max_waiting=1)
     with TestClient(create_app(settings, lambda: tiny_engine(max_num_seqs=1, max_waiting=1))) as client:
