@@ -4,6 +4,9 @@ replicas, and 1 replica against `mole-serve serve` alone (the ingress's overhead
 random Llama (hidden 256, 4 layers) so the routing, not the model, is what is measured. Traffic:
 named adapters drawn Zipf(s) over the library, `concurrency` clients at once.
 
+`--real-base --overhead-only` runs the single server and 1 replica on SmolLM2-135M instead: the
+ingress's overhead where the model's time counts, as it does in real serving.
+
 Ray listens on every interface: run it in its own network namespace,
     unshare -n bash -c 'ip link set lo up && python -m bench.scaleout'
 """
@@ -25,7 +28,7 @@ import ray
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from bench.common import machine, served, synthetic_adapter, write_json
 from server.config import Settings
@@ -37,21 +40,26 @@ from server.engine.model import DecoderModel
 PORT = 8766
 
 
-def library(root: Path, adapters: int) -> Path:
-    """A small random base model folder beside a store of `adapters` random rank-8 LoRAs."""
+def library(root: Path, adapters: int, real_base: bool) -> str:
+    """A store of `adapters` random rank-8 LoRAs over SmolLM2 (real_base) or over a small random
+    base model written beside it; returns the base model's path."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    hf = LlamaForCausalLM(config).eval()
-    hf.save_pretrained(root / "base")
-    AutoTokenizer.from_pretrained(resolve_base_model(Settings())).save_pretrained(root / "base")
+    if real_base:
+        base = resolve_base_model(Settings())
+        hf = AutoModelForCausalLM.from_pretrained(base)
+    else:
+        config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=True)
+        hf, base = LlamaForCausalLM(config).eval(), str(root / "base")
+        hf.save_pretrained(base)
+        AutoTokenizer.from_pretrained(resolve_base_model(Settings())).save_pretrained(base)
     spec = DecoderModel(hf.config, hf.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
     for i in range(adapters):
         folder = synthetic_adapter(root / "store" / f"a{i:03d}", spec, rank=8, seed=i)
         (folder / "card.json").write_text(json.dumps({"name": f"a{i:03d}", "examples": [f"task {i} {j}"
                                                                                        for j in range(5)]}))
-    return root
+    return base
 
 
 def traffic(adapters: int, requests: int, zipf: float, seed: int = 0) -> list[str]:
@@ -160,11 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--real-base", action="store_true",
+                   help="SmolLM2-135M instead of the small random model (where the model's time counts)")
+    p.add_argument("--overhead-only", action="store_true", help="only the single server and 1 Ray replica")
     p.add_argument("--out", default="bench/results/scaleout.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    root = library(Path(tempfile.mkdtemp(prefix="scaleout-")), args.adapters)
-    settings = Settings(base_model=str(root / "base"), adapters_dir=root / "store", max_model_len=256,
+    root = Path(tempfile.mkdtemp(prefix="scaleout-"))
+    base = library(root, args.adapters, args.real_base)
+    settings = Settings(base_model=base, adapters_dir=root / "store", max_model_len=256,
                         max_loras=args.max_loras, max_cpu_loras=args.adapters, host="127.0.0.1", port=PORT)
     LLMEngine.from_settings(settings)  # fail here, not in a replica, on a bad model folder
     names = traffic(args.adapters, args.requests, args.zipf)
@@ -174,20 +186,23 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
-        rows += [on_ray(settings, r, a, *traffic_args) for r, a in ((2, True), (2, False), (1, True))]
+        rows += [on_ray(settings, r, a, *traffic_args)
+                 for r, a in ([(1, True)] if args.overhead_only else [(2, True), (2, False), (1, True)])]
     finally:
         serve.shutdown()
         ray.shutdown()
-    single, affinity, plain, one = rows
-    ratios = {"loads power-of-two/affinity (2 replicas)":
-              round(plain["loads_per_1000"] / affinity["loads_per_1000"], 2),
-              "throughput ray 1 replica/single server": round(one["requests_per_s"] / single["requests_per_s"], 3),
-              "throughput affinity/power-of-two (2 replicas)":
-                  round(affinity["requests_per_s"] / plain["requests_per_s"], 3)}
     print(f"{'server':>7} {'replicas':>8} {'routing':>13} {'loads/1000':>10} {'req/s':>7}")
     for row in rows:
         print(f"{row['server']:>7} {row['replicas']:>8} {row['routing']:>13} {row['loads_per_1000']:>10} "
               f"{row['requests_per_s']:>7}")
+    single, one = rows[0], rows[-1]
+    ratios = {"throughput ray 1 replica/single server": round(one["requests_per_s"] / single["requests_per_s"], 3)}
+    if not args.overhead_only:
+        affinity, plain = rows[1], rows[2]
+        ratios |= {"loads power-of-two/affinity (2 replicas)":
+                   round(plain["loads_per_1000"] / affinity["loads_per_1000"], 2),
+                   "throughput affinity/power-of-two (2 replicas)":
+                   round(affinity["requests_per_s"] / plain["requests_per_s"], 3)}
     bounds = loads_bounds(warmup, names, args.max_loras, replicas=2)
     print(json.dumps({"ratios": ratios, "loads_bounds": bounds}, indent=1))
     write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "ratios": ratios,
