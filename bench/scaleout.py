@@ -45,7 +45,7 @@ def library(root: Path, adapters: int, real_base: bool) -> str:
     base model written beside it; returns the base model's path."""
     torch.manual_seed(0)
     if real_base:
-        base = resolve_base_model(Settings())
+        base = str(resolve_base_model(Settings()))
         hf = AutoModelForCausalLM.from_pretrained(base)
     else:
         config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
