@@ -1,5 +1,5 @@
 """What test_deploy.py checks, run in a child process inside its own network namespace: a real
-local Ray cluster with 2 engine replicas of a tiny random model, driven over HTTP by the official
+local Ray cluster with 2 engine replicas of the real SmolLM2-135M, driven over HTTP by the official
 openai client, compared with the single-process app on the same store. Writes its observations
 as JSON to argv[1]; the test asserts on them."""
 
@@ -17,14 +17,14 @@ import ray
 import torch
 from fastapi.testclient import TestClient
 from ray import serve
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from server.api.app import create_app
 from server.config import Settings
 from server.deploy import APP_NAME, ENGINE_NAME, build_app
 from server.engine.engine import LLMEngine
 from server.engine.loader import resolve_base_model
-from tests.unit.helpers import make_adapter, tiny_hf_model
+from tests.unit.helpers import make_adapter
 
 TOPICS = {  # adapter -> the words of its card's examples (retrieval tells them apart)
     "roman": "convert the roman numeral {} to decimal",
@@ -43,18 +43,15 @@ def card(name: str, pattern: str) -> dict:
 
 
 def build(root: Path) -> tuple[Settings, Path]:
-    """A tiny base model folder (random weights, SmolLM2's tokenizer), a store of 4 adapters, and a 5th
-    adapter folder to upload."""
-    hf = tiny_hf_model()
-    base = root / "base"
-    hf.save_pretrained(base)
-    AutoTokenizer.from_pretrained(resolve_base_model(Settings())).save_pretrained(base)
+    """A store of 4 random LoRAs over the real SmolLM2-135M, and a 5th adapter folder to upload."""
+    base = str(resolve_base_model(Settings()))
+    hf = AutoModelForCausalLM.from_pretrained(base)
     for seed, (name, pattern) in enumerate(TOPICS.items()):
         make_adapter(hf, root / "store" / name, seed=10 + seed)
         (root / "store" / name / "card.json").write_text(json.dumps(card(name, pattern)))
     upload = make_adapter(hf, root / "upload" / NEW[0], seed=99)
     (upload / "card.json").write_text(json.dumps(card(*NEW)))
-    settings = Settings(base_model=str(base), adapters_dir=root / "store", admin_token=TOKEN, max_model_len=128,
+    settings = Settings(base_model=base, adapters_dir=root / "store", admin_token=TOKEN, max_model_len=128,
                         max_num_seqs=8, max_prefill_tokens=64, max_loras=4, host="127.0.0.1", port=PORT)
     return settings, upload
 

@@ -1,5 +1,5 @@
-"""mole-serve on Ray Serve (server/deploy.py): a real local Ray cluster with 2 engine replicas of a
-tiny random model, in its own network namespace so nothing leaves loopback by construction.
+"""mole-serve on Ray Serve (server/deploy.py): a real local Ray cluster with 2 engine replicas of the
+real SmolLM2-135M (random LoRAs over it), in its own network namespace so nothing leaves loopback by construction.
 deploy_scenario.py runs the cluster in a child process (`unshare -n`, lo up) and reports what it
 saw; each test here asserts one part of it."""
 
@@ -36,7 +36,7 @@ def seen(tmp_path_factory) -> dict:
            "HF_HUB_OFFLINE": "1"}
     script = f"ip link set lo up && exec {sys.executable} -m tests.unit.deploy_scenario {out}"
     run = subprocess.run(["unshare", "-n", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=480)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
 
