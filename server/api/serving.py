@@ -75,6 +75,7 @@ class Generation:
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
         self.start = time.perf_counter()
+        self.first_token_at: float | None = None  # of the first attempt: a resend does not time it again
         self._submit()
 
     def _submit(self) -> None:
@@ -113,12 +114,11 @@ class Generation:
             yield out
 
     async def deltas(self) -> AsyncIterator[str]:
-        start = first = self.start
         try:
             async for out in self._outputs():
-                if self.completion_tokens == 0 and out.num_output_tokens:
-                    first = time.perf_counter()
-                    self.metrics.ttft.observe(first - start)
+                if self.first_token_at is None and out.num_output_tokens:
+                    self.first_token_at = time.perf_counter()
+                    self.metrics.ttft.observe(self.first_token_at - self.start)
                 self.completion_tokens = max(self.completion_tokens, out.num_output_tokens)
                 self.text += out.text
                 if out.logprob is not None:
@@ -132,9 +132,9 @@ class Generation:
         finally:  # also when the client disconnects mid-stream (the task is cancelled)
             self.outputs.close()
         end = time.perf_counter()
-        self.metrics.latency.labels(self.route).observe(end - start)
-        if self.completion_tokens > 1:
-            self.metrics.tpot.observe((end - first) / (self.completion_tokens - 1))
+        self.metrics.latency.labels(self.route).observe(end - self.start)
+        if self.completion_tokens > 1 and self.first_token_at is not None:
+            self.metrics.tpot.observe((end - self.first_token_at) / (self.completion_tokens - 1))
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
         self.metrics.completion_tokens.inc(self.completion_tokens)
         self.metrics.observe_adapters(self.adapters, self.gate_entropy)

@@ -315,6 +315,12 @@ class DiesAfter:
         self.stream.close()
 
 
+def ttft_count(client) -> float:
+    line = next(line for line in client.get("/metrics").text.splitlines()
+                if line.startswith("mole_time_to_first_token_seconds_count"))
+    return float(line.split()[-1])
+
+
 @pytest.mark.parametrize("deaths", [1, 2, 3])
 def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engine, deaths):
     """Nothing of a non-streamed answer was sent when its replica died: the request runs again from
@@ -334,8 +340,10 @@ def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engin
             return DiesAfter(stream, 3) if len(calls) <= deaths else stream
 
         engine.generate = dying_generate
+        ttft_before = ttft_count(client)
         r = client.post("/v1/chat/completions", json=body)
         assert len(calls) == min(deaths, RESENDS) + 1
+        assert ttft_count(client) == ttft_before + 1  # one request, one first token, whatever the resends
         if deaths <= RESENDS:
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"] == undisturbed["choices"][0]["message"]
