@@ -86,16 +86,18 @@ def lru_loads(seq: list[str], slots: int, skip: int) -> int:
 def belady_loads(seq: list[str], slots: int, skip: int) -> int:
     """Loads of one clairvoyant pool (evicts the adapter needed furthest ahead): no routing and no
     eviction policy over that many slots in all does better."""
-    pool: set[str] = set()
+    next_use, later = [len(seq)] * len(seq), {}  # index of each request's adapter's next request
+    for i in range(len(seq) - 1, -1, -1):
+        next_use[i] = later.get(seq[i], len(seq))
+        later[seq[i]] = i
+    pool: dict[str, int] = {}  # adapter -> when it is next needed
     loads = 0
     for i, name in enumerate(seq):
-        if name in pool:
-            continue
-        loads += i >= skip
-        if len(pool) == slots:
-            ahead = {n: seq.index(n, i + 1) if n in seq[i + 1:] else len(seq) for n in pool}
-            pool.remove(max(ahead, key=ahead.__getitem__))
-        pool.add(name)
+        if name not in pool:
+            loads += i >= skip
+            if len(pool) == slots:
+                del pool[max(pool, key=pool.__getitem__)]
+        pool[name] = next_use[i]
     return loads
 
 

@@ -222,8 +222,7 @@ def parts_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str
             task = ALL_TASKS[item.task]
             if task.shape == "sequential":
                 credit.setdefault(item.task, []).append(task.parts_score(pred.text, item.answer))
-                one_part.append(any(TASKS[s].score(pred.text, want) for s, want in
-                                    zip(task.skills, item.answer.rsplit(", ", 1))))
+                one_part.append(task.is_one_part(pred.text, item.answer))
         row: dict = {t: sum(c) / len(c) for t, c in sorted(credit.items())}
         row["mean"] = sum(row.values()) / len(row)
         row["one_part_then_end"] = sum(one_part) / len(one_part)

@@ -156,15 +156,18 @@ class Task:
     def score(self, prediction: str, answer: str) -> bool:
         return self.normalize(prediction) == self.normalize(answer)
 
+    def is_one_part(self, prediction: str, answer: str) -> bool:
+        """A sequential composite: the prediction is one of the answer's two parts (one skill's
+        answer each, joined by ", ") alone, as that part's skill scores it."""
+        return any(TASKS[s].score(prediction, want) for s, want in zip(self.skills, answer.rsplit(", ", 1)))
+
     def parts_score(self, prediction: str, answer: str) -> float:
-        """A sequential composite's partial credit: the share of its two parts (one skill's answer
-        each, joined by ", ") that the prediction gets right, each scored as its skill scores it. A
-        prediction with one part can match either: a single skill gets at most 0.5."""
-        skills = [TASKS[s] for s in self.skills]
-        wanted, got = answer.rsplit(", ", 1), prediction.strip().rsplit(", ", 1)
-        one_part = max(skill.score(prediction, want) for skill, want in zip(skills, wanted)) / 2
-        both_parts = sum(skill.score(g, want) for skill, g, want in zip(skills, got, wanted)) / 2
-        return max(one_part, both_parts)
+        """A sequential composite's partial credit: the share of its two parts that the prediction
+        gets right, each scored as its skill scores it. A prediction with one part can match either:
+        a single skill gets at most 0.5."""
+        got = prediction.strip().rsplit(", ", 1)
+        both_parts = sum(TASKS[s].score(g, want) for s, g, want in zip(self.skills, got, answer.rsplit(", ", 1)))
+        return max(self.is_one_part(prediction, answer) / 2, both_parts / 2)
 
 
 # --- generators -------------------------------------------------------------------------------
