@@ -3,15 +3,29 @@
     python -m bench.throughput_merge OUT torch=RUN1.json triton=RUN2.json
 
 OUT holds every run under `backends` and, per scenario, the decode tok/s of each backend over the
-first one's (`triton/torch`)."""
+first one's (`triton/torch`). A run given as its printed log instead (NAME=RUN.log: one cut off by
+its timeout writes no JSON) contributes the figures it printed."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from bench.common import write_json
+
+# bench.throughput's line per scenario: "   hetero1: decode   579.0 tok/s   end-to-end   559.4 tok/s"
+SCENARIO_LINE = re.compile(r"^\s*(\w+): decode\s+([\d.]+) tok/s\s+end-to-end\s+([\d.]+) tok/s$", re.MULTILINE)
+
+
+def read_run(path: Path) -> dict:
+    if path.suffix != ".log":
+        return json.loads(path.read_text())
+    run: dict = {"e2e_tok_s": {}, "source": f"printed figures of {path.name} (the run wrote no JSON)"}
+    for key, decode, e2e in SCENARIO_LINE.findall(path.read_text()):
+        run[f"{key}_tok_s"], run["e2e_tok_s"][key] = float(decode), float(e2e)
+    return run
 
 
 def merge(runs: dict[str, dict]) -> dict:
@@ -33,7 +47,7 @@ def main(argv: list[str]) -> int:
     for arg in argv[1:]:
         name, path = arg.split("=", 1)
         if Path(path).exists():  # a run that failed leaves no file: merge what there is
-            runs[name] = json.loads(Path(path).read_text())
+            runs[name] = read_run(Path(path))
     if not runs:
         print("no run to merge", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ cases on CUDA when there is one, and bench/device_check.sh's dry run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,19 @@ def test_device_check_script_dry_run():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dry run: ok" in result.stdout
     assert "MOLE_LORA_BACKEND=torch" in result.stdout and "MOLE_LORA_BACKEND=triton" in result.stdout
+
+
+def test_throughput_merge_reads_the_log_of_a_run_cut_off(tmp_path):
+    """A backend's run killed by its step timeout leaves no JSON: its printed figures still merge."""
+    from bench.throughput_merge import merge, read_run
+
+    torch_run = tmp_path / "torch.json"
+    torch_run.write_text(json.dumps({"base_tok_s": 1000.0, "hetero1_tok_s": 500.0, "e2e_tok_s": {}}))
+    log = tmp_path / "throughput_triton.log"
+    log.write_text("Loading weights: 100%\n      base: decode  1100.0 tok/s   end-to-end  1000.0 tok/s\n"
+                   "   hetero1: decode   750.5 tok/s   end-to-end   700.0 tok/s\n"
+                   "melora_dense: decode   893.1 tok/s   end-to-end   848.9 tok/s\n")
+    merged = merge({"torch": read_run(torch_run), "triton": read_run(log)})
+    assert merged["triton/torch"] == {"base": 1.1, "hetero1": 1.501}
+    assert merged["backends"]["triton"]["melora_dense_tok_s"] == 893.1
+    assert merged["backends"]["triton"]["e2e_tok_s"]["hetero1"] == 700.0
