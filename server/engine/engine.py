@@ -68,7 +68,8 @@ class LLMEngine:
                              model.dtype, self.catalog.load)
         blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_prefill_tokens,
-                                   self._acquire_adapters, self._release_adapters)
+                                   self._acquire_adapters, self._release_adapters,
+                                   decode_order=lambda seq: self.runner.row_group(seq))
         # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
         self._versions: Counter[str] = Counter()
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)

@@ -107,6 +107,17 @@ class ModelRunner:
                 seq.expert_usage = summed(seq.expert_usage, usage)
         return logits
 
+    def row_group(self, seq: Sequence) -> tuple:
+        """The sort key of a decode row (Scheduler's decode_order): sets on the slot stacks first,
+        longest first, then native blocks by shape, then each MoE-kind adapter's rows, then rows
+        with no adapter. Each path's rows are then one slice of the step (views, not gathers), and
+        the gathered op stops at the last row with a set (LoRABatchInfo.num_decode_with_sets)."""
+        if (slot := self._expert_slot(seq)) is not None:
+            return (2, slot)
+        if (native := self._native(seq)) is not None:
+            return (1, *native[0])
+        return (0, -len(seq.lora_slots)) if seq.lora_slots else (3,)
+
     def _expert_slot(self, seq: Sequence) -> int | None:
         """The lora slot of the sequence's adapter when it is a mixture of LoRA experts (named alone)."""
         return seq.lora_slots[0] if len(seq.lora_slots) == 1 and seq.lora_slots[0] in self.pool.experts else None

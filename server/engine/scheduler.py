@@ -58,8 +58,12 @@ class Scheduler:
         max_prefill_tokens: int,
         acquire_adapters: Callable[[Sequence], bool] = lambda seq: True,
         release_adapters: Callable[[Sequence], None] = lambda seq: None,
+        decode_order: Callable[[Sequence], tuple] | None = None,
     ) -> None:
         self.blocks = blocks
+        # The decode rows' order in a step (stable sort by this key): the runner groups sequences
+        # that take the same LoRA path, so that each path reads its rows as one slice.
+        self._decode_order = decode_order
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         # Adapter residency is the pool's business; these hooks pin and unpin a sequence's set.
         self._acquire_adapters = acquire_adapters
@@ -86,6 +90,8 @@ class Scheduler:
                 self.blocks.append(seq, 1)
                 decode.append(ScheduledSeq(seq, 1))
             i += 1
+        if self._decode_order is not None:
+            decode.sort(key=lambda s: self._decode_order(s.seq))
         budget = self.max_prefill_tokens
         for seq in self.running:  # admission gave them blocks for all their known tokens
             if seq.num_uncomputed > 1 and budget > 0:

@@ -26,8 +26,14 @@ class LoRABatchInfo:
     unique_slots: torch.Tensor | None = None  # [U], set when the dense path is chosen
     unique_range: tuple[int, int] | None = None  # (s0, s1) when unique_slots == arange(s0, s1)
     seq_columns: list[list[int]] | None = None  # dense path: per sequence, its K slots' columns
-    # gathered path: the decode rows' padded slots, what a backend may key a gather cache on
+    # gathered path: the decode rows' padded slots up to the last one with an adapter (the rows
+    # after it have none and add nothing), what a backend may key a gather cache on
     decode_slots: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def num_decode_with_sets(self) -> int:
+        """Gathered path: the decode rows the op must compute (0..this); the rest have no adapter."""
+        return len(self.decode_slots) if self.decode_slots is not None else self.num_decode
 
     @property
     def num_columns(self) -> int:
@@ -120,5 +126,6 @@ def build_lora_batch(
     else:
         weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
         info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
-        info.decode_slots = tuple(padded[:num_decode])
+        with_sets = [i for i in range(num_decode) if sets[i][0]]
+        info.decode_slots = tuple(padded[: with_sets[-1] + 1 if with_sets else 0])
     return info

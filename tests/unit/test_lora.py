@@ -187,17 +187,19 @@ def random_stack(slots, n, r, d_in, outs, seed):
 @pytest.mark.parametrize("path", ["dense-view", "dense-gather", "gathered", "gathered-cached"])
 def test_ops_match_naive_loop(path, backend):
     stack = random_stack(slots=7, n=3, r=4, d_in=16, outs=[16, 8, 8], seed=0)
-    # 3 decode sequences then 2 prefill chunks of 4 and 3 tokens.
-    sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
-    counts = [1, 1, 1, 4, 3]
+    # 4 decode sequences (the last two with no adapter: the gathered op stops before them), then
+    # 2 prefill chunks of 4 and 3 tokens.
+    sets = [((1, 2), (0.7, 0.3)), ((3,), (1.0,)), ((), ()), ((), ()), ((4, 5, 6), (0.2, 0.3, 0.5)), ((2,), (1.0,))]
+    counts = [1, 1, 1, 1, 4, 3]
     ops = create_backend(backend, cache_bytes=1 << 30 if path == "gathered-cached" else 0)
     slot_bytes = sum(t[0].numel() * 4 for t in (stack.A, *stack.B))
     if path == "gathered-cached":  # a first step fills the cache; the one checked below reads it
-        first = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+        first = build_lora_batch(sets, counts, 4, torch.device("cpu"), torch.float32)
         ops.prepare(first, 0, slot_bytes)
         ops.apply(torch.randn(sum(counts), 16), torch.zeros(sum(counts), 32), stack, first, first.token_weights)
-    info = build_lora_batch(sets, counts, 3, torch.device("cpu"), torch.float32)
+    info = build_lora_batch(sets, counts, 4, torch.device("cpu"), torch.float32)
     ops.prepare(info, 0, slot_bytes)
+    assert info.num_decode_with_sets == 2
     if path.startswith("dense"):
         info.unique_slots = torch.tensor([1, 2, 3, 4, 5, 6])
         info.unique_range = (1, 7) if path == "dense-view" else None
@@ -210,7 +212,8 @@ def test_ops_match_naive_loop(path, backend):
         assert info.unique_slots is None
     x = torch.randn(sum(counts), 16)
     out = torch.zeros(sum(counts), 32)
-    ops.apply(x, out, stack, info, info.token_weights)
+    used = ops.apply(x, out, stack, info, info.token_weights)
+    assert torch.equal(used, info.token_weights)  # every row's weights, in row order
     expected = torch.zeros_like(out)
     row = 0
     for (slots, ws), n in zip(sets, counts):

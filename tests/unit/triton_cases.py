@@ -51,8 +51,9 @@ def as_fp32(stack: GroupStack) -> GroupStack:
 
 
 def random_batch(K: int, dense: bool, device: str, dtype: torch.dtype, seed: int) -> tuple[LoRABatchInfo, list[int]]:
-    """6 decode rows (two neighbours share their set: one segment; one row has no adapter), then
-    prefill chunks of 7, 0 (an empty segment) and 19 tokens. -> (batch, tokens per sequence)."""
+    """7 decode rows (two neighbours share their set: one segment; one row in the middle and the
+    last have no adapter: no segment covers the last), then prefill chunks of 7, 0 (an empty
+    segment) and 19 tokens. -> (batch, tokens per sequence)."""
     rng = random.Random(seed)
 
     def one_set(k: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -61,9 +62,9 @@ def random_batch(K: int, dense: bool, device: str, dtype: torch.dtype, seed: int
     sets = [one_set(rng.randint(1, K)) for _ in range(4)]
     sets.insert(2, sets[1])
     sets.insert(4, ((), ()))
-    sets += [one_set(K), one_set(rng.randint(1, K)), one_set(K)]
-    counts = [1] * 6 + [7, 0, 19]
-    batch = build_lora_batch(sets, counts, 6, torch.device(device), dtype, force_dense=dense)
+    sets += [((), ()), one_set(K), one_set(rng.randint(1, K)), one_set(K)]
+    counts = [1] * 7 + [7, 0, 19]
+    batch = build_lora_batch(sets, counts, 7, torch.device(device), dtype, force_dense=dense)
     assert (batch.unique_slots is not None) == dense
     return batch, counts
 

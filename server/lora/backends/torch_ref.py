@@ -94,14 +94,15 @@ class TorchBackend(LoRABackend):
             expand(z, weights, out, stack, batch.unique_slots, batch.unique_range)
             return weights
         parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
-        nd = batch.num_decode
-        if nd:
-            slots = batch.lora_slots[:nd]  # [nd, K]
+        nd, ns = batch.num_decode, batch.num_decode_with_sets
+        if ns:
+            slots = batch.lora_slots[:ns]  # [ns, K]
             A, Bs = self.gather_cache.get(stack, slots) if self._cached else gather(stack, slots)
-            z = torch.bmm(x[:nd].unsqueeze(1), A.transpose(1, 2)).view(nd, slots.shape[1], -1)  # [nd, K, n*r]
-            w = weights[:nd] if gate is None else gate.weigh(x[:nd], z, slots, weights[:nd], stats, slice(0, nd))
+            z = torch.bmm(x[:ns].unsqueeze(1), A.transpose(1, 2)).view(ns, slots.shape[1], -1)  # [ns, K, n*r]
+            w = weights[:ns] if gate is None else gate.weigh(x[:ns], z, slots, weights[:ns], stats, slice(0, ns))
             parts.append(w)
-            _expand_gathered(z, w, out[:nd], stack, Bs)
+            _expand_gathered(z, w, out[:ns], stack, Bs)
+        parts.append(weights[ns:nd])  # rows with no adapter: their zero priors
         for i, (offset, length) in enumerate(batch.prefill_spans, start=nd):
             rows = slice(offset, offset + length)
             slots = batch.lora_slots[i]  # [K]

@@ -27,6 +27,7 @@ def step_segments(batch: LoRABatchInfo) -> ops.Segments:
     if batch.unique_slots is not None:
         total = nd + sum(n for _, n in batch.prefill_spans)
         return ops.plan([(0, total)], batch.unique_slots.view(1, -1))
+    # the decode rows up to the last with a set; the rows after have none and are no segment's
     decode = batch.decode_slots if batch.decode_slots is not None else tuple(map(tuple, batch.lora_slots[:nd].tolist()))
     spans: list[tuple[int, int]] = []
     seqs: list[int] = []  # the sequence whose slots each segment uses
@@ -90,10 +91,11 @@ class TritonBackend(LoRABackend):
         sequence's (the keys of K slots, not of K per token)."""
         if batch.unique_slots is not None:
             return gate.weigh(x, z, batch.unique_slots, weights, stats, slice(None))
-        nd = batch.num_decode
-        blocks = [(slice(0, nd), batch.lora_slots[:nd])] if nd else []
-        blocks += [(slice(o, o + n), batch.lora_slots[i]) for i, (o, n) in enumerate(batch.prefill_spans, start=nd)]
-        return torch.cat([gate.weigh(x[rows], z[rows], slots, weights[rows], stats, rows) for rows, slots in blocks])
+        nd, ns = batch.num_decode, batch.num_decode_with_sets
+        decode = [gate.weigh(x[:ns], z[:ns], batch.lora_slots[:ns], weights[:ns], stats, slice(0, ns))] if ns else []
+        prefill = [gate.weigh(x[o : o + n], z[o : o + n], batch.lora_slots[i], weights[o : o + n], stats,
+                              slice(o, o + n)) for i, (o, n) in enumerate(batch.prefill_spans, start=nd)]
+        return torch.cat([*decode, weights[ns:nd], *prefill])  # rows ns..nd have no adapter (z unset there)
 
     def apply_blocks(self, x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      rows: BlockRows) -> None:
