@@ -13,10 +13,6 @@ import torch
 # on average: its wasted FLOPs (every token against every unique slot) then cost less than
 # gathering a copy of each sequence's adapters.
 DENSE_MIN_SEQS_PER_ADAPTER = 4
-# Gathered path: the decode rows split into runs of equal set size (a run of K=1 rows reads 1
-# adapter per row, not the step's K) when there are at most this many runs; past it (rows not
-# grouped by set size), one run of K: each run costs its own launches.
-MAX_DECODE_RUNS = 4
 
 
 @dataclass
@@ -33,9 +29,6 @@ class LoRABatchInfo:
     # gathered path: the decode rows' padded slots up to the last one with an adapter (the rows
     # after it have none and add nothing), what a backend may key a gather cache on
     decode_slots: tuple[tuple[int, ...], ...] | None = None
-    # gathered path: those rows as runs (first row, end row, k): each run's rows use the first k
-    # columns of lora_slots (the rest pad)
-    decode_runs: list[tuple[int, int, int]] | None = None
 
     @property
     def num_decode_with_sets(self) -> int:
@@ -135,19 +128,4 @@ def build_lora_batch(
         info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
         with_sets = [i for i in range(num_decode) if sets[i][0]]
         info.decode_slots = tuple(padded[: with_sets[-1] + 1 if with_sets else 0])
-        info.decode_runs = decode_runs([len(slots) for slots, _ in sets[: len(info.decode_slots)]], K)
     return info
-
-
-def decode_runs(set_sizes: Sequence[int], K: int) -> list[tuple[int, int, int]]:
-    """Runs (first row, end row, k) of consecutive rows with k adapters; a row with none joins the
-    run it is in (its padding adds nothing). One run of K past MAX_DECODE_RUNS."""
-    runs: list[list[int]] = []
-    for row, k in enumerate(set_sizes):
-        if runs and (k == 0 or runs[-1][2] in (0, k)):
-            runs[-1][1], runs[-1][2] = row + 1, max(runs[-1][2], k)
-        else:
-            runs.append([row, row + 1, k])
-    if len(runs) > MAX_DECODE_RUNS:
-        return [(0, len(set_sizes), K)]
-    return [(r0, r1, k) for r0, r1, k in runs]

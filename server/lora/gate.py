@@ -120,8 +120,7 @@ class LayerGate:
         if prior is None:
             prior = torch.ones(R, C, dtype=z.dtype, device=z.device)
         candidates = prior > 0
-        has_candidates = candidates.any(-1, keepdim=True)
-        candidates = candidates | ~has_candidates  # rows with none: no NaN softmax (they keep their prior)
+        candidates = candidates | ~candidates.any(-1, keepdim=True)  # rows with none are not gated
         u = x @ self.query.t()  # [R, rg]
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-12)
         keys = self.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1, rg)  # [(R,) C, n*r, rg]
@@ -130,7 +129,6 @@ class LayerGate:
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
-        weights = torch.where(has_candidates, weights, prior)
         stats.record(rows, weights)
         return torch.where(stats.gated[rows, None], weights, prior)
 

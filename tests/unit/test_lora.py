@@ -12,7 +12,7 @@ from server.engine.request import SamplingParams
 from server.errors import AdapterNotFound
 from server.lora.backends import create_backend
 from server.lora.backends.torch_ref import TorchBackend
-from server.lora.batch import build_lora_batch, decode_runs
+from server.lora.batch import build_lora_batch
 from server.lora.kinds.base import AdapterFormatError
 from server.lora.stacks import GroupStack
 from server.routing.types import AdapterRef
@@ -226,14 +226,6 @@ def test_ops_match_naive_loop(path, backend):
     assert torch.allclose(out, expected, atol=1e-4)
     if path == "gathered-cached" and backend == "torch":
         assert ops.gather_cache.reused_steps == 1
-
-
-def test_decode_runs_split_rows_by_set_size():
-    """Rows grouped by set size (the runner's order) run as such; a row with no adapter joins its
-    run; rows in no order fall back to one run of K."""
-    assert decode_runs([3, 3, 1, 0, 1], 3) == [(0, 2, 3), (2, 5, 1)]
-    assert decode_runs([0, 2, 2], 2) == [(0, 3, 2)]
-    assert decode_runs([1, 2, 1, 2, 1, 2], 2) == [(0, 6, 2)]
 
 
 def test_gather_cache_is_dropped_when_slot_weights_change():

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from server.lora.backends.base import LoRABackend, expand, shrink
 from server.lora.batch import LoRABatchInfo
@@ -45,20 +44,19 @@ class GatherCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._key: tuple | None = None
-        self._gathered: dict[tuple[int, int], Gathered] = {}  # (id(stack), run's first row) -> its adapters
+        self._gathered: dict[int, Gathered] = {}  # id(stack) -> its rows' adapters
         self.reused_steps = 0  # steps that gathered nothing
 
     def clear(self) -> None:
         self._key = None
         self._gathered.clear()
 
-    def use(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> bool:
+    def use(self, decode_slots: tuple[tuple[int, ...], ...], stacks_version: int, slot_bytes: int) -> bool:
         """Start a step whose decode rows have these (padded) slots; False: nothing is kept."""
-        gathered = sum((r1 - r0) * k for r0, r1, k in batch.decode_runs)  # adapter copies the runs hold
-        if not self.budget_bytes or gathered * slot_bytes > self.budget_bytes:
+        if not self.budget_bytes or sum(map(len, decode_slots)) * slot_bytes > self.budget_bytes:
             self.clear()
             return False
-        key = (stacks_version, batch.decode_slots)
+        key = (stacks_version, decode_slots)
         if key == self._key:
             self.reused_steps += 1
         else:
@@ -66,11 +64,10 @@ class GatherCache:
             self._key = key
         return True
 
-    def get(self, stack: GroupStack, run: int, slots: torch.Tensor) -> Gathered:
-        """The gathered adapters of one decode run (by its first row) of one stack."""
-        hit = self._gathered.get((id(stack), run))
+    def get(self, stack: GroupStack, slots: torch.Tensor) -> Gathered:
+        hit = self._gathered.get(id(stack))
         if hit is None:
-            hit = self._gathered[(id(stack), run)] = gather(stack, slots)
+            hit = self._gathered[id(stack)] = gather(stack, slots)
         return hit
 
 
@@ -82,7 +79,8 @@ class TorchBackend(LoRABackend):
         self._cached = False  # whether this step's decode rows read the gather cache
 
     def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
-        self._cached = bool(batch.decode_slots) and self.gather_cache.use(batch, stacks_version, slot_bytes)
+        self._cached = bool(batch.decode_slots) and self.gather_cache.use(batch.decode_slots, stacks_version,
+                                                                          slot_bytes)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, stack: GroupStack, batch: LoRABatchInfo,
               weights: torch.Tensor | None, gate: LayerGate | None = None,
@@ -96,18 +94,14 @@ class TorchBackend(LoRABackend):
             expand(z, weights, out, stack, batch.unique_slots, batch.unique_range)
             return weights
         parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
-        nd, ns, K = batch.num_decode, batch.num_decode_with_sets, batch.lora_slots.shape[1]
-        for r0, r1, k in batch.decode_runs or ():
-            slots = batch.lora_slots[r0:r1, :k]  # [R, k]
-            A, Bs = self.gather_cache.get(stack, r0, slots) if self._cached else gather(stack, slots)
-            z = torch.bmm(x[r0:r1].unsqueeze(1), A.transpose(1, 2)).view(r1 - r0, k, -1)  # [R, k, n*r]
-            w = weights[r0:r1, :k]
-            if gate is not None:  # on all K columns (the stats' width); the padding gets weight 0
-                pad = (0, K - k)
-                w = gate.weigh(x[r0:r1], F.pad(z, (0, 0, *pad)), F.pad(slots, pad), F.pad(w, pad), stats,
-                               slice(r0, r1))[:, :k]
-            parts.append(F.pad(w, (0, K - k)))
-            _expand_gathered(z, w, out[r0:r1], stack, Bs)
+        nd, ns = batch.num_decode, batch.num_decode_with_sets
+        if ns:
+            slots = batch.lora_slots[:ns]  # [ns, K]
+            A, Bs = self.gather_cache.get(stack, slots) if self._cached else gather(stack, slots)
+            z = torch.bmm(x[:ns].unsqueeze(1), A.transpose(1, 2)).view(ns, slots.shape[1], -1)  # [ns, K, n*r]
+            w = weights[:ns] if gate is None else gate.weigh(x[:ns], z, slots, weights[:ns], stats, slice(0, ns))
+            parts.append(w)
+            _expand_gathered(z, w, out[:ns], stack, Bs)
         parts.append(weights[ns:nd])  # rows with no adapter: their zero priors
         for i, (offset, length) in enumerate(batch.prefill_spans, start=nd):
             rows = slice(offset, offset + length)
