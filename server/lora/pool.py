@@ -115,10 +115,8 @@ class LoRAPool:
             return None
         for name in missing:
             while len(self._free) < needed[name]:
-                self._free_slots(self._resident.pop(evictable.pop(0)))
-                self.evictions += 1
-            # ascending: a MoE adapter's expert slots then form a range (views, not gathers)
-            self._load_into(sorted(self._free.pop() for _ in range(needed[name])), name)
+                self._evict(evictable.pop(0))
+            self._load_into(self._take_free(needed[name], evictable), name)
         slots = []
         for name in names:
             self._resident.move_to_end(name)
@@ -135,6 +133,29 @@ class LoRAPool:
                 if slot in self._retired:  # its adapter was replaced or deleted while it ran
                     self._retired.remove(slot)
                     self._free_slots(slot)
+
+    def _evict(self, name: str) -> None:
+        self._free_slots(self._resident.pop(name))
+        self.evictions += 1
+
+    def _take_free(self, n: int, evictable: list[str]) -> list[int]:
+        """n free slots, ascending. A MoE adapter's 1 + E as one run of consecutive slots, evicting
+        more least-recently-used adapters if the free slots hold no such run: its expert slots are
+        then views of the stacks, where scattered slots are a gather in every layer of every step."""
+        run = self._free_run(n) if n > 1 else None
+        while n > 1 and run is None and evictable:
+            self._evict(evictable.pop(0))
+            run = self._free_run(n)
+        if run is None:
+            return sorted(self._free.pop() for _ in range(n))
+        self._free = [slot for slot in self._free if slot not in run]
+        return run
+
+    def _free_run(self, n: int) -> list[int] | None:
+        """The lowest n consecutive free slots, if there are."""
+        free = set(self._free)
+        start = next((s for s in sorted(free) if all(s + i in free for i in range(n))), None)
+        return None if start is None else list(range(start, start + n))
 
     @staticmethod
     def footprint(weights: AdapterWeights) -> int:

@@ -239,6 +239,27 @@ def test_pool_counts_an_adapter_of_e_experts_as_e_plus_one_slots(hf, tokenizer, 
     assert engine.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids == before  # back from CPU
 
 
+def test_a_mixture_loaded_after_churn_takes_consecutive_slots(hf, tokenizer, tmp_path):
+    """Plain adapters freed out of order leave the free slots scattered; the mixture's 1 + 4
+    slots are still one run (its experts read as views), by evicting one more LRU adapter."""
+    engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=7)
+    for name in "bcdef":
+        make_adapter(hf, tmp_path / name, seed=ord(name))
+        engine.add_adapter(name, tmp_path / name)
+    sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+    for name in "abcdef":  # a..f in slots 1..6; touching b, d, f again leaves a, c, e least recent
+        engine.generate([PROMPT], sampling, [[AdapterRef(name)]])
+    for name in "bdf":
+        engine.generate([PROMPT], sampling, [[AdapterRef(name)]])
+    alone = engine_for(hf, tokenizer, max_loras=7)
+    alone.add_adapter("mix", tmp_path / "mix")
+    expected = alone.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids
+    assert engine.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids == expected
+    experts = next(iter(engine.pool.experts.values()))
+    assert experts.slot_range is not None  # a, c, e evicted leave 1, 3, 5 (+ 7): b, d evicted too
+    assert engine.pool.evictions == 5
+
+
 def test_a_mixture_named_with_others_or_merged_is_refused(hf, tokenizer, tmp_path):
     engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=8)
     with pytest.raises(SelectionError, match="names it alone, not with other adapters"):
