@@ -114,9 +114,12 @@ class LoRAPool:
         if sum(needed.values()) > len(self._free) + sum(self._held(self._resident[n]) for n in evictable):
             return None
         for name in missing:
-            while len(self._free) < needed[name]:
-                self._evict(evictable.pop(0))
-            self._load_into(self._take_free(needed[name], evictable), name)
+            slots = self._cheapest_run(needed[name], evictable) if needed[name] > 1 else None
+            if slots is None:
+                while len(self._free) < needed[name]:
+                    self._evict(evictable.pop(0))
+                slots = sorted(self._free.pop() for _ in range(needed[name]))
+            self._load_into(slots, name)
         slots = []
         for name in names:
             self._resident.move_to_end(name)
@@ -138,24 +141,31 @@ class LoRAPool:
         self._free_slots(self._resident.pop(name))
         self.evictions += 1
 
-    def _take_free(self, n: int, evictable: list[str]) -> list[int]:
-        """n free slots, ascending. A MoE adapter's 1 + E as one run of consecutive slots, evicting
-        more least-recently-used adapters if the free slots hold no such run: its expert slots are
-        then views of the stacks, where scattered slots are a gather in every layer of every step."""
-        run = self._free_run(n) if n > 1 else None
-        while n > 1 and run is None and evictable:
-            self._evict(evictable.pop(0))
-            run = self._free_run(n)
-        if run is None:
-            return sorted(self._free.pop() for _ in range(n))
+    def _cheapest_run(self, n: int, evictable: list[str]) -> list[int] | None:
+        """n consecutive slots for a MoE adapter (1 + E: its expert slots are then views of the
+        stacks; scattered, they are a gather in every layer of every step): the run of free and
+        evictable slots that evicts the fewest adapters, lowest first; they are evicted and the
+        run taken. None when pinned slots leave no such run."""
+        owner = {slot: name for name in evictable for slot in self._slots_of(name)}
+        free, best = set(self._free), None
+        for start in range(1, self.max_loras - n + 2):
+            run = range(start, start + n)
+            if all(slot in free or slot in owner for slot in run):
+                evicted = {owner[slot] for slot in run if slot not in free}
+                if best is None or len(evicted) < len(best[1]):
+                    best = (list(run), evicted)
+        if best is None:
+            return None
+        run, evicted = best
+        for name in evicted:
+            evictable.remove(name)
+            self._evict(name)
         self._free = [slot for slot in self._free if slot not in run]
         return run
 
-    def _free_run(self, n: int) -> list[int] | None:
-        """The lowest n consecutive free slots, if there are."""
-        free = set(self._free)
-        start = next((s for s in sorted(free) if all(s + i in free for i in range(n))), None)
-        return None if start is None else list(range(start, start + n))
+    def _slots_of(self, name: str) -> list[int]:
+        slot = self._resident[name]
+        return [slot, *(self.experts[slot].slots.tolist() if slot in self.experts else [])]
 
     @staticmethod
     def footprint(weights: AdapterWeights) -> int:
