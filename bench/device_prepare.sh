@@ -7,6 +7,14 @@
 #               (the weights stay: bench.random_base draws random ones there)
 #
 #   bash bench/device_prepare.sh   # after `make setup`
+#
+# The device tool sends the tracked files too, at most 64 MiB with the carried folders; the shipped
+# adapters' weights are over 200 MB and the check needs none of them (it draws its own synthetic
+# adapters). For the call, take them out of the index and keep git from listing them; after it,
+# `git reset -q` and the saved exclude file put both back:
+#   git ls-files | grep -E '\.(safetensors|bin)$' | grep -v '^adapters_store/gate/' > /tmp/untrack
+#   git rm -q --cached --pathspec-from-file=/tmp/untrack && cp .git/info/exclude /tmp/exclude.bak
+#   sed 's|^|/|' /tmp/untrack >> .git/info/exclude
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
