@@ -26,6 +26,7 @@ DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 RESULTS=bench/results
 RUNS=$(mktemp -d)  # the two backends' throughput JSONs before the merge
+LOGS=${OUT:-$RESULTS/device_check}  # each step's log
 BENCH_ARGS=(--device cuda --requests 32 --max-tokens 64 --rounds 1)
 export HF_HUB_OFFLINE=1 MOLE_DTYPE=bfloat16 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU tests only
@@ -67,7 +68,7 @@ if (( DRY_RUN )); then
     IFS='|' read -r name limit cmd <<< "$step"
     echo "[$name, timeout ${limit}s] $cmd"
   done
-  echo "[merge] $MERGE" $(runs_to_merge LOGS)
+  echo "[merge] $MERGE" $(runs_to_merge "$LOGS")
   # Each command parses: modules exist, the throughput options are known, the CUDA tests are there.
   "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
             ('tests.unit.triton_cases', 'tests.unit.triton_compile', 'bench.throughput', 'bench.throughput_merge',
@@ -84,7 +85,6 @@ if (( DRY_RUN )); then
   exit $status
 fi
 
-LOGS=${OUT:-$RESULTS/device_check}
 mkdir -p "$LOGS" "$RESULTS"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
           triton.__version__, torch.cuda.get_device_name(0))" | tee "$LOGS/versions.txt"

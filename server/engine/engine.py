@@ -66,14 +66,13 @@ class LLMEngine:
                           model.dtype, model.device)
         self.pool = LoRAPool(model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device,
                              model.dtype, self.catalog.load)
-        blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
-        self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_prefill_tokens,
-                                   self._acquire_adapters, self._release_adapters,
-                                   decode_order=lambda seq: self.runner.row_group(seq))
-        # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
-        self._versions: Counter[str] = Counter()
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
         self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
+        blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(blocks, settings.max_num_seqs, settings.max_prefill_tokens,
+                                   self._acquire_adapters, self._release_adapters, self.runner.row_group)
+        # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
+        self._versions: Counter[str] = Counter()
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.grammars = GrammarMatchers(tokenizer, model.config.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}

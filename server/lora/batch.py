@@ -126,6 +126,6 @@ def build_lora_batch(
     else:
         weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
         info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
-        with_sets = [i for i in range(num_decode) if sets[i][0]]
-        info.decode_slots = tuple(padded[: with_sets[-1] + 1 if with_sets else 0])
+        rows_with_sets = max((i + 1 for i in range(num_decode) if sets[i][0]), default=0)  # to the last with a set
+        info.decode_slots = tuple(padded[:rows_with_sets])
     return info
