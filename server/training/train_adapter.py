@@ -221,9 +221,10 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
     losses = train_lora(trained, tokenizer, train_pairs, opts, extra_loss)
     wall = time.perf_counter() - start
     steps_before, wall_before = 0, 0.0
-    if opts.resume:  # the card counts the whole training
+    examples = list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples]
+    if opts.resume:  # the card counts the whole training and keeps its examples (retrieval's keys)
         previous = json.loads((Path(opts.resume) / "card.json").read_text())
-        steps_before, wall_before = previous["steps"], previous["wall_time_s"]
+        steps_before, wall_before, examples = previous["steps"], previous["wall_time_s"], previous["examples"]
     adapter_acc = {t: accuracy(trained, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
     task = TASKS[tasks[0]]
     card = {
@@ -234,7 +235,7 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "base_model": base_model_name,
         "kind": opts.kind,
         "trainable_params": sum(p.numel() for p in trained.parameters() if p.requires_grad),
-        "examples": list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples],
+        "examples": examples,
         "system_prompt": SYSTEM_PROMPT,
         "training": {k: v for k, v in asdict(opts).items() if k != "eval_batch"},
         "steps": steps_before + len(losses),

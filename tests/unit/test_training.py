@@ -167,11 +167,13 @@ def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
         lora_logits = lora(input_ids=ids).logits
     assert not torch.allclose(base_logits, lora_logits, atol=1e-4)
 
-    # --resume continues from those weights (loss starts where it ended) and counts every step
+    # --resume continues from those weights (loss starts where it ended) and counts every step; the
+    # card keeps its examples, retrieval's keys, though another seed draws other prompts
     # (by_name_only: a card retrieval never picks)
     resumed = train_adapter("odd_or_even", out, replace(opts, steps=5, seed=1, resume=str(out), by_name_only=True),
                             model=tiny_llama(tokenizer), tokenizer=tokenizer, base_model_name="tiny-llama")
     assert resumed["steps"] == 35 and resumed["first_loss"] < card["first_loss"] - 2.0
+    assert resumed["examples"] == card["examples"]
     assert "auto" not in card and json.loads((out / "card.json").read_text())["auto"] is False
     with torch.no_grad():
         again = PeftModel.from_pretrained(tiny_llama(tokenizer), out).eval()(input_ids=ids).logits
