@@ -19,7 +19,10 @@ prompt's own task adapter.
 on them) in modes `base`, `skill_a` / `skill_b` (each needed adapter alone; `best_single` is the
 better per task), `select` / `mixture` / `gate` through `auto` (with how often retrieval brings both
 skills), `pair_gate` (the two named adapters under the gate: branch masking) and the static merges
-`merge_linear` and `merge_ties` of the two.
+`merge_linear` and `merge_ties` of the two. `--handoff` adds a diagnostic of the sequential
+composites: the end token after the first part is replaced by the separator ", " and generation goes
+on, under `handoff` (skill_a writes the first part, skill_b the rest: the switch made by hand, what
+per-token routing at the separator could reach) and `pair_gate` (the router chooses throughout).
 
 Two eval sets, reported apart (server/training/tasks.py has the splits): held-out phrasings (the
 `eval` split: phrasing families and input formats no adapter trained on, on held-out inputs; the
@@ -102,14 +105,18 @@ def selection(mode: str, item: Item, library: set[str], top_k: int):
     return None
 
 
+def chat_prompts(tokenizer, items: list[Item]) -> list[list[int]]:
+    return [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"] for i in items]
+
+
 def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, library: set[str]) -> list[Answer]:
     """All items in one continuous batch of the engine in this process."""
     from server.engine.request import SamplingParams
     from server.routing.types import AdapterRef, Selection
 
     tok = engine.tokenizer
-    prompts = [tok.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for i in items]
+    prompts = chat_prompts(tok, items)
     if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
         hits = engine.catalog.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
                                        engine.settings.retrieval_floor)
@@ -118,6 +125,26 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
         selections = [selection(mode, i, library, engine.settings.retrieval_top_k) for i in items]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
     return [answer_of(tok.decode(s.output_ids, skip_special_tokens=True), s.report()) for s in seqs]
+
+
+def handoff_answers(engine, items: list[Item], mode: str, max_tokens: int, library: set[str]) -> list[Answer]:
+    """Sequential composites with the end of the first part replaced by the separator: a first
+    generation, then its tokens without the end token and ", " appended to the prompt, and a second.
+    mode `handoff`: skill_a's adapter, then skill_b's; any other: that mode's adapters for both."""
+    from server.engine.request import SamplingParams
+
+    tok = engine.tokenizer
+    separator = tok.encode(", ", add_special_tokens=False)
+
+    def generate(prompts: list[list[int]], mode: str) -> list[list[int]]:
+        selections = [selection(mode, i, library, engine.settings.retrieval_top_k) for i in items]
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
+        return [[t for t in s.output_ids if t not in engine.eos_token_ids] for s in seqs]
+
+    prompts = chat_prompts(tok, items)
+    first = generate(prompts, "skill_a" if mode == "handoff" else mode)
+    second = generate([p + f + separator for p, f in zip(prompts, first)], "skill_b" if mode == "handoff" else mode)
+    return [Answer(tok.decode(f + separator + s, skip_special_tokens=True), None) for f, s in zip(first, second)]
 
 
 def answer_of(text: str, report: list[dict]) -> Answer:
@@ -230,6 +257,21 @@ def parts_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str
     return with_best_single(table)
 
 
+def handoff_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str, dict]:
+    """Exact match per sequential composite and mode, the mean, and the mean partial credit."""
+    table: dict[str, dict] = {}
+    for mode, preds in answers.items():
+        hits: dict[str, list[bool]] = {}
+        credit = []
+        for item, pred in zip(items, preds):
+            task = ALL_TASKS[item.task]
+            hits.setdefault(item.task, []).append(task.score(pred.text, item.answer))
+            credit.append(task.parts_score(pred.text, item.answer))
+        row: dict = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+        table[mode] = {**row, "mean": sum(row.values()) / len(row), "mean_half_per_part": sum(credit) / len(credit)}
+    return table
+
+
 def intermediate_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[str, dict]:
     """The fused composites: per mode and task, the share of answers that are the intermediate
     (the first skill's answer: the sum, the value, the reversed letters) instead of the composite's."""
@@ -281,12 +323,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "eval_composite.md with --composite)")
     ap.add_argument("--fewshot-gate", type=Path, help="in-process: then run the gate modes again with this gate "
                     "(`mole-serve train-gate --composite-per-task N --out DIR`), as gate_fewshot, pair_gate_fewshot")
+    ap.add_argument("--handoff", action="store_true", help="in-process, with --composite: the sequential "
+                    "composites again with the first part's end token replaced by ', ' (modes handoff, pair_gate)")
     ap.add_argument("--extra-adapters", type=Path, default=Path("bench/results/multitask"),
                     help="in-process: adapter folders to add beside the store's (the multitask_lora baseline)")
     args = ap.parse_args(argv)
     modes = args.modes or list(COMPOSITE_MODES if args.composite else DEFAULT_MODES)
-    if args.fewshot_gate and args.url:
-        ap.error("--fewshot-gate runs in-process: a server serves its own gate")
+    if (args.fewshot_gate or args.handoff) and args.url:
+        ap.error("--fewshot-gate and --handoff run in-process: a server serves its own gate and ends its answers")
+    if args.handoff and not args.composite:
+        ap.error("--handoff is a diagnostic of the composite tasks: add --composite")
     out = Path(args.out or f"bench/results/{'eval_composite' if args.composite else 'eval'}.md")
 
     settings = Settings()
@@ -314,10 +360,15 @@ def main(argv: list[str] | None = None) -> int:
             return engine_answers(engine, items, mode, args.max_tokens, library)
 
     answers = {mode: answer(mode) for mode in modes}
+    sequential = [i for i in items if ALL_TASKS[i.task].shape == "sequential"]
+    handoffs = {mode: handoff_answers(engine, sequential, mode, args.max_tokens, library)
+                for mode in ("handoff", "pair_gate")} if args.handoff else {}
     if args.fewshot_gate:
         engine.load_gate(args.fewshot_gate)
         for mode in [m for m in ("gate", "pair_gate") if m in modes]:
             answers[f"{mode}_fewshot"] = answer(mode)
+        if args.handoff:
+            handoffs["pair_gate_fewshot"] = handoff_answers(engine, sequential, "pair_gate", args.max_tokens, library)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.composite:
         table, parts, middle = composite_table(items, answers), parts_table(items, answers), intermediate_table(
@@ -329,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{markdown(middle)}")
         payload = {"per_task": args.per_task, "accuracy": table, "parts_credit": parts, "intermediate": middle,
                    "skills": {c.name: [*c.skills, c.shape] for c in COMPOSITES.values()}}
+        if handoffs:
+            payload["handoff"] = handoff_table(sequential, handoffs)
+            text += ("\n\nDiagnostic (`--handoff`): the sequential composites with the end token after the first "
+                     "part replaced by the separator \", \" and generation going on; `handoff` = skill_a's adapter "
+                     "for the first part, skill_b's after the separator (the switch made by hand); the others "
+                     f"choose throughout. Exact match:\n\n{markdown(payload['handoff'])}")
     else:
         adapter_tasks = {n: read_card(path).get("task") for n, path in adapter_dirs(settings.adapters_dir).items()}
         tables = {}

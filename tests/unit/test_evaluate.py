@@ -13,6 +13,8 @@ from server.training.evaluate import (
     accuracy_table,
     composite_table,
     engine_answers,
+    handoff_answers,
+    handoff_table,
     eval_set,
     intermediate_table,
     markdown,
@@ -80,6 +82,25 @@ def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path,
     router = [a.text for a in engine_answers(engine, items, "router", 6, set(library))]
     gated = [a.text for a in engine_answers(engine, items, "gate", 6, set(library))]
     assert router == uniform and gated != uniform  # the two priors differ enough to change tokens
+
+
+def test_handoff_writes_the_first_skills_part_a_separator_then_the_second_skills(tmp_path, tokenizer):
+    library = ("add_3digit", "odd_or_even")
+    engine = task_library_engine(tmp_path, tokenizer, library, max_model_len=256)
+    items = eval_set(["sum_and_parity"], per_task=3)
+    first = engine_answers(engine, items, "skill_a", 5, set(library))
+    handoff = handoff_answers(engine, items, "handoff", 5, set(library))
+    # the first part is skill_a's own answer, then ", " where its end token was, then skill_b's tokens
+    prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for i in items]
+    separator = tokenizer.encode(", ", add_special_tokens=False)
+    for item, prompt, a, h in zip(items, prompts, first, handoff):
+        head = tokenizer.encode(a.text, add_special_tokens=False) + separator
+        [rest] = engine.generate([prompt + head], SamplingParams(max_tokens=5), [(AdapterRef("odd_or_even"),)])
+        tail = [t for t in rest.output_ids if t not in engine.eos_token_ids]
+        assert h.text == tokenizer.decode(head + tail, skip_special_tokens=True)
+    table = handoff_table(items, {"handoff": handoff, "right": [Answer(i.answer, None) for i in items]})
+    assert table["right"] == {"sum_and_parity": 1.0, "mean": 1.0, "mean_half_per_part": 1.0}
 
 
 def test_composite_modes_ask_for_the_two_skills_and_score_best_single():
