@@ -14,7 +14,11 @@ def options_parser(prog: str, description: str, options: type) -> argparse.Argum
     """`--field-name` for each field of the `options` dataclass (its default and type), and --adapters-dir."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     for field in fields(options):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):  # --flag / --no-flag (type=bool would read "False" as true)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            p.add_argument(flag, type=type(field.default), default=field.default)
     p.add_argument("--adapters-dir", type=Path, default=Path("adapters_store"))
     return p
 

@@ -13,8 +13,11 @@ on the tokens that predict the answer.
 `--composite-per-task N` fine-tunes a trained gate (`--init`, default the store's) on N examples of
 each composite task (LoRA-Flow's few-shot setting: the library adapters stay frozen), whose answers
 need two adapters: both are forced into the candidates and the routing loss rewards their summed
-weight; `--replay` of the examples are the library's single tasks, so the single-task routing is
-not forgotten. `--out` names the folder (default: the store's gate/).
+weight; with `--part-routing`, a sequential composite's answer tokens reward their own part's
+adapter instead (the first skill's up to the separator ", ", the second's after it, either on the
+separator), so the router learns where to switch; `--replay` of the examples are the library's
+single tasks, so the single-task routing is not forgotten. `--out` names the folder (default: the
+store's gate/).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class GateTrainOptions:
     composite_per_task: int = 0  # > 0: few-shot fine-tuning on the composite tasks (see the docstring)
     replay: float = 0.5  # few-shot: share of the examples drawn from the library's single tasks
     init: str = ""  # few-shot: the gate folder to start from (default: the store's gate/)
+    part_routing: bool = False  # few-shot: route a sequential composite's tokens to their own part's adapter
 
 
 @dataclass
@@ -74,6 +78,13 @@ class Example:
     candidates: list[str]
     priors: list[float]  # softmax(cosine / a jittered temperature) over the candidates, or uniform
     true: tuple[str, ...]  # the adapters the answer needs: one, or a composite task's two
+    # per answer token (end token included), the adapters its routing rewards; None: `true` for all
+    token_true: list[tuple[str, ...]] | None = None
+
+
+# (prompt, answer, true adapters, characters of the answer's first part: a sequential composite's
+# under part routing, else None)
+Pair = tuple[str, str, tuple[str, ...], int | None]
 
 
 def candidate_sets(trues: list[tuple[str, ...]], names: list[str], retrieved: list[list[str]],
@@ -146,7 +157,9 @@ def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTra
     for i, (ex, w) in enumerate(zip(examples, answer_weights)):
         w = w[..., stats.seq_columns[i]]  # [layers, answer tokens, k] in candidate order
         hits += ex.candidates[int(w.mean((0, 1)).argmax())] in ex.true
-        true_mass = w[..., [ex.candidates.index(t) for t in ex.true]].sum(-1)
+        token_true = ex.token_true or [ex.true] * w.shape[1]
+        rewarded = torch.tensor([[c in t for c in ex.candidates] for t in token_true], device=w.device)
+        true_mass = (w * rewarded).sum(-1)  # [layers, answer tokens]
         route.append(-true_mass.clamp_min(1e-9).log().mean())
         means = stats.seq_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
         for name, m in zip(ex.candidates, means):
@@ -154,46 +167,60 @@ def step_losses(engine, gate: MoLEGate, examples: list[Example], usage: UsageTra
     return lm, usage.balance(per_adapter), torch.stack(route).mean(), hits / len(examples)
 
 
-def task_pairs(library: dict[str, str], n: int, seed: int) -> list[tuple[str, str, tuple[str, ...]]]:
-    """n (prompt, answer, true adapters) spread evenly over the library's tasks (task -> adapter)."""
+def task_pairs(library: dict[str, str], n: int, seed: int) -> list[Pair]:
+    """n pairs spread evenly over the library's tasks (task -> adapter)."""
     per_task = -(-n // len(library))
-    pairs = [(p, a, (name,)) for task, name in library.items()
+    pairs = [(p, a, (name,), None) for task, name in library.items()
              for p, a in TASKS[task].examples("train", per_task, seed=seed)]
     random.Random(seed).shuffle(pairs)
     return pairs[:n]
 
 
-def composite_pairs(library: dict[str, str], per_task: int, seed: int) -> list[tuple[str, str, tuple[str, ...]]]:
+def composite_pairs(library: dict[str, str], per_task: int, seed: int, part_routing: bool = False) -> list[Pair]:
     """per_task training examples of each composite task whose two skills the library holds."""
-    return [(p, a, tuple(library[s] for s in c.skills)) for c in COMPOSITES.values()
-            if set(c.skills) <= set(library) for p, a in c.examples("train", per_task, seed=seed)]
+    return [(p, a, tuple(library[s] for s in c.skills),
+             len(a.rsplit(", ", 1)[0]) if part_routing and c.shape == "sequential" else None)
+            for c in COMPOSITES.values() if set(c.skills) <= set(library)
+            for p, a in c.examples("train", per_task, seed=seed)]
 
 
-def make_examples(engine, retriever, pairs: list[tuple[str, str, tuple[str, ...]]], names: list[str],
-                  opts: GateTrainOptions) -> list[Example]:
-    """Examples of (prompt, answer, true adapters): candidates from retrieval, priors as the docstring says."""
+def part_adapters(tokenizer, answer: str, first_part: int, true: tuple[str, str]) -> list[tuple[str, ...]]:
+    """Per token of the encoded answer and its end token: (first skill's adapter,) up to the
+    separator ", " after `first_part` characters, (second's,) from the token after the comma (a
+    token " XL" carries the separator's space and the second part), both on a token with the comma."""
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
+    starts = [0, *ends[:-1]]
+    second = first_part + len(",")
+    return [true[:1] if end <= first_part else true[1:] if start >= second else true
+            for start, end in zip(starts, ends)] + [true[1:]]
+
+
+def make_examples(engine, retriever, pairs: list[Pair], names: list[str], opts: GateTrainOptions) -> list[Example]:
+    """Examples of the pairs: candidates from retrieval, priors as the docstring says."""
     rng = random.Random(opts.seed)
-    queries = retriever.embedder.encode([p for p, _, _ in pairs])  # [n, dim], unit norm
+    queries = retriever.embedder.encode([p for p, *_ in pairs])  # [n, dim], unit norm
     retrieved = [[name for name, _ in hits] for hits in retriever.search_vectors(queries, opts.top_k)]
-    sets = candidate_sets([t for _, _, t in pairs], names, retrieved, opts, rng)
+    sets = candidate_sets([t for _, _, t, _ in pairs], names, retrieved, opts, rng)
     tok = engine.tokenizer
     t_min = engine.settings.mixture_temperature
     t_max = max(opts.prior_temperature_max, t_min)
     examples = []
-    for (p, a, t), cands, query in zip(pairs, sets, queries):
+    for (p, a, t, first_part), cands, query in zip(pairs, sets, queries):
         scores = [float(query @ retriever.key(n)) for n in cands]
         priors = softmax(scores, t_min * (t_max / t_min) ** rng.random())
         if rng.random() < opts.uniform_priors:
             priors = [1.0 / len(cands)] * len(cands)
-        examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t))
+        parts = part_adapters(tok, a, first_part, t) if first_part is not None else None
+        examples.append(Example(encode(tok, p, a), len(encode(tok, p)), cands, priors, t, parts))
     return examples
 
 
-def training_pairs(library: dict[str, str], opts: GateTrainOptions) -> list[tuple[str, str, tuple[str, ...]]]:
+def training_pairs(library: dict[str, str], opts: GateTrainOptions) -> list[Pair]:
     """The library's single tasks, or with composite_per_task the composite examples plus replay."""
     if not opts.composite_per_task:
         return task_pairs(library, opts.steps * opts.batch, opts.seed + 1)
-    few = composite_pairs(library, opts.composite_per_task, opts.seed + 1)
+    few = composite_pairs(library, opts.composite_per_task, opts.seed + 1, opts.part_routing)
     if not few:
         raise SystemExit("no composite task has both of its skills in the library")
     replay = task_pairs(library, round(len(few) * opts.replay / (1 - opts.replay)), opts.seed + 2)

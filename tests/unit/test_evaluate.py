@@ -13,9 +13,9 @@ from server.training.evaluate import (
     accuracy_table,
     composite_table,
     engine_answers,
+    eval_set,
     handoff_answers,
     handoff_table,
-    eval_set,
     intermediate_table,
     markdown,
     parts_table,
@@ -94,7 +94,7 @@ def test_handoff_writes_the_first_skills_part_a_separator_then_the_second_skills
     prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"] for i in items]
     separator = tokenizer.encode(", ", add_special_tokens=False)
-    for item, prompt, a, h in zip(items, prompts, first, handoff):
+    for prompt, a, h in zip(prompts, first, handoff):
         head = tokenizer.encode(a.text, add_special_tokens=False) + separator
         [rest] = engine.generate([prompt + head], SamplingParams(max_tokens=5), [(AdapterRef("odd_or_even"),)])
         tail = [t for t in rest.output_ids if t not in engine.eos_token_ids]

@@ -18,6 +18,8 @@ from server.training.train_gate import (
     GateTrainOptions,
     UsageTracker,
     candidate_sets,
+    composite_pairs,
+    part_adapters,
     save_gate,
     step_losses,
     train_gate,
@@ -90,6 +92,32 @@ def test_routing_loss_reads_the_true_adapters_weight_on_the_answer_tokens(librar
     _, _, route, top1 = step_losses(engine, gate, examples, UsageTracker())
     assert route.item() == pytest.approx(-np.log([0.7 + 0.2, 0.4 + 0.5, 0.2 + 0.5]).mean(), rel=1e-4)
     assert top1 == 1.0
+    # part routing: each answer token reads the weight of its own adapters
+    for ex in examples:
+        n = len(ex.ids) - ex.num_prompt
+        ex.token_true = [(LIBRARY[0],)] * (n - 1) + [(LIBRARY[1],)]
+    _, _, route, _ = step_losses(engine, gate, examples, UsageTracker())
+    per_example = [(-(n - 1) * np.log(p[0]) - np.log(p[1])) / n for ex, p in
+                   zip(examples, [[0.7, 0.2], [0.4, 0.5], [0.2, 0.5]]) for n in [len(ex.ids) - ex.num_prompt]]
+    assert route.item() == pytest.approx(np.mean(per_example), rel=1e-4)
+
+
+def test_part_routing_gives_each_part_of_a_sequential_answer_its_own_skill(tokenizer):
+    true = ("words", "roman")
+    answer = "forty-seven, XLVII"
+    parts = part_adapters(tokenizer, answer, len("forty-seven"), true)
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    assert len(parts) == len(ids) + 1 and parts[-1] == ("roman",)  # the end token: the second part's
+    text = [tokenizer.decode(ids[j : j + 1]) for j in range(len(ids))]
+    assert "".join(t for t, p in zip(text, parts) if p == ("words",)) == "forty-seven"
+    assert "".join(t for t, p in zip(text, parts) if p == ("roman",)).strip() == "XLVII"
+    assert all(p == true for t, p in zip(text, parts) if "," in t)  # the separator: either
+    library = {t: t for t in TASKS}
+    pairs = composite_pairs(library, 2, seed=0, part_routing=True)
+    for _, a, _, first in pairs:  # only the sequential composites are split, at their last ", "
+        assert first is None or a[first:].startswith(", ") and ", " not in a[first + 2 :]
+    sequential = sum(c.shape == "sequential" for c in COMPOSITES.values())
+    assert 0 < sequential < len(COMPOSITES) and sum(first is not None for *_, first in pairs) == 2 * sequential
 
 
 def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
@@ -98,9 +126,9 @@ def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
                             random_sets=0.0)
     pairs = training_pairs(library, opts)
     assert len(pairs) == 60
-    few = {(p, t) for p, _, t in pairs if len(t) == 2}
+    few = {(p, t) for p, _, t, _ in pairs if len(t) == 2}
     assert len(few) == 4 * len(COMPOSITES) and {t for _, t in few} == {c.skills for c in COMPOSITES.values()}
-    assert sum(len(t) == 1 for _, _, t in pairs[:48]) == 24  # replay: as many single-task examples
+    assert sum(len(t) == 1 for _, _, t, _ in pairs[:48]) == 24  # replay: as many single-task examples
     names = sorted(library)
     sets = candidate_sets([("a", "b"), ("a",)], names, [["c", "a", "d"], ["a", "b", "c"]], opts, random.Random(0))
     assert sorted(sets[0]) == ["a", "b"]  # every distractor dropped (dropout 1): the two true remain
