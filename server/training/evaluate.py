@@ -261,13 +261,8 @@ def handoff_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict[s
     """Exact match per sequential composite and mode, the mean, and the mean partial credit."""
     table: dict[str, dict] = {}
     for mode, preds in answers.items():
-        hits: dict[str, list[bool]] = {}
-        credit = []
-        for item, pred in zip(items, preds):
-            task = ALL_TASKS[item.task]
-            hits.setdefault(item.task, []).append(task.score(pred.text, item.answer))
-            credit.append(task.parts_score(pred.text, item.answer))
-        row: dict = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+        row = dict(sorted(per_task_accuracy(items, preds).items()))
+        credit = [ALL_TASKS[i.task].parts_score(p.text, i.answer) for i, p in zip(items, preds)]
         table[mode] = {**row, "mean": sum(row.values()) / len(row), "mean_half_per_part": sum(credit) / len(credit)}
     return table
 
