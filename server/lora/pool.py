@@ -111,7 +111,7 @@ class LoRAPool:
         missing = [n for n in dict.fromkeys(names) if n not in self._resident]
         evictable = [n for n, slot in self._resident.items() if self._pins[slot] == 0 and n not in names]
         needed = {n: self.footprint(self.weights(n)) for n in missing}
-        if sum(needed.values()) > len(self._free) + sum(self._held(self._resident[n]) for n in evictable):
+        if sum(needed.values()) > len(self._free) + sum(len(self._held(self._resident[n])) for n in evictable):
             return None
         for name in missing:
             slots = self._cheapest_run(needed[name], evictable) if needed[name] > 1 else None
@@ -146,7 +146,7 @@ class LoRAPool:
         stacks; scattered, they are a gather in every layer of every step): the run of free and
         evictable slots that evicts the fewest adapters, lowest first; they are evicted and the
         run taken. None when pinned slots leave no such run."""
-        owner = {slot: name for name in evictable for slot in self._slots_of(name)}
+        owner = {slot: name for name in evictable for slot in self._held(self._resident[name])}
         free, best = set(self._free), None
         for start in range(1, self.max_loras - n + 2):
             run = range(start, start + n)
@@ -163,17 +163,14 @@ class LoRAPool:
         self._free = [slot for slot in self._free if slot not in run]
         return run
 
-    def _slots_of(self, name: str) -> list[int]:
-        slot = self._resident[name]
-        return [slot, *(self.experts[slot].slots.tolist() if slot in self.experts else [])]
-
     @staticmethod
     def footprint(weights: AdapterWeights) -> int:
         """Slots an adapter takes: 1, or 1 + E for a mixture of LoRA experts."""
         return 1 + (weights.moe.num_experts if weights.moe else 0)
 
-    def _held(self, slot: int) -> int:
-        return 1 + (self.experts[slot].num_experts if slot in self.experts else 0)
+    def _held(self, slot: int) -> list[int]:
+        """The slots of the adapter in `slot`: its own, then its experts' (footprint's count)."""
+        return [slot, *(self.experts[slot].slots.tolist() if slot in self.experts else [])]
 
     def _free_slots(self, slot: int) -> None:
         """An adapter's slot back to the free list, with its experts' slots."""
