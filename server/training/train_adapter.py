@@ -317,13 +317,15 @@ def inject_moe_kind(model, opts: TrainOptions, base_model_name: str):
 
 def library_table(store_dir: Path) -> str:
     """Markdown table of every card under store_dir (one row per adapter folder)."""
-    rows = ["| adapter | kind | task | family | auto | base acc | adapter acc | steps | train time (s) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| adapter | kind | rank | task | family | auto | base acc | adapter acc | steps | train time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for card_path in sorted(Path(store_dir).glob("*/card.json")):
         c = json.loads(card_path.read_text())
         kind = c.get("kind", "lora")
         auto = c.get("auto", kind not in RUNS_ALONE)
-        rows.append(f"| {c['name']} | {kind} | {c['description']} | {c['family']} | {'yes' if auto else 'no'} "
+        t = c["training"]
+        rank = f"{t['blocks']} x {t['rank']}" if kind == "melora" else t["rank"]  # MELoRA: mini LoRAs x rank
+        rows.append(f"| {c['name']} | {kind} | {rank} | {c['description']} | {c['family']} | {'yes' if auto else 'no'} "
                     f"| {c['base_accuracy']:.0%} "
                     f"| {c['adapter_accuracy']:.0%} | {c['steps']} | {c['wall_time_s']:.0f} |")
     return "\n".join(rows)
