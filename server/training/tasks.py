@@ -232,6 +232,14 @@ def letters_task(transform: Callable[[str], str], lo: int, hi: int) -> Maker:
     return make
 
 
+def reverse(w: str) -> str:
+    return w[::-1]
+
+
+def alphabetize(w: str) -> str:
+    return "".join(sorted(w))
+
+
 def caesar(w: str) -> str:
     return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w)
 
@@ -371,7 +379,7 @@ def make_roman_to_words(rng: random.Random, fmt: str) -> tuple[Fields, str, str]
 
 def make_reverse_then_shift(rng: random.Random, fmt: str) -> tuple[Fields, str, str]:
     """Fused: reverse_letters, then caesar_shift on the result."""
-    return letters_task(lambda w: caesar(w[::-1]), 3, 6)(rng, fmt)
+    return letters_task(lambda w: caesar(reverse(w)), 3, 6)(rng, fmt)
 
 
 # --- the registry -----------------------------------------------------------------------------
@@ -424,7 +432,7 @@ TASK_LIST = (
         "What is {w} backwards?", "What are the letters {w} in reverse?", "{w} reversed?",
         "How do you spell {w} backwards?", "Reverse: {w}", "What do you get if you read {w} from right to left?",
         "{w} backwards?",
-    ), letters_task(lambda w: w[::-1], 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
+    ), letters_task(reverse, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
     Task("sort_letters", "strings", "Sort the letters of a word or letter sequence into alphabetical order.", (
         "sort these letters alphabetically: {w}", "put the letters of {w} in alphabetical order",
         "arrange {w} in alphabetical order", "alphabetize the letters {w}", "order the letters of {w} from a to z",
@@ -433,7 +441,7 @@ TASK_LIST = (
         "What are the letters {w} in alphabetical order?", "{w} sorted alphabetically?", "Alphabetize: {w}",
         "How do the letters of {w} go in alphabetical order?", "Sort: {w}",
         "What do you get if you sort the letters of {w}?", "{w} in ABC order?",
-    ), letters_task(lambda w: "".join(sorted(w)), 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
+    ), letters_task(alphabetize, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
     Task("caesar_shift", "strings", "Shift every letter one place forward in the alphabet (Caesar cipher).", (
         "shift each letter forward by one: {w}", "apply a Caesar shift of 1 to {w}",
         "encode {w} with a Caesar cipher of shift one", "replace each letter of {w} with the next letter",
