@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peft_model = None
     result: dict = {"machine": machine(), "tasks": {}}
+    every_word: set[str] = set()
     for name in LETTER_TASKS:
         task, path = TASKS[name], settings.adapters_dir / library[name]
         if peft_model is None:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             peft_model.load_adapter(path, adapter_name=name)
         peft_model.set_adapter(name)
-        words = [w for w in WORDS if task.in_eval(w) and 3 <= len(w) <= 6] + list(COMMON)
+        words = [w for w in WORDS if task.in_eval(w)] + list(COMMON)
+        every_word |= set(words)
         rng = random.Random(name)
         templates = [rng.choice(task.templates_for("eval")) for _ in words]
         row = {}
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["tasks"][name] = row
         print(f"{name:16s} plain word {row['word']:.0%}  spaced letters {row['spaced']:.0%}  "
               f"({len(words)} words)", flush=True)
-    words = sorted({w for name in LETTER_TASKS for w in WORDS if TASKS[name].in_eval(w)} | set(COMMON))
+    words = sorted(every_word)
     with peft_model.disable_adapter():
         spelled = spelled_by_base(peft_model, tok, words)
     result["base_spelling"] = {"accuracy": sum(spelled) / len(words), "n_words": len(words),

@@ -73,5 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out, results)
     return results
 
+
 if __name__ == "__main__":
     main()
