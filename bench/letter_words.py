@@ -2,9 +2,11 @@
 
 reverse_letters, sort_letters and caesar_shift work on the letters of their input. Written as spaced
 letters ("p l a n e t") each letter is its own token; written as a plain word ("planet") the letters
-sit inside one or two tokens and the model has to know the word's spelling. On the same words and
-the same held-out phrasings, each adapter answers the word written plainly and spaced (the baseline);
-beside them, the base model's few-shot spelling of those words, the skill a plain word leans on.
+sit inside one or two tokens and the model has to know the word's spelling, which SmolLM2-135M does
+not: beside the adapters, the base model's few-shot spelling of the same words. An adapter whose card
+says `"input": "spelled"` reads the prompt as the server sends it to it, each word followed by its
+letters (server/spelling.py). On the same words and the same held-out phrasings, each adapter answers
+the word written plainly and spaced (the baseline).
 
 Words: the library's held-out words (its eval split) and common words in no split at all.
 
@@ -20,6 +22,8 @@ import torch
 
 from bench.common import machine, write_json
 from server.config import Settings
+from server.library.store import read_card
+from server.spelling import SPELLED
 from server.training.tasks import TASKS, WORDS, alphabetize, caesar, reverse, task_library
 from server.training.train_adapter import generate, load_base
 
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             peft_model.load_adapter(path, adapter_name=name)
         peft_model.set_adapter(name)
+        spelled_input = read_card(path).get("input") == SPELLED
         words = [w for w in WORDS if task.in_eval(w)] + list(COMMON)
         every_word |= set(words)
         rng = random.Random(name)
@@ -74,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
         for rendering, sep in (("word", ""), ("spaced", " ")):
             prompts = [t.format(w=sep.join(w)) for t, w in zip(templates, words)]
             answers = [sep.join(LETTER_TASKS[name](w)) for w in words]
-            preds = generate(peft_model, tok, prompts, task.max_new_tokens)
+            preds = generate(peft_model, tok, prompts, task.max_new_tokens, spelled=spelled_input)
             row[rendering] = sum(task.score(p, a) for p, a in zip(preds, answers)) / len(words)
         row["word_over_spaced"] = round(row["word"] / row["spaced"], 3) if row["spaced"] else None
         row["n_words"] = len(words)
+        row["input"] = SPELLED if spelled_input else "plain"
         result["tasks"][name] = row
         print(f"{name:16s} plain word {row['word']:.0%}  spaced letters {row['spaced']:.0%}  "
-              f"({len(words)} words)", flush=True)
+              f"({len(words)} words, {row['input']} input)", flush=True)
     words = sorted(every_word)
     with peft_model.disable_adapter():
         spelled = spelled_by_base(peft_model, tok, words)

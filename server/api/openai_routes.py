@@ -29,6 +29,7 @@ from server.api.serving import Generation, Shape, check_model, respond, start
 from server.api.structured import ToolUse, output_constraint, template_messages
 from server.engine.client import EngineClient
 from server.engine.request import Logprob
+from server.spelling import spelled_chat_ids
 
 router = APIRouter()
 
@@ -139,9 +140,10 @@ def retrieval_query(messages: list[dict], mode: str) -> str:
 
 
 def generation(request: Request, route: str, prompt_ids: list[int], body, query: str,
-               grammar: str | None = None) -> Generation:
+               grammar: str | None = None, spelled_prompt: tuple[int, ...] | None = None) -> Generation:
     state = request.app.state
-    return Generation(ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar)
+    return Generation(ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar,
+                      spelled_prompt)
 
 
 @router.post("/v1/chat/completions")
@@ -155,8 +157,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # off the event loop: a long prompt must not stall every other request (and /health)
     prompt_ids = (await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, tools=tools,
                                           add_generation_prompt=True, tokenize=True, return_dict=True))["input_ids"]
+    # for an adapter reading spelled input (server/spelling.py); the base model alone never does
+    spelled = (await asyncio.to_thread(spelled_chat_ids, engine.tokenizer, messages, tools=tools)
+               if body.model != engine.model_name or body.adapter_choices() else None)
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
-    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar)])
+    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar,
+                                           spelled)])
     return await respond(chat_shape(engine.tokenizer, bool(body.logprobs), tool_use), body, gens, request)
 
 

@@ -31,10 +31,12 @@ def check_model(client: EngineClient, model_id: str) -> None:
         raise ModelNotFound(f"The model `{model_id}` does not exist.", "model")
 
 
-def build_selection(client: EngineClient, settings: Settings, body: SamplingFields, query: str) -> Selection | None:
+def build_selection(client: EngineClient, settings: Settings, body: SamplingFields, query: str,
+                    spelled_prompt: tuple[int, ...] | None = None) -> Selection | None:
     """How the engine picks this request's adapters, from `model` and the extension fields (DESIGN
     section 2): `auto` retrieves (unless `adapters` names the candidates), an adapter's name is that
-    adapter, the base model's id is no adapter unless `adapters` names some."""
+    adapter, the base model's id is no adapter unless `adapters` names some. spelled_prompt: the
+    prompt as an adapter reading spelled input takes it (chat only)."""
     check_model(client, body.model)
     explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
     if body.model not in ("auto", client.model_name):  # an adapter's name
@@ -44,7 +46,8 @@ def build_selection(client: EngineClient, settings: Settings, body: SamplingFiel
     composition = body.composition or ("gate" if client.has_gate else "mixture")
     merge = body.merge or MergeOptions()
     return Selection(composition, explicit, query if body.model == "auto" else None,
-                     body.top_k or settings.retrieval_top_k, MergeSpec(merge.strategy, merge.density, merge.seed))
+                     body.top_k or settings.retrieval_top_k, MergeSpec(merge.strategy, merge.density, merge.seed),
+                     spelled_prompt=spelled_prompt)
 
 
 def sampling_params(client: EngineClient, body: SamplingFields, num_prompt_tokens: int,
@@ -68,9 +71,10 @@ class Generation:
     """One engine request seen from HTTP: runs it, times it, counts it in the metrics."""
 
     def __init__(self, client: EngineClient, settings: Settings, metrics: Metrics, route: str,
-                 prompt_ids: list[int], body: SamplingFields, query: str, grammar: str | None = None) -> None:
+                 prompt_ids: list[int], body: SamplingFields, query: str, grammar: str | None = None,
+                 spelled_prompt: tuple[int, ...] | None = None) -> None:
         self.client, self.metrics, self.route, self.prompt_ids = client, metrics, route, prompt_ids
-        self.selection = build_selection(client, settings, body, query)
+        self.selection = build_selection(client, settings, body, query, spelled_prompt)
         self.sampling = sampling_params(client, body, len(prompt_ids), grammar)
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
@@ -80,6 +84,7 @@ class Generation:
 
     def _submit(self) -> None:
         self.text, self.finish_reason, self.completion_tokens = "", None, 0
+        self.prompt_tokens = len(self.prompt_ids)
         self.logprobs: list[Logprob] = []  # the generated tokens', when asked
         self.prompt_logprobs: list[Logprob | None] | None = None  # the prompt tokens', when asked
         self._logprobs_sent = 0
@@ -98,6 +103,8 @@ class Generation:
         self._check(self._first)
 
     def _check(self, out: StepOutput) -> None:
+        if out.num_prompt_tokens:  # the engine's count: a spelled prompt is longer
+            self.prompt_tokens = out.num_prompt_tokens
         if out.adapters is not None:
             self.adapters = out.adapters
         if out.gate_entropy is not None:
@@ -135,7 +142,7 @@ class Generation:
         self.metrics.latency.labels(self.route).observe(end - self.start)
         if self.completion_tokens > 1 and self.first_token_at is not None:
             self.metrics.tpot.observe((end - self.first_token_at) / (self.completion_tokens - 1))
-        self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
         self.metrics.completion_tokens.inc(self.completion_tokens)
         self.metrics.observe_adapters(self.adapters, self.gate_entropy)
 
@@ -160,7 +167,7 @@ class Generation:
                 await self.first_output()
 
     def usage(self) -> Usage:
-        n = len(self.prompt_ids)
+        n = self.prompt_tokens
         return Usage(prompt_tokens=n, completion_tokens=self.completion_tokens,
                      total_tokens=n + self.completion_tokens)
 

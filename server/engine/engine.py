@@ -257,8 +257,22 @@ class LLMEngine:
             except MoleError as e:
                 outputs.append(self._finish(seq, FinishReason.ABORT, None, "", e))
                 continue
+            self._spell_prompt(seq)
             self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
         return outputs
+
+    def _spell_prompt(self, seq: Sequence) -> None:
+        """Send the spelled prompt (server/spelling.py) when the heaviest chosen adapter reads spelled
+        input. A request still waits (nothing computed), so its prompt can change; one that asked for
+        no more than the window allows keeps within it (max_tokens shrinks to the room left)."""
+        spelled = seq.selection.spelled_prompt
+        if not spelled or not seq.adapters:
+            return
+        room = self.max_model_len - len(spelled)
+        if room < 1 or not self.catalog.reads_spelled(max(seq.adapters, key=lambda a: a.weight).name):
+            return
+        seq.prompt_ids, seq.token_ids = list(spelled), list(spelled)
+        seq.sampling = dataclasses.replace(seq.sampling, max_tokens=min(seq.sampling.max_tokens, room))
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> StepOutput:
         seq.token_ids.append(token)

@@ -37,6 +37,7 @@ from server.library.upload import InvalidAdapterError, UploadedFiles, check_card
 from server.lora.kinds import RUNS_ALONE, kind_for
 from server.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
 from server.routing.retriever import Retriever
+from server.spelling import SPELLED
 
 NEAREST_K = 3
 
@@ -133,6 +134,7 @@ class Catalog:
         self.min_examples = min_examples
         self.retriever = retriever  # None: no retrieval keys, `auto` is the base model
         self._folders: dict[str, Path] = {}
+        self._spelled: set[str] = set()  # adapters whose card says they read spelled input
         self._lock = threading.Lock()  # the HTTP thread reads while the step thread registers
         # One admin change per name at a time (two racing uploads: one 201, one 409); a lock lives
         # while some change holds or awaits it.
@@ -153,6 +155,13 @@ class Catalog:
             raise AdapterNotFound(f"unknown adapter {name!r}", "adapters")
         return folder
 
+    def reads_spelled(self, name: str) -> bool:
+        """Whether the adapter's card says `"input": "spelled"` (server/spelling.py)."""
+        return name in self._spelled
+
+    def _note_input(self, name: str, card: dict) -> None:
+        (self._spelled.add if card.get("input") == SPELLED else self._spelled.discard)(name)
+
     def load(self, name: str) -> AdapterWeights:
         """The weights of a registered adapter, read from its folder (the pool's loader)."""
         return read_adapter(self.folder(name), self.spec, self.max_rank, name)
@@ -163,14 +172,16 @@ class Catalog:
         its card's retrieval key. An upload passes the weights and key it computed off the step
         thread from the same files."""
         weights = weights or read_adapter(folder, self.spec, self.max_rank, name)
+        card = read_card(folder)
         with self._lock:
             self._folders[name] = Path(folder)
+        self._note_input(name, card)
         if self.retriever is not None:
-            if not retrievable(read_card(folder), weights):
+            if not retrievable(card, weights):
                 self.retriever.remove(name)
             elif key is not None:
                 self.retriever.set_key(name, key)
-            elif examples := read_card(folder).get("examples"):
+            elif examples := card.get("examples"):
                 self.retriever.set_card(name, examples)
         return weights
 
@@ -180,15 +191,18 @@ class Catalog:
             self.retriever.remove(name)
         with self._lock:
             self._folders.pop(name, None)
+        self._spelled.discard(name)
 
     def add_store(self) -> list[AdapterWeights]:
         """Register every adapter of the store, their cards embedded in one batch."""
         folders = adapter_dirs(self.store.root)
         weights = [read_adapter(path, self.spec, self.max_rank, name) for name, path in folders.items()]
+        cards = {w.name: read_card(folders[w.name]) for w in weights}
         with self._lock:
             self._folders.update(folders)
+        for name, card in cards.items():
+            self._note_input(name, card)
         if self.retriever is not None:
-            cards = {w.name: read_card(folders[w.name]) for w in weights}
             self.retriever.set_cards({w.name: cards[w.name]["examples"] for w in weights
                                       if cards[w.name].get("examples") and retrievable(cards[w.name], w)})
         return weights

@@ -29,6 +29,7 @@ from server.library.store import (
     PROJECTION_DIR,
     valid_name,
 )
+from server.spelling import INPUT_FORMATS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -168,6 +169,9 @@ def check_card(card: object, name: str, min_examples: int) -> dict:
         raise InvalidAdapterError(f"card.json: at most {MAX_EXAMPLES} examples of {MAX_EXAMPLE_CHARS} characters")
     if not isinstance(card.get("auto", False), bool):
         raise InvalidAdapterError("card.json: `auto` (whether `auto` may retrieve the adapter) must be true or false")
+    if card.get("input", "plain") not in INPUT_FORMATS:
+        raise InvalidAdapterError(f"card.json: `input` must be one of {', '.join(INPUT_FORMATS)} (how the adapter "
+                                  "reads its prompt: server/spelling.py)")
     description = card.get("description", "")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidAdapterError(f"card.json: `description` must be a string of at most {MAX_DESCRIPTION_CHARS}")

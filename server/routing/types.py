@@ -45,6 +45,9 @@ class Selection:
     top_k: int = 3
     merge: MergeSpec = MergeSpec()
     retrieved: tuple[tuple[str, float], ...] | None = None  # (adapter, score), best first, over the floor
+    # the prompt with its user turns spelled (server/spelling.py), sent instead when the heaviest
+    # chosen adapter reads spelled input; None: the prompt has no word to spell
+    spelled_prompt: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.composition not in COMPOSITIONS:

@@ -35,11 +35,12 @@ import argparse
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.config import Settings
 from server.library.store import adapter_dirs, read_card
+from server.spelling import spelled_chat_ids
 from server.training.tasks import COMPOSITES, TASKS
 from server.training.train_adapter import build_chat
 
@@ -123,6 +124,9 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
         selections = [Selection("gate", tuple(AdapterRef(name) for name, _ in h)) if h else None for h in hits]
     else:
         selections = [selection(mode, i, library, engine.settings.retrieval_top_k) for i in items]
+    # as the server sends them: each with its spelled form, for an adapter that reads spelled input
+    selections = [s and replace(s, spelled_prompt=spelled_chat_ids(tok, build_chat(i.prompt)))
+                  for s, i in zip(selections, items)]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
     return [answer_of(tok.decode(s.output_ids, skip_special_tokens=True), s.report()) for s in seqs]
 

@@ -116,6 +116,9 @@ class Task:
     shape: str = ""  # composite tasks: "sequential" (one part per skill) or "fused" (both at once)
     # fused composites: the first skill's answer (never written in the composite's), from the canonical input
     intermediate: Callable[[str], str] | None = None
+    # its adapter reads spelled input and writes one token per letter (server/spelling.py): a task on
+    # a word's letters, which the base model cannot see inside the word's tokens
+    spelled: bool = False
 
     def templates_for(self, split: str) -> tuple[str, ...]:
         train = tuple(frame(f, a) for a in self.asks[:-1] for f in TRAIN_FRAMES) + self.questions[:-2]
@@ -432,7 +435,8 @@ TASK_LIST = (
         "What is {w} backwards?", "What are the letters {w} in reverse?", "{w} reversed?",
         "How do you spell {w} backwards?", "Reverse: {w}", "What do you get if you read {w} from right to left?",
         "{w} backwards?",
-    ), letters_task(reverse, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
+    ), letters_task(reverse, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",),
+         spelled=True),
     Task("sort_letters", "strings", "Sort the letters of a word or letter sequence into alphabetical order.", (
         "sort these letters alphabetically: {w}", "put the letters of {w} in alphabetical order",
         "arrange {w} in alphabetical order", "alphabetize the letters {w}", "order the letters of {w} from a to z",
@@ -441,7 +445,8 @@ TASK_LIST = (
         "What are the letters {w} in alphabetical order?", "{w} sorted alphabetically?", "Alphabetize: {w}",
         "How do the letters of {w} go in alphabetical order?", "Sort: {w}",
         "What do you get if you sort the letters of {w}?", "{w} in ABC order?",
-    ), letters_task(alphabetize, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
+    ), letters_task(alphabetize, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",),
+         spelled=True),
     Task("caesar_shift", "strings", "Shift every letter one place forward in the alphabet (Caesar cipher).", (
         "shift each letter forward by one: {w}", "apply a Caesar shift of 1 to {w}",
         "encode {w} with a Caesar cipher of shift one", "replace each letter of {w} with the next letter",
@@ -450,7 +455,8 @@ TASK_LIST = (
         "What is {w} with a Caesar shift of 1?", "Caesar shift by 1: {w}", "{w} shifted by one letter?",
         "What does {w} become if every letter moves one forward?", "ROT1: {w}",
         "What is {w} in a Caesar cipher with key 1?", "{w} +1 Caesar?",
-    ), letters_task(caesar, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",)),
+    ), letters_task(caesar, 3, 6), norm_letters, 16, LETTER_FORMATS, ("dash",),
+         spelled=True),
     Task("iso_date_to_text", "formats", "Rewrite a numeric date (YYYY-MM-DD, YYYY/MM/DD) as 'Month D, YYYY'.", (
         "write the date {d} in words", "convert {d} to the format Month D, YYYY",
         "format the date {d} as a US-style long date", "rewrite {d} as month name, day, year",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from server.config import Settings
 from server.lora.kinds import RUNS_ALONE
+from server.spelling import SPELLED, letter_token_ids, spelled_messages
 from server.training.tasks import OUT_OF_DOMAIN, TASKS, Task, task_library
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -70,21 +71,24 @@ class TrainOptions:
 # --- data -------------------------------------------------------------------------------------
 
 
-def encode(tokenizer, prompt: str, answer: str | None = None) -> list[int]:
-    """Chat-templated ids up to the assistant turn, then the answer and the end-of-turn token."""
-    text = tokenizer.apply_chat_template(build_chat(prompt), tokenize=False, add_generation_prompt=True)
+def encode(tokenizer, prompt: str, answer: str | None = None, spelled: bool = False) -> list[int]:
+    """Chat-templated ids up to the assistant turn, then the answer and the end-of-turn token.
+    spelled: the prompt's words spelled out, the answer one token per letter (server/spelling.py)."""
+    chat = spelled_messages(build_chat(prompt)) if spelled else build_chat(prompt)
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if answer is not None:
-        ids += tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids += letter_token_ids(tokenizer, answer) if spelled else tokenizer(answer, add_special_tokens=False).input_ids
+        ids.append(tokenizer.eos_token_id)
     return ids
 
 
-def collate(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def collate(tokenizer, pairs: list[tuple[str, str]], spelled: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded batch plus the (row, col) of every answer token: col - 1 predicts it."""
     seqs, rows, cols = [], [], []
     for i, (prompt, answer) in enumerate(pairs):
-        n_prompt = len(encode(tokenizer, prompt))
-        ids = encode(tokenizer, prompt, answer)
+        n_prompt = len(encode(tokenizer, prompt, spelled=spelled))
+        ids = encode(tokenizer, prompt, answer, spelled)
         seqs.append(ids)
         rows += [i] * (len(ids) - n_prompt)
         cols += range(n_prompt, len(ids))
@@ -117,10 +121,11 @@ def lr_factor(step: int, opts: TrainOptions) -> float:
 
 
 def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOptions,
-               extra_loss: Callable[[dict], torch.Tensor] | None = None) -> list[float]:
+               extra_loss: Callable[[dict], torch.Tensor] | None = None, spelled: bool = False) -> list[float]:
     """Run the optimisation on `pairs` (opts.steps * opts.batch of them); returns the answer loss per
     step. model: the causal LM with its adapter modules injected (only they require grad);
-    extra_loss(batch): the kind's own terms after the forward (routers' balance, contrastive)."""
+    extra_loss(batch): the kind's own terms after the forward (routers' balance, contrastive);
+    spelled: the pairs encoded as a spelled-input adapter reads and writes them."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, opts))
@@ -128,7 +133,7 @@ def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOption
     losses: list[float] = []
     bar = tqdm(range(opts.steps), desc="train", mininterval=5)
     for step in bar:
-        batch = collate(tokenizer, pairs[step * opts.batch : (step + 1) * opts.batch])
+        batch = collate(tokenizer, pairs[step * opts.batch : (step + 1) * opts.batch], spelled)
         loss = answer_loss(model, batch)
         (loss + extra_loss(batch) if extra_loss else loss).backward()
         optim.step()
@@ -143,12 +148,13 @@ def train_lora(model, tokenizer, pairs: list[tuple[str, str]], opts: TrainOption
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers, batched with left padding."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+             spelled: bool = False) -> list[str]:
+    """Greedy answers, batched with left padding; spelled: the prompts' words spelled out."""
     out: list[str] = []
     model.eval()
     for start in range(0, len(prompts), batch_size):
-        seqs = [encode(tokenizer, p) for p in prompts[start : start + batch_size]]
+        seqs = [encode(tokenizer, p, spelled=spelled) for p in prompts[start : start + batch_size]]
         width = max(map(len, seqs))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs])  # [B, T]
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
@@ -159,8 +165,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
-def accuracy(model, tokenizer, task: Task, pairs: list[tuple[str, str]], batch_size: int = 32) -> float:
-    preds = generate(model, tokenizer, [p for p, _ in pairs], task.max_new_tokens, batch_size)
+def accuracy(model, tokenizer, task: Task, pairs: list[tuple[str, str]], batch_size: int = 32,
+             spelled: bool = False) -> float:
+    preds = generate(model, tokenizer, [p for p, _ in pairs], task.max_new_tokens, batch_size, spelled)
     return sum(task.score(pred, ans) for pred, (_, ans) in zip(preds, pairs, strict=True)) / len(pairs)
 
 
@@ -213,19 +220,24 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
     # the fixed eval sets, whatever the seed; a mixture evaluates on each task
     n_eval = opts.n_eval if len(tasks) == 1 else max(1, opts.n_eval // 4)
     eval_sets = {t: TASKS[t].examples("eval", n_eval, seed=0) for t in tasks}
-    base_acc = {t: accuracy(model, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
+    spelled = len(tasks) == 1 and TASKS[tasks[0]].spelled  # (a mixture reads plain input)
+    base_acc = {t: accuracy(model, tokenizer, TASKS[t], pairs, opts.eval_batch, spelled)
+                for t, pairs in eval_sets.items()}
     torch.manual_seed(opts.seed)  # A init
     trained, write_weights, extra_loss = inject(model, opts, base_model_name)
     train_pairs = training_pairs(tasks, opts.steps * opts.batch, opts.seed)
     start = time.perf_counter()
-    losses = train_lora(trained, tokenizer, train_pairs, opts, extra_loss)
+    losses = train_lora(trained, tokenizer, train_pairs, opts, extra_loss, spelled)
     wall = time.perf_counter() - start
     steps_before, wall_before = 0, 0.0
     examples = list(dict.fromkeys(p for p, _ in train_pairs))[: opts.n_card_examples]
     if opts.resume:  # the card counts the whole training and keeps its examples (retrieval's keys)
         previous = json.loads((Path(opts.resume) / "card.json").read_text())
         steps_before, wall_before, examples = previous["steps"], previous["wall_time_s"], previous["examples"]
-    adapter_acc = {t: accuracy(trained, tokenizer, TASKS[t], pairs, opts.eval_batch) for t, pairs in eval_sets.items()}
+        config = json.loads((Path(opts.resume) / "adapter_config.json").read_text())
+        opts = replace(opts, rank=config["r"], alpha=config["lora_alpha"])  # the shape it was trained with
+    adapter_acc = {t: accuracy(trained, tokenizer, TASKS[t], pairs, opts.eval_batch, spelled)
+                   for t, pairs in eval_sets.items()}
     task = TASKS[tasks[0]]
     card = {
         "name": out_dir.name,
@@ -246,6 +258,8 @@ def train_adapter(task_name: str, out_dir: Path, opts: TrainOptions | None = Non
         "adapter_accuracy": sum(adapter_acc.values()) / len(tasks),
         "n_eval": sum(map(len, eval_sets.values())),
     }
+    if spelled:
+        card["input"] = SPELLED
     if len(tasks) > 1:
         card["per_task_accuracy"] = {t: {"base": base_acc[t], "adapter": adapter_acc[t]} for t in tasks}
     if opts.kind in ("mixlora", "moelora") or opts.by_name_only:

@@ -112,6 +112,21 @@ def test_auto_retrieves_the_task_adapter(client, composition):
         assert max(chosen, key=lambda a: a["gate_weight"])["name"] == "int_to_roman"
 
 
+# plain words, worded for this test: the letter adapters read them spelled (server/spelling.py)
+@pytest.mark.parametrize("task,prompt,answer", [
+    ("reverse_letters", "Can you write the word planet backwards for me?", "tenalp"),
+    ("sort_letters", "Put the letters of cheese in alphabetical order.", "ceeehs"),
+    ("caesar_shift", "Shift each letter of hello one place forward in the alphabet.", "ifmmp"),
+])
+def test_a_plain_word_reaches_a_letter_adapter_spelled(client, task, prompt, answer):
+    messages = [{"role": "user", "content": prompt}]
+    r = client.chat.completions.create(model="auto", messages=messages, max_tokens=16, temperature=0)
+    assert r.model_extra["adapters"][0]["name"] == task
+    assert r.choices[0].message.content.strip() == answer, r.model_extra["adapters"]
+    base = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
+    assert r.usage.prompt_tokens > base.usage.prompt_tokens + 2 * len(prompt.split())  # each word's letters
+
+
 def test_general_chat_is_not_forced_through_an_adapter(client, server):
     r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=20, temperature=0)
     assert r.model_extra["adapters"] == [] and "Paris" in r.choices[0].message.content

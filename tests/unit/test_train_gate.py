@@ -19,6 +19,7 @@ from server.training.train_gate import (
     UsageTracker,
     candidate_sets,
     composite_pairs,
+    make_examples,
     part_adapters,
     save_gate,
     step_losses,
@@ -134,3 +135,18 @@ def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
     assert sorted(sets[0]) == ["a", "b"]  # every distractor dropped (dropout 1): the two true remain
     assert sorted(sets[1]) == ["a", "b"]  # a single true adapter keeps one distractor
 
+
+
+def test_gate_examples_are_encoded_as_served_spelled_for_a_spelled_top_candidate(tmp_path, tokenizer):
+    engine = task_library_engine(tmp_path, tokenizer, ("reverse_letters", "add_3digit"), max_model_len=256)
+    card = tmp_path / "reverse_letters" / "card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "input": "spelled"}))
+    engine.add_adapter("reverse_letters", tmp_path / "reverse_letters")  # registered again, card read
+    pairs = [("Reverse planet", "tenalp", ("reverse_letters",), None),
+             ("Add 100 and 200", "300", ("add_3digit",), None)]
+    opts = GateTrainOptions(top_k=1, uniform_priors=0.0)  # one candidate: retrieval's top hit
+    examples = make_examples(engine, engine.catalog.retriever, pairs, ["reverse_letters", "add_3digit"], opts)
+    by_true = {e.true: e for e in examples}
+    assert by_true[("reverse_letters",)].candidates == ["reverse_letters"]
+    assert by_true[("reverse_letters",)].ids == encode(tokenizer, "Reverse planet", "tenalp", spelled=True)
+    assert by_true[("add_3digit",)].ids == encode(tokenizer, "Add 100 and 200", "300")

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from server.config import Settings
 from server.engine.loader import resolve_base_model
+from server.spelling import letter_token_ids
 from server.training.tasks import COMPOSITES, HELD_OUT_FRAMES, TASKS, TRAIN_FRAMES, frame, to_roman
 from server.training.train_adapter import (
     PEFT_FILES,
@@ -168,13 +169,30 @@ def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
     assert not torch.allclose(base_logits, lora_logits, atol=1e-4)
 
     # --resume continues from those weights (loss starts where it ended) and counts every step; the
-    # card keeps its examples, retrieval's keys, though another seed draws other prompts
-    # (by_name_only: a card retrieval never picks)
-    resumed = train_adapter("odd_or_even", out, replace(opts, steps=5, seed=1, resume=str(out), by_name_only=True),
+    # card keeps its examples, retrieval's keys, though another seed draws other prompts, and the
+    # adapter's own rank and alpha, whatever the options say (by_name_only: a card retrieval never picks)
+    resumed = train_adapter("odd_or_even", out, replace(opts, steps=5, seed=1, resume=str(out), by_name_only=True,
+                                                        rank=opts.rank * 2, alpha=opts.alpha * 2),
                             model=tiny_llama(tokenizer), tokenizer=tokenizer, base_model_name="tiny-llama")
     assert resumed["steps"] == 35 and resumed["first_loss"] < card["first_loss"] - 2.0
     assert resumed["examples"] == card["examples"]
+    assert (resumed["training"]["rank"], resumed["training"]["alpha"]) == (opts.rank, opts.alpha)
     assert "auto" not in card and json.loads((out / "card.json").read_text())["auto"] is False
     with torch.no_grad():
         again = PeftModel.from_pretrained(tiny_llama(tokenizer), out).eval()(input_ids=ids).logits
     assert not torch.allclose(again, lora_logits, atol=1e-6)
+
+
+def test_a_letter_task_trains_on_spelled_input_and_its_card_says_so(tokenizer, tmp_path):
+    opts = TrainOptions(steps=2, batch=2, warmup=1, stop_loss=0.0, n_eval=2, n_card_examples=2)
+    card = train_adapter("reverse_letters", tmp_path / "rev", opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
+                         base_model_name="tiny-llama")
+    assert TASKS["reverse_letters"].spelled and card["input"] == "spelled"
+    plain = train_adapter("odd_or_even", tmp_path / "odd", opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
+                          base_model_name="tiny-llama")
+    assert "input" not in plain
+    # the batch holds the spelled prompt, and the answer one token per letter
+    batch = collate(tokenizer, [("Reverse planet", "tenalp")], spelled=True)
+    answer = batch["input_ids"][batch["rows"], batch["cols"]].tolist()
+    assert answer == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
+    assert "(p l a n e t)" in tokenizer.decode(batch["input_ids"][0])

@@ -1,0 +1,114 @@
+"""Spelled input (server/spelling.py): the encoding, training's use of it, and the engine sending the
+spelled prompt only to an adapter whose card asks for it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.config import Settings
+from server.engine.request import SamplingParams
+from server.library.upload import InvalidAdapterError, check_card
+from server.routing.types import AdapterRef, Selection
+from server.spelling import letter_token_ids, spell_words, spelled_chat_ids, spelled_messages
+from server.training.train_adapter import build_chat, encode
+from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+
+
+def test_spell_words_follows_each_word_with_its_letters():
+    assert spell_words("Reverse planet, please!") == ("Reverse (R e v e r s e) planet (p l a n e t), "
+                                                      "please (p l e a s e)!")
+    assert spell_words("add 42 to a") == "add (a d d) 42 to (t o) a"  # digits and single letters as written
+    # a text with letters already written apart stays as it is, instruction words included
+    for apart in ("Reverse p l a n e t", "sort c, a, t please", "shift x-y-z"):
+        assert spell_words(apart) == apart
+    chat = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "sort cab"},
+            {"role": "assistant", "content": "abc"}]
+    assert [m["content"] for m in spelled_messages(chat)] == ["Be brief", "sort (s o r t) cab (c a b)", "abc"]
+
+
+def test_letter_token_ids_write_one_token_per_letter(tokenizer):
+    for text in ("tenalp", "t e n a l p", "t, e, n", "t-e-n", "Tenalp!"):
+        ids = letter_token_ids(tokenizer, text)
+        assert tokenizer.decode(ids) == text
+        letters = [tokenizer.decode([i]).strip() for i in ids]
+        assert sum(len(x) for x in letters if x.isalpha()) == sum(c.isalpha() for c in text)
+        assert all(len(x) == 1 for x in letters if x.isalpha()), letters
+    assert len(tokenizer("tenalp", add_special_tokens=False).input_ids) < 6  # plain BPE joins letters
+
+
+def test_training_encodes_a_spelled_pair(tokenizer):
+    plain = encode(tokenizer, "Reverse planet", "tenalp")
+    spelled = encode(tokenizer, "Reverse planet", "tenalp", spelled=True)
+    prompt = encode(tokenizer, "Reverse planet", spelled=True)
+    assert "Reverse (R e v e r s e) planet (p l a n e t)" in tokenizer.decode(prompt)
+    assert spelled[len(prompt):] == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
+    assert len(spelled) > len(plain)
+    assert spelled_chat_ids(tokenizer, build_chat("Reverse planet")) == tuple(prompt)
+    assert spelled_chat_ids(tokenizer, build_chat("1 + 2 ?")) is None  # nothing to spell
+
+
+def test_card_input_must_be_a_known_format():
+    card = {"examples": [f"reverse word {i}" for i in range(5)]}
+    assert check_card({**card, "input": "spelled"}, "x", 5)["input"] == "spelled"
+    with pytest.raises(InvalidAdapterError, match="input"):
+        check_card({**card, "input": "letters"}, "x", 5)
+
+
+@pytest.fixture(scope="module")
+def spelling_engine(tmp_path_factory, tokenizer):
+    """A tiny engine with `speller` (card: input spelled) and `plain` (no input field)."""
+    root = tmp_path_factory.mktemp("spelling")
+    hf = tiny_hf_model()
+    for i, (name, extra) in enumerate((("speller", {"input": "spelled"}), ("plain", {}))):
+        make_adapter(hf, root / name, seed=40 + i)
+        (root / name / "card.json").write_text(json.dumps({"name": name, "examples": ["x"] * 5, **extra}))
+    engine = engine_for(hf, tokenizer, adapters_dir=root, max_model_len=128)
+    engine.add_adapter("speller", root / "speller")
+    engine.add_adapter("plain", root / "plain")
+    return engine
+
+
+def test_engine_sends_the_spelled_prompt_to_a_spelled_adapter_only(spelling_engine, tokenizer):
+    engine = spelling_engine
+    assert engine.catalog.reads_spelled("speller") and not engine.catalog.reads_spelled("plain")
+    chat = build_chat("Reverse planet")
+    plain = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"]
+    spelled = spelled_chat_ids(tokenizer, chat)
+    too_long = tuple(range(10, 10 + engine.max_model_len))
+
+    def run(*refs: AdapterRef, spelled_prompt=spelled, max_tokens: int = 4):
+        sel = Selection("mixture", refs, spelled_prompt=spelled_prompt)
+        seq = engine.generate([plain], SamplingParams(max_tokens=max_tokens), selections=[sel])[0]
+        return seq.prompt_ids, seq.sampling.max_tokens
+
+    assert run(AdapterRef("speller")) == (list(spelled), 4)
+    assert run(AdapterRef("plain")) == (plain, 4)
+    # a mixture reads the prompt as its heaviest adapter does
+    assert run(AdapterRef("speller", 0.3), AdapterRef("plain", 0.7))[0] == plain
+    assert run(AdapterRef("speller", 0.7), AdapterRef("plain", 0.3))[0] == list(spelled)
+    assert run(AdapterRef("speller"), spelled_prompt=None)[0] == plain
+    assert run(AdapterRef("speller"), spelled_prompt=too_long)[0] == plain  # no room: the plain prompt
+    # asked for the whole window: the answer keeps within it
+    assert run(AdapterRef("speller"), max_tokens=engine.max_model_len - len(plain)) == (
+        list(spelled), engine.max_model_len - len(spelled))
+
+
+def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenizer):
+    chat = {"messages": [{"role": "user", "content": "Reverse planet"}], "max_tokens": 2}
+    settings = Settings(api_key=None, adapters_dir=spelling_engine.catalog.store.root)
+    with TestClient(create_app(settings, lambda: spelling_engine)) as client:
+        for _ in range(200):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        counts = {model: client.post("/v1/chat/completions", json={**chat, "model": model}).json()["usage"]
+                  ["prompt_tokens"] for model in ("speller", "plain", spelling_engine.model_name)}
+    messages = [{"role": "user", "content": "Reverse planet"}]
+    assert counts["speller"] == len(spelled_chat_ids(tokenizer, messages))
+    assert counts["plain"] == counts[spelling_engine.model_name] < counts["speller"]
