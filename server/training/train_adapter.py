@@ -331,8 +331,9 @@ def inject_moe_kind(model, opts: TrainOptions, base_model_name: str):
 
 def library_table(store_dir: Path) -> str:
     """Markdown table of every card under store_dir (one row per adapter folder)."""
-    rows = ["| adapter | kind | rank | task | family | auto | base acc | adapter acc | steps | train time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| adapter | kind | rank | task | family | auto | input | base acc | adapter acc | steps "
+            "| train time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for card_path in sorted(Path(store_dir).glob("*/card.json")):
         c = json.loads(card_path.read_text())
         kind = c.get("kind", "lora")
@@ -340,7 +341,7 @@ def library_table(store_dir: Path) -> str:
         t = c["training"]
         rank = f"{t['blocks']} x {t['rank']}" if kind == "melora" else t["rank"]  # MELoRA: mini LoRAs x rank
         rows.append(f"| {c['name']} | {kind} | {rank} | {c['description']} | {c['family']} | {'yes' if auto else 'no'} "
-                    f"| {c['base_accuracy']:.0%} "
+                    f"| {c.get('input', 'plain')} | {c['base_accuracy']:.0%} "
                     f"| {c['adapter_accuracy']:.0%} | {c['steps']} | {c['wall_time_s']:.0f} |")
     return "\n".join(rows)
 
@@ -354,6 +355,7 @@ def write_library_readme(store_dir: Path) -> None:
         "only, `--by-name-only`, so `auto`'s candidates hold one adapter per task) and two mixtures of LoRA "
         "experts over all tasks (`multitask-*`). "
         "`auto`: whether retrieval may pick the adapter (the card's field); the others serve by name only. "
+        "`input`: `spelled` adapters get the user's words each followed by their letters (server/spelling.py). "
         "Accuracy is exact match with greedy decoding on held-out phrasings (phrasing families and input "
         "formats no adapter trained on) over held-out inputs; each folder's card.json has the training "
         "config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
