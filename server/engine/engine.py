@@ -266,10 +266,11 @@ class LLMEngine:
         input. A request still waits (nothing computed), so its prompt can change; one that asked for
         no more than the window allows keeps within it (max_tokens shrinks to the room left)."""
         spelled = seq.selection.spelled_prompt
-        if not spelled or not seq.adapters:
+        if not spelled:
             return
         room = self.max_model_len - len(spelled)
-        if room < 1 or not self.catalog.reads_spelled(max(seq.adapters, key=lambda a: a.weight).name):
+        if room < 1 or not self.catalog.set_reads_spelled([a.name for a in seq.adapters],
+                                                          [a.weight for a in seq.adapters]):
             return
         seq.prompt_ids, seq.token_ids = list(spelled), list(spelled)
         seq.sampling = dataclasses.replace(seq.sampling, max_tokens=min(seq.sampling.max_tokens, room))

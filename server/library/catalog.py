@@ -14,6 +14,7 @@ import json
 import threading
 import weakref
 from collections.abc import Awaitable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -158,6 +159,11 @@ class Catalog:
     def reads_spelled(self, name: str) -> bool:
         """Whether the adapter's card says `"input": "spelled"` (server/spelling.py)."""
         return name in self._spelled
+
+    def set_reads_spelled(self, names: Seq[str], weights: Seq[float]) -> bool:
+        """Whether a set of adapters reads spelled input: as its heaviest does (the engine sends the
+        prompt so, and the gate trains on it so)."""
+        return bool(names) and self.reads_spelled(names[max(range(len(names)), key=weights.__getitem__)])
 
     def _note_input(self, name: str, card: dict) -> None:
         (self._spelled.add if card.get("input") == SPELLED else self._spelled.discard)(name)

@@ -78,9 +78,13 @@ def encode(tokenizer, prompt: str, answer: str | None = None, spelled: bool = Fa
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if answer is not None:
-        ids += letter_token_ids(tokenizer, answer) if spelled else tokenizer(answer, add_special_tokens=False).input_ids
-        ids.append(tokenizer.eos_token_id)
+        ids += answer_token_ids(tokenizer, answer, spelled) + [tokenizer.eos_token_id]
     return ids
+
+
+def answer_token_ids(tokenizer, answer: str, spelled: bool = False) -> list[int]:
+    """An answer's ids, without the end token; spelled: one token per letter."""
+    return letter_token_ids(tokenizer, answer) if spelled else tokenizer(answer, add_special_tokens=False).input_ids
 
 
 def collate(tokenizer, pairs: list[tuple[str, str]], spelled: bool = False) -> dict[str, torch.Tensor]:

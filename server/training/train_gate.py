@@ -37,10 +37,9 @@ from server.library.artifacts import save_gate as write_gate
 from server.library.store import GATE_DIR, replace_folder
 from server.lora.gate import GateConfig, MoLEGate, balance_loss
 from server.routing.selection import softmax
-from server.spelling import letter_token_ids
 from server.training.options import options_parser, parse_options
 from server.training.tasks import COMPOSITES, TASKS, task_library
-from server.training.train_adapter import encode
+from server.training.train_adapter import answer_token_ids, encode
 
 
 @dataclass
@@ -191,7 +190,7 @@ def part_adapters(tokenizer, answer: str, first_part: int, true: tuple[str, str]
     separator ", " after `first_part` characters, (second's,) from the token after the comma (a
     token " XL" carries the separator's space and the second part), both on a token with the comma.
     spelled: the answer encoded one token per letter, as encode(spelled=True) does."""
-    ids = letter_token_ids(tokenizer, answer) if spelled else tokenizer(answer, add_special_tokens=False).input_ids
+    ids = answer_token_ids(tokenizer, answer, spelled)
     ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
     starts = [0, *ends[:-1]]
     second = first_part + len(",")
@@ -215,7 +214,7 @@ def make_examples(engine, retriever, pairs: list[Pair], names: list[str], opts: 
         if rng.random() < opts.uniform_priors:
             priors = [1.0 / len(cands)] * len(cands)
         # encoded as served: spelled when the heaviest candidate reads spelled input (engine._spell_prompt)
-        spelled = engine.catalog.reads_spelled(cands[max(range(len(cands)), key=priors.__getitem__)])
+        spelled = engine.catalog.set_reads_spelled(cands, priors)
         parts = part_adapters(tok, a, first_part, t, spelled) if first_part is not None else None
         examples.append(Example(encode(tok, p, a, spelled), len(encode(tok, p, spelled=spelled)), cands, priors, t,
                                 parts))
