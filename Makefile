@@ -23,6 +23,7 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/ruff check server tests bench clients
+	$(VENV)/bin/ruff format --check server tests bench clients
 	$(PY) -m pytest -q tests
 
 bench: setup

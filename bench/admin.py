@@ -27,10 +27,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from mole_serve.library.store import ADAPTER_FILES, adapter_dirs
 
 from bench.common import REPO, machine, served, write_json
 from bench.throughput import TOPICS
-from server.library.store import ADAPTER_FILES, adapter_dirs
 
 
 class Operator:
@@ -49,8 +49,10 @@ class Operator:
         if r.status_code != 201:
             self.errors += 1
             return
-        c = await self.http.post("/v1/chat/completions", json={
-            "model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        c = await self.http.post(
+            "/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+        )
         if c.status_code != 200:
             self.errors += 1
         self.served_s.append(time.perf_counter() - start)
@@ -60,13 +62,18 @@ class Operator:
 
     def summary(self) -> dict:
         ms = lambda xs: [round(x * 1000, 1) for x in xs]  # noqa: E731
-        return {"cycles": len(self.served_s), "errors": self.errors, "upload_to_served_ms": ms(self.served_s),
-                "upload_to_served_p50_ms": round(float(np.median(self.served_s)) * 1000, 1) if self.served_s
-                else None, "load_ms": ms(self.load_s)}
+        return {
+            "cycles": len(self.served_s),
+            "errors": self.errors,
+            "upload_to_served_ms": ms(self.served_s),
+            "upload_to_served_p50_ms": round(float(np.median(self.served_s)) * 1000, 1) if self.served_s else None,
+            "load_ms": ms(self.load_s),
+        }
 
 
-async def stream_clients(http: httpx.AsyncClient, n: int, models: list[str], max_tokens: int,
-                         stop: asyncio.Event) -> tuple[list[float], list[int]]:
+async def stream_clients(
+    http: httpx.AsyncClient, n: int, models: list[str], max_tokens: int, stop: asyncio.Event
+) -> tuple[list[float], list[int]]:
     """n clients streaming back to back until `stop`: (arrival time of every token, failed requests)."""
     stamps: list[float] = []
     errors = [0]
@@ -74,8 +81,13 @@ async def stream_clients(http: httpx.AsyncClient, n: int, models: list[str], max
     async def client(i: int) -> None:
         k = 0
         while not stop.is_set():
-            body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "ignore_eos": True,
-                    "stream": True, "messages": [{"role": "user", "content": f"Write about {TOPICS[i % 16]}."}]}
+            body = {
+                "model": models[(i + k) % len(models)],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+                "messages": [{"role": "user", "content": f"Write about {TOPICS[i % 16]}."}],
+            }
             k += 1
             try:
                 async with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -98,8 +110,13 @@ def window(stamps: list[float], start: float, end: float) -> dict:
     gaps = np.diff(ts) if len(ts) > 1 else np.zeros(1)
     steps = gaps[gaps > 0.01]  # tokens of one step arrive together; a larger gap is the next step
     pct = {q: round(float(np.percentile(steps, q)) * 1000, 1) if len(steps) else None for q in (50, 99)}
-    return {"tok_s": round(len(ts) / (end - start), 1), "tokens": int(len(ts)), "step_gap_p50_ms": pct[50],
-            "step_gap_p99_ms": pct[99], "step_gap_max_ms": round(float(gaps.max()) * 1000, 1)}
+    return {
+        "tok_s": round(len(ts) / (end - start), 1),
+        "tokens": int(len(ts)),
+        "step_gap_p50_ms": pct[50],
+        "step_gap_p99_ms": pct[99],
+        "step_gap_max_ms": round(float(gaps.max()) * 1000, 1),
+    }
 
 
 class ForeignCPU:
@@ -113,8 +130,10 @@ class ForeignCPU:
         try:
             fields = Path("/proc/stat").read_text().split()[1:9]  # user nice system idle iowait irq softirq steal
             total = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4))  # idle and iowait use no CPU
-            ours = sum(sum(int(x) for x in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
-                       for p in self.pids)  # utime, stime, cutime, cstime
+            ours = sum(
+                sum(int(x) for x in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+                for p in self.pids
+            )  # utime, stime, cutime, cstime
         except OSError:
             return float("nan")
         return (total - ours) / self.tick
@@ -152,10 +171,18 @@ async def measure(url: str, token: str, args: argparse.Namespace, library: list[
         stamps, errors = await load
     rounds = [{"baseline": window(stamps, a, b), "during_uploads": window(stamps, b, c)} for a, b, c in pairs]
     ratios = [r["during_uploads"]["tok_s"] / max(r["baseline"]["tok_s"], 1e-9) for r in rounds]
-    return {"first_upload_to_served_ms": cold_ms, "idle": idle.summary(), "under_load": busy.summary(),
-            "rounds": rounds, "stream_errors": errors[0], "foreign_cpu_s": foreign.seconds(),
-            "ratios": {"decode_during/baseline_median": round(float(np.median(ratios)), 3),
-                       "per_round": [round(r, 3) for r in ratios]}}
+    return {
+        "first_upload_to_served_ms": cold_ms,
+        "idle": idle.summary(),
+        "under_load": busy.summary(),
+        "rounds": rounds,
+        "stream_errors": errors[0],
+        "foreign_cpu_s": foreign.seconds(),
+        "ratios": {
+            "decode_during/baseline_median": round(float(np.median(ratios)), 3),
+            "per_round": [round(r, 3) for r in ratios],
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,20 +208,28 @@ def main(argv: list[str] | None = None) -> dict:
         with served(env, Path(tmp) / "server.log") as (url, pid):
             results = asyncio.run(measure(url, token, args, library, pid))
     idle, busy = results["idle"], results["under_load"]
-    print(f"upload-to-first-served: first {results['first_upload_to_served_ms'][0]} ms; idle p50 "
-          f"{idle['upload_to_served_p50_ms']} ms {idle['upload_to_served_ms']}; under load p50 "
-          f"{busy['upload_to_served_p50_ms']} ms ({busy['cycles']} upload/serve/delete cycles)")
-    print(f"server load time of one adapter (engine thread): idle {idle['load_ms']} ms, under load max "
-          f"{max(busy['load_ms'] or [0])} ms")
+    print(
+        f"upload-to-first-served: first {results['first_upload_to_served_ms'][0]} ms; idle p50 "
+        f"{idle['upload_to_served_p50_ms']} ms {idle['upload_to_served_ms']}; under load p50 "
+        f"{busy['upload_to_served_p50_ms']} ms ({busy['cycles']} upload/serve/delete cycles)"
+    )
+    print(
+        f"server load time of one adapter (engine thread): idle {idle['load_ms']} ms, under load max "
+        f"{max(busy['load_ms'] or [0])} ms"
+    )
     print("| round | window | tok/s | step gap p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(results["rounds"]):
         for name, w in r.items():
-            print(f"| {i} | {name} | {w['tok_s']} | {w['step_gap_p50_ms']} | {w['step_gap_p99_ms']} | "
-                  f"{w['step_gap_max_ms']} |")
-    print(f"\ndecode during/baseline: median {results['ratios']['decode_during/baseline_median']} "
-          f"{results['ratios']['per_round']}; failed stream requests {results['stream_errors']}, admin errors "
-          f"{idle['errors'] + busy['errors']}; CPU used by other processes meanwhile {results['foreign_cpu_s']} s")
+            print(
+                f"| {i} | {name} | {w['tok_s']} | {w['step_gap_p50_ms']} | {w['step_gap_p99_ms']} | "
+                f"{w['step_gap_max_ms']} |"
+            )
+    print(
+        f"\ndecode during/baseline: median {results['ratios']['decode_during/baseline_median']} "
+        f"{results['ratios']['per_round']}; failed stream requests {results['stream_errors']}, admin errors "
+        f"{idle['errors'] + busy['errors']}; CPU used by other processes meanwhile {results['foreign_cpu_s']} s"
+    )
     results.update(config=vars(args), machine=machine())
     write_json(args.out, results)
     return results

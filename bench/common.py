@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from mole_serve.lora.kinds.base import TARGET_MODULES, LoRATargetSpec
 from safetensors.torch import save_file
-
-from server.lora.kinds.base import TARGET_MODULES, LoRATargetSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +29,13 @@ def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=REPO,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mole_serve", "serve", "--port", str(port)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        cwd=REPO,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -71,8 +74,10 @@ def timed(fn: Callable[[int], object], iters: int, warmup: int = 10) -> dict:
         start = time.perf_counter()
         fn(i)
         times.append(time.perf_counter() - start)
-    return {"p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3)}
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
+    }
 
 
 def machine() -> dict:
@@ -109,16 +114,22 @@ def synthetic_adapter(out_dir: Path, spec: LoRATargetSpec, rank: int, seed: int,
                 tensors[f"{key}.lora_B{suffix}.weight"] = torch.randn(d_out // n, rank, generator=g) * 0.02
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGET_MODULES),
-              "bias": "none"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGET_MODULES),
+        "bias": "none",
+    }
     if blocks:
         config = {**config, "peft_type": "MELORA", "r": [rank] * blocks, "lora_alpha": [2 * rank] * blocks}
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir
 
 
-def synthetic_moe_adapter(out_dir: Path, spec: LoRATargetSpec, kind: str, experts: int, top_k: int, rank: int,
-                          seed: int) -> Path:
+def synthetic_moe_adapter(
+    out_dir: Path, spec: LoRATargetSpec, kind: str, experts: int, top_k: int, rank: int, seed: int
+) -> Path:
     """A random MixLoRA (shared attention LoRAs, FFN experts, a router per layer) or MoELoRA (a router
     and E experts on every projection) on all 7 projections, in MoE-PEFT's layout; written as
     safetensors and as the .bin the `mixlora` package reads."""
@@ -142,13 +153,25 @@ def synthetic_moe_adapter(out_dir: Path, spec: LoRATargetSpec, kind: str, expert
             for e in range(experts):
                 pair(f"{key}.experts.{e}", module)
         if kind == "mixlora":
-            tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(
-                experts, spec.shapes["gate_proj"][0], generator=g) * 0.1
+            tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = (
+                torch.randn(experts, spec.shapes["gate_proj"][0], generator=g) * 0.1
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")
     torch.save(tensors, out_dir / "adapter_model.bin")
-    config = {"peft_type": kind.upper(), "routing_strategy": kind, "num_experts": experts, "top_k": top_k, "r": rank,
-              "lora_alpha": 2 * rank, "lora_dropout": 0.05, "target_modules": list(TARGET_MODULES), "bias": "none",
-              "act_fn": spec.hidden_act, "task_type": "CAUSAL_LM", "base_model_name_or_path": "base"}
+    config = {
+        "peft_type": kind.upper(),
+        "routing_strategy": kind,
+        "num_experts": experts,
+        "top_k": top_k,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.05,
+        "target_modules": list(TARGET_MODULES),
+        "bias": "none",
+        "act_fn": spec.hidden_act,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "base",
+    }
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
     return out_dir

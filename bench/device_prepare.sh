@@ -29,7 +29,7 @@ rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086  # pins: one word per package
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl $pins
-base=$("$PY" -c "from server.config import Settings; from server.engine.loader import resolve_base_model;
+base=$("$PY" -c "from mole_serve.config import Settings; from mole_serve.engine.loader import resolve_base_model;
 print(resolve_base_model(Settings()))")
 rm -rf .devmodel && mkdir -p ".devmodel/$(basename "$base")"
 find "$base" -maxdepth 1 -type f ! -name '*.safetensors' -exec cp {} ".devmodel/$(basename "$base")/" \;

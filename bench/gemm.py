@@ -10,9 +10,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from mole_serve.engine.model import Linear
 
 from bench.common import machine, timed, write_json
-from server.engine.model import Linear
 
 # SmolLM2-135M's fused projections and LM head: (name, d_out, d_in)
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
@@ -35,8 +35,15 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.testing.assert_close(ours(x), F.linear(x, weight), rtol=1e-4, atol=1e-3)
                 ref = timed(lambda _, x=x, w=weight: F.linear(x, w), args.repeats)["p50_ms"]
                 packed = timed(lambda _, x=x, f=ours: f(x), args.repeats)["p50_ms"]
-                results.append({"shape": name, "m": m, "f_linear_ms": round(ref, 3), "linear_ms": round(packed, 3),
-                                "speedup": round(ref / packed, 2)})
+                results.append(
+                    {
+                        "shape": name,
+                        "m": m,
+                        "f_linear_ms": round(ref, 3),
+                        "linear_ms": round(packed, 3),
+                        "speedup": round(ref / packed, 2),
+                    }
+                )
                 print(f"{name:>8} {m:>5} {ref:12.3f} {packed:10.3f} {ref / packed:8.2f}x", flush=True)
     payload = {"results": results, "packed": ours.packed is not None, "machine": machine()}
     write_json(args.out, payload)

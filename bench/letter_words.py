@@ -5,7 +5,7 @@ letters ("p l a n e t") each letter is its own token; written as a plain word ("
 sit inside one or two tokens and the model has to know the word's spelling, which SmolLM2-135M does
 not: beside the adapters, the base model's few-shot spelling of the same words. An adapter whose card
 says `"input": "spelled"` reads the prompt as the server sends it to it, each word followed by its
-letters (server/spelling.py). On the same words and the same held-out phrasings, each adapter answers
+letters (mole_serve/spelling.py). On the same words and the same held-out phrasings, each adapter answers
 the word written plainly and spaced (the baseline).
 
 Words: the library's held-out words (its eval split) and common words in no split at all.
@@ -19,20 +19,22 @@ import argparse
 import random
 
 import torch
+from mole_serve.config import Settings
+from mole_serve.library.store import read_card
+from mole_serve.spelling import SPELLED
+from mole_serve.training.tasks import TASKS, WORDS, alphabetize, caesar, reverse, task_library
+from mole_serve.training.train_adapter import generate, load_base
 
 from bench.common import machine, write_json
-from server.config import Settings
-from server.library.store import read_card
-from server.spelling import SPELLED
-from server.training.tasks import TASKS, WORDS, alphabetize, caesar, reverse, task_library
-from server.training.train_adapter import generate, load_base
 
 # the letter tasks and the transform each applies to a word
 LETTER_TASKS = {"reverse_letters": reverse, "sort_letters": alphabetize, "caesar_shift": caesar}
 # common words a person might type, none of them in the library's WORDS
-COMMON = tuple("""hello world python banana coffee sugar honey pizza pasta tiger eagle whale shark cheese
+COMMON = tuple(
+    """hello world python banana coffee sugar honey pizza pasta tiger eagle whale shark cheese
 butter carrot potato onion pepper salad soup bacon steak knife spoon plate glass towel soap brush phone
-radio piano drum flute bench sofa clock watch shirt shoes socks scarf glove""".split())
+radio piano drum flute bench sofa clock watch shirt shoes socks scarf glove""".split()
+)
 SPELLING_SHOTS = ("planet", "garden", "music", "friend", "basket", "stone")
 
 
@@ -44,7 +46,7 @@ def spelled_by_base(model, tok, words: list[str]) -> list[bool]:
     for w in words:
         ids = tok(f"{shots}The word {w} is spelled", return_tensors="pt").input_ids  # [1, T]
         out = model.generate(ids, max_new_tokens=2 * len(w) + 2, do_sample=False, pad_token_id=tok.pad_token_id)
-        got = tok.decode(out[0, ids.shape[1]:]).split("\n")[0].strip().rstrip(".")
+        got = tok.decode(out[0, ids.shape[1] :]).split("\n")[0].strip().rstrip(".")
         right.append(got.replace("-", "") == w)
     return right
 
@@ -85,13 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
         row["n_words"] = len(words)
         row["input"] = SPELLED if spelled_input else "plain"
         result["tasks"][name] = row
-        print(f"{name:16s} plain word {row['word']:.0%}  spaced letters {row['spaced']:.0%}  "
-              f"({len(words)} words, {row['input']} input)", flush=True)
+        print(
+            f"{name:16s} plain word {row['word']:.0%}  spaced letters {row['spaced']:.0%}  "
+            f"({len(words)} words, {row['input']} input)",
+            flush=True,
+        )
     words = sorted(every_word)
     with peft_model.disable_adapter():
         spelled = spelled_by_base(peft_model, tok, words)
-    result["base_spelling"] = {"accuracy": sum(spelled) / len(words), "n_words": len(words),
-                               "shots": len(SPELLING_SHOTS)}
+    result["base_spelling"] = {
+        "accuracy": sum(spelled) / len(words),
+        "n_words": len(words),
+        "shots": len(SPELLING_SHOTS),
+    }
     print(f"base model spells {sum(spelled)}/{len(words)} of these words ({len(SPELLING_SHOTS)}-shot)")
     write_json(args.out, result)
     return result

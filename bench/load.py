@@ -59,19 +59,32 @@ class Timing:
         self.tokens += tokens
 
     def failed(self, e: Exception) -> None:
-        self.errors[f"HTTP {e.response.status_code}" if isinstance(e, httpx.HTTPStatusError)
-                    else type(e).__name__] += 1
+        self.errors[f"HTTP {e.response.status_code}" if isinstance(e, httpx.HTTPStatusError) else type(e).__name__] += 1
 
     def summary(self, wall: float) -> dict:
-        return {"ttft_ms": pct(self.ttft), "tpot_ms": pct(self.tpot), "latency_ms": pct(self.latency),
-                "output_tok_s": round(self.tokens / wall, 1), "requests": len(self.latency),
-                "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors), "wall_s": round(wall, 2)}
+        return {
+            "ttft_ms": pct(self.ttft),
+            "tpot_ms": pct(self.tpot),
+            "latency_ms": pct(self.latency),
+            "output_tok_s": round(self.tokens / wall, 1),
+            "requests": len(self.latency),
+            "errors": sum(self.errors.values()),
+            "errors_by_kind": dict(self.errors),
+            "wall_s": round(wall, 2),
+        }
 
 
 async def stream_chat(http: httpx.AsyncClient, text: str, max_tokens: int) -> Timed:
     """One streamed chat completion with model `auto` (retrieval picks the adapters)."""
-    body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
@@ -89,8 +102,7 @@ async def stream_chat(http: httpx.AsyncClient, text: str, max_tokens: int) -> Ti
 async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
     """The unlabeled samples of /metrics by name (counters as `<name>_total`)."""
     text = (await http.get("/metrics")).text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if not s.labels}
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
 
 
 async def run_clients(n_clients: int, texts: list[str], one: Callable[[str], Awaitable[Timed]]) -> tuple[Timing, float]:
@@ -114,12 +126,14 @@ async def run_clients(n_clients: int, texts: list[str], one: Callable[[str], Awa
 
 def client_for(url: str, n_clients: int, api_key: str | None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
-                             limits=httpx.Limits(max_connections=n_clients + 8))
+    return httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=n_clients + 8)
+    )
 
 
-async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int, api_key: str | None,
-                    sample_every: float = 0.5) -> dict:
+async def http_load(
+    url: str, n_clients: int, texts: list[str], max_tokens: int, api_key: str | None, sample_every: float = 0.5
+) -> dict:
     """The load, with /metrics sampled meanwhile: the largest running batch and KV blocks held,
     and the prefix cache's and preemption counters over the run."""
     async with client_for(url, n_clients, api_key) as http:
@@ -129,8 +143,12 @@ async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int,
         async def sampler() -> None:
             while not done.is_set():
                 m = await scrape(http)
-                for name in ("mole_requests_running", "mole_kv_blocks_used", "mole_kv_cache_used_bytes",
-                             "process_resident_memory_bytes"):
+                for name in (
+                    "mole_requests_running",
+                    "mole_kv_blocks_used",
+                    "mole_kv_cache_used_bytes",
+                    "process_resident_memory_bytes",
+                ):
                     peaks[name] = max(peaks[name], m.get(name, 0))
                 await asyncio.sleep(sample_every)
 
@@ -139,25 +157,36 @@ async def http_load(url: str, n_clients: int, texts: list[str], max_tokens: int,
         done.set()
         await task
         after = await scrape(http)
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in
-             ("mole_prefix_cache_queried_tokens_total", "mole_prefix_cache_hit_tokens_total", "mole_preemptions_total")}
+    delta = {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in (
+            "mole_prefix_cache_queried_tokens_total",
+            "mole_prefix_cache_hit_tokens_total",
+            "mole_preemptions_total",
+        )
+    }
     queried = delta["mole_prefix_cache_queried_tokens_total"]
-    return {**timing.summary(wall), "server": {
-        "prefix_hit_rate": round(delta["mole_prefix_cache_hit_tokens_total"] / queried, 3) if queried else 0.0,
-        "preemptions": int(delta["mole_preemptions_total"]), "peak_running": int(peaks["mole_requests_running"]),
-        "peak_kv_blocks_used": int(peaks["mole_kv_blocks_used"]),
-        "kv_blocks_total": int(after.get("mole_kv_blocks_total", 0)),
-        "peak_kv_used_mb": round(peaks["mole_kv_cache_used_bytes"] / 2**20, 1),
-        "peak_rss_mb": round(peaks["process_resident_memory_bytes"] / 2**20, 1)}}
+    return {
+        **timing.summary(wall),
+        "server": {
+            "prefix_hit_rate": round(delta["mole_prefix_cache_hit_tokens_total"] / queried, 3) if queried else 0.0,
+            "preemptions": int(delta["mole_preemptions_total"]),
+            "peak_running": int(peaks["mole_requests_running"]),
+            "peak_kv_blocks_used": int(peaks["mole_kv_blocks_used"]),
+            "kv_blocks_total": int(after.get("mole_kv_blocks_total", 0)),
+            "peak_kv_used_mb": round(peaks["mole_kv_cache_used_bytes"] / 2**20, 1),
+            "peak_rss_mb": round(peaks["process_resident_memory_bytes"] / 2**20, 1),
+        },
+    }
 
 
 def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_caching: bool) -> dict:
     """The same clients against an AsyncEngine in this process, stepped on the main thread as
     `mole-serve serve` does, with the clients' event loop in a thread."""
-    from server.__main__ import load_engine
-    from server.config import Settings
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.request import SamplingParams
+    from mole_serve.__main__ import load_engine
+    from mole_serve.config import Settings
+    from mole_serve.engine.async_engine import AsyncEngine
+    from mole_serve.engine.request import SamplingParams
 
     aeng = AsyncEngine(load_engine(Settings(enable_prefix_caching=prefix_caching)))
     tokenizer = aeng.engine.tokenizer
@@ -165,8 +194,9 @@ def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_cachin
     loop, result = asyncio.new_event_loop(), {}
 
     async def one(text: str) -> Timed:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         start, first, tokens = time.perf_counter(), None, 0
         async for out in aeng.generate(ids, params):
             if first is None and out.text:
@@ -195,8 +225,9 @@ async def timed_health(http: httpx.AsyncClient) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-async def soak(url: str, n_clients: int, duration: float, max_tokens: int, api_key: str | None,
-               big_prompt_mb: float) -> dict:
+async def soak(
+    url: str, n_clients: int, duration: float, max_tokens: int, api_key: str | None, big_prompt_mb: float
+) -> dict:
     """Clients streaming back to back for `duration` s (8..max_tokens tokens each); every 10 s the
     server's RSS and running batch, /health's latency, and /health's latency while a maximal
     prompt (just under MOLE_MAX_REQUEST_MB) is being refused."""
@@ -205,6 +236,7 @@ async def soak(url: str, n_clients: int, duration: float, max_tokens: int, api_k
     deadline = time.perf_counter() + duration
     big = {"model": "auto", "messages": [{"role": "user", "content": "word " * int(big_prompt_mb * 2**20 / 5)}]}
     async with client_for(url, n_clients, api_key) as http:
+
         async def client() -> None:
             while time.perf_counter() < deadline:
                 try:
@@ -220,13 +252,17 @@ async def soak(url: str, n_clients: int, duration: float, max_tokens: int, api_k
                 refusal = asyncio.create_task(http.post("/v1/chat/completions", json=big))
                 await asyncio.sleep(0.005)  # the big body on its way
                 health_during_ms = await timed_health(http)
-                samples.append({"t_s": round(time.perf_counter() - t0, 1),
-                                "rss_mb": round(m.get("process_resident_memory_bytes", 0) / 2**20, 1),
-                                "running": m.get("mole_requests_running"),
-                                "kv_used_mb": round(m.get("mole_kv_cache_used_bytes", 0) / 2**20, 1),
-                                "health_ms": round(health_ms, 1),
-                                "health_during_big_prompt_ms": round(health_during_ms, 1),
-                                "big_prompt_status": (await refusal).status_code})
+                samples.append(
+                    {
+                        "t_s": round(time.perf_counter() - t0, 1),
+                        "rss_mb": round(m.get("process_resident_memory_bytes", 0) / 2**20, 1),
+                        "running": m.get("mole_requests_running"),
+                        "kv_used_mb": round(m.get("mole_kv_cache_used_bytes", 0) / 2**20, 1),
+                        "health_ms": round(health_ms, 1),
+                        "health_during_big_prompt_ms": round(health_during_ms, 1),
+                        "big_prompt_status": (await refusal).status_code,
+                    }
+                )
                 print(samples[-1], flush=True)
                 await asyncio.sleep(max(0.0, 10 - (time.perf_counter() - t0) % 10))
 
@@ -235,9 +271,12 @@ async def soak(url: str, n_clients: int, duration: float, max_tokens: int, api_k
         wall = time.perf_counter() - start
     rss = [s["rss_mb"] for s in samples]
     during = [s["health_during_big_prompt_ms"] for s in samples]
-    return {**timing.summary(wall), "samples": samples,
-            "rss_mb": {"first": rss[0], "max": max(rss), "last": rss[-1]} if rss else {},
-            "health_during_big_prompt_ms": {"p50": float(np.median(during)), "max": max(during)} if during else {}}
+    return {
+        **timing.summary(wall),
+        "samples": samples,
+        "rss_mb": {"first": rss[0], "max": max(rss), "last": rss[-1]} if rss else {},
+        "health_during_big_prompt_ms": {"p50": float(np.median(during)), "max": max(during)} if during else {},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -265,8 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.duration:
         with server() as (url, _):
-            result = asyncio.run(soak(url, args.clients, args.duration, args.max_tokens, args.api_key,
-                                      args.big_prompt_mb))
+            result = asyncio.run(
+                soak(url, args.clients, args.duration, args.max_tokens, args.api_key, args.big_prompt_mb)
+            )
         print({k: v for k, v in result.items() if k != "samples"})
         write_json(args.out, {**result, "config": vars(args), "machine": machine()})
         return result
@@ -274,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"config": vars(args), "machine": machine()}
     if args.streams:
         with server() as (url, _):
-            results["streams"] = asyncio.run(http_load(url, args.streams, prompts(args.streams), args.stream_tokens,
-                                                       args.api_key, sample_every=0.2))
+            results["streams"] = asyncio.run(
+                http_load(url, args.streams, prompts(args.streams), args.stream_tokens, args.api_key, sample_every=0.2)
+            )
         print(f"{args.streams} streams:", results["streams"], flush=True)
     if not args.requests:
         write_json(args.out, results)
@@ -300,9 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|---|---|---|")
     for where_, runs in (("http", http), ("in-process", inproc)):
         for prefix, r in runs.items():
-            print(f"| {where_} | {prefix} | {r['output_tok_s']} | {r['ttft_ms'].get('p50')} | "
-                  f"{r['ttft_ms'].get('p95')} | {r['tpot_ms'].get('p50')} | {r['latency_ms'].get('p99')} | "
-                  f"{r['errors']} |")
+            print(
+                f"| {where_} | {prefix} | {r['output_tok_s']} | {r['ttft_ms'].get('p50')} | "
+                f"{r['ttft_ms'].get('p95')} | {r['tpot_ms'].get('p50')} | {r['latency_ms'].get('p99')} | "
+                f"{r['errors']} |"
+            )
     write_json(args.out, results)
     return results
 

@@ -13,13 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.request import SamplingParams
+from mole_serve.routing.types import AdapterRef
+from mole_serve.training.tasks import TASKS
+from mole_serve.training.train_adapter import TrainOptions, build_chat
+
 from bench.common import machine, write_json
-from server.config import Settings
-from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
-from server.routing.types import AdapterRef
-from server.training.tasks import TASKS
-from server.training.train_adapter import TrainOptions, build_chat
 
 VARIANTS = {"lora8": "", "melora": "-melora", "lora1": "-lora1"}  # folder suffix of each variant
 
@@ -27,17 +28,20 @@ VARIANTS = {"lora8": "", "melora": "-melora", "lora1": "-lora1"}  # folder suffi
 def served_accuracy(engine: LLMEngine, name: str, task: str, n_eval: int) -> float:
     pairs = TASKS[task].examples("eval", n_eval, seed=0)  # the set train-adapter evaluates on
     tok = engine.tokenizer
-    prompts = [tok.apply_chat_template(build_chat(p), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for p, _ in pairs]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=TASKS[task].max_new_tokens),
-                           [(AdapterRef(name),)] * len(prompts))
+    prompts = [
+        tok.apply_chat_template(build_chat(p), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for p, _ in pairs
+    ]
+    seqs = engine.generate(
+        prompts, SamplingParams(max_tokens=TASKS[task].max_new_tokens), [(AdapterRef(name),)] * len(prompts)
+    )
     answers = [tok.decode(s.output_ids, skip_special_tokens=True) for s in seqs]
     return sum(TASKS[task].score(a, ans) for a, (_, ans) in zip(answers, pairs)) / len(pairs)
 
 
 def trainable_params(engine: LLMEngine, name: str) -> int:
     """Parameters in the adapter's files (what was trained)."""
-    from server.library.catalog import read_tensors
+    from mole_serve.library.catalog import read_tensors
 
     return sum(t.numel() for t in read_tensors(engine.catalog.folder(name), name).values())
 
@@ -45,8 +49,7 @@ def trainable_params(engine: LLMEngine, name: str) -> int:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trained", type=Path, required=True, help="folder with <task>-melora and <task>-lora1")
-    ap.add_argument("--tasks", nargs="+", default=["add_3digit", "caesar_shift", "time_24h_to_12h",
-                                                   "number_to_words"])
+    ap.add_argument("--tasks", nargs="+", default=["add_3digit", "caesar_shift", "time_24h_to_12h", "number_to_words"])
     ap.add_argument("--out", default="bench/results/melora.json")
     args = ap.parse_args(argv)
     settings = Settings()
@@ -67,15 +70,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "config": {k: card["training"].get(k) for k in ("kind", "rank", "blocks", "alpha", "lr")},
             }
             print(task, variant, rows[task][variant], flush=True)
-    summary = {v: {"mean_accuracy_served": round(sum(rows[t][v]["accuracy_served"] for t in rows) / len(rows), 4),
-                   "params_over_lora8": round(rows[args.tasks[0]][v]["params"] / rows[args.tasks[0]]["lora8"]["params"],
-                                              4)}
-               for v in VARIANTS}
+    summary = {
+        v: {
+            "mean_accuracy_served": round(sum(rows[t][v]["accuracy_served"] for t in rows) / len(rows), 4),
+            "params_over_lora8": round(rows[args.tasks[0]][v]["params"] / rows[args.tasks[0]]["lora8"]["params"], 4),
+        }
+        for v in VARIANTS
+    }
     print("\n| task | " + " | ".join(f"{v} acc (params)" for v in VARIANTS) + " |")
     print("|---" * (len(VARIANTS) + 1) + "|")
     for task, r in rows.items():
-        print(f"| {task} | " + " | ".join(f"{r[v]['accuracy_served']:.1%} ({r[v]['params']:,})" for v in VARIANTS)
-              + " |")
+        print(
+            f"| {task} | " + " | ".join(f"{r[v]['accuracy_served']:.1%} ({r[v]['params']:,})" for v in VARIANTS) + " |"
+        )
     results = {"tasks": rows, "summary": summary, "machine": machine()}
     write_json(args.out, results)
     return results

@@ -1,5 +1,5 @@
 """What one resident adapter of a larger rank costs every request. The pool's stacks hold one rank
-for all slots (server/lora/pool.py pads each slot to the largest rank resident, as vLLM's
+for all slots (mole_serve/lora/pool.py pads each slot to the largest rank resident, as vLLM's
 max_lora_rank does), so one rank-32 adapter in a rank-8 library makes every LoRA step of every
 request read and multiply 32 rows per module.
 
@@ -15,12 +15,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.request import SamplingParams
+from mole_serve.routing.types import AdapterRef
+
 from bench.common import machine, synthetic_adapter, write_json
 from bench.throughput import make_prompts, run_engine
-from server.config import Settings
-from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
-from server.routing.types import AdapterRef
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/rank_padding.json")
     args = ap.parse_args(argv)
 
-    settings = Settings(max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048,
-                        enable_prefix_caching=False)
+    settings = Settings(
+        max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048, enable_prefix_caching=False
+    )
     tmp = Path(tempfile.mkdtemp(prefix="mole-rank-"))
     engines = {"rank8": LLMEngine.from_settings(settings), "padded": LLMEngine.from_settings(settings)}
     spec = engines["rank8"].model.lora_spec()
@@ -52,20 +54,28 @@ def main(argv: list[str] | None = None) -> dict:
         engine.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
 
     library = [(AdapterRef(names[i % len(names)]),) for i in range(args.requests)]  # each request one adapter
-    runs = {"base": (engines["rank8"], [()] * args.requests), "rank8": (engines["rank8"], library),
-            "padded": (padded, library)}
+    runs = {
+        "base": (engines["rank8"], [()] * args.requests),
+        "rank8": (engines["rank8"], library),
+        "padded": (padded, library),
+    }
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for key, (engine, sets) in runs.items():
             best[key] = max(best.get(key, 0.0), run_engine(engine, prompts, sets, args.max_tokens)[0])
     assert padded.pool.rank == args.big_rank and engines["rank8"].pool.rank == 8
     results = {f"{key}_tok_s": round(v, 1) for key, v in best.items()}
-    results["ratios"] = {"padded/rank8": round(best["padded"] / best["rank8"], 3),
-                         "rank8/base": round(best["rank8"] / best["base"], 3),
-                         "padded/base": round(best["padded"] / best["base"], 3)}
-    results["config"] = {**vars(args), "scenario": "each request on one of the library's rank-8 adapters, round "
-                         "robin; padded: the same with a rank-big_rank adapter resident that no request uses",
-                         "slot_mb": {k: round(e.pool.slot_bytes / 1e6, 2) for k, e in engines.items()}}
+    results["ratios"] = {
+        "padded/rank8": round(best["padded"] / best["rank8"], 3),
+        "rank8/base": round(best["rank8"] / best["base"], 3),
+        "padded/base": round(best["padded"] / best["base"], 3),
+    }
+    results["config"] = {
+        **vars(args),
+        "scenario": "each request on one of the library's rank-8 adapters, round "
+        "robin; padded: the same with a rank-big_rank adapter resident that no request uses",
+        "slot_mb": {k: round(e.pool.slot_bytes / 1e6, 2) for k, e in engines.items()},
+    }
     results["machine"] = machine()
     for key, v in best.items():
         print(f"{key:>7}: decode {v:7.1f} tok/s")

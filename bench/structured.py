@@ -12,25 +12,45 @@ import json
 import time
 
 import numpy as np
+from mole_serve.api.protocol import Tool
+from mole_serve.api.structured import calls_schema, json_grammar
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
 
 from bench.common import machine, write_json
 from bench.throughput import make_prompts, run_engine
-from server.api.protocol import Tool
-from server.api.structured import calls_schema, json_grammar
-from server.config import Settings
-from server.engine.engine import LLMEngine
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                           "tags": {"type": "array", "items": {"type": "string"}},
-                                           "city": {"enum": ["Paris", "Rome", "Oslo"]}},
-          "required": ["name", "age", "tags", "city"], "additionalProperties": False}
-WEATHER = Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-    "required": ["city", "days"], "additionalProperties": False}}})
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "city": {"enum": ["Paris", "Rome", "Oslo"]},
+    },
+    "required": ["name", "age", "tags", "city"],
+    "additionalProperties": False,
+}
+WEATHER = Tool.model_validate(
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+        },
+    }
+)
 CASES = {  # (schema, a text valid under it, token by token)
     "person": (PERSON, {"name": "Ada Lovelace", "age": 36, "tags": ["math", "poetry"], "city": "Rome"}),
-    "tool_calls": (calls_schema([WEATHER], parallel=True),
-                   [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]),
+    "tool_calls": (
+        calls_schema([WEATHER], parallel=True),
+        [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}],
+    ),
 }
 # A story of at least 4000 characters: no request can finish early, so both runs decode the same tokens.
 LONG = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}}, "required": ["story"]}
@@ -82,16 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args(argv)
 
-    engine = LLMEngine.from_settings(Settings(max_num_seqs=args.requests, max_model_len=512,
-                                              max_prefill_tokens=2048))
+    engine = LLMEngine.from_settings(Settings(max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048))
     tokenizer, vocab = engine.tokenizer, engine.model.config.vocab_size
     results: dict = {"machine": machine(), "masks": {}}
     for case, (schema, value) in CASES.items():
         ids = tokenizer(json.dumps(value))["input_ids"]
         for name, measure in (("llguidance", llguidance_masks), ("xgrammar", xgrammar_masks)):
             first, per_token = measure(tokenizer, vocab, schema, ids)
-            row = {"first_mask_ms": round(first * 1e3, 2), "mask_us_mean": round(float(np.mean(per_token)) * 1e6, 1),
-                   "mask_us_p99": round(float(np.percentile(per_token, 99)) * 1e6, 1), "tokens": len(ids)}
+            row = {
+                "first_mask_ms": round(first * 1e3, 2),
+                "mask_us_mean": round(float(np.mean(per_token)) * 1e6, 1),
+                "mask_us_p99": round(float(np.percentile(per_token, 99)) * 1e6, 1),
+                "tokens": len(ids),
+            }
             results["masks"][f"{case}/{name}"] = row
             print(f"{case:>10} {name:>10}: {row}", flush=True)
 

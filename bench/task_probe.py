@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 
 import torch
+from mole_serve.config import Settings
+from mole_serve.engine.loader import resolve_base_model
+from mole_serve.routing.retriever import Retriever
+from mole_serve.training.tasks import TASKS, task_library
+from mole_serve.training.train_adapter import build_chat
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import machine, write_json
-from server.config import Settings
-from server.engine.loader import resolve_base_model
-from server.routing.retriever import Retriever
-from server.training.tasks import TASKS, task_library
-from server.training.train_adapter import build_chat
 
 
 @torch.no_grad()
@@ -30,8 +30,9 @@ def last_token_states(model, tok, prompts: list[str], layers: list[int]) -> torc
     """[len(layers), n, d]: each prompt's last-token hidden state (chat-templated, generation prompt on)."""
     out = []
     for prompt in prompts:
-        ids = tok.apply_chat_template(build_chat(prompt), add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(build_chat(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
         states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         out.append(torch.stack([states[layer][0, -1] for layer in layers]))
     return torch.stack(out, dim=1)
@@ -63,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-per-task", type=int, default=40)
     ap.add_argument("--eval-per-task", type=int, default=50)
-    ap.add_argument("--layers", type=int, nargs="+", default=[10, 20, 25, 29, 30],
-                    help="hidden_states indices: 0 is the embeddings, the last is after the final norm")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[10, 20, 25, 29, 30],
+        help="hidden_states indices: 0 is the embeddings, the last is after the final norm",
+    )
     ap.add_argument("--out", default="bench/results/task_probe.json")
     args = ap.parse_args(argv)
 
@@ -95,15 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out phrasings, {args.eval_per_task} per task; probe fit on {args.train_per_task} train prompts a task")
     print(f"{'task':18s} {'retrieval':>9s} " + " ".join(f"{'L' + str(layer):>6s}" for layer in args.layers))
     for t in tasks:
-        print(f"{t:18s} {retrieval['per_task'][t]:9.2f} " + " ".join(f"{probes[la]['per_task'][t]:6.2f}"
-                                                               for la in args.layers))
+        print(
+            f"{t:18s} {retrieval['per_task'][t]:9.2f} "
+            + " ".join(f"{probes[la]['per_task'][t]:6.2f}" for la in args.layers)
+        )
     print(f"{'mean':18s} {retrieval['mean']:9.3f} " + " ".join(f"{probes[la]['mean']:6.3f}" for la in args.layers))
     best = max(args.layers, key=lambda la: probes[la]["mean"])
     ratio = round(probes[best]["mean"] / retrieval["mean"], 3)
     print(f"best probe (hidden_states[{best}]) / retrieval top-1: {ratio}")
-    write_json(args.out, {"machine": machine(), "train_per_task": args.train_per_task,
-                          "eval_per_task": args.eval_per_task, "retrieval_top1": retrieval,
-                          "probe_by_layer": probes, "best_layer": best, "best_probe_over_retrieval": ratio})
+    write_json(
+        args.out,
+        {
+            "machine": machine(),
+            "train_per_task": args.train_per_task,
+            "eval_per_task": args.eval_per_task,
+            "retrieval_top1": retrieval,
+            "probe_by_layer": probes,
+            "best_layer": best,
+            "best_probe_over_retrieval": ratio,
+        },
+    )
     return 0
 
 

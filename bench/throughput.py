@@ -16,26 +16,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.store import GATE_DIR
+from mole_serve.lora.gate import GateConfig, MoLEGate
+from mole_serve.routing.types import AdapterRef, Selection
 
 from bench.common import machine, synthetic_adapter, synthetic_moe_adapter, write_json
 from bench.random_base import MARKER
-from server.config import Settings
-from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
-from server.library.store import GATE_DIR
-from server.lora.gate import GateConfig, MoLEGate
-from server.routing.types import AdapterRef, Selection
 
-TOPICS = ["the ocean", "a lighthouse", "mountains", "a robot", "coffee", "the moon", "a library", "trains",
-          "winter", "a garden", "bees", "a violin", "deserts", "a detective", "volcanoes", "a bakery"]
+TOPICS = [
+    "the ocean",
+    "a lighthouse",
+    "mountains",
+    "a robot",
+    "coffee",
+    "the moon",
+    "a library",
+    "trains",
+    "winter",
+    "a garden",
+    "bees",
+    "a violin",
+    "deserts",
+    "a detective",
+    "volcanoes",
+    "a bakery",
+]
 
 
 def make_prompts(tokenizer, n: int) -> list[list[int]]:
     prompts = []
     for i in range(n):
         messages = [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} (#{i})."}]
-        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+        prompts.append(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
     return prompts
 
 
@@ -48,8 +67,16 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
         return [(AdapterRef(kind),)] * n
     if kind == "mixed_kinds":  # round robin over plain, gate3 (see main), MixLoRA, MoELoRA, MELoRA
         hetero3 = adapter_sets("hetero3", n, pool, rng)
-        return [[(AdapterRef(pool[i]),), hetero3[i], (AdapterRef("mixlora"),), (AdapterRef("moelora"),),
-                 (AdapterRef(f"melora{i:03d}"),)][i % 5] for i in range(n)]
+        return [
+            [
+                (AdapterRef(pool[i]),),
+                hetero3[i],
+                (AdapterRef("mixlora"),),
+                (AdapterRef("moelora"),),
+                (AdapterRef(f"melora{i:03d}"),),
+            ][i % 5]
+            for i in range(n)
+        ]
     if kind == "identical":
         return [(AdapterRef(pool[0]),)] * n
     if kind == "hetero1":
@@ -67,8 +94,9 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
     return sets
 
 
-def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False,
-               grammar: str | None = None) -> tuple[float, float, float]:
+def run_engine(
+    engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False, grammar: str | None = None
+) -> tuple[float, float, float]:
     """(decode tokens/s, end-to-end tokens/s, MB of distinct adapter weights one decode step reads).
     Decode = the steps after every prompt is prefilled: each sequence adds one token per step.
     gated: each set of more than one adapter is the request's candidates, weighted per layer and
@@ -93,9 +121,16 @@ def run_engine(engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = 
     return decode_tokens / (end - decode_start), total / (end - start), max(distinct) * engine.pool.slot_bytes / 1e6
 
 
-def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int, adapter_paths: list[Path] | None,
-           mixlora_path: Path | None = None, device: str = "cpu",
-           dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+def run_hf(
+    model_path: Path,
+    tokenizer,
+    prompts,
+    max_tokens: int,
+    adapter_paths: list[Path] | None,
+    mixlora_path: Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, float]:
     """transformers generate (+ PEFT mixed adapters, or the `mixlora` package's injected MixLoRA) on
     the engine's device and dtype: (decode tokens/s, end-to-end tokens/s)."""
     from peft import PeftModel
@@ -122,6 +157,7 @@ def run_hf(model_path: Path, tokenizer, prompts, max_tokens: int, adapter_paths:
     texts = [tokenizer.decode(p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     gen = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+
     def timed(new_tokens: int) -> float:
         start = time.perf_counter()
         out = model.generate(**enc, **{**gen, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}, **kwargs)
@@ -152,11 +188,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     # prefix caching off: every scenario prefills its prompts as the first did (bench.load measures the cache)
-    settings = Settings(device=args.device, max_num_seqs=args.requests, max_model_len=512,
-                        max_prefill_tokens=2048, max_loras=args.pool, max_cpu_loras=args.pool,
-                        enable_prefix_caching=False)
+    settings = Settings(
+        device=args.device,
+        max_num_seqs=args.requests,
+        max_model_len=512,
+        max_prefill_tokens=2048,
+        max_loras=args.pool,
+        max_cpu_loras=args.pool,
+        enable_prefix_caching=False,
+    )
     engine = LLMEngine.from_settings(settings)
-    from server.engine.loader import resolve_base_model
+    from mole_serve.engine.loader import resolve_base_model
 
     model_path = resolve_base_model(settings)
     prompts = make_prompts(engine.tokenizer, args.requests)
@@ -167,11 +209,17 @@ def main(argv: list[str] | None = None) -> dict:
         engine.add_adapter(n, p)
     # MELoRAs of the same equivalent rank as the LoRAs: n=8 mini LoRAs of rank rank/8 (1/8 the parameters)
     for i in range(args.requests):
-        engine.add_adapter(f"melora{i:03d}", synthetic_adapter(tmp / f"melora{i:03d}", engine.model.lora_spec(),
-                                                              max(1, args.rank // 8), seed=1000 + i, blocks=8))
+        engine.add_adapter(
+            f"melora{i:03d}",
+            synthetic_adapter(
+                tmp / f"melora{i:03d}", engine.model.lora_spec(), max(1, args.rank // 8), seed=1000 + i, blocks=8
+            ),
+        )
     # The MoE kinds as the issue sizes them: 8 experts, top-2, rank 8 on all 7 projections
-    moe_paths = {kind: synthetic_moe_adapter(tmp / kind, engine.model.lora_spec(), kind, 8, 2, args.rank, seed=7)
-                 for kind in ("mixlora", "moelora")}
+    moe_paths = {
+        kind: synthetic_moe_adapter(tmp / kind, engine.model.lora_spec(), kind, 8, 2, args.rank, seed=7)
+        for kind in ("mixlora", "moelora")
+    }
     for kind, path in moe_paths.items():
         engine.add_adapter(kind, path)
     gate_dir = Path(settings.adapters_dir) / GATE_DIR
@@ -190,8 +238,19 @@ def main(argv: list[str] | None = None) -> dict:
         results[f"{key}_tok_s"], results["e2e_tok_s"][key] = round(decode, 1), round(e2e, 1)
         print(f"{key:>10}: decode {decode:7.1f} tok/s   end-to-end {e2e:7.1f} tok/s", flush=True)
 
-    kinds = ["base", "identical", "hetero1", "hetero3", "skewed3", "gate3", "melora", "melora_dense", "mixlora",
-             "moelora", "mixed_kinds"]
+    kinds = [
+        "base",
+        "identical",
+        "hetero1",
+        "hetero3",
+        "skewed3",
+        "gate3",
+        "melora",
+        "melora_dense",
+        "mixlora",
+        "moelora",
+        "mixed_kinds",
+    ]
     kinds = [k for k in kinds if k == "base" or not args.scenarios or k in args.scenarios]
     sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds if kind != "gate3"}
     sets["gate3"] = sets.get("hetero3") or adapter_sets("hetero3", args.requests, names, rng)  # the gate weighs them
@@ -210,35 +269,58 @@ def main(argv: list[str] | None = None) -> dict:
             results["adapter_mb_per_step"][kind] = round(mb, 1)
     if not args.skip_hf:
         hf = dict(device=args.device, dtype=engine.model.dtype)
-        record("hf_base", *max(run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None, **hf)
-                               for _ in range(args.rounds)))
-        record("peft_mixed", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests],
-                                     **hf))
+        record(
+            "hf_base",
+            *max(
+                run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None, **hf) for _ in range(args.rounds)
+            ),
+        )
+        record(
+            "peft_mixed", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, paths[: args.requests], **hf)
+        )
         if importlib.util.find_spec("mixlora"):  # not on the GPU machine's image
-            record("mixlora_ref", *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None,
-                                          moe_paths["mixlora"], **hf))
+            record(
+                "mixlora_ref",
+                *run_hf(model_path, engine.tokenizer, prompts, args.max_tokens, None, moe_paths["mixlora"], **hf),
+            )
 
-    pairs = [*((k, "base") for k in ["identical", "hetero1", "hetero3", "skewed3"]), ("gate3", "hetero3"),
-             ("melora", "hetero1"), ("melora", "melora_dense"), *((k, "base") for k in ["mixlora", "moelora",
-             "mixed_kinds"]), ("mixlora", "mixlora_ref"), ("hetero1", "peft_mixed"), ("base", "hf_base")]
-    ratios = {f"{a}/{b}": results[f"{a}_tok_s"] / results[f"{b}_tok_s"] for a, b in pairs
-              if f"{a}_tok_s" in results and f"{b}_tok_s" in results}
+    pairs = [
+        *((k, "base") for k in ["identical", "hetero1", "hetero3", "skewed3"]),
+        ("gate3", "hetero3"),
+        ("melora", "hetero1"),
+        ("melora", "melora_dense"),
+        *((k, "base") for k in ["mixlora", "moelora", "mixed_kinds"]),
+        ("mixlora", "mixlora_ref"),
+        ("hetero1", "peft_mixed"),
+        ("base", "hf_base"),
+    ]
+    ratios = {
+        f"{a}/{b}": results[f"{a}_tok_s"] / results[f"{b}_tok_s"]
+        for a, b in pairs
+        if f"{a}_tok_s" in results and f"{b}_tok_s" in results
+    }
     results["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
-    results["config"] = {"requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
-                         "rounds": args.rounds,
-                         "pool": args.pool, "dtype": str(engine.model.dtype), "device": args.device,
-                         "base_model": engine.model_name,
-                         "base_weights": "random (bench.random_base)" if (model_path / MARKER).exists() else "trained",
-                         "gate3": "the hetero3 candidate sets, weighted per layer and token by the "
-                                  + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)"),
-                         "melora": f"each request on its own MELoRA (8 mini LoRAs of rank {max(1, args.rank // 8)}, "
-                                   "the same equivalent rank as hetero1's LoRAs), native blocks; melora_dense: the "
-                                   "same as the dense blockdiag LoRA",
-                         "mixlora": f"every request on one MixLoRA: 8 experts, top-2, rank {args.rank} on all 7 "
-                                    "projections; moelora: the same sizes as per-linear experts; mixlora_ref: the "
-                                    "`mixlora` package's generate on that adapter, batch of all requests",
-                         "mixed_kinds": "requests round robin over a plain LoRA, gate3's gated candidates, the "
-                                        "MixLoRA, the MoELoRA and a MELoRA"}
+    results["config"] = {
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "rank": args.rank,
+        "rounds": args.rounds,
+        "pool": args.pool,
+        "dtype": str(engine.model.dtype),
+        "device": args.device,
+        "base_model": engine.model_name,
+        "base_weights": "random (bench.random_base)" if (model_path / MARKER).exists() else "trained",
+        "gate3": "the hetero3 candidate sets, weighted per layer and token by the "
+        + ("trained gate" if gate_dir.is_dir() else "untrained gate (same cost)"),
+        "melora": f"each request on its own MELoRA (8 mini LoRAs of rank {max(1, args.rank // 8)}, "
+        "the same equivalent rank as hetero1's LoRAs), native blocks; melora_dense: the "
+        "same as the dense blockdiag LoRA",
+        "mixlora": f"every request on one MixLoRA: 8 experts, top-2, rank {args.rank} on all 7 "
+        "projections; moelora: the same sizes as per-linear experts; mixlora_ref: the "
+        "`mixlora` package's generate on that adapter, batch of all requests",
+        "mixed_kinds": "requests round robin over a plain LoRA, gate3's gated candidates, the "
+        "MixLoRA, the MoELoRA and a MELoRA",
+    }
     results["machine"] = machine()
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():

@@ -34,8 +34,10 @@ def merge(runs: dict[str, dict]) -> dict:
     ratios = {}
     for other in names[1:]:
         ratios[f"{other}/{names[0]}"] = {
-            key.removesuffix("_tok_s"): round(runs[other][key] / value, 3) for key, value in first.items()
-            if key.endswith("_tok_s") and isinstance(value, (int, float)) and value and key in runs[other]}
+            key.removesuffix("_tok_s"): round(runs[other][key] / value, 3)
+            for key, value in first.items()
+            if key.endswith("_tok_s") and isinstance(value, (int, float)) and value and key in runs[other]
+        }
     return {**ratios, "backends": runs}
 
 

@@ -19,8 +19,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def base_model_path():
-    from server.config import Settings
-    from server.engine.loader import resolve_base_model
+    from mole_serve.config import Settings
+    from mole_serve.engine.loader import resolve_base_model
 
     return resolve_base_model(Settings())
 

@@ -26,8 +26,13 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_MAX_NUM_SEQS": "16", "MOLE_MAX_MODEL_LEN": "1024", **env}
     with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mole_serve", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     try:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mole_serve.admin_client import ADAPTER_FILES, AdminClient, AdminError
+from mole_serve.library.store import adapter_dirs
 
-from clients.admin import ADAPTER_FILES, AdminClient, AdminError
-from server.library.store import adapter_dirs
 from tests.e2e.conftest import REPO, start_server
 
 pytestmark = pytest.mark.e2e
@@ -33,8 +33,7 @@ class Server:
         self.store, self.log, self.proc, self.url = store, log, None, ""
 
     def start(self) -> None:
-        self.proc, self.url = start_server({"MOLE_ADMIN_TOKEN": TOKEN, "MOLE_ADAPTERS_DIR": str(self.store)},
-                                           self.log)
+        self.proc, self.url = start_server({"MOLE_ADMIN_TOKEN": TOKEN, "MOLE_ADAPTERS_DIR": str(self.store)}, self.log)
 
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no clean-up of any kind
@@ -58,9 +57,16 @@ def server(tmp_path_factory, base_model_path):
 
 
 def chat(url: str, model: str, prompt: str = "hi", max_tokens: int = 1) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-        "temperature": 0})
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
 
 
 def test_upload_is_served_at_once_and_retrieved_by_auto(server, tmp_path):
@@ -74,8 +80,13 @@ def test_upload_is_served_at_once_and_retrieved_by_auto(server, tmp_path):
     assert {n["name"] for n in body["nearest"]} <= set(LIBRARY)
     print(f"upload to first served: {upload_to_served:.2f} s (load {body['load_s']:.3f} s)")
     assert upload_to_served < 60  # the benchmark measures it on a quiet machine; this only bounds a hang
-    listed = subprocess.run([sys.executable, "-m", "server", "adapters", "list", "--url", server.url, "--token",
-                             TOKEN], capture_output=True, text=True, cwd=REPO, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "mole_serve", "adapters", "list", "--url", server.url, "--token", TOKEN],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr
     assert {a["name"] for a in json.loads(listed.stdout)} == {*LIBRARY, "cipher-e2e"}
     again = admin.upload(SOURCE, name="cipher-e2e")  # a retry of the same bytes: answered as that upload
@@ -121,7 +132,8 @@ def test_a_kill_mid_upload_leaves_a_whole_store_that_the_next_start_loads(server
         assert sorted(p.name for p in folder.iterdir()) == sorted(ADAPTER_FILES), name
     for name in (n for n in stored if n.startswith("crash-") or n == "cipher-e2e"):
         assert (stored[name] / "adapter_model.safetensors").read_bytes() == (
-            SOURCE / "adapter_model.safetensors").read_bytes()
+            SOURCE / "adapter_model.safetensors"
+        ).read_bytes()
     assert set(answered) <= set(stored) and len(answered) < 13  # the kill did cut some of the 13 names
 
     server.start()  # a half adapter in the store would fail this start (every adapter is loaded)

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.store import adapter_dirs
+from mole_serve.routing.types import AdapterRef
 from transformers import AutoModelForCausalLM
-
-from server.config import Settings
-from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
-from server.library.store import adapter_dirs
-from server.routing.types import AdapterRef
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +19,9 @@ def engine(base_model_path):
 
 def chat(engine, text):
     messages = [{"role": "user", "content": text}]
-    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
+    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
 
 
 def test_capital_of_france(engine):
@@ -47,8 +47,8 @@ def test_logits_match_transformers(engine, base_model_path):
 def test_shipped_adapters_solve_their_tasks_in_one_mixed_batch(engine):
     """Every shipped adapter, 6 eval prompts each, all in one continuous batch: each request
     gets its own adapter's answer (the adapters are confusable, so a mix-up shows)."""
-    from server.training.tasks import TASKS, task_library
-    from server.training.train_adapter import build_chat
+    from mole_serve.training.tasks import TASKS, task_library
+    from mole_serve.training.train_adapter import build_chat
 
     paths = adapter_dirs(Settings().adapters_dir)
     library = task_library(Settings().adapters_dir)  # task -> its adapter (the multitask mixtures aside)
@@ -59,12 +59,15 @@ def test_shipped_adapters_solve_their_tasks_in_one_mixed_batch(engine):
         engine.add_adapter(name, paths[name])
         task = TASKS[task_name]
         for prompt, answer in task.examples("eval", 6, seed=1):
-            ids = engine.tokenizer.apply_chat_template(build_chat(prompt), add_generation_prompt=True,
-                                                       tokenize=True, return_dict=True)["input_ids"]
+            ids = engine.tokenizer.apply_chat_template(
+                build_chat(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             prompts.append(ids)
             sets.append((AdapterRef(name),))
             jobs.append((task, answer))
     seqs = engine.generate(prompts, SamplingParams(max_tokens=32), sets)
-    correct = [task.score(engine.tokenizer.decode(s.output_ids, skip_special_tokens=True), answer)
-               for (task, answer), s in zip(jobs, seqs)]
+    correct = [
+        task.score(engine.tokenizer.decode(s.output_ids, skip_special_tokens=True), answer)
+        for (task, answer), s in zip(jobs, seqs)
+    ]
     assert sum(correct) / len(correct) >= 0.75

@@ -15,9 +15,11 @@ import torch
 from tests.e2e.conftest import API_KEY, REPO
 
 ADAPTER = "roman_to_int"
-DOCS = [("Convert the Roman numeral XIV to an integer.", [" 14", " 41", " 16"], 0),
-        ("What number is the Roman numeral IX?", [" 11", " 9"], 1),
-        ("Roman numeral XL as a number:", [" 60", " 40", " 4"], 1)]
+DOCS = [
+    ("Convert the Roman numeral XIV to an integer.", [" 14", " 41", " 16"], 0),
+    ("What number is the Roman numeral IX?", [" 11", " 9"], 1),
+    ("Roman numeral XL as a number:", [" 60", " 40", " 4"], 1),
+]
 
 
 def write_task(folder) -> None:
@@ -29,7 +31,8 @@ def write_task(folder) -> None:
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\ntarget_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n")
+        "metric_list:\n  - metric: acc\n"
+    )
 
 
 def peft_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
@@ -44,18 +47,37 @@ def test_lm_eval_loglikelihood_task_matches_transformers(server, base_model_path
     pytest.importorskip("lm_eval")
     write_task(tmp_path)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-            f"model={ADAPTER},base_url={server}/v1/completions,tokenizer={base_model_path},"
-            "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
-            "--tasks", "mole_tiny", "--include_path", str(tmp_path), "--output_path", str(out), "--log_samples"]
-    run = subprocess.run(args, env={**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1",
-                                    "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    args = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        f"model={ADAPTER},base_url={server}/v1/completions,tokenizer={base_model_path},"
+        "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
+        "--tasks",
+        "mole_tiny",
+        "--include_path",
+        str(tmp_path),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
+    run = subprocess.run(
+        args,
+        env={**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32),
-                                      REPO / "adapters_store" / ADAPTER).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32), REPO / "adapters_store" / ADAPTER
+    ).eval()
     samples = [json.loads(line) for path in out.rglob("samples_mole_tiny*.jsonl") for line in path.open()]
     assert len(samples) == len(DOCS)
     for sample in samples:

@@ -49,21 +49,22 @@ def test_stream_concatenates_to_the_same_text(client):
 def test_completions_single_and_list(client):
     r = client.completions.create(model="auto", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert r.choices[0].text and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
-    r = client.completions.create(model="auto", prompt=["One, two,", "Monday, Tuesday,"], max_tokens=4,
-                                  temperature=0)
+    r = client.completions.create(model="auto", prompt=["One, two,", "Monday, Tuesday,"], max_tokens=4, temperature=0)
     assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 8
     stream = client.completions.create(model="auto", prompt="One, two,", max_tokens=4, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
 
 
 def test_logprobs_through_the_sdk(client):
-    r = client.chat.completions.create(model="auto", messages=FRANCE, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=3)
+    r = client.chat.completions.create(
+        model="auto", messages=FRANCE, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert "".join(t.token for t in content) == r.choices[0].message.content
     assert all(len(t.top_logprobs) == 3 and t.logprob == t.top_logprobs[0].logprob <= 0 for t in content)
-    r = client.completions.create(model="auto", prompt="One, two, three,", max_tokens=1, temperature=0, logprobs=1,
-                                  echo=True)
+    r = client.completions.create(
+        model="auto", prompt="One, two, three,", max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
     lp = r.choices[0].logprobs
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
     assert r.choices[0].text.startswith("One, two, three,") and "".join(lp.tokens) == r.choices[0].text
@@ -76,30 +77,44 @@ def test_models_list_names_base_auto_and_adapters(client):
 
 
 def test_adapter_by_name_and_extension_fields(client, server):
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": [{"type": "text", "text": "Write 587 in Roman numerals."}]}]
-    raw = client.chat.completions.with_raw_response.create(model="int_to_roman", messages=messages,
-                                                           max_tokens=12, temperature=0)
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": [{"type": "text", "text": "Write 587 in Roman numerals."}]},
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model="int_to_roman", messages=messages, max_tokens=12, temperature=0
+    )
     r = raw.parse()
     assert r.choices[0].message.content.strip() == "DLXXXVII"
     assert raw.headers["x-mole-adapters"] == "int_to_roman=1"
     assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 1.0}]
     r = client.chat.completions.create(
-        model="auto", messages=messages, max_tokens=12, temperature=0,
-        extra_body={"adapters": [{"name": "int_to_roman", "weight": 3}, {"name": "roman_to_int", "weight": 1}],
-                    "composition": "mixture"})
-    assert r.model_extra["adapters"] == [{"name": "int_to_roman", "weight": 0.75},
-                                         {"name": "roman_to_int", "weight": 0.25}]
+        model="auto",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        extra_body={
+            "adapters": [{"name": "int_to_roman", "weight": 3}, {"name": "roman_to_int", "weight": 1}],
+            "composition": "mixture",
+        },
+    )
+    assert r.model_extra["adapters"] == [
+        {"name": "int_to_roman", "weight": 0.75},
+        {"name": "roman_to_int", "weight": 0.25},
+    ]
 
 
-ROMAN = [{"role": "system", "content": "You are a helpful assistant."},
-         {"role": "user", "content": "Write 587 in Roman numerals."}]
+ROMAN = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write 587 in Roman numerals."},
+]
 
 
 @pytest.mark.parametrize("composition", ["select", "mixture", "gate", "merge"])
 def test_auto_retrieves_the_task_adapter(client, composition):
     raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=ROMAN, max_tokens=12, temperature=0, extra_body={"composition": composition})
+        model="auto", messages=ROMAN, max_tokens=12, temperature=0, extra_body={"composition": composition}
+    )
     r = raw.parse()
     chosen = r.model_extra["adapters"]
     if composition != "merge":  # a static merge of unrelated tasks answers worse, by design
@@ -112,12 +127,15 @@ def test_auto_retrieves_the_task_adapter(client, composition):
         assert max(chosen, key=lambda a: a["gate_weight"])["name"] == "int_to_roman"
 
 
-# plain words, worded for this test: the letter adapters read them spelled (server/spelling.py)
-@pytest.mark.parametrize("task,prompt,answer", [
-    ("reverse_letters", "Can you write the word planet backwards for me?", "tenalp"),
-    ("sort_letters", "Put the letters of cheese in alphabetical order.", "ceeehs"),
-    ("caesar_shift", "Shift each letter of hello one place forward in the alphabet.", "ifmmp"),
-])
+# plain words, worded for this test: the letter adapters read them spelled (mole_serve/spelling.py)
+@pytest.mark.parametrize(
+    "task,prompt,answer",
+    [
+        ("reverse_letters", "Can you write the word planet backwards for me?", "tenalp"),
+        ("sort_letters", "Put the letters of cheese in alphabetical order.", "ceeehs"),
+        ("caesar_shift", "Shift each letter of hello one place forward in the alphabet.", "ifmmp"),
+    ],
+)
 def test_a_plain_word_reaches_a_letter_adapter_spelled(client, task, prompt, answer):
     messages = [{"role": "user", "content": prompt}]
     r = client.chat.completions.create(model="auto", messages=messages, max_tokens=16, temperature=0)
@@ -138,15 +156,18 @@ def test_stop_strings(client):
     assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"model": "nope", "messages": FRANCE}, 404, "model"),
-    ({"model": "auto", "messages": FRANCE, "extra": 1, "adapters": ["nope"]}, 404, "adapters"),
-    ({"model": "auto", "messages": FRANCE, "max_tokens": 5000}, 400, "messages"),
-    ({"model": "auto", "messages": []}, 400, "messages"),
-    ({"model": "auto", "messages": FRANCE, "n": 2}, 400, "n"),
-    ({"model": "auto", "messages": FRANCE, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
-    ({"model": "auto", "messages": FRANCE, "temperature": "hot"}, 400, "temperature"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"model": "nope", "messages": FRANCE}, 404, "model"),
+        ({"model": "auto", "messages": FRANCE, "extra": 1, "adapters": ["nope"]}, 404, "adapters"),
+        ({"model": "auto", "messages": FRANCE, "max_tokens": 5000}, 400, "messages"),
+        ({"model": "auto", "messages": []}, 400, "messages"),
+        ({"model": "auto", "messages": FRANCE, "n": 2}, 400, "n"),
+        ({"model": "auto", "messages": FRANCE, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+        ({"model": "auto", "messages": FRANCE, "temperature": "hot"}, 400, "temperature"),
+    ],
+)
 def test_errors_in_openai_shape(server, body, status, param):
     r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=HEADERS)
     assert r.status_code == status, r.text
@@ -155,8 +176,9 @@ def test_errors_in_openai_shape(server, body, status, param):
 
 
 def test_malformed_json_and_wrong_key(server):
-    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={**HEADERS,
-                                                                                    "content-type": "application/json"})
+    r = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers={**HEADERS, "content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["message"]
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
@@ -169,8 +191,12 @@ def test_sixteen_concurrent_streams_and_a_disconnect(server):
 
         async def one(i):
             stream = await client.chat.completions.create(
-                model="auto", messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=16,
-                temperature=0, stream=True)
+                model="auto",
+                messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+            )
             return [c async for c in stream]
 
         results = await asyncio.gather(*(one(i) for i in range(16)))
@@ -207,8 +233,10 @@ def test_metrics_move(server, client):
 def test_a_repeated_prompt_prefills_from_the_prefix_cache(server, client):
     """The chat template's head and a long shared system turn come from cached KV blocks the second
     time, under the same adapter only, and the answer is the same."""
-    messages = [{"role": "system", "content": "You convert numbers. " * 12},
-                {"role": "user", "content": "Write 587 in Roman numerals."}]
+    messages = [
+        {"role": "system", "content": "You convert numbers. " * 12},
+        {"role": "user", "content": "Write 587 in Roman numerals."},
+    ]
 
     def ask(model: str) -> tuple[str, float]:
         hits = metric(server, "mole_prefix_cache_hit_tokens_total")
@@ -235,6 +263,11 @@ def test_python_client_and_examples(server):
     assert [a["name"] for a in weighted.model_extra["adapters"]] == ["roman_to_int", "int_to_roman"]
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}  # the examples take the key from the environment
     for example in ("chat", "stream"):
-        out = subprocess.run([sys.executable, "-m", f"clients.examples.{example}", server], capture_output=True,
-                             text=True, timeout=120, env=env)
+        out = subprocess.run(
+            [sys.executable, "-m", f"clients.examples.{example}", server],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]

@@ -31,8 +31,13 @@ def chat_model(server: str, model: str) -> ChatOpenAI:
 
 def test_the_sdk_parse_gives_the_model(server, base_model):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
-    completion = client.chat.completions.parse(model=base_model, messages=[{"role": "user", "content": ASK}],
-                                               response_format=Person, max_tokens=60, temperature=0)
+    completion = client.chat.completions.parse(
+        model=base_model,
+        messages=[{"role": "user", "content": ASK}],
+        response_format=Person,
+        max_tokens=60,
+        temperature=0,
+    )
     person = completion.choices[0].message.parsed  # greedy: sampled, an empty name is a valid Person too
     assert isinstance(person, Person) and "Ada" in person.name
 
@@ -40,8 +45,13 @@ def test_the_sdk_parse_gives_the_model(server, base_model):
 def test_the_sdk_parse_with_a_strict_tool(server, base_model):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
     completion = client.chat.completions.parse(
-        model=base_model, messages=[{"role": "user", "content": ASK}], max_tokens=60, temperature=0,
-        tools=[openai.pydantic_function_tool(Person)], tool_choice={"type": "function", "function": {"name": "Person"}})
+        model=base_model,
+        messages=[{"role": "user", "content": ASK}],
+        max_tokens=60,
+        temperature=0,
+        tools=[openai.pydantic_function_tool(Person)],
+        tool_choice={"type": "function", "function": {"name": "Person"}},
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert isinstance(choice.message.tool_calls[0].function.parsed_arguments, Person)

@@ -16,14 +16,14 @@ import openai
 import ray
 import torch
 from fastapi.testclient import TestClient
+from mole_serve.api.app import create_app
+from mole_serve.config import Settings
+from mole_serve.deploy import APP_NAME, ENGINE_NAME, build_app
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.loader import resolve_base_model
 from ray import serve
 from transformers import AutoModelForCausalLM
 
-from server.api.app import create_app
-from server.config import Settings
-from server.deploy import APP_NAME, ENGINE_NAME, build_app
-from server.engine.engine import LLMEngine
-from server.engine.loader import resolve_base_model
 from tests.unit.helpers import make_adapter
 
 TOPICS = {  # adapter -> the words of its card's examples (retrieval tells them apart)
@@ -51,14 +51,24 @@ def build(root: Path) -> tuple[Settings, Path]:
         (root / "store" / name / "card.json").write_text(json.dumps(card(name, pattern)))
     upload = make_adapter(hf, root / "upload" / NEW[0], seed=99)
     (upload / "card.json").write_text(json.dumps(card(*NEW)))
-    settings = Settings(base_model=base, adapters_dir=root / "store", admin_token=TOKEN, max_model_len=128,
-                        max_num_seqs=8, max_prefill_tokens=64, max_loras=4, host="127.0.0.1", port=PORT)
+    settings = Settings(
+        base_model=base,
+        adapters_dir=root / "store",
+        admin_token=TOKEN,
+        max_model_len=128,
+        max_num_seqs=8,
+        max_prefill_tokens=64,
+        max_loras=4,
+        host="127.0.0.1",
+        port=PORT,
+    )
     return settings, upload
 
 
 def chat(client: openai.OpenAI, model: str, text: str, **kw):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                          **{"max_tokens": 6, "temperature": 0, **kw})
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], **{"max_tokens": 6, "temperature": 0, **kw}
+    )
 
 
 def single_server(settings: Settings, asks: list[tuple[str, str]]) -> tuple[list[str], dict, dict]:
@@ -66,8 +76,13 @@ def single_server(settings: Settings, asks: list[tuple[str, str]]) -> tuple[list
     with TestClient(create_app(settings, lambda: LLMEngine.from_store(settings))) as c:
         while c.get("/health").status_code != 200:
             time.sleep(0.05)
-        texts = [c.post("/v1/chat/completions", json={"model": m, "max_tokens": 6, "temperature": 0, "messages": [
-            {"role": "user", "content": t}]}).json()["choices"][0]["message"]["content"] for m, t in asks]
+        texts = [
+            c.post(
+                "/v1/chat/completions",
+                json={"model": m, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": t}]},
+            ).json()["choices"][0]["message"]["content"]
+            for m, t in asks
+        ]
         missing = c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
         bad = c.post("/v1/chat/completions", json={"model": "auto", "temperature": 9, "messages": []})
         return texts, {"status": missing.status_code, **missing.json()}, {"status": bad.status_code, **bad.json()}
@@ -92,8 +107,11 @@ def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
     long_answer = {"max_tokens": LONG_TOKENS, "extra_body": {"ignore_eos": True}}
     undisturbed = answer_or_error(client, model, text, **long_answer)
     holder = next(rid for rid, names in usage_by_replica(engine).items() if names.get(model))
-    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA") and holder in a["name"])
+    actor = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA") and holder in a["name"]
+    )
     with ThreadPoolExecutor(12) as pool:
         longs = [pool.submit(answer_or_error, client, model, text, **long_answer) for _ in range(4)]
         deadline, running = time.monotonic() + 30, 0
@@ -109,9 +127,15 @@ def kill_a_replica(client: openai.OpenAI, engine, ask: tuple[str, str]) -> dict:
         if running_replicas() == 2 and len(back) == 2:
             break
         time.sleep(0.5)
-    return {"results": results, "running_at_kill": running, "long_results": long_results,
-            "long_undisturbed": undisturbed, "replicas_after": running_replicas(), "new_replica": holder not in back,
-            "after_recovery": answer_or_error(client, *ask)}
+    return {
+        "results": results,
+        "running_at_kill": running,
+        "long_results": long_results,
+        "long_undisturbed": undisturbed,
+        "replicas_after": running_replicas(),
+        "new_replica": holder not in back,
+        "after_recovery": answer_or_error(client, *ask),
+    }
 
 
 def answer_or_error(client: openai.OpenAI, model: str, text: str, **kw) -> str:
@@ -124,8 +148,11 @@ def answer_or_error(client: openai.OpenAI, model: str, text: str, **kw) -> str:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     settings, upload_dir = build(out.parent)
-    asks = [("roman", "convert the roman numeral XIV"), ("auto", "what is the weather forecast for city 7 tomorrow"),
-            ("auto", "write an sql query selecting rows where id equals 3")]
+    asks = [
+        ("roman", "convert the roman numeral XIV"),
+        ("auto", "what is the weather forecast for city 7 tomorrow"),
+        ("auto", "write an sql query selecting rows where id equals 3"),
+    ]
     expected, missing_single, bad_single = single_server(settings, asks)
     seen: dict = {"expected": expected, "missing_single": missing_single, "bad_single": bad_single}
 
@@ -141,8 +168,9 @@ def main(out: Path) -> None:
         seen["texts"] = [chat(client, m, t).choices[0].message.content for m, t in asks]
         streamed = chat(client, "roman", asks[0][1], stream=True)
         seen["streamed"] = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-        missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "nope", "messages": [
-            {"role": "user", "content": "x"}]})
+        missing = httpx.post(
+            f"{url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+        )
         bad = httpx.post(f"{url}/v1/chat/completions", json={"model": "auto", "temperature": 9, "messages": []})
         seen["missing"] = {"status": missing.status_code, **missing.json()}
         seen["bad"] = {"status": bad.status_code, **bad.json()}
@@ -161,12 +189,12 @@ def main(out: Path) -> None:
                 chat(client, name, TOPICS[name].format(2))
                 time.sleep(0.3)
         after = usage_by_replica(engine)
-        seen["affinity"] = {name: {rid: after[rid].get(name, 0) - before.get(rid, {}).get(name, 0) for rid in after}
-                            for name in TOPICS}
+        seen["affinity"] = {
+            name: {rid: after[rid].get(name, 0) - before.get(rid, {}).get(name, 0) for rid in after} for name in TOPICS
+        }
 
         files = [("files", (f.name, f.read_bytes())) for f in sorted(upload_dir.iterdir())]
-        up = httpx.post(f"{url}/admin/adapters", files=files, headers={"Authorization": f"Bearer {TOKEN}"},
-                        timeout=120)
+        up = httpx.post(f"{url}/admin/adapters", files=files, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
         seen["upload_status"] = up.status_code
         seen["replica_adapters"] = dict(engine.broadcast("adapters").results())
         seen["models"] = sorted(m.id for m in client.models.list().data)
@@ -174,8 +202,13 @@ def main(out: Path) -> None:
         seen["auto_after_upload"] = [a["name"] for a in (found.model_extra or {}).get("adapters", [])]
         seen["named_after_upload"] = chat(client, NEW[0], "hello").choices[0].finish_reason
         metrics = httpx.get(f"{url}/metrics").text
-        seen["metrics_replicas"] = sorted({line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
-                                           if line.startswith("mole_adapter_slots_total")})
+        seen["metrics_replicas"] = sorted(
+            {
+                line.split('replica="')[1].split('"')[0]
+                for line in metrics.splitlines()
+                if line.startswith("mole_adapter_slots_total")
+            }
+        )
         deleted = httpx.delete(f"{url}/admin/adapters/{NEW[0]}", headers={"Authorization": f"Bearer {TOKEN}"})
         seen["delete_status"] = deleted.status_code
         seen["after_delete"] = dict(engine.broadcast("adapters").results())

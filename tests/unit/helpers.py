@@ -11,21 +11,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from mole_serve.config import Settings
+from mole_serve.engine.engine import LLMEngine
+from mole_serve.engine.model import DecoderModel
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from server.config import Settings
-from server.engine.engine import LLMEngine
-from server.engine.model import DecoderModel
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_hf_model(kind: str = "llama", vocab_size: int = 49152, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=True)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
@@ -38,12 +44,14 @@ def engine_for(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **settin
     return LLMEngine(model, tokenizer, settings)
 
 
-def make_adapter(hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_TARGETS, alpha: int = 8,
-                 use_rslora: bool = False) -> Path:
+def make_adapter(
+    hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_TARGETS, alpha: int = 8, use_rslora: bool = False
+) -> Path:
     """A PEFT LoRA with random A and B (init_lora_weights=False), saved as a PEFT folder."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
-                        use_rslora=use_rslora)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora
+    )
     peft_model = get_peft_model(hf_model, config)
     peft_model.save_pretrained(out_dir)
     peft_model.unload()  # restore the plain modules of hf_model
@@ -53,8 +61,8 @@ def make_adapter(hf_model, out_dir: Path, seed: int, rank: int = 4, targets=ALL_
 def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **settings) -> LLMEngine:
     """An engine on a tiny model with one random adapter per task, each with a real task card, and
     a retriever (the real embedder) over the cards."""
-    from server.routing.retriever import Embedder, Retriever
-    from server.training.tasks import TASKS
+    from mole_serve.routing.retriever import Embedder, Retriever
+    from mole_serve.training.tasks import TASKS
 
     hf = tiny_hf_model()
     for i, task in enumerate(tasks):

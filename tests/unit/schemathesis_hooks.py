@@ -39,5 +39,7 @@ def positive_data_accepted_or_refused_for_a_documented_reason(ctx, response, cas
         error = {}
     if response.status_code in (400, 422) and (error.get("param") in SEMANTIC or error.get("code") in SEMANTIC):
         return None
-    raise AssertionError(f"a schema-valid request was refused without a documented reason: [{response.status_code}] "
-                         f"{response.text[:400]}")
+    raise AssertionError(
+        f"a schema-valid request was refused without a documented reason: [{response.status_code}] "
+        f"{response.text[:400]}"
+    )

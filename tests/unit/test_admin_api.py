@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from mole_serve.api.app import create_app
+from mole_serve.config import Settings
+from mole_serve.library.store import AdapterStore, adapter_dirs
+from mole_serve.routing.retriever import Retriever
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from server.api.app import create_app
-from server.config import Settings
-from server.library.store import AdapterStore, adapter_dirs
-from server.routing.retriever import Retriever
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 from tests.unit.test_store import tar_bytes, zip_bytes
 
@@ -56,9 +56,11 @@ def files(hf, tmp_path_factory) -> dict[str, bytes]:
     """A valid upload: a PEFT rank-4 LoRA of the tiny model plus its card."""
     folder = make_adapter(hf, tmp_path_factory.mktemp("peft") / "a", seed=1)
     card = {"name": "alpha", "description": "roman numerals", "examples": examples("convert roman numerals")}
-    return {"adapter_config.json": (folder / "adapter_config.json").read_bytes(),
-            "adapter_model.safetensors": (folder / "adapter_model.safetensors").read_bytes(),
-            "card.json": json.dumps(card).encode()}
+    return {
+        "adapter_config.json": (folder / "adapter_config.json").read_bytes(),
+        "adapter_model.safetensors": (folder / "adapter_model.safetensors").read_bytes(),
+        "card.json": json.dumps(card).encode(),
+    }
 
 
 def parts(files: dict[str, bytes]) -> list:
@@ -86,8 +88,9 @@ def admin_client(hf, tokenizer, store_dir, engine_settings: dict | None = None, 
 
     def load():
         AdapterStore(store_dir).recover()
-        engine = engine_for(hf, tokenizer, adapters_dir=store_dir, max_lora_rank=settings.max_lora_rank,
-                            **(engine_settings or {}))
+        engine = engine_for(
+            hf, tokenizer, adapters_dir=store_dir, max_lora_rank=settings.max_lora_rank, **(engine_settings or {})
+        )
         engine.set_retriever(Retriever(HashEmbedder()))
         for name, path in adapter_dirs(store_dir).items():
             engine.add_adapter(name, path)
@@ -108,13 +111,20 @@ def client(hf, tokenizer, tmp_path):
 def upload(client, files, name=None, replace=False, archive=None):
     if archive:
         files = {archive: (zip_bytes if archive.endswith(".zip") else tar_bytes)(files)}
-    return client.post("/admin/adapters", params={"replace": "true"} if replace else None, headers=AUTH,
-                       files=parts(files), data={"name": name} if name else None)
+    return client.post(
+        "/admin/adapters",
+        params={"replace": "true"} if replace else None,
+        headers=AUTH,
+        files=parts(files),
+        data={"name": name} if name else None,
+    )
 
 
 def chat(client, model, **extra):
-    return client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
+    return client.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra},
+    )
 
 
 def test_auth(hf, tokenizer, tmp_path):
@@ -122,8 +132,12 @@ def test_auth(hf, tokenizer, tmp_path):
         r = c.get("/admin/adapters", headers=AUTH)
         assert r.status_code == 403 and "MOLE_ADMIN_TOKEN" in r.json()["error"]["message"]
     with admin_client(hf, tokenizer, tmp_path) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-                        {"Authorization": TOKEN}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": TOKEN},
+        ):
             r = c.post("/admin/adapters", headers=headers, content=b"x" * 10)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token", headers
         assert c.get("/admin/nowhere", headers=AUTH).status_code == 404
@@ -147,8 +161,9 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     r = upload(client, with_card(files, description="v2"), replace=True)
     assert r.status_code == 201 and r.json()["replaced"] and r.json()["card"]["description"] == "v2"
     # the form field names it; the key of a card about the same thing is alpha's nearest neighbour
-    r = upload(client, with_card(files, examples=examples("convert roman numerals quickly")), name="beta",
-               archive="b.zip")
+    r = upload(
+        client, with_card(files, examples=examples("convert roman numerals quickly")), name="beta", archive="b.zip"
+    )
     assert r.status_code == 201 and r.json()["card"]["name"] == "beta"
     assert r.json()["nearest"][0]["name"] == "alpha" and r.json()["nearest"][0]["score"] > 0.8
 
@@ -164,8 +179,10 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     r = client.patch("/admin/adapters/alpha", headers=AUTH, json={"examples": examples("sort letters")})
     assert r.status_code == 200 and r.json()["card"]["description"] == "v2"
     assert not np.allclose(before, retriever.key("alpha"))  # the key follows the new examples
-    assert json.loads((tmp_path / "store" / "alpha" / "card.json").read_text())["examples"][0] == "please sort " \
+    assert (
+        json.loads((tmp_path / "store" / "alpha" / "card.json").read_text())["examples"][0] == "please sort "
         "letters item 0"
+    )
     for body, status in (({"examples": ["a"]}, 422), ({"colour": "x"}, 400), ({"examples": "x"}, 400)):
         assert client.patch("/admin/adapters/alpha", headers=AUTH, json=body).status_code == status
     assert client.patch("/admin/adapters/alpha", headers=AUTH, content=b"{").status_code == 400
@@ -181,8 +198,9 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
 
 def test_curl_style_fields_name_the_files(client, files):
     """`curl -F card.json=@my_card.json ...`: the field names the file, whatever it is called locally."""
-    r = client.post("/admin/adapters", headers=AUTH, files={k: (f"local-{i}.bin.txt", v) for i, (k, v) in
-                                                           enumerate(files.items())})
+    r = client.post(
+        "/admin/adapters", headers=AUTH, files={k: (f"local-{i}.bin.txt", v) for i, (k, v) in enumerate(files.items())}
+    )
     assert r.status_code == 201, r.text
 
 
@@ -223,18 +241,39 @@ BAD_UPLOADS = {  # what -> (change to the valid upload, status, words of the mes
     "card not json": (lambda f: {**f, "card.json": b"{nope"}, 422, "card.json is not valid JSON"),
     "config not json": (lambda f: {**f, "adapter_config.json": b"\xff"}, 422, "adapter_config.json is not valid"),
     "config not object": (lambda f: {**f, "adapter_config.json": b"[]"}, 422, "JSON object"),
-    "other base model": (lambda f: with_config(f, base_model_name_or_path="meta-llama/Llama-2-7b-hf"), 422,
-                         "trained on"),
+    "other base model": (
+        lambda f: with_config(f, base_model_name_or_path="meta-llama/Llama-2-7b-hf"),
+        422,
+        "trained on",
+    ),
     "alpha not a number": (lambda f: with_config(f, lora_alpha="8"), 422, "lora_alpha"),
     "dora": (lambda f: with_config(f, use_dora=True), 422, "DoRA"),
     "weights not safetensors": (lambda f: {**f, "adapter_model.safetensors": b"\x80\x04junk"}, 422, "cannot be read"),
-    "wrong shape": (lambda f: with_tensors(f, lambda t: _first(t, lambda x: torch.zeros(x.shape[0], 7))), 422,
-                    "the base model needs"),
-    "unknown target": (lambda f: with_tensors(f, lambda t: t.update(
-        {"base_model.model.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64)})), 422, "unknown target"),
-    "layer past the base": (lambda f: with_tensors(f, lambda t: t.update(
-        {"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
-         "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4)})), 422, "layer 9"),
+    "wrong shape": (
+        lambda f: with_tensors(f, lambda t: _first(t, lambda x: torch.zeros(x.shape[0], 7))),
+        422,
+        "the base model needs",
+    ),
+    "unknown target": (
+        lambda f: with_tensors(
+            f, lambda t: t.update({"base_model.model.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64)})
+        ),
+        422,
+        "unknown target",
+    ),
+    "layer past the base": (
+        lambda f: with_tensors(
+            f,
+            lambda t: t.update(
+                {
+                    "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
+                    "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4),
+                }
+            ),
+        ),
+        422,
+        "layer 9",
+    ),
     "rank over max": (lambda f: with_tensors(f, lambda t: _pad_rank(t, 16)), 422, "over the limit 8"),
     "non-finite": (lambda f: with_tensors(f, lambda t: _first(t, _nan)), 422, "non-finite"),
     "too large": (lambda f: {**f, "README.md": bytes(500_000)}, 413, "limit is 400000"),
@@ -258,9 +297,12 @@ def test_bad_uploads_are_refused_before_anything_is_written(client, files, tmp_p
 
 
 def test_malformed_requests_are_400(client):
-    for kwargs in ({"json": {"name": "x"}}, {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
-                   {"content": b"junk", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
-                   {"files": {"f": ("x.txt", b"")}, "params": {"replace": "maybe"}}):
+    for kwargs in (
+        {"json": {"name": "x"}},
+        {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+        {"content": b"junk", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+        {"files": {"f": ("x.txt", b"")}, "params": {"replace": "maybe"}},
+    ):
         headers = {**AUTH, **kwargs.pop("headers", {})}
         r = client.post("/admin/adapters", headers=headers, **kwargs)
         assert r.status_code == 400 and r.json()["error"]["message"], (kwargs, r.text)
@@ -268,8 +310,9 @@ def test_malformed_requests_are_400(client):
 
 def test_racing_uploads_of_one_name_one_wins(client, files):
     with ThreadPoolExecutor(4) as pool:
-        statuses = sorted(pool.map(lambda i: upload(client, with_card(files, description=str(i))).status_code,
-                                   range(4)))
+        statuses = sorted(
+            pool.map(lambda i: upload(client, with_card(files, description=str(i))).status_code, range(4))
+        )
     assert statuses == [201, 409, 409, 409]
     assert client.get("/admin/adapters", headers=AUTH).json()["total"] == 1
 
@@ -289,12 +332,13 @@ def test_delete_lets_running_requests_finish(client, files):
 def test_openapi_schema_lists_the_admin_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"post", "get"} <= set(paths["/admin/adapters"]) and {"get", "patch", "delete"} <= set(
-        paths["/admin/adapters/{name}"])
+        paths["/admin/adapters/{name}"]
+    )
 
 
 def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, tokenizer, files, tmp_path):
-    from server.engine.request import SamplingParams
-    from server.routing.types import AdapterRef
+    from mole_serve.engine.request import SamplingParams
+    from mole_serve.routing.types import AdapterRef
 
     folder = AdapterStore(tmp_path)
     folder.commit("alpha", files).finish()

@@ -5,22 +5,28 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from mole_serve.api.app import create_app
+from mole_serve.api.protocol import ChatCompletionRequest, CompletionRequest
+from mole_serve.config import Settings
+from mole_serve.engine.async_engine import AsyncEngine, QueueFullError
+from mole_serve.engine.request import SamplingParams
+from mole_serve.errors import ReplicaLost
 
-from server.api.app import create_app
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.config import Settings
-from server.engine.async_engine import AsyncEngine, QueueFullError
-from server.engine.request import SamplingParams
-from server.errors import ReplicaLost
 from tests.unit.helpers import engine_for, live_server, tiny_hf_model
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 def test_protocol_parsing():
-    req = ChatCompletionRequest.model_validate({
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-        "stop": "x", "adapters": ["a", {"name": "b", "weight": 2}], "user": "ignored", "unknown_field": 1})
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "stop": "x",
+            "adapters": ["a", {"name": "b", "weight": 2}],
+            "user": "ignored",
+            "unknown_field": 1,
+        }
+    )
     assert req.model == "auto" and req.messages[0].text() == "ab" and req.stop_list() == ("x",)
     assert [(c.name, c.weight) for c in req.adapter_choices()] == [("a", 1.0), ("b", 2.0)]
     assert req.token_limit() is None
@@ -35,14 +41,23 @@ def tiny_engine(tokenizer):
 
 
 def test_error_kinds_map_through_one_table():
-    from server.api.errors import APIError
-    from server.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError, Overloaded
-    from server.library.store import AdapterExistsError
-    from server.library.upload import InvalidAdapterError, UploadError, UploadTooLargeError
+    from mole_serve.api.errors import APIError
+    from mole_serve.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError, Overloaded
+    from mole_serve.library.store import AdapterExistsError
+    from mole_serve.library.upload import InvalidAdapterError, UploadError, UploadTooLargeError
 
-    cases = [(InvalidRequest("x", "top_k"), 400), (AdapterNotFound("x"), 404), (AdapterExistsError("x"), 409),
-             (UploadError("x"), 400), (UploadTooLargeError("x"), 413), (InvalidAdapterError("x"), 422),
-             (Overloaded("x"), 429), (ReplicaLost("x"), 503), (EngineFailure("x"), 500), (MoleError("x"), 500)]
+    cases = [
+        (InvalidRequest("x", "top_k"), 400),
+        (AdapterNotFound("x"), 404),
+        (AdapterExistsError("x"), 409),
+        (UploadError("x"), 400),
+        (UploadTooLargeError("x"), 413),
+        (InvalidAdapterError("x"), 422),
+        (Overloaded("x"), 429),
+        (ReplicaLost("x"), 503),
+        (EngineFailure("x"), 500),
+        (MoleError("x"), 500),
+    ]
     for error, status in cases:
         mapped = APIError.of(error)
         assert mapped.status == status and mapped.message == "x", error
@@ -189,13 +204,14 @@ async def _close(streams):
 
 
 def test_adapter_metric_labels_are_bounded():
-    from server.api.metrics import Metrics
+    from mole_serve.api.metrics import Metrics
 
     metrics = Metrics(adapter_label_limit=2)
     for name in ["a", "b", "c", "a", "d"]:
         metrics.count_adapter(name)
-    samples = {s.labels["adapter"]: s.value for s in metrics.adapter_requests.collect()[0].samples
-               if s.name.endswith("_total")}
+    samples = {
+        s.labels["adapter"]: s.value for s in metrics.adapter_requests.collect()[0].samples if s.name.endswith("_total")
+    }
     assert samples == {"a": 2.0, "b": 1.0, "other": 2.0}
 
 
@@ -204,9 +220,11 @@ def test_lone_surrogates_are_a_400_and_the_connection_stays_usable(tiny_engine):
     with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
-        bad = [("/v1/chat/completions", '{"model": "auto", "messages": [{"role": "user", "content": "\\ud800 x"}]}'),
-               ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}'),
-               ("/v1/completions", '{"model": "auto", "prompt": ["ok", "\\ud83d"]}')]
+        bad = [
+            ("/v1/chat/completions", '{"model": "auto", "messages": [{"role": "user", "content": "\\ud800 x"}]}'),
+            ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}'),
+            ("/v1/completions", '{"model": "auto", "prompt": ["ok", "\\ud83d"]}'),
+        ]
         for path, body in bad:
             r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
             assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
@@ -280,11 +298,14 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
     monkeypatch.setattr(engine, "step", slow_step)
     with live_server(create_app(Settings(), lambda: engine)) as url:
         deadline = time.perf_counter() + 60
-        body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, ' \
-               b'"ignore_eos": true}'
+        body = (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "ignore_eos": true}'
+        )
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
-            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             while not engine.has_unfinished():
                 assert time.perf_counter() < deadline, "the request never reached the engine"
                 time.sleep(0.01)
@@ -316,8 +337,11 @@ class DiesAfter:
 
 
 def ttft_count(client) -> float:
-    line = next(line for line in client.get("/metrics").text.splitlines()
-                if line.startswith("mole_time_to_first_token_seconds_count"))
+    line = next(
+        line
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("mole_time_to_first_token_seconds_count")
+    )
     return float(line.split()[-1])
 
 
@@ -325,7 +349,8 @@ def ttft_count(client) -> float:
 def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engine, deaths):
     """Nothing of a non-streamed answer was sent when its replica died: the request runs again from
     the start (RESENDS times), and the answer is the undisturbed one; after that it is a 503."""
-    from server.api.serving import RESENDS
+    from mole_serve.api.serving import RESENDS
+
     body = {**CHAT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
         while client.get("/health").status_code != 200:
@@ -377,11 +402,13 @@ def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]
-        cases = [({**CHAT, "stream": "yes"}, "stream", None),
-                 ({**CHAT, "messages": [{"role": "user", "content": image}]}, "messages.0.content", None),
-                 ({**CHAT, "adapters": [{"name": "a", "weight": 0}]}, "adapters.0.weight", None),
-                 ({**CHAT, "logprobs": 0}, "logprobs", None),
-                 ({**CHAT, "model": "nope"}, "model", "model_not_found")]
+        cases = [
+            ({**CHAT, "stream": "yes"}, "stream", None),
+            ({**CHAT, "messages": [{"role": "user", "content": image}]}, "messages.0.content", None),
+            ({**CHAT, "adapters": [{"name": "a", "weight": 0}]}, "adapters.0.weight", None),
+            ({**CHAT, "logprobs": 0}, "logprobs", None),
+            ({**CHAT, "model": "nope"}, "model", "model_not_found"),
+        ]
         for body, param, code in cases:
             r = client.post("/v1/chat/completions", json=body)
             error = r.json()["error"]
@@ -392,7 +419,7 @@ def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
 
 
 def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engine):
-    from server.api.protocol import ErrorResponse
+    from mole_serve.api.protocol import ErrorResponse
 
     with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
         while client.get("/health").status_code != 200:
@@ -400,12 +427,14 @@ def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engi
         schema = client.get("/openapi.json").json()
         chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
         assert "422" not in chat and chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
-            "/ErrorResponse")
+            "/ErrorResponse"
+        )
         r = client.post("/v1/chat/completions", json={**CHAT, "stream": "yes"})  # a validation failure
         assert r.status_code == 400 and ErrorResponse.model_validate(r.json())
         metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
         assert list(metrics) == ["text/plain"] and client.get("/metrics").headers["content-type"].startswith(
-            "text/plain")
+            "text/plain"
+        )
         admin = schema["paths"]["/admin/adapters"]["post"]["responses"]
         assert {"401", "409", "413", "422"} <= set(admin)
         patch = schema["paths"]["/admin/adapters/{name}"]["patch"]["requestBody"]["content"]["application/json"]

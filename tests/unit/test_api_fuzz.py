@@ -17,29 +17,50 @@ from tests.unit.test_admin_api import hf as hf  # noqa: F401
 from tests.unit.test_store import tar_bytes, zip_bytes
 
 JSON = "application/json"
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
-                                                                                        max_size=3), max_leaves=8)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+)
 names = st.sampled_from(["alpha", "auto", "base", "missing", "", "../x", "A b"]) | st.text(max_size=70)
-messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "developer"]), "content": st.text(max_size=40)}),
-    min_size=1, max_size=3)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "developer"]), "content": st.text(max_size=40)}
+    ),
+    min_size=1,
+    max_size=3,
+)
 sampling = {  # plausible values of every field the OpenAI routes read; one of them may then go wild
-    "model": st.sampled_from(["auto", "alpha", "base"]), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
-    "seed": st.integers(0, 2**64), "stop": st.lists(st.text(max_size=3), max_size=4), "stream": st.booleans(),
-    "adapters": st.lists(st.sampled_from(["alpha"]) | st.fixed_dictionaries(
-        {"name": st.just("alpha"), "weight": st.floats(0.1, 2)}), max_size=2),
-    "top_k": st.integers(1, 4), "composition": st.sampled_from(["mixture", "select"]), "ignore_eos": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "n": st.just(1),
+    "model": st.sampled_from(["auto", "alpha", "base"]),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "seed": st.integers(0, 2**64),
+    "stop": st.lists(st.text(max_size=3), max_size=4),
+    "stream": st.booleans(),
+    "adapters": st.lists(
+        st.sampled_from(["alpha"]) | st.fixed_dictionaries({"name": st.just("alpha"), "weight": st.floats(0.1, 2)}),
+        max_size=2,
+    ),
+    "top_k": st.integers(1, 4),
+    "composition": st.sampled_from(["mixture", "select"]),
+    "ignore_eos": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "n": st.just(1),
 }
 # max_tokens is always given and small, so a valid request generates a few tokens, not a context window
 chat_bodies = st.fixed_dictionaries({"max_tokens": st.integers(1, 6), "messages": messages}, optional=sampling)
 completion_bodies = st.fixed_dictionaries(
-    {"max_tokens": st.integers(1, 6), "prompt": st.text(max_size=40) | st.lists(st.text(max_size=9), min_size=1,
-                                                                                  max_size=3)},
-    optional={**sampling, "echo": st.booleans()})
+    {
+        "max_tokens": st.integers(1, 6),
+        "prompt": st.text(max_size=40) | st.lists(st.text(max_size=9), min_size=1, max_size=3),
+    },
+    optional={**sampling, "echo": st.booleans()},
+)
 
 
 def spoil(data, body: dict) -> dict:
@@ -53,8 +74,10 @@ def spoil(data, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def fuzz_client(hf, tokenizer, files, tmp_path_factory):  # noqa: F811
     with admin_client(hf, tokenizer, tmp_path_factory.mktemp("store")) as client:
-        assert client.post("/admin/adapters", headers=AUTH, files=[("files", kv) for kv in files.items()]
-                           ).status_code == 201
+        assert (
+            client.post("/admin/adapters", headers=AUTH, files=[("files", kv) for kv in files.items()]).status_code
+            == 201
+        )
         yield client
 
 
@@ -85,8 +108,9 @@ def upload_parts(data, valid: dict[str, bytes]) -> list[tuple[str, bytes]]:
         files[data.draw(st.text(min_size=1, max_size=20) | st.just("adapter_model.bin"))] = files.pop(which)
     elif change in ("cut", "byte"):
         i = data.draw(st.integers(0, len(files[which]) - 1))
-        files[which] = files[which][:i] + (bytes([data.draw(st.integers(0, 255))]) + files[which][i + 1:]
-                                           if change == "byte" else b"")
+        files[which] = files[which][:i] + (
+            bytes([data.draw(st.integers(0, 255))]) + files[which][i + 1 :] if change == "byte" else b""
+        )
     elif change == "json":
         files[which] = json.dumps(data.draw(json_values), allow_nan=True).encode()
     elif change == "extra":
@@ -101,8 +125,13 @@ def upload_parts(data, valid: dict[str, bytes]) -> list[tuple[str, bytes]]:
 def test_admin_routes_never_answer_5xx(fuzz_client, files, data):  # noqa: F811
     method = data.draw(st.sampled_from(["POST", "POST", "GET", "PATCH", "DELETE", "PUT"]))
     name = data.draw(names)
-    query = data.draw(st.dictionaries(st.sampled_from(["offset", "limit", "replace", "x"]), st.sampled_from(
-        ["0", "1", "true", "false"]) | st.integers(-3, 600) | st.text(max_size=5), max_size=2))
+    query = data.draw(
+        st.dictionaries(
+            st.sampled_from(["offset", "limit", "replace", "x"]),
+            st.sampled_from(["0", "1", "true", "false"]) | st.integers(-3, 600) | st.text(max_size=5),
+            max_size=2,
+        )
+    )
     one = f"/admin/adapters/{quote(name, safe='')}"
     path = "/admin/adapters" if method == "POST" or method == "GET" and data.draw(st.booleans()) else one
     kwargs: dict = {"headers": AUTH}
@@ -111,18 +140,25 @@ def test_admin_routes_never_answer_5xx(fuzz_client, files, data):  # noqa: F811
         kwargs["data"] = {"name": name} if data.draw(st.booleans()) else None
     elif method in ("POST", "PATCH"):
         examples = st.lists(st.text(min_size=1, max_size=20), min_size=4, max_size=7) | json_values
-        body = data.draw(st.fixed_dictionaries({}, optional={"description": st.text(max_size=20) | json_values,
-                                                             "examples": examples}) | json_values)
+        body = data.draw(
+            st.fixed_dictionaries(
+                {}, optional={"description": st.text(max_size=20) | json_values, "examples": examples}
+            )
+            | json_values
+        )
         kwargs["content"] = json.dumps(body, allow_nan=True)
         kwargs["headers"] = {**AUTH, "content-type": JSON}
     check(fuzz_client.request(method, path, params=query, **kwargs))
     check(fuzz_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}))  # still serving
 
 
-@pytest.mark.parametrize("route, body", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": 2**64}),
-    ("/v1/completions", {"prompt": [], "max_tokens": 1}),
-])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": 2**64}),
+        ("/v1/completions", {"prompt": [], "max_tokens": 1}),
+    ],
+)
 def test_once_found_5xx_are_4xx(fuzz_client, route, body):
     check(fuzz_client.post(route, json=body))
 
@@ -134,7 +170,9 @@ def keyed_client(hf, tokenizer, tmp_path_factory):  # noqa: F811
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/models", "/admin/adapters", "/admin/adapters/alpha"]), auth=st.text(
-    st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=24))
+@given(
+    path=st.sampled_from(["/v1/models", "/admin/adapters", "/admin/adapters/alpha"]),
+    auth=st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=24),
+)
 def test_any_authorization_header_is_4xx_or_accepted(keyed_client, path, auth):
     check(keyed_client.get(path, headers={"Authorization": auth.encode("latin-1")}))

@@ -4,8 +4,8 @@ tokens and adapter set, LRU eviction of unreferenced cached blocks."""
 import subprocess
 import sys
 
-from server.engine.block_manager import BlockManager
-from server.engine.request import SamplingParams, Sequence
+from mole_serve.engine.block_manager import BlockManager
+from mole_serve.engine.request import SamplingParams, Sequence
 
 
 def seq(tokens, key=(), **sampling) -> Sequence:
@@ -21,7 +21,7 @@ def computed(bm: BlockManager, s: Sequence) -> None:
 
 
 def test_block_manager_imports_no_torch():
-    code = "import sys, server.engine.block_manager; assert 'torch' not in sys.modules"
+    code = "import sys, mole_serve.engine.block_manager; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,4 +1,4 @@
-"""mole-serve on Ray Serve (server/deploy.py): a real local Ray cluster with 2 engine replicas of the
+"""mole-serve on Ray Serve (mole_serve/deploy.py): a real local Ray cluster with 2 engine replicas of the
 real SmolLM2-135M (random LoRAs over it), in its own network namespace so nothing leaves loopback by construction.
 deploy_scenario.py runs the cluster in a child process (`unshare -n`, lo up) and reports what it
 saw; each test here asserts one part of it."""
@@ -32,11 +32,17 @@ def seen(tmp_path_factory) -> dict:
     if refusal:
         pytest.skip(f"Ray listens on every interface, so its tests run in their own network namespace; {refusal}")
     out = tmp_path_factory.mktemp("ray") / "seen.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
     script = f"ip link set lo up && exec {sys.executable} -m tests.unit.deploy_scenario {out}"
-    run = subprocess.run(["unshare", "-n", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=480)
+    run = subprocess.run(
+        ["unshare", "-n", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -84,8 +90,8 @@ def test_metrics_carry_a_replica_label_per_engine(seen):
 
 
 def test_the_ingress_routes_by_the_heaviest_named_adapter_or_the_top_hit():
-    from server.deploy import route_key
-    from server.routing.types import AdapterRef, Selection
+    from mole_serve.deploy import route_key
+    from mole_serve.routing.types import AdapterRef, Selection
 
     assert route_key(None) == ""
     assert route_key(Selection("mixture", (AdapterRef("a", 0.2), AdapterRef("b", 0.8)))) == "b"
@@ -94,9 +100,9 @@ def test_the_ingress_routes_by_the_heaviest_named_adapter_or_the_top_hit():
 
 
 def test_hits_retrieved_upstream_are_used_without_embedding():
-    from server.config import Settings
-    from server.routing.selection import AdapterSelector
-    from server.routing.types import Selection
+    from mole_serve.config import Settings
+    from mole_serve.routing.selection import AdapterSelector
+    from mole_serve.routing.types import Selection
 
     class NoRetriever:
         def search(self, *_):

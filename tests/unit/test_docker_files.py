@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]
 
-# What the server exports (server/api/metrics.py); prometheus_client adds `_total` / `_bucket` suffixes.
+# What the server exports (mole_serve/api/metrics.py); prometheus_client adds `_total` / `_bucket` suffixes.
 EXPECTED_METRICS = {
     "mole_completion_tokens_total",
     "mole_prompt_tokens_total",
@@ -127,7 +127,7 @@ def test_dockerfile(name: str):
     assert _index(lines, r"resolve_base_model") > models
     assert any(line.startswith("HEALTHCHECK ") and "/health" in line for line in lines)
     assert lines[-1].startswith("CMD ")
-    assert json.loads(lines[-1][len("CMD "):]) == ["mole-serve", "serve"]
+    assert json.loads(lines[-1][len("CMD ") :]) == ["mole-serve", "serve"]
     if name == "Dockerfile":
         assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch]
     else:

@@ -4,11 +4,10 @@ import math
 import re
 
 import torch
-
-from server.engine.request import SamplingParams
-from server.lora.gate import GateConfig, MoLEGate
-from server.routing.types import AdapterRef, Selection
-from server.training.evaluate import (
+from mole_serve.engine.request import SamplingParams
+from mole_serve.lora.gate import GateConfig, MoLEGate
+from mole_serve.routing.types import AdapterRef, Selection
+from mole_serve.training.evaluate import (
     Answer,
     accuracy_table,
     composite_table,
@@ -23,8 +22,9 @@ from server.training.evaluate import (
     selection,
     top_adapter,
 )
-from server.training.tasks import COMPOSITES, TASKS, caesar, to_words
-from server.training.train_adapter import build_chat
+from mole_serve.training.tasks import COMPOSITES, TASKS, caesar, to_words
+from mole_serve.training.train_adapter import build_chat
+
 from tests.unit.helpers import task_library_engine
 
 
@@ -52,8 +52,15 @@ def test_eval_set_is_mixed_deterministic_and_scored_fairly():
 
 def test_top_adapter_prefers_gate_weights_then_scores():
     assert top_adapter([]) is None
-    assert top_adapter([{"name": "a", "weight": 0.5, "score": 0.4, "gate_weight": 0.2},
-                        {"name": "b", "weight": 0.5, "score": 0.3, "gate_weight": 0.8}]) == "b"
+    assert (
+        top_adapter(
+            [
+                {"name": "a", "weight": 0.5, "score": 0.4, "gate_weight": 0.2},
+                {"name": "b", "weight": 0.5, "score": 0.3, "gate_weight": 0.8},
+            ]
+        )
+        == "b"
+    )
     assert top_adapter([{"name": "a", "weight": 0.3, "score": 0.6}, {"name": "b", "weight": 0.7, "score": 0.5}]) == "a"
 
 
@@ -68,11 +75,16 @@ def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path,
         gate.log_gain.fill_(-math.inf)
     engine.pool.attach_gate(gate)
     items = eval_set(list(library), per_task=2)
-    hits = engine.catalog.retriever.search([i.prompt for i in items], engine.settings.retrieval_top_k,
-                                   engine.settings.retrieval_floor)
+    hits = engine.catalog.retriever.search(
+        [i.prompt for i in items], engine.settings.retrieval_top_k, engine.settings.retrieval_floor
+    )
     assert all(len(h) == 3 for h in hits)
-    prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"] for i in items]
+    prompts = [
+        tokenizer.apply_chat_template(
+            build_chat(i.prompt), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for i in items
+    ]
 
     def texts(selections):
         seqs = engine.generate(prompts, SamplingParams(max_tokens=6), selections=selections)
@@ -91,8 +103,12 @@ def test_handoff_writes_the_first_skills_part_a_separator_then_the_second_skills
     first = engine_answers(engine, items, "skill_a", 5, set(library))
     handoff = handoff_answers(engine, items, "handoff", 5, set(library))
     # the first part is skill_a's own answer, then ", " where its end token was, then skill_b's tokens
-    prompts = [tokenizer.apply_chat_template(build_chat(i.prompt), add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"] for i in items]
+    prompts = [
+        tokenizer.apply_chat_template(
+            build_chat(i.prompt), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for i in items
+    ]
     separator = tokenizer.encode(", ", add_special_tokens=False)
     for prompt, a, h in zip(prompts, first, handoff):
         head = tokenizer.encode(a.text, add_special_tokens=False) + separator
@@ -120,8 +136,14 @@ def test_composite_modes_ask_for_the_two_skills_and_score_best_single():
     assert request_body(None, "base-model") == ("base-model", {})
     assert request_body(selection("skill_b", item, library, 3), "b") == ("int_to_roman", {})
     assert request_body(selection("gate", item, library, 3), "b") == ("auto", {"composition": "gate"})
-    assert request_body(ties, "b") == ("auto", {"composition": "merge", "adapters": ["add_3digit", "int_to_roman"],
-                                               "merge": {"strategy": "ties", "density": 0.5}})
+    assert request_body(ties, "b") == (
+        "auto",
+        {
+            "composition": "merge",
+            "adapters": ["add_3digit", "int_to_roman"],
+            "merge": {"strategy": "ties", "density": 0.5},
+        },
+    )
     right = [Answer(i.answer, None, COMPOSITES[i.task].skills) for i in items]
     wrong = [Answer("no", None, COMPOSITES[i.task].skills[:1]) for i in items]
     half = [Answer(i.answer if i.task == "sum_in_roman" else "no", None) for i in items]

@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.artifacts import GateFormatError, load_gate, save_gate
+from mole_serve.lora.backends.base import shrink
+from mole_serve.lora.batch import build_lora_batch
+from mole_serve.lora.gate import GateConfig, GateStats, MoLEGate
+from mole_serve.lora.stacks import GroupStack
+from mole_serve.routing.types import AdapterRef, Selection
 
-from server.engine.request import SamplingParams
-from server.library.artifacts import GateFormatError, load_gate, save_gate
-from server.lora.backends.base import shrink
-from server.lora.batch import build_lora_batch
-from server.lora.gate import GateConfig, GateStats, MoLEGate
-from server.lora.stacks import GroupStack
-from server.routing.types import AdapterRef, Selection
 from tests.unit.helpers import engine_for
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44]]
@@ -24,8 +24,11 @@ def random_probe_stack(slots: int, r: int, d: int, outs: list[int], seed: int) -
     for o in outs:
         columns.append((c, c + o))
         c += o
-    return GroupStack(torch.randn(slots, len(outs) * r, d, generator=g),
-                      [torch.randn(slots, r, o, generator=g) for o in outs], columns)
+    return GroupStack(
+        torch.randn(slots, len(outs) * r, d, generator=g),
+        [torch.randn(slots, r, o, generator=g) for o in outs],
+        columns,
+    )
 
 
 def test_rank_space_score_equals_score_from_explicit_lora_outputs():
@@ -91,15 +94,20 @@ def gate_selection(*names: str) -> Selection:
 def test_gate_weights_do_not_depend_on_batchmates(gated_engine_parts, tokenizer):
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    alone = gated_engine(hf, paths, tokenizer).generate([PROMPTS[0]], params,
-                                                        selections=[gate_selection("a0", "a1", "a2")])[0]
+    alone = gated_engine(hf, paths, tokenizer).generate(
+        [PROMPTS[0]], params, selections=[gate_selection("a0", "a1", "a2")]
+    )[0]
     engine = gated_engine(hf, paths, tokenizer)
-    seqs = engine.generate(PROMPTS, params, selections=[
-        gate_selection("a0", "a1", "a2"),  # the request under test
-        None,  # base model
-        Selection("mixture", (AdapterRef("a3"), AdapterRef("a1", 2.0))),
-        gate_selection("a3", "a2"),
-    ])
+    seqs = engine.generate(
+        PROMPTS,
+        params,
+        selections=[
+            gate_selection("a0", "a1", "a2"),  # the request under test
+            None,  # base model
+            Selection("mixture", (AdapterRef("a3"), AdapterRef("a1", 2.0))),
+            gate_selection("a3", "a2"),
+        ],
+    )
     mixed = seqs[0]
     assert mixed.output_ids == alone.output_ids
     assert mixed.gated and mixed.gate_count == alone.gate_count
@@ -123,8 +131,9 @@ def test_dense_and_gathered_paths_gate_alike(gated_engine_parts, tokenizer):
     """Eight gated requests on one set take the dense path; one alone takes the gathered one."""
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    dense = gated_engine(hf, paths, tokenizer).generate([PROMPTS[1]] * 8, params,
-                                                         selections=[gate_selection("a1", "a2")] * 8)
+    dense = gated_engine(hf, paths, tokenizer).generate(
+        [PROMPTS[1]] * 8, params, selections=[gate_selection("a1", "a2")] * 8
+    )
     single = gated_engine(hf, paths, tokenizer).generate([PROMPTS[1]], params, selections=[gate_selection("a1", "a2")])
     assert all(s.output_ids == single[0].output_ids for s in dense)
     assert torch.allclose(torch.tensor(dense[0].gate_sums), torch.tensor(single[0].gate_sums), rtol=1e-4)
@@ -148,7 +157,7 @@ def test_a_gate_for_another_base_is_refused(tmp_path):
 def test_every_composition_mode_shares_one_batch(gated_engine_parts, tokenizer):
     """gate, an explicit adapter, a TIES merge, select and mixture side by side: each request gets
     exactly the tokens it gets alone, and the merge is built once into one virtual adapter."""
-    from server.routing.types import MergeSpec
+    from mole_serve.routing.types import MergeSpec
 
     hf, paths = gated_engine_parts
     params = SamplingParams(max_tokens=5, ignore_eos=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "server"
+ROOT = Path(__file__).resolve().parents[2] / "server" / "mole_serve"
 
 FORBIDDEN = {  # package -> packages of server it must not import
     "lora": {"library", "routing", "api", "training", "engine"},
@@ -30,8 +30,12 @@ def module_name(path: Path) -> str:
 def runtime_imports(path: Path) -> set[str]:
     """Modules imported anywhere in the file (functions included), except under `if TYPE_CHECKING:`."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -49,14 +53,25 @@ MODULES = {module_name(p): runtime_imports(p) for p in ROOT.rglob("*.py")}
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_packages_import_only_what_the_layers_allow(package):
-    bad = sorted((mod, imp) for mod, imports in MODULES.items() if mod.startswith(f"server.{package}.")
-                 for imp in imports for other in FORBIDDEN[package] if imp.startswith(f"server.{other}"))
+    bad = sorted(
+        (mod, imp)
+        for mod, imports in MODULES.items()
+        if mod.startswith(f"server.{package}.")
+        for imp in imports
+        for other in FORBIDDEN[package]
+        if imp.startswith(f"server.{other}")
+    )
     assert not bad, bad
 
 
 def test_lora_never_touches_disk():
-    bad = sorted((mod, imp) for mod, imports in MODULES.items() if mod.startswith("server.lora.")
-                 for imp in imports if imp.split(".")[0] in DISK_MODULES)
+    bad = sorted(
+        (mod, imp)
+        for mod, imports in MODULES.items()
+        if mod.startswith("mole_serve.lora.")
+        for imp in imports
+        if imp.split(".")[0] in DISK_MODULES
+    )
     assert not bad, bad
 
 
@@ -80,6 +95,9 @@ def test_no_import_circles_inside_a_package():
 
 
 def test_the_http_layer_imports_no_torch():
-    code = ("import sys, server.api.app, server.api.serving, server.api.openai_routes, server.api.admin_routes; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, mole_serve.api.app, mole_serve.api.serving, mole_serve.api.openai_routes, "
+        "mole_serve.api.admin_routes; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.errors import InvalidRequest
+from mole_serve.routing.types import AdapterRef
 
-from server.engine.request import SamplingParams
-from server.errors import InvalidRequest
-from server.routing.types import AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = list(range(5, 45))
@@ -27,8 +27,9 @@ def test_generated_and_prompt_logprobs_equal_transformers(tokenizer, tmp_path, a
         engine.add_adapter("a", tmp_path / "a")
         adapters = [AdapterRef("a")]
         reference = PeftModel.from_pretrained(tiny_hf_model(), tmp_path / "a").eval()
-    seq = engine.add_request(PROMPT, SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2),
-                             adapters)
+    seq = engine.add_request(
+        PROMPT, SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2), adapters
+    )
     outputs = []
     while not seq.is_finished:
         outputs += [o for o in engine.step() if o.request_id == seq.request_id]
@@ -60,9 +61,8 @@ def test_the_openai_shapes_carry_the_logprobs(tokenizer):
     import threading
 
     from fastapi.testclient import TestClient
-
-    from server.api.app import create_app
-    from server.config import Settings
+    from mole_serve.api.app import create_app
+    from mole_serve.config import Settings
 
     hf = tiny_hf_model()
     engine = engine_for(hf, tokenizer)
@@ -72,8 +72,10 @@ def test_the_openai_shapes_carry_the_logprobs(tokenizer):
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         # lm-eval's loglikelihood request: token ids, echo, one generated token, logprobs=1
-        r = client.post("/v1/completions", json={"model": "auto", "prompt": PROMPT, "max_tokens": 1, "logprobs": 1,
-                                                 "echo": True, "temperature": 0})
+        r = client.post(
+            "/v1/completions",
+            json={"model": "auto", "prompt": PROMPT, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         lp = r.json()["choices"][0]["logprobs"]
         assert len(lp["tokens"]) == len(PROMPT) + 1 and lp["token_logprobs"][0] is None
@@ -81,8 +83,15 @@ def test_the_openai_shapes_carry_the_logprobs(tokenizer):
             assert abs(lp["token_logprobs"][pos] - expected[pos - 1, PROMPT[pos]].item()) < 1e-4
             assert max(lp["top_logprobs"][pos].values()) == pytest.approx(expected[pos - 1].max().item(), abs=1e-4)
         assert lp["text_offset"] == sorted(lp["text_offset"])
-        chat = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
-                "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+        chat = {
+            "model": "auto",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": True,
+            "top_logprobs": 2,
+        }
         whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
         assert len(whole) == 4 and all(len(t["top_logprobs"]) == 2 for t in whole)
         assert all(t["logprob"] == t["top_logprobs"][0]["logprob"] for t in whole)  # greedy

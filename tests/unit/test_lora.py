@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.errors import AdapterNotFound
+from mole_serve.lora.backends import create_backend
+from mole_serve.lora.backends.torch_ref import TorchBackend
+from mole_serve.lora.batch import build_lora_batch
+from mole_serve.lora.kinds.base import AdapterFormatError
+from mole_serve.lora.stacks import GroupStack
+from mole_serve.routing.types import AdapterRef
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from server.engine.request import SamplingParams
-from server.errors import AdapterNotFound
-from server.lora.backends import create_backend
-from server.lora.backends.torch_ref import TorchBackend
-from server.lora.batch import build_lora_batch
-from server.lora.kinds.base import AdapterFormatError
-from server.lora.stacks import GroupStack
-from server.routing.types import AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -44,8 +44,9 @@ def test_single_adapter_matches_peft(tmp_path, tokenizer):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_partial_targets_and_rslora_match_peft(tmp_path, tokenizer, rslora):
     hf = tiny_hf_model()
-    path = make_adapter(hf, tmp_path / "a", seed=2, rank=6, targets=["q_proj", "v_proj", "down_proj"],
-                        use_rslora=rslora)
+    path = make_adapter(
+        hf, tmp_path / "a", seed=2, rank=6, targets=["q_proj", "v_proj", "down_proj"], use_rslora=rslora
+    )
     engine = engine_for(hf, tokenizer)
     engine.add_adapter("a", path)
     ours = first_step_logits(engine, PROMPT, [AdapterRef("a")])
@@ -115,8 +116,9 @@ MIXED = [
 @pytest.mark.parametrize("max_loras,max_cpu_loras", [(8, 8), (3, 2)])
 def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras, max_cpu_loras):
     hf, paths = library
-    engine = engine_for(hf, tokenizer, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-                        max_prefill_tokens=16, max_num_seqs=4)
+    engine = engine_for(
+        hf, tokenizer, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_prefill_tokens=16, max_num_seqs=4
+    )
     for name, p in paths.items():
         engine.add_adapter(name, p)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -160,8 +162,11 @@ def test_gather_cache_is_not_reused_when_new_adapters_take_the_same_slots(librar
         engine = engine_for(hf, tokenizer, max_loras=2, max_num_seqs=2, lora_gather_cache_mb=cache_mb)
         for name, p in paths.items():
             engine.add_adapter(name, p)
-        outputs = [s.output_ids for names in (("a0", "a1"), ("a2", "a3"))
-                   for s in engine.generate([[5, 6, 7], [8, 9]], params, [(AdapterRef(n),) for n in names])]
+        outputs = [
+            s.output_ids
+            for names in (("a0", "a1"), ("a2", "a3"))
+            for s in engine.generate([[5, 6, 7], [8, 9]], params, [(AdapterRef(n),) for n in names])
+        ]
         return engine, outputs
 
     cached, outputs = run(cache_mb=64)
@@ -258,8 +263,13 @@ def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
         "shape": ({**tensors, key_a: torch.zeros(4, 65)}, "the base model needs"),
         "nan": ({**tensors, key_a: torch.full_like(tensors[key_a], float("nan"))}, "non-finite"),
         "target": ({**tensors, key_a.replace("q_proj", "rotary"): tensors[key_a].clone()}, "unknown target"),
-        "rank": ({k: torch.zeros(16, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 16)
-                  for k, v in tensors.items()}, "over the limit"),
+        "rank": (
+            {
+                k: torch.zeros(16, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 16)
+                for k, v in tensors.items()
+            },
+            "over the limit",
+        ),
     }
     for name, (bad, message) in cases.items():
         with pytest.raises(AdapterFormatError, match=message) as err:

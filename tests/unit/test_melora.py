@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.catalog import convert_to_safetensors, read_adapter
+from mole_serve.lora.kinds import melora
+from mole_serve.lora.kinds.base import AdapterFormatError
+from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 from safetensors.torch import save_file
 
-from server.engine.request import SamplingParams
-from server.library.catalog import convert_to_safetensors, read_adapter
-from server.lora.kinds import melora
-from server.lora.kinds.base import AdapterFormatError
-from server.routing.types import AdapterRef, MergeSpec, Selection
 from tests.unit.helpers import ALL_TARGETS, engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
@@ -35,9 +35,20 @@ def melora_tensors(hf, n: int, r: int, seed: int, targets=ALL_TARGETS) -> dict[s
 
 def write_melora(folder, tensors, n: int, r: int, alpha: float = 4.0, bin_format: bool = False, **config):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "MELORA", "r": [r] * n, "lora_alpha": [alpha] * n, "target_modules": list(ALL_TARGETS),
-        "lora_dropout": 0.05, "mode": "melora", "bias": "none", **config}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "MELORA",
+                "r": [r] * n,
+                "lora_alpha": [alpha] * n,
+                "target_modules": list(ALL_TARGETS),
+                "lora_dropout": 0.05,
+                "mode": "melora",
+                "bias": "none",
+                **config,
+            }
+        )
+    )
     if bin_format:
         torch.save(tensors, folder / "adapter_model.bin")
     else:
@@ -54,8 +65,10 @@ def merged_model(tensors, n: int, r: int, alpha: float, seed_model: int = 0):
             continue
         prefix = key.split(".lora_A.")[0]
         target = prefix.removeprefix("base_model.model.") + ".weight"
-        blocks = [alpha / r * tensors[f"{prefix}.lora_B.{i}.weight"] @ tensors[f"{prefix}.lora_A.{i}.weight"]
-                  for i in range(n)]
+        blocks = [
+            alpha / r * tensors[f"{prefix}.lora_B.{i}.weight"] @ tensors[f"{prefix}.lora_A.{i}.weight"]
+            for i in range(n)
+        ]
         with torch.no_grad():
             params[target] += torch.block_diag(*blocks)
     return hf
@@ -76,10 +89,16 @@ def test_authors_folder_equals_transformers_with_the_blockdiag_merged(hf, tokeni
     ref = merged_model(tensors, n, r, alpha)
     seq = engine.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True), [(AdapterRef("m"),)])[0]
     with torch.no_grad():
-        expected = ref.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
-        base = tiny_hf_model().generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+        expected = ref.generate(
+            torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(PROMPT) :].tolist()
+        base = (
+            tiny_hf_model()
+            .generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(PROMPT) :
+            ]
+            .tolist()
+        )
     assert seq.output_ids == expected and expected != base  # prefill and decode, and the adapter matters
     engine.add_request(PROMPT, SamplingParams(max_tokens=1), [AdapterRef("m")])
     engine.step()
@@ -90,8 +109,13 @@ def test_authors_folder_equals_transformers_with_the_blockdiag_merged(hf, tokeni
 
 def test_native_blocks_equal_the_dense_form(hf):
     n, r = 4, 3
-    weights = melora.parse("m", {"peft_type": "MELORA", "r": [r] * n, "lora_alpha": [6] * n},
-                           melora_tensors(hf, n, r, seed=2), engine_spec(hf), max_rank=64)
+    weights = melora.parse(
+        "m",
+        {"peft_type": "MELORA", "r": [r] * n, "lora_alpha": [6] * n},
+        melora_tensors(hf, n, r, seed=2),
+        engine_spec(hf),
+        max_rank=64,
+    )
     assert weights.rank == n * r and weights.blocks is not None
     for (layer, module), (A, B) in weights.modules.items():
         x = torch.randn(5, A.shape[1])
@@ -100,7 +124,7 @@ def test_native_blocks_equal_the_dense_form(hf):
 
 
 def engine_spec(hf):
-    from server.engine.model import DecoderModel
+    from mole_serve.engine.model import DecoderModel
 
     return DecoderModel(hf.config, hf.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
 
@@ -114,15 +138,16 @@ def dense_twin(weights, folder):
         prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A.contiguous(), B.contiguous()
     save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": weights.rank,
-                                                            "lora_alpha": weights.rank}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": weights.rank, "lora_alpha": weights.rank})
+    )
     return folder
 
 
 def test_melora_in_every_composition_equals_its_dense_twin(hf, tokenizer, tmp_path):
     """By name, in a weighted set, as a gated candidate and inside a TIES merge (delta W is a plain
     matrix), mixed in one batch with plain LoRAs: each request's tokens as its dense twin gives them."""
-    from server.lora.gate import GateConfig, MoLEGate
+    from mole_serve.lora.gate import GateConfig, MoLEGate
 
     n, r = 4, 2
     folder = write_melora(tmp_path / "m", melora_tensors(hf, n, r, seed=3), n, r)
@@ -140,7 +165,8 @@ def test_melora_in_every_composition_equals_its_dense_twin(hf, tokenizer, tmp_pa
         sets = [(AdapterRef(name_of_m),), (AdapterRef(name_of_m, 0.6), AdapterRef("p0", 0.4)), (AdapterRef("p1"),)]
         selections = [Selection("mixture", s) for s in sets] + [
             Selection("gate", (AdapterRef(name_of_m), AdapterRef("p0"), AdapterRef("p1"))),
-            Selection("merge", (AdapterRef(name_of_m), AdapterRef("p0")), merge=MergeSpec("ties", density=0.5))]
+            Selection("merge", (AdapterRef(name_of_m), AdapterRef("p0")), merge=MergeSpec("ties", density=0.5)),
+        ]
         prompts = [PROMPT, PROMPT[:5], [21, 22, 23], [31, 32, 33, 34], [41, 42]]
         seqs = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True), selections=selections)
         return [s.output_ids for s in seqs]
@@ -148,12 +174,15 @@ def test_melora_in_every_composition_equals_its_dense_twin(hf, tokenizer, tmp_pa
     assert run("m") == run("twin")
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(n=3), "cannot split evenly"),
-    (dict(r=20), "over the limit"),
-    (dict(drop="lora_B.1."), "lacks lora_B.1"),
-    (dict(alpha=[4.0]), "entries for 4 mini LoRAs"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(n=3), "cannot split evenly"),
+        (dict(r=20), "over the limit"),
+        (dict(drop="lora_B.1."), "lacks lora_B.1"),
+        (dict(alpha=[4.0]), "entries for 4 mini LoRAs"),
+    ],
+)
 def test_bad_melora_folders_are_refused_naming_adapter_and_module(hf, tokenizer, tmp_path, change, message):
     n, r = change.get("n", 4), change.get("r", 2)
     tensors = melora_tensors(hf, n if n != 3 else 4, r, seed=4)
@@ -188,9 +217,11 @@ def test_a_melora_upload_is_served_and_a_bad_one_is_a_422(hf, tokenizer, tmp_pat
     tensors = melora_tensors(hf, 4, 2, seed=6)
     folder = write_melora(tmp_path / "m", tensors, 4, 2)
     card = {"name": "mini", "examples": examples("shrink the letters")}
-    files = {"adapter_config.json": (folder / "adapter_config.json").read_bytes(),
-             "adapter_model.safetensors": (folder / "adapter_model.safetensors").read_bytes(),
-             "card.json": json.dumps(card).encode()}
+    files = {
+        "adapter_config.json": (folder / "adapter_config.json").read_bytes(),
+        "adapter_model.safetensors": (folder / "adapter_model.safetensors").read_bytes(),
+        "card.json": json.dumps(card).encode(),
+    }
     with admin_client(hf, tokenizer, tmp_path / "store") as client:
         r = upload(client, files)
         assert r.status_code == 201 and r.json()["rank"] == 8, r.text  # 4 mini LoRAs of rank 2
@@ -198,21 +229,34 @@ def test_a_melora_upload_is_served_and_a_bad_one_is_a_422(hf, tokenizer, tmp_pat
         uneven = {k: v for k, v in tensors.items() if "lora_A.2." not in k}
         r = upload(client, {**files, "adapter_model.safetensors": save(uneven)}, name="broken")
         assert r.status_code == 422 and "lacks lora_A.2" in r.json()["error"]["message"]
-        assert chat(client, "mini").status_code == 200 and "broken" not in client.get(
-            "/admin/adapters", headers=AUTH).text
+        assert (
+            chat(client, "mini").status_code == 200 and "broken" not in client.get("/admin/adapters", headers=AUTH).text
+        )
 
 
 def test_a_trained_melora_serves_as_it_trained(tokenizer, tmp_path):
     """train-adapter --kind melora writes the authors' layout; the server's logits equal the
     training module's own forward (an independent implementation: einsum over the blocks)."""
-    from server.training.train_adapter import TrainOptions, train_adapter
+    from mole_serve.training.train_adapter import TrainOptions, train_adapter
+
     from tests.unit.test_training import tiny_llama
 
-    opts = TrainOptions(kind="melora", rank=1, blocks=4, steps=12, batch=4, lr=1e-2, warmup=2, stop_loss=0.0,
-                        n_eval=4, n_card_examples=5)
+    opts = TrainOptions(
+        kind="melora",
+        rank=1,
+        blocks=4,
+        steps=12,
+        batch=4,
+        lr=1e-2,
+        warmup=2,
+        stop_loss=0.0,
+        n_eval=4,
+        n_card_examples=5,
+    )
     trained = tiny_llama(tokenizer)
-    card = train_adapter("odd_or_even", tmp_path / "odd_or_even", opts, model=trained, tokenizer=tokenizer,
-                         base_model_name="tiny-llama")
+    card = train_adapter(
+        "odd_or_even", tmp_path / "odd_or_even", opts, model=trained, tokenizer=tokenizer, base_model_name="tiny-llama"
+    )
     assert card["kind"] == "melora" and card["final_loss"] < card["first_loss"]
     config = json.loads((tmp_path / "odd_or_even" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MELORA" and config["r"] == [1] * 4
@@ -232,11 +276,19 @@ def test_native_blocks_equal_the_dense_path_in_a_mixed_batch(hf, tokenizer, tmp_
     """Lone MELoRAs (two block shapes, one at weight 0.5) run natively beside a MELoRA in a
     weighted set, plain LoRAs and the base model, with chunked prefill joining decode: each
     request's tokens as with the dense blockdiag path everywhere."""
-    folders = {"m4": write_melora(tmp_path / "m4", melora_tensors(hf, 4, 2, seed=7), 4, 2),
-               "m8": write_melora(tmp_path / "m8", melora_tensors(hf, 8, 1, seed=8), 8, 1),
-               "p": make_adapter(hf, tmp_path / "p", seed=50)}
-    sets = [(AdapterRef("m4"),), (AdapterRef("m8", 0.5),), (AdapterRef("m4", 0.7), AdapterRef("p", 0.3)),
-            (AdapterRef("p"),), (), (AdapterRef("m8"),)]
+    folders = {
+        "m4": write_melora(tmp_path / "m4", melora_tensors(hf, 4, 2, seed=7), 4, 2),
+        "m8": write_melora(tmp_path / "m8", melora_tensors(hf, 8, 1, seed=8), 8, 1),
+        "p": make_adapter(hf, tmp_path / "p", seed=50),
+    }
+    sets = [
+        (AdapterRef("m4"),),
+        (AdapterRef("m8", 0.5),),
+        (AdapterRef("m4", 0.7), AdapterRef("p", 0.3)),
+        (AdapterRef("p"),),
+        (),
+        (AdapterRef("m8"),),
+    ]
     prompts = [PROMPT, [21, 22, 23, 24], [31, 32, 33], PROMPT[:6], [41, 42, 43], [51] * 10]
 
     def run(native: bool):

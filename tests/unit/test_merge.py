@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from mole_serve.engine.model import DecoderModel
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.catalog import read_adapter
+from mole_serve.lora.kinds.base import AdapterWeights
+from mole_serve.routing.merge import merge_adapters, merge_key
+from mole_serve.routing.types import MERGE_STRATEGIES, AdapterRef
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from server.engine.model import DecoderModel
-from server.engine.request import SamplingParams
-from server.library.catalog import read_adapter
-from server.lora.kinds.base import AdapterWeights
-from server.routing.merge import merge_adapters, merge_key
-from server.routing.types import MERGE_STRATEGIES, AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -61,8 +61,10 @@ def peft_modules(model) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tenso
         if hasattr(mod, "lora_A") and "merged" in mod.lora_A:
             parts = key.split(".")
             layer, module = int(parts[parts.index("layers") + 1]), parts[-1]
-            out[(layer, module)] = (mod.lora_A["merged"].weight.detach(),
-                                    mod.lora_B["merged"].weight.detach() * mod.scaling["merged"])
+            out[(layer, module)] = (
+                mod.lora_A["merged"].weight.detach(),
+                mod.lora_B["merged"].weight.detach() * mod.scaling["merged"],
+            )
     return out
 
 
@@ -146,21 +148,25 @@ def test_unequal_ranks_are_refused_except_by_cat(adapters, strategy):
         merge_adapters([loaded["a0"], loaded["r8"]], [0.5, 0.5], strategy, "m", density=0.5)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(strategy="svd"), "unknown merge strategy 'svd'"),
-    (dict(strategy="ties", density=None), "needs a density in \\(0, 1\\]"),
-    (dict(strategy="dare_ties", density=0.0), "needs a density"),
-    (dict(strategy="ties", density=1.5), "needs a density"),
-    (dict(weights=[0.5]), "needs 2 weights, got 1"),
-    (dict(weights=[0.5, float("nan")]), "must be finite"),
-    (dict(names=[]), "at least one adapter"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(strategy="svd"), "unknown merge strategy 'svd'"),
+        (dict(strategy="ties", density=None), "needs a density in \\(0, 1\\]"),
+        (dict(strategy="dare_ties", density=0.0), "needs a density"),
+        (dict(strategy="ties", density=1.5), "needs a density"),
+        (dict(weights=[0.5]), "needs 2 weights, got 1"),
+        (dict(weights=[0.5, float("nan")]), "must be finite"),
+        (dict(names=[]), "at least one adapter"),
+    ],
+)
 def test_bad_specs_raise_clear_errors(adapters, kwargs, message):
     _, _, loaded = adapters
     spec = dict(names=["a0", "a1"], weights=[0.5, 0.5], strategy="linear", density=0.5) | kwargs
     with pytest.raises(ValueError, match=message):
-        merge_adapters([loaded[n] for n in spec["names"]], spec["weights"], spec["strategy"], "m",
-                       density=spec["density"])
+        merge_adapters(
+            [loaded[n] for n in spec["names"]], spec["weights"], spec["strategy"], "m", density=spec["density"]
+        )
 
 
 def test_merge_key():

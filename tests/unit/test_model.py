@@ -3,12 +3,50 @@ greedy generations, on tiny random Llama and Qwen2 (q/k/v bias) models."""
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
 
-from server.engine.request import SamplingParams
 from tests.unit.helpers import engine_for, tiny_hf_model
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
-            31, 32, 33, 34, 35, 36, 37], [30, 31, 32], [40] * 7, [100]]
+PROMPTS = [
+    [
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        34,
+        35,
+        36,
+        37,
+    ],
+    [30, 31, 32],
+    [40] * 7,
+    [100],
+]
 
 
 def ours_and_reference(hf, engine) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +96,6 @@ def test_greedy_batch_matches_transformers_generate(tokenizer):
     engine = engine_for(hf, tokenizer, max_prefill_tokens=16)
     seqs = engine.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))
     for prompt, seq in zip(PROMPTS, seqs):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert seq.output_ids == ref[0, len(prompt) :].tolist()
         assert seq.finish_reason.value == "length"

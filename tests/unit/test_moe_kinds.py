@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.lora.kinds.base import AdapterFormatError
+from mole_serve.routing.selection import SelectionError
+from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 from safetensors.torch import save_file
 
-from server.engine.request import SamplingParams
-from server.lora.kinds.base import AdapterFormatError
-from server.routing.selection import SelectionError
-from server.routing.types import AdapterRef, MergeSpec, Selection
 from tests.unit.helpers import ALL_TARGETS, engine_for, make_adapter, tiny_hf_model
 from tests.unit.test_melora import melora_tensors, write_melora
 
@@ -42,8 +42,11 @@ def mixlora_tensors(hf, E: int, r: int, seed: int, legacy: bool = False) -> dict
         for proj, legacy_name in zip(FFN, ("w1_proj", "w3_proj", "w2_proj")):
             for e in range(E):
                 A, B = _pair(g, getattr(layer.mlp, proj), r)
-                prefix = (f"mixlora.layers.{L}.experts.{e}.{legacy_name}" if legacy
-                          else f"mixlora.layers.{L}.mlp.{proj}.experts.{e}")
+                prefix = (
+                    f"mixlora.layers.{L}.experts.{e}.{legacy_name}"
+                    if legacy
+                    else f"mixlora.layers.{L}.mlp.{proj}.experts.{e}"
+                )
                 tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
     return tensors
 
@@ -72,14 +75,33 @@ def write_folder(folder, tensors, config: dict, bin_format: bool = False):
 
 
 def mixlora_config(E: int = 4, top_k: int = 2, r: int = 4, alpha: int = 8, **extra) -> dict:
-    return {"peft_type": "MIXLORA", "routing_strategy": "mixlora", "num_experts": E, "top_k": top_k, "r": r,
-            "lora_alpha": alpha, "lora_dropout": 0.05, "act_fn": "silu", "target_modules": ALL_TARGETS,
-            "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny", **extra}
+    return {
+        "peft_type": "MIXLORA",
+        "routing_strategy": "mixlora",
+        "num_experts": E,
+        "top_k": top_k,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "act_fn": "silu",
+        "target_modules": ALL_TARGETS,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny",
+        **extra,
+    }
 
 
 def moelora_config(E: int = 4, top_k: int = 2, r: int = 4, alpha: int = 8, **extra) -> dict:
-    return {"peft_type": "MOELORA", "num_experts": E, "top_k": top_k, "r": r, "lora_alpha": alpha,
-            "target_modules": ["q_proj", "v_proj", "down_proj"], **extra}
+    return {
+        "peft_type": "MOELORA",
+        "num_experts": E,
+        "top_k": top_k,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        **extra,
+    }
 
 
 def step_logits(engine, prompt: list[int], adapters, tokens: int) -> tuple[list[int], torch.Tensor]:
@@ -125,8 +147,11 @@ def test_mixlora_equals_the_authors_package(hf, tokenizer, tmp_path, legacy):
     tensors = mixlora_tensors(hf, E=4, r=4, seed=1)
     oracle = mixlora_package_model(write_folder(tmp_path / "ref", tensors, mixlora_config(), bin_format=True))
     served = mixlora_tensors(hf, E=4, r=4, seed=1, legacy=legacy)
-    config = mixlora_config(routing_strategy="mixtral", target_modules=[*ATTENTION, "w1_proj", "w2_proj", "w3_proj"]
-                            ) if legacy else mixlora_config()
+    config = (
+        mixlora_config(routing_strategy="mixtral", target_modules=[*ATTENTION, "w1_proj", "w2_proj", "w3_proj"])
+        if legacy
+        else mixlora_config()
+    )
     engine = engine_for(hf, tokenizer, max_loras=8)
     engine.add_adapter("mix", write_folder(tmp_path / "mix", served, config, bin_format=True))
     output, logits = step_logits(engine, PROMPT, [AdapterRef("mix")], tokens=11)
@@ -143,8 +168,10 @@ def moelora_loop_model(tensors: dict, E: int, top_k: int, scaling: float, renorm
         def __init__(self, base: torch.nn.Linear, prefix: str) -> None:
             super().__init__()
             self.base, self.router = base, tensors[f"{prefix}.moe_gate.weight"]
-            self.experts = [(tensors[f"{prefix}.experts.{e}.lora_A.weight"],
-                             tensors[f"{prefix}.experts.{e}.lora_B.weight"]) for e in range(E)]
+            self.experts = [
+                (tensors[f"{prefix}.experts.{e}.lora_A.weight"], tensors[f"{prefix}.experts.{e}.lora_B.weight"])
+                for e in range(E)
+            ]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.base(x)
@@ -179,19 +206,30 @@ def test_moelora_equals_a_naive_loop(hf, tokenizer, tmp_path, renormalize):
 
 
 def test_mola_folders_load_as_moelora(hf, tmp_path):
-    from server.library.catalog import read_adapter
-    from server.lora.kinds.base import LoRATargetSpec
+    from mole_serve.library.catalog import read_adapter
+    from mole_serve.lora.kinds.base import LoRATargetSpec
 
     tensors = {k.replace("moelora.", "mola."): t for k, t in moelora_tensors(hf, E=4, r=4, seed=2).items()}
     folder = write_folder(tmp_path / "mola", tensors, moelora_config(peft_type="MOLA", routing_strategy="mola"))
-    spec = LoRATargetSpec(2, {m: (64, 64) if m in ("q_proj", "o_proj") else (64, 32) if m in ("k_proj", "v_proj")
-                              else (128, 64) if m == "down_proj" else (64, 128) for m in ALL_TARGETS})
+    spec = LoRATargetSpec(
+        2,
+        {
+            m: (64, 64)
+            if m in ("q_proj", "o_proj")
+            else (64, 32)
+            if m in ("k_proj", "v_proj")
+            else (128, 64)
+            if m == "down_proj"
+            else (64, 128)
+            for m in ALL_TARGETS
+        },
+    )
     weights = read_adapter(folder, spec, 64, "mola")
     assert weights.kind == "moelora" and weights.moe.num_experts == 4 and len(weights.moe.routers) == 6
 
 
 def test_a_batch_of_every_kind_gives_each_request_its_own_tokens(hf, tokenizer, tmp_path):
-    from server.lora.gate import GateConfig, MoLEGate
+    from mole_serve.lora.gate import GateConfig, MoLEGate
 
     make_adapter(hf, tmp_path / "a", seed=11)
     make_adapter(hf, tmp_path / "b", seed=12)
@@ -204,11 +242,15 @@ def test_a_batch_of_every_kind_gives_each_request_its_own_tokens(hf, tokenizer, 
     torch.manual_seed(0)
     engine.pool.attach_gate(MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec())))
     requests = [
-        ([AdapterRef("a")], None), ([AdapterRef("a", 0.3), AdapterRef("b", 0.7)], None),
+        ([AdapterRef("a")], None),
+        ([AdapterRef("a", 0.3), AdapterRef("b", 0.7)], None),
         ([], Selection("gate", explicit=(AdapterRef("a"), AdapterRef("b")))),
         ([], Selection("merge", explicit=(AdapterRef("a"), AdapterRef("b")), merge=MergeSpec("ties", 0.5))),
-        ([AdapterRef("me")], None), ([AdapterRef("mix")], None), ([AdapterRef("moe")], None),
-        ([AdapterRef("mix")], None), ([], None),
+        ([AdapterRef("me")], None),
+        ([AdapterRef("mix")], None),
+        ([AdapterRef("moe")], None),
+        ([AdapterRef("mix")], None),
+        ([], None),
     ]
     prompts = [PROMPT[: 4 + i] for i in range(len(requests))]
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -285,28 +327,53 @@ def _set(key_suffix: str, make):
     return lambda t: {k: (make(v).contiguous() if k.endswith(key_suffix) else v) for k, v in t.items()}
 
 
-@pytest.mark.parametrize("kind, change_tensors, change_config, message", [
-    ("mixlora", _drop("layers.1.mlp.moe_gate.weight"), {}, "layers.1 has FFN experts but no router"),
-    ("mixlora", _drop("layers.0.mlp.up_proj.experts.3.lora_A.weight"), {}, "experts.3 has lora_B without its pair"),
-    ("mixlora", lambda t: t, {"num_experts": 3}, "has shape (4, 64); num_experts=3 and the base model need [3, 64]"),
-    ("mixlora", lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.experts.3." not in k}, {},
-     "layers.1.up_proj lacks experts 3 of 4"),
-    ("mixlora", _set("layers.0.mlp.moe_gate.weight", lambda v: v[:, :32]), {}, "need [4, 64]"),
-    ("mixlora", _set("layers.0.mlp.gate_proj.experts.1.lora_B.weight", lambda v: v[:, :2]), {}, "A [r, 64]"),
-    ("mixlora", lambda t: t, {"routing_strategy": "mixlora-switch"}, "'mixlora-switch' is not supported"),
-    ("mixlora", lambda t: t, {"routing_strategy": "hash"}, "unknown routing_strategy 'hash'"),
-    ("mixlora", lambda t: t, {"use_dora": True}, "DoRA experts are not supported"),
-    ("mixlora", lambda t: t, {"top_k": 5}, "`top_k` must be an integer from 1 to num_experts (4)"),
-    ("mixlora", _set("layers.1.mlp.down_proj.experts.0.lora_A.weight", lambda v: v * float("nan")), {},
-     "layers.1.down_proj.experts.0 holds non-finite values"),
-    ("mixlora", _set("layers.0.mlp.moe_gate.weight", lambda v: v * float("inf")), {}, "non-finite"),
-    ("moelora", _drop("layers.0.self_attn.q_proj.moe_gate.weight"), {}, "layers.0.q_proj has experts but no router"),
-    ("moelora", lambda t: {k: v for k, v in t.items() if not any(f"q_proj.experts.{e}." in k for e in (1, 2))}, {},
-     "layers.0.q_proj lacks experts 1, 2 of 4"),
-    ("moelora", lambda t: t, {"routing_strategy": "dense"}, "unknown routing_strategy 'dense'"),
-])
+@pytest.mark.parametrize(
+    "kind, change_tensors, change_config, message",
+    [
+        ("mixlora", _drop("layers.1.mlp.moe_gate.weight"), {}, "layers.1 has FFN experts but no router"),
+        ("mixlora", _drop("layers.0.mlp.up_proj.experts.3.lora_A.weight"), {}, "experts.3 has lora_B without its pair"),
+        (
+            "mixlora",
+            lambda t: t,
+            {"num_experts": 3},
+            "has shape (4, 64); num_experts=3 and the base model need [3, 64]",
+        ),
+        (
+            "mixlora",
+            lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.experts.3." not in k},
+            {},
+            "layers.1.up_proj lacks experts 3 of 4",
+        ),
+        ("mixlora", _set("layers.0.mlp.moe_gate.weight", lambda v: v[:, :32]), {}, "need [4, 64]"),
+        ("mixlora", _set("layers.0.mlp.gate_proj.experts.1.lora_B.weight", lambda v: v[:, :2]), {}, "A [r, 64]"),
+        ("mixlora", lambda t: t, {"routing_strategy": "mixlora-switch"}, "'mixlora-switch' is not supported"),
+        ("mixlora", lambda t: t, {"routing_strategy": "hash"}, "unknown routing_strategy 'hash'"),
+        ("mixlora", lambda t: t, {"use_dora": True}, "DoRA experts are not supported"),
+        ("mixlora", lambda t: t, {"top_k": 5}, "`top_k` must be an integer from 1 to num_experts (4)"),
+        (
+            "mixlora",
+            _set("layers.1.mlp.down_proj.experts.0.lora_A.weight", lambda v: v * float("nan")),
+            {},
+            "layers.1.down_proj.experts.0 holds non-finite values",
+        ),
+        ("mixlora", _set("layers.0.mlp.moe_gate.weight", lambda v: v * float("inf")), {}, "non-finite"),
+        (
+            "moelora",
+            _drop("layers.0.self_attn.q_proj.moe_gate.weight"),
+            {},
+            "layers.0.q_proj has experts but no router",
+        ),
+        (
+            "moelora",
+            lambda t: {k: v for k, v in t.items() if not any(f"q_proj.experts.{e}." in k for e in (1, 2))},
+            {},
+            "layers.0.q_proj lacks experts 1, 2 of 4",
+        ),
+        ("moelora", lambda t: t, {"routing_strategy": "dense"}, "unknown routing_strategy 'dense'"),
+    ],
+)
 def test_bad_checkpoints_are_clear_errors(hf, tmp_path, kind, change_tensors, change_config, message):
-    from server.library.catalog import read_adapter
+    from mole_serve.library.catalog import read_adapter
 
     if kind == "mixlora":
         tensors, config = mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config(**change_config)
@@ -320,13 +387,13 @@ def test_bad_checkpoints_are_clear_errors(hf, tmp_path, kind, change_tensors, ch
 
 
 def tiny_spec(hf):
-    from server.engine.model import DecoderModel
+    from mole_serve.engine.model import DecoderModel
 
     return DecoderModel(hf.config, hf.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
 
 
 def test_a_pickled_mixlora_upload_is_refused_and_convert_writes_safetensors(hf, tmp_path):
-    from server.library.catalog import convert_to_safetensors, read_adapter
+    from mole_serve.library.catalog import convert_to_safetensors, read_adapter
 
     folder = write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config(), bin_format=True)
     out = convert_to_safetensors(folder)
@@ -337,7 +404,7 @@ def test_a_pickled_mixlora_upload_is_refused_and_convert_writes_safetensors(hf, 
 
 @pytest.mark.parametrize("kind", ["mixlora", "moelora"])
 def test_what_train_adapter_writes_serves_as_it_trained(tokenizer, tmp_path, kind):
-    from server.training.moe import balance_loss, inject_moe, save_moe
+    from mole_serve.training.moe import balance_loss, inject_moe, save_moe
 
     hf = tiny_hf_model()
     engine = engine_for(hf, tokenizer)  # the base weights, before the training modules go in
@@ -357,7 +424,7 @@ def test_what_train_adapter_writes_serves_as_it_trained(tokenizer, tmp_path, kin
 
 
 def test_balance_loss_is_moe_peft_formula_on_concatenated_layers():
-    from server.training.moe import balance_loss
+    from mole_serve.training.moe import balance_loss
 
     class Router:
         def __init__(self, logits):
@@ -378,9 +445,8 @@ def test_over_http_a_mixture_reports_expert_usage_and_prometheus_counts_it(hf, t
     import threading
 
     from fastapi.testclient import TestClient
-
-    from server.api.app import create_app
-    from server.config import Settings
+    from mole_serve.api.app import create_app
+    from mole_serve.config import Settings
 
     engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=8)
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -403,12 +469,15 @@ def test_a_moelora_uploads_through_the_admin_api_and_serves_by_name(hf, tokenize
     from tests.unit.test_admin_api import AUTH, admin_client, chat, examples, parts
 
     tensors = moelora_tensors(hf, E=4, r=4, seed=2)
-    files = {"adapter_config.json": json.dumps(moelora_config()).encode(),
-             "adapter_model.safetensors": save(tensors),
-             "card.json": json.dumps({"name": "moe", "examples": examples("route experts")}).encode()}
+    files = {
+        "adapter_config.json": json.dumps(moelora_config()).encode(),
+        "adapter_model.safetensors": save(tensors),
+        "card.json": json.dumps({"name": "moe", "examples": examples("route experts")}).encode(),
+    }
     broken = {**files, "adapter_model.safetensors": save(_drop("layers.1.mlp.down_proj.moe_gate.weight")(tensors))}
-    with admin_client(hf, tokenizer, tmp_path / "store", max_upload_bytes=2_000_000,
-                      max_uncompressed_bytes=4_000_000) as client:
+    with admin_client(
+        hf, tokenizer, tmp_path / "store", max_upload_bytes=2_000_000, max_uncompressed_bytes=4_000_000
+    ) as client:
         r = client.post("/admin/adapters", headers=AUTH, files=parts(broken))
         assert r.status_code == 422 and "layers.1.down_proj has experts but no router" in r.json()["error"]["message"]
         r = client.post("/admin/adapters", headers=AUTH, files=parts(files))

@@ -2,8 +2,9 @@
 cached prefixes, span several blocks and are preempted and recomputed; cached KV never crosses
 adapter sets (or adapter versions)."""
 
-from server.engine.request import SamplingParams
-from server.routing.types import AdapterRef, MergeSpec, Selection
+from mole_serve.engine.request import SamplingParams
+from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
+
 from tests.unit.helpers import engine_for
 from tests.unit.test_gate import gate_selection, gated_engine
 
@@ -23,8 +24,12 @@ def test_paging_prefix_hits_and_preemption_keep_every_request_exact(gated_engine
         (SYSTEM + [16], gate_selection("a0", "a1", "a2")),
         (SYSTEM + [17, 18], Selection("merge", three, merge=MergeSpec("ties", density=0.5))),
     ]
-    alone = [gated_engine(hf, paths, tokenizer, enable_prefix_caching=False)
-             .generate([p], PARAMS, selections=[sel])[0].output_ids for p, sel in cases]
+    alone = [
+        gated_engine(hf, paths, tokenizer, enable_prefix_caching=False)
+        .generate([p], PARAMS, selections=[sel])[0]
+        .output_ids
+        for p, sel in cases
+    ]
     # 20 blocks of 16 for 7 sequences of 41-91 tokens (>= 30 blocks in all): preemption is certain
     engine = gated_engine(hf, paths, tokenizer, num_kv_blocks=20, max_prefill_tokens=64)
     first = engine.generate([cases[0][0]], PARAMS, selections=[cases[0][1]])[0]  # caches the shared head

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from server.config import Settings
-from server.library.store import adapter_dirs, read_card
-from server.routing import retriever as retriever_mod
-from server.routing.retriever import (
+from mole_serve.config import Settings
+from mole_serve.library.store import adapter_dirs, read_card
+from mole_serve.routing import retriever as retriever_mod
+from mole_serve.routing.retriever import (
     FINGERPRINT_TEXT,
     PROJECTION_DIR,
     Embedder,
@@ -23,8 +22,8 @@ from server.routing.retriever import (
     Retriever,
     project,
 )
-from server.training.tasks import TASKS
-from server.training.train_retriever import (
+from mole_serve.training.tasks import TASKS
+from mole_serve.training.train_retriever import (
     ProjectionTrainOptions,
     fit_projection,
     library_embeddings,
@@ -114,15 +113,18 @@ def test_general_chat_gets_no_adapter(shipped: Retriever) -> None:
 def eval_top1(r: Retriever, task_of: dict[str, str], per_task: int = 20) -> float:
     """Top-1 accuracy (the task's own adapter or its twin) on held-out inputs and phrasings (the
     tasks' eval split)."""
-    prompts = {task: [p for p, _ in TASKS[task].examples("eval", per_task)]
-               for task in sorted({task_of[name] for name in r.names})}
+    prompts = {
+        task: [p for p, _ in TASKS[task].examples("eval", per_task)]
+        for task in sorted({task_of[name] for name in r.names})
+    }
     hits = r.search([p for ps in prompts.values() for p in ps], k=1)
     labels = [task for task, ps in prompts.items() for _ in ps]
     return float(np.mean([task_of[h[0][0]] == y for h, y in zip(hits, labels)]))
 
 
 def test_shipped_projection_beats_the_plain_encoder_on_held_out_phrasings(
-        shipped: Retriever, embedder: Embedder, task_of: dict[str, str]) -> None:
+    shipped: Retriever, embedder: Embedder, task_of: dict[str, str]
+) -> None:
     plain = Retriever.from_store(Settings(), embedder=embedder)
     before, after = eval_top1(plain, task_of), eval_top1(shipped, task_of)
     assert after >= 0.98 and after > before, (before, after)
@@ -151,8 +153,9 @@ def test_store_projection_is_applied_checked_and_optional(embedder: Embedder, tm
     served = Embedder.from_settings(Settings(adapters_dir=tmp_path))
     plain = embedder.encode(GENERAL)
     expected = plain + plain @ delta.T
-    np.testing.assert_allclose(served.encode(GENERAL), expected / np.linalg.norm(expected, axis=1, keepdims=True),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        served.encode(GENERAL), expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5
+    )
     assert Embedder.from_settings(Settings(adapters_dir=tmp_path, retrieval_projection=False)).projection is None
 
     save_projection(tmp_path, delta, unit(rng, 1)[0])  # trained on some other encoder
@@ -183,8 +186,11 @@ def test_projection_trained_without_a_task_still_retrieves_it(embedder: Embedder
 
     plain = torch.zeros(DIM, DIM)
     hardest = min((n for n in names if n in TASKS), key=lambda n: top1(plain, n))
-    delta, log = fit_projection({n: p for n, p in prompts.items() if read_card(Settings().adapters_dir / n).get(
-        "task") != hardest}, cards, ProjectionTrainOptions(steps=150))
+    delta, log = fit_projection(
+        {n: p for n, p in prompts.items() if read_card(Settings().adapters_dir / n).get("task") != hardest},
+        cards,
+        ProjectionTrainOptions(steps=150),
+    )
     delta = torch.from_numpy(delta)
     assert log[-1]["top1"] == 1.0 and log[-1]["loss"] < log[0]["loss"]
     assert top1(delta, hardest) >= min(top1(plain, hardest), 0.9) and top1(delta, hardest) > 0.85, hardest

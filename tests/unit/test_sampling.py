@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 import torch
+from mole_serve.engine.async_engine import AsyncEngine
+from mole_serve.engine.request import SamplingParams
+from mole_serve.engine.sampler import make_generator, sample
 
-from server.engine.async_engine import AsyncEngine
-from server.engine.request import SamplingParams
-from server.engine.sampler import make_generator, sample
 from tests.unit.helpers import engine_for, tiny_hf_model
 
 PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22], [31, 32, 33, 34, 35, 36, 37, 38, 39]]
@@ -23,13 +23,19 @@ def test_seeded_sampling_is_independent_of_the_batch(hf, tokenizer):
     alone = engine_for(hf, tokenizer).generate([PROMPTS[0]], params)[0].output_ids
     noisy = SamplingParams(max_tokens=9, temperature=1.3, ignore_eos=True)
     engine = engine_for(hf, tokenizer)
-    together = [engine.add_request(PROMPTS[1], noisy), engine.add_request(PROMPTS[0], params),
-                engine.add_request(PROMPTS[2], noisy)]
+    together = [
+        engine.add_request(PROMPTS[1], noisy),
+        engine.add_request(PROMPTS[0], params),
+        engine.add_request(PROMPTS[2], noisy),
+    ]
     while engine.has_unfinished():
         engine.step()
     assert together[1].output_ids == alone
-    other_seed = engine_for(hf, tokenizer).generate(
-        [PROMPTS[0]], SamplingParams(max_tokens=15, temperature=1.0, seed=99, ignore_eos=True))[0].output_ids
+    other_seed = (
+        engine_for(hf, tokenizer)
+        .generate([PROMPTS[0]], SamplingParams(max_tokens=15, temperature=1.0, seed=99, ignore_eos=True))[0]
+        .output_ids
+    )
     assert other_seed != alone
 
 
@@ -80,6 +86,7 @@ def test_async_engine_concurrent_requests_and_cancel(hf, tokenizer):
         aeng = AsyncEngine(engine)
         aeng.start()
         try:
+
             async def run(prompt):
                 return [o async for o in aeng.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))]
 

@@ -4,13 +4,13 @@ preemption when blocks run out, freeing."""
 import subprocess
 import sys
 
-from server.engine.block_manager import BlockManager
-from server.engine.request import FinishReason, SamplingParams, Sequence, SequenceStatus
-from server.engine.scheduler import Scheduler
+from mole_serve.engine.block_manager import BlockManager
+from mole_serve.engine.request import FinishReason, SamplingParams, Sequence, SequenceStatus
+from mole_serve.engine.scheduler import Scheduler
 
 
 def test_scheduler_imports_no_torch():
-    code = "import sys, server.engine.scheduler; assert 'torch' not in sys.modules"
+    code = "import sys, mole_serve.engine.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mole_serve.api.app import create_app
+from mole_serve.config import Settings
 
-from server.api.app import create_app
-from server.config import Settings
 from tests.unit.helpers import engine_for, live_server, tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,11 +33,32 @@ def url(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("routes, token", [("^/(v1|health|metrics)", API_KEY), ("^/admin", ADMIN_TOKEN)])
 def test_schemathesis_finds_nothing(url, routes, token):
     run = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "--no-color", "run", f"{url}/openapi.json", "--checks", "all",
-         "--exclude-checks", "positive_data_acceptance", "--include-path-regex", routes, "--max-examples", "40",
-         "--request-timeout", "30", "-H", f"Authorization: Bearer {token}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.unit.schemathesis_hooks", "PYTHONPATH": str(REPO)})
-    failures = run.stdout[run.stdout.find("FAILURES"):] if "FAILURES" in run.stdout else run.stdout[-4000:]
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--no-color",
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--include-path-regex",
+            routes,
+            "--max-examples",
+            "40",
+            "--request-timeout",
+            "30",
+            "-H",
+            f"Authorization: Bearer {token}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.unit.schemathesis_hooks", "PYTHONPATH": str(REPO)},
+    )
+    failures = run.stdout[run.stdout.find("FAILURES") :] if "FAILURES" in run.stdout else run.stdout[-4000:]
     assert run.returncode == 0, failures[:8000] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failures" not in run.stdout.splitlines()[-1], run.stdout[-3000:]

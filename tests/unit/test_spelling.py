@@ -1,4 +1,4 @@
-"""Spelled input (server/spelling.py): the encoding, training's use of it, and the engine sending the
+"""Spelled input (mole_serve/spelling.py): the encoding, training's use of it, and the engine sending the
 spelled prompt only to an adapter whose card asks for it."""
 
 from __future__ import annotations
@@ -8,26 +8,30 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from mole_serve.api.app import create_app
+from mole_serve.config import Settings
+from mole_serve.engine.request import SamplingParams
+from mole_serve.library.upload import InvalidAdapterError, check_card
+from mole_serve.routing.types import AdapterRef, Selection
+from mole_serve.spelling import letter_token_ids, spell_words, spelled_chat_ids, spelled_messages
+from mole_serve.training.train_adapter import build_chat, encode
 
-from server.api.app import create_app
-from server.config import Settings
-from server.engine.request import SamplingParams
-from server.library.upload import InvalidAdapterError, check_card
-from server.routing.types import AdapterRef, Selection
-from server.spelling import letter_token_ids, spell_words, spelled_chat_ids, spelled_messages
-from server.training.train_adapter import build_chat, encode
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 
 def test_spell_words_follows_each_word_with_its_letters():
-    assert spell_words("Reverse planet, please!") == ("Reverse (R e v e r s e) planet (p l a n e t), "
-                                                      "please (p l e a s e)!")
+    assert spell_words("Reverse planet, please!") == (
+        "Reverse (R e v e r s e) planet (p l a n e t), please (p l e a s e)!"
+    )
     assert spell_words("add 42 to a") == "add (a d d) 42 to (t o) a"  # digits and single letters as written
     # a text with letters already written apart stays as it is, instruction words included
     for apart in ("Reverse p l a n e t", "sort c, a, t please", "shift x-y-z"):
         assert spell_words(apart) == apart
-    chat = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "sort cab"},
-            {"role": "assistant", "content": "abc"}]
+    chat = [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "sort cab"},
+        {"role": "assistant", "content": "abc"},
+    ]
     assert [m["content"] for m in spelled_messages(chat)] == ["Be brief", "sort (s o r t) cab (c a b)", "abc"]
 
 
@@ -46,7 +50,7 @@ def test_training_encodes_a_spelled_pair(tokenizer):
     spelled = encode(tokenizer, "Reverse planet", "tenalp", spelled=True)
     prompt = encode(tokenizer, "Reverse planet", spelled=True)
     assert "Reverse (R e v e r s e) planet (p l a n e t)" in tokenizer.decode(prompt)
-    assert spelled[len(prompt):] == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
+    assert spelled[len(prompt) :] == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
     assert len(spelled) > len(plain)
     assert spelled_chat_ids(tokenizer, build_chat("Reverse planet")) == tuple(prompt)
     assert spelled_chat_ids(tokenizer, build_chat("1 + 2 ?")) is None  # nothing to spell
@@ -77,8 +81,9 @@ def test_engine_sends_the_spelled_prompt_to_a_spelled_adapter_only(spelling_engi
     engine = spelling_engine
     assert engine.catalog.reads_spelled("speller") and not engine.catalog.reads_spelled("plain")
     chat = build_chat("Reverse planet")
-    plain = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)["input_ids"]
+    plain = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     spelled = spelled_chat_ids(tokenizer, chat)
     too_long = tuple(range(10, 10 + engine.max_model_len))
 
@@ -96,7 +101,9 @@ def test_engine_sends_the_spelled_prompt_to_a_spelled_adapter_only(spelling_engi
     assert run(AdapterRef("speller"), spelled_prompt=too_long)[0] == plain  # no room: the plain prompt
     # asked for the whole window: the answer keeps within it
     assert run(AdapterRef("speller"), max_tokens=engine.max_model_len - len(plain)) == (
-        list(spelled), engine.max_model_len - len(spelled))
+        list(spelled),
+        engine.max_model_len - len(spelled),
+    )
 
 
 def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenizer):
@@ -107,8 +114,10 @@ def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenize
             if client.get("/health").status_code == 200:
                 break
             threading.Event().wait(0.05)
-        counts = {model: client.post("/v1/chat/completions", json={**chat, "model": model}).json()["usage"]
-                  ["prompt_tokens"] for model in ("speller", "plain", spelling_engine.model_name)}
+        counts = {
+            model: client.post("/v1/chat/completions", json={**chat, "model": model}).json()["usage"]["prompt_tokens"]
+            for model in ("speller", "plain", spelling_engine.model_name)
+        }
     messages = [{"role": "user", "content": "Reverse planet"}]
     assert counts["speller"] == len(spelled_chat_ids(tokenizer, messages))
     assert counts["plain"] == counts[spelling_engine.model_name] < counts["speller"]

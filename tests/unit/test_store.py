@@ -10,9 +10,8 @@ import tarfile
 import zipfile
 
 import pytest
-
-from server.library.store import AdapterExistsError, AdapterStore, adapter_dirs, describe, read_card, valid_name
-from server.library.upload import UploadError, UploadTooLargeError, collect, unpack_archive
+from mole_serve.library.store import AdapterExistsError, AdapterStore, adapter_dirs, describe, read_card, valid_name
+from mole_serve.library.upload import UploadError, UploadTooLargeError, collect, unpack_archive
 
 OLD = {"adapter_config.json": b'{"r": 1}', "adapter_model.safetensors": b"old" * 1000, "card.json": b'{"v": 1}'}
 NEW = {"adapter_config.json": b'{"r": 2}', "adapter_model.safetensors": b"new" * 2000, "card.json": b'{"v": 2}'}
@@ -68,9 +67,15 @@ def test_describe_reads_the_safetensors_header(tmp_path):
     from safetensors.torch import save_file
 
     key = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
-    save_file({key.format(0, "A"): torch.zeros(4, 8), key.format(0, "B"): torch.zeros(8, 4),
-               key.format(1, "A"): torch.zeros(2, 8), key.format(1, "B"): torch.zeros(8, 2)},
-              tmp_path / "adapter_model.safetensors")
+    save_file(
+        {
+            key.format(0, "A"): torch.zeros(4, 8),
+            key.format(0, "B"): torch.zeros(8, 4),
+            key.format(1, "A"): torch.zeros(2, 8),
+            key.format(1, "B"): torch.zeros(8, 2),
+        },
+        tmp_path / "adapter_model.safetensors",
+    )
     info = describe(tmp_path)
     assert info["rank"] == 4 and info["targets"] == ["q_proj"] and info["num_layers"] == 2 and info["size_bytes"] > 0
 
@@ -91,6 +96,7 @@ def crash_at(step: int, action) -> bool:
                     os._exit(17)
                 count[0] += 1
                 return fn(*args, **kwargs)
+
             return inner
 
         for call in FS_CALLS:
@@ -166,7 +172,7 @@ def zip_bytes(members: dict[str, bytes], link: str | None = None) -> bytes:
             zf.writestr(name, data)
         if link:
             info = zipfile.ZipInfo(link)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, "/etc/passwd")
     return buf.getvalue()
 
@@ -192,20 +198,23 @@ def test_archives_unpack_to_the_adapter_files():
     assert collect(list(OLD.items()), 1 << 20) == OLD
 
 
-@pytest.mark.parametrize("archive, error, words", [
-    (("a.zip", zip_bytes({"../../evil/card.json": b"x"})), UploadError, "outside"),
-    (("a.zip", zip_bytes({"/abs/card.json": b"x"})), UploadError, "outside"),
-    (("a.zip", zip_bytes(OLD, link="card2.json")), UploadError, "link"),
-    (("a.tar.gz", tar_bytes({"../card.json": b"x"})), UploadError, "outside"),
-    (("a.tar.gz", tar_bytes(OLD, link=("x", tarfile.SYMTYPE))), UploadError, "link"),
-    (("a.tar.gz", tar_bytes(OLD, link=("y", tarfile.LNKTYPE))), UploadError, "link"),
-    (("a.zip", zip_bytes({"adapter_model.safetensors": bytes(5 << 20)})), UploadTooLargeError, "unpacks"),
-    (("a.tar.gz", tar_bytes({"adapter_model.safetensors": bytes(5 << 20)})), UploadTooLargeError, "unpacks"),
-    (("a.zip", b"PK\x03\x04 not really"), UploadError, "not a readable archive"),
-    (("a.tar.gz", b"\x1f\x8b broken"), UploadError, "not a readable archive"),
-    (("a.zip", zip_bytes({**OLD, "adapter_model.bin": b"pickle"})), UploadError, "pickle"),
-    (("a.zip", zip_bytes({f"f{i}": b"" for i in range(100)})), UploadError, "more than"),
-])
+@pytest.mark.parametrize(
+    "archive, error, words",
+    [
+        (("a.zip", zip_bytes({"../../evil/card.json": b"x"})), UploadError, "outside"),
+        (("a.zip", zip_bytes({"/abs/card.json": b"x"})), UploadError, "outside"),
+        (("a.zip", zip_bytes(OLD, link="card2.json")), UploadError, "link"),
+        (("a.tar.gz", tar_bytes({"../card.json": b"x"})), UploadError, "outside"),
+        (("a.tar.gz", tar_bytes(OLD, link=("x", tarfile.SYMTYPE))), UploadError, "link"),
+        (("a.tar.gz", tar_bytes(OLD, link=("y", tarfile.LNKTYPE))), UploadError, "link"),
+        (("a.zip", zip_bytes({"adapter_model.safetensors": bytes(5 << 20)})), UploadTooLargeError, "unpacks"),
+        (("a.tar.gz", tar_bytes({"adapter_model.safetensors": bytes(5 << 20)})), UploadTooLargeError, "unpacks"),
+        (("a.zip", b"PK\x03\x04 not really"), UploadError, "not a readable archive"),
+        (("a.tar.gz", b"\x1f\x8b broken"), UploadError, "not a readable archive"),
+        (("a.zip", zip_bytes({**OLD, "adapter_model.bin": b"pickle"})), UploadError, "pickle"),
+        (("a.zip", zip_bytes({f"f{i}": b"" for i in range(100)})), UploadError, "more than"),
+    ],
+)
 def test_bad_archives_are_refused(archive, error, words):
     with pytest.raises(error, match=words):
         collect([archive], 1 << 20)
@@ -233,4 +242,3 @@ def test_missing_and_duplicate_files_are_refused():
         collect([("a.zip", zip_bytes({**OLD, **{f"x/{k}": v for k, v in OLD.items()}}))], 1 << 20)
     with pytest.raises(UploadError, match="not both"):
         collect([("a.zip", zip_bytes(OLD)), ("card.json", b"{}")], 1 << 20)
-

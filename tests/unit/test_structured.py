@@ -11,28 +11,51 @@ import llguidance
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from mole_serve.api.app import create_app
+from mole_serve.api.protocol import ChatCompletionRequest
+from mole_serve.api.structured import ToolUse, json_grammar, template_messages
+from mole_serve.config import Settings
+from mole_serve.engine.request import SamplingParams
+from mole_serve.engine.structured import mask_logits
+from mole_serve.routing.types import AdapterRef
 
-from server.api.app import create_app
-from server.api.protocol import ChatCompletionRequest
-from server.api.structured import ToolUse, json_grammar, template_messages
-from server.config import Settings
-from server.engine.request import SamplingParams
-from server.engine.structured import mask_logits
-from server.routing.types import AdapterRef
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 
 # Every value bounded, so that even a random model completes the object within a few tokens.
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
-                                                                           "maximum": 99},
-                                           "pick": {"enum": ["red", "green"]}},
-          "required": ["ok", "n", "pick"], "additionalProperties": False}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1,
-                                                                            "maximum": 7}},
-    "required": ["unit", "days"], "additionalProperties": False}}}
-ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
-    "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}}, "required": ["hour"],
-    "additionalProperties": False}}}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "pick": {"enum": ["red", "green"]},
+    },
+    "required": ["ok", "n", "pick"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["unit", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+            "required": ["hour"],
+            "additionalProperties": False,
+        },
+    },
+}
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -60,9 +83,12 @@ def test_constrained_and_free_requests_share_a_batch(tokenizer, tmp_path):
     grammar = json_grammar(SCHEMA)
     prompts = [list(range(5, 5 + n)) for n in (7, 12, 9, 4)]
     free = SamplingParams(max_tokens=12, ignore_eos=True)
-    plans = [(free, ()), (SamplingParams(max_tokens=40, grammar=grammar), (AdapterRef("a"),)),
-             (SamplingParams(max_tokens=40, temperature=1.0, seed=7, grammar=grammar), ()),
-             (free, (AdapterRef("a"),))]
+    plans = [
+        (free, ()),
+        (SamplingParams(max_tokens=40, grammar=grammar), (AdapterRef("a"),)),
+        (SamplingParams(max_tokens=40, temperature=1.0, seed=7, grammar=grammar), ()),
+        (free, (AdapterRef("a"),)),
+    ]
     alone = []
     for prompt, (sampling, adapters) in zip(prompts, plans):
         seq = engine.add_request(prompt, sampling, adapters)
@@ -90,11 +116,26 @@ def test_tool_answers_are_read_as_calls():
 
 
 def test_a_template_with_a_tool_format_gets_the_tools_and_the_tool_turns():
-    body = ChatCompletionRequest.model_validate({"tools": [WEATHER], "messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"unit": "c"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]})
+    body = ChatCompletionRequest.model_validate(
+        {
+            "tools": [WEATHER],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"unit": "c"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ],
+        }
+    )
     messages, tools = template_messages(body, "{% for t in tools %}{{ t }}{% endfor %}")
     assert tools[0]["function"]["name"] == "get_weather"
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"unit": "c"}
@@ -118,8 +159,10 @@ def chat(client, **body):
 
 
 def test_json_schema_and_json_object(client):
-    r = chat(client, response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA,
-                                                                              "strict": True}})
+    r = chat(
+        client,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA, "strict": True}},
+    )
     message = r.json()["choices"][0]["message"]
     jsonschema.validate(json.loads(message["content"]), SCHEMA)
     assert r.json()["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in message
@@ -156,30 +199,59 @@ def test_a_named_function_is_called(client):
 
 
 def test_a_conversation_with_tool_turns_is_served(client):
-    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "set_alarm", "arguments": '{"hour": 7}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "done"}]
-    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "tools": [ALARM],
-                                                  "tool_choice": "none"})
+    messages = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "set_alarm", "arguments": '{"hour": 7}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    r = client.post(
+        "/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "tools": [ALARM], "tool_choice": "none"}
+    )
     assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"tools": [WEATHER]}, "tool_choice", "no"),  # `auto` by default; SmolLM2's template has no tool format
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
-    ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
-    ({"tools": [WEATHER, WEATHER]}, "tools", "same name"),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
-     "cannot be combined"),
-    ({"response_format": {"type": "json_schema"}}, "response_format", "required"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-     "response_format.json_schema.schema", "strin"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True,
-                                                                 "schema": {"not": {"type": "string"}}}}},
-     "response_format.json_schema.schema", "not"),
-    ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id", "required"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"tools": [WEATHER]}, "tool_choice", "no"),  # `auto` by default; SmolLM2's template has no tool format
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
+        ({"tools": [WEATHER, WEATHER]}, "tools", "same name"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "cannot be combined",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "required"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+            "response_format.json_schema.schema",
+            "strin",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": {"not": {"type": "string"}}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "not",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id", "required"),
+    ],
+)
 def test_bad_structured_requests_are_clear_400s(client, body, param, words):
     r = chat(client, **body)
     error = r.json()["error"]
@@ -189,8 +261,13 @@ def test_bad_structured_requests_are_clear_400s(client, body, param, words):
 
 def test_a_loose_schema_is_followed_where_it_can_be(client):
     """Without `strict`, keywords the grammar cannot enforce are ignored rather than refused."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False, "not": {"required": ["x"]}}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+        "not": {"required": ["x"]},
+    }
     r = chat(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     assert json.loads(r.json()["choices"][0]["message"]["content"])["ok"] in (True, False)
 

@@ -8,12 +8,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from server.library.store import GATE_DIR
-from server.lora.gate import GateConfig, MoLEGate
-from server.training.tasks import COMPOSITES, TASKS
-from server.training.train_adapter import encode
-from server.training.train_gate import (
+from mole_serve.library.store import GATE_DIR
+from mole_serve.lora.gate import GateConfig, MoLEGate
+from mole_serve.training.tasks import COMPOSITES, TASKS
+from mole_serve.training.train_adapter import encode
+from mole_serve.training.train_gate import (
     Example,
     GateTrainOptions,
     UsageTracker,
@@ -26,6 +25,7 @@ from server.training.train_gate import (
     train_gate,
     training_pairs,
 )
+
 from tests.unit.helpers import task_library_engine
 
 LIBRARY = ("int_to_roman", "add_3digit", "odd_or_even")  # two composite tasks need two of them
@@ -42,8 +42,12 @@ def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
     gate, log = train_gate(engine, engine.catalog.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
     # few-shot: fine-tuned from that gate on the composite task whose skills the library holds
-    tuned, log = train_gate(engine, engine.catalog.retriever, GateTrainOptions(
-        steps=2, batch=2, composite_per_task=2, lr=0.05), init=MoLEGate(gate.config).requires_grad_(False))
+    tuned, log = train_gate(
+        engine,
+        engine.catalog.retriever,
+        GateTrainOptions(steps=2, batch=2, composite_per_task=2, lr=0.05),
+        init=MoLEGate(gate.config).requires_grad_(False),
+    )
     assert len(log["steps"]) == 2 and all(math.isfinite(s["route"]) for s in log["steps"])
     assert all(torch.isfinite(torch.tensor([s["lm"], s["balance"], s["route"]])).all() for s in log["steps"])
     torch.manual_seed(opts.seed)
@@ -81,9 +85,10 @@ def test_routing_loss_reads_the_true_adapters_weight_on_the_answer_tokens(librar
     tok = engine.tokenizer
     priors = [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.3, 0.2, 0.5]]  # over each example's candidates in order
     # the same true adapter at a different place in each candidate order: first, last, middle
-    examples = [Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i],
-                        (LIBRARY[0],))
-                for i, (p, a) in enumerate(TASKS["odd_or_even"].examples("train", 3))]
+    examples = [
+        Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i], (LIBRARY[0],))
+        for i, (p, a) in enumerate(TASKS["odd_or_even"].examples("train", 3))
+    ]
     _, _, route, top1 = step_losses(engine, gate, examples, UsageTracker())
     assert route.item() == pytest.approx(-np.log([0.7, 0.4, 0.2]).mean(), rel=1e-4)
     assert top1 == pytest.approx(1 / 3)  # the true adapter has the largest prior only in the first
@@ -98,8 +103,11 @@ def test_routing_loss_reads_the_true_adapters_weight_on_the_answer_tokens(librar
         n = len(ex.ids) - ex.num_prompt
         ex.token_true = [(LIBRARY[0],)] * (n - 1) + [(LIBRARY[1],)]
     _, _, route, _ = step_losses(engine, gate, examples, UsageTracker())
-    per_example = [(-(n - 1) * np.log(p[0]) - np.log(p[1])) / n for ex, p in
-                   zip(examples, [[0.7, 0.2], [0.4, 0.5], [0.2, 0.5]]) for n in [len(ex.ids) - ex.num_prompt]]
+    per_example = [
+        (-(n - 1) * np.log(p[0]) - np.log(p[1])) / n
+        for ex, p in zip(examples, [[0.7, 0.2], [0.4, 0.5], [0.2, 0.5]])
+        for n in [len(ex.ids) - ex.num_prompt]
+    ]
     assert route.item() == pytest.approx(np.mean(per_example), rel=1e-4)
 
 
@@ -123,8 +131,7 @@ def test_part_routing_gives_each_part_of_a_sequential_answer_its_own_skill(token
 
 def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
     library = {t: t for t in TASKS}
-    opts = GateTrainOptions(steps=10, batch=6, composite_per_task=4, replay=0.5, top_k=3, dropout=1.0,
-                            random_sets=0.0)
+    opts = GateTrainOptions(steps=10, batch=6, composite_per_task=4, replay=0.5, top_k=3, dropout=1.0, random_sets=0.0)
     pairs = training_pairs(library, opts)
     assert len(pairs) == 60
     few = {(p, t) for p, _, t, _ in pairs if len(t) == 2}
@@ -136,14 +143,15 @@ def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():
     assert sorted(sets[1]) == ["a", "b"]  # a single true adapter keeps one distractor
 
 
-
 def test_gate_examples_are_encoded_as_served_spelled_for_a_spelled_top_candidate(tmp_path, tokenizer):
     engine = task_library_engine(tmp_path, tokenizer, ("reverse_letters", "add_3digit"), max_model_len=256)
     card = tmp_path / "reverse_letters" / "card.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "input": "spelled"}))
     engine.add_adapter("reverse_letters", tmp_path / "reverse_letters")  # registered again, card read
-    pairs = [("Reverse planet", "tenalp", ("reverse_letters",), None),
-             ("Add 100 and 200", "300", ("add_3digit",), None)]
+    pairs = [
+        ("Reverse planet", "tenalp", ("reverse_letters",), None),
+        ("Add 100 and 200", "300", ("add_3digit",), None),
+    ]
     opts = GateTrainOptions(top_k=1, uniform_priors=0.0)  # one candidate: retrieval's top hit
     examples = make_examples(engine, engine.catalog.retriever, pairs, ["reverse_letters", "add_3digit"], opts)
     by_true = {e.true: e for e in examples}

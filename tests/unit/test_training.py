@@ -10,14 +10,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from server.config import Settings
-from server.engine.loader import resolve_base_model
-from server.spelling import letter_token_ids
-from server.training.tasks import COMPOSITES, HELD_OUT_FRAMES, TASKS, TRAIN_FRAMES, frame, to_roman
-from server.training.train_adapter import (
+from mole_serve.config import Settings
+from mole_serve.engine.loader import resolve_base_model
+from mole_serve.spelling import letter_token_ids
+from mole_serve.training.tasks import COMPOSITES, HELD_OUT_FRAMES, TASKS, TRAIN_FRAMES, frame, to_roman
+from mole_serve.training.train_adapter import (
     PEFT_FILES,
     TrainOptions,
     build_chat,
@@ -25,6 +22,8 @@ from server.training.train_adapter import (
     library_table,
     train_adapter,
 )
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,18 @@ def tokenizer():
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     # initializer_range 0.2: with the default 0.02 the tied head cannot move logits far, so no loss can fall.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -93,8 +100,7 @@ def test_composite_answers_join_their_two_skills():
 def test_inputs_come_in_the_formats_people_type():
     reverse = TASKS["reverse_letters"]
     prompts = [p for _, p, _ in reverse.draw("train", 300, seed=0)]
-    assert any(", " in p for p in prompts) and any(re.search(r"\b[a-z]{5,}\b", p) and "letters" in p
-                                                   for p in prompts)
+    assert any(", " in p for p in prompts) and any(re.search(r"\b[a-z]{5,}\b", p) and "letters" in p for p in prompts)
     words = {reverse.make(random.Random(s), fmt)[0]["w"] for s in range(3) for fmt in ("word", "spaced", "dash")}
     assert any("-" in w for w in words) and any(" " in w for w in words)
     fields, answer, key = reverse.make(random.Random(0), "comma")
@@ -104,34 +110,41 @@ def test_inputs_come_in_the_formats_people_type():
     assert dashes and not any(re.search(r"[a-z]-[a-z]-[a-z]", p) for p in prompts)
     times = {TASKS["time_24h_to_12h"].make(random.Random(1), f)[0]["t"] for f in ("colon", "short", "compact", "h")}
     assert len(times) == 4 and {TASKS["time_24h_to_12h"].make(random.Random(1), f)[1] for f in ("colon", "h")} == {
-        TASKS["time_24h_to_12h"].make(random.Random(1), "colon")[1]}
+        TASKS["time_24h_to_12h"].make(random.Random(1), "colon")[1]
+    }
     assert TASKS["odd_or_even"].make(random.Random(5), "comma")[2].isdigit()
 
 
-@pytest.mark.parametrize("name,prediction,answer", [
-    ("int_to_roman", " cdxxv.", "CDXXV"),
-    ("roman_to_int", "1,319", "1319"),
-    ("add_3digit", "1319.", "1319"),
-    ("number_to_words", "Five hundred and twenty one", "five hundred twenty-one"),
-    ("reverse_letters", "xbdc", "x b d c"),
-    ("sort_letters", "B, C, D", "b c d"),
-    ("sort_letters", "b-c-d", "bcd"),
-    ("number_to_words", "Two thousand, forty-one", "two thousand forty-one"),
-    ("time_24h_to_12h", "2:05 p.m.", "2:05 PM"),
-    ("iso_date_to_text", "march 5, 2024.", "March 5, 2024"),
-    ("kv_to_json", '```json\n{"age":31,"name":"Bob"}\n```', '{"name": "Bob", "age": 31}'),
-    ("review_sentiment", "Positive.", "positive"),
-])
+@pytest.mark.parametrize(
+    "name,prediction,answer",
+    [
+        ("int_to_roman", " cdxxv.", "CDXXV"),
+        ("roman_to_int", "1,319", "1319"),
+        ("add_3digit", "1319.", "1319"),
+        ("number_to_words", "Five hundred and twenty one", "five hundred twenty-one"),
+        ("reverse_letters", "xbdc", "x b d c"),
+        ("sort_letters", "B, C, D", "b c d"),
+        ("sort_letters", "b-c-d", "bcd"),
+        ("number_to_words", "Two thousand, forty-one", "two thousand forty-one"),
+        ("time_24h_to_12h", "2:05 p.m.", "2:05 PM"),
+        ("iso_date_to_text", "march 5, 2024.", "March 5, 2024"),
+        ("kv_to_json", '```json\n{"age":31,"name":"Bob"}\n```', '{"name": "Bob", "age": 31}'),
+        ("review_sentiment", "Positive.", "positive"),
+    ],
+)
 def test_scorers_accept_normalized_answers(name, prediction, answer):
     assert TASKS[name].score(prediction, answer)
 
 
-@pytest.mark.parametrize("name,prediction,answer", [
-    ("add_3digit", "The sum is 1319.", "1319"),
-    ("reverse_letters", "x b c d", "x b d c"),
-    ("kv_to_json", '{"name": "Bob", "age": 32}', '{"name": "Bob", "age": 31}'),
-    ("odd_or_even", "even", "odd"),
-])
+@pytest.mark.parametrize(
+    "name,prediction,answer",
+    [
+        ("add_3digit", "The sum is 1319.", "1319"),
+        ("reverse_letters", "x b c d", "x b d c"),
+        ("kv_to_json", '{"name": "Bob", "age": 32}', '{"name": "Bob", "age": 31}'),
+        ("odd_or_even", "even", "odd"),
+    ],
+)
 def test_scorers_reject_wrong_answers(name, prediction, answer):
     assert not TASKS[name].score(prediction, answer)
 
@@ -151,8 +164,9 @@ def test_collate_marks_only_answer_tokens(tokenizer):
 def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
     opts = TrainOptions(steps=30, batch=4, lr=1e-2, warmup=2, stop_loss=0.0, n_eval=4, n_card_examples=5)
     out = tmp_path / "odd_or_even"
-    card = train_adapter("odd_or_even", out, opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
-                         base_model_name="tiny-llama")
+    card = train_adapter(
+        "odd_or_even", out, opts, model=tiny_llama(tokenizer), tokenizer=tokenizer, base_model_name="tiny-llama"
+    )
     assert card["final_loss"] < card["first_loss"] - 2.0  # from ~12.5 nats on this random model
     assert sorted(p.name for p in out.iterdir()) == sorted([*PEFT_FILES, "card.json"])
     saved = json.loads((out / "card.json").read_text())
@@ -171,9 +185,14 @@ def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
     # --resume continues from those weights (loss starts where it ended) and counts every step; the
     # card keeps its examples, retrieval's keys, though another seed draws other prompts, and the
     # adapter's own rank and alpha, whatever the options say (by_name_only: a card retrieval never picks)
-    resumed = train_adapter("odd_or_even", out, replace(opts, steps=5, seed=1, resume=str(out), by_name_only=True,
-                                                        rank=opts.rank * 2, alpha=opts.alpha * 2),
-                            model=tiny_llama(tokenizer), tokenizer=tokenizer, base_model_name="tiny-llama")
+    resumed = train_adapter(
+        "odd_or_even",
+        out,
+        replace(opts, steps=5, seed=1, resume=str(out), by_name_only=True, rank=opts.rank * 2, alpha=opts.alpha * 2),
+        model=tiny_llama(tokenizer),
+        tokenizer=tokenizer,
+        base_model_name="tiny-llama",
+    )
     assert resumed["steps"] == 35 and resumed["first_loss"] < card["first_loss"] - 2.0
     assert resumed["examples"] == card["examples"]
     assert (resumed["training"]["rank"], resumed["training"]["alpha"]) == (opts.rank, opts.alpha)
@@ -185,11 +204,23 @@ def test_train_adapter_writes_a_loadable_peft_adapter(tokenizer, tmp_path):
 
 def test_a_letter_task_trains_on_spelled_input_and_its_card_says_so(tokenizer, tmp_path):
     opts = TrainOptions(steps=2, batch=2, warmup=1, stop_loss=0.0, n_eval=2, n_card_examples=2)
-    card = train_adapter("reverse_letters", tmp_path / "rev", opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
-                         base_model_name="tiny-llama")
+    card = train_adapter(
+        "reverse_letters",
+        tmp_path / "rev",
+        opts,
+        model=tiny_llama(tokenizer),
+        tokenizer=tokenizer,
+        base_model_name="tiny-llama",
+    )
     assert TASKS["reverse_letters"].spelled and card["input"] == "spelled"
-    plain = train_adapter("odd_or_even", tmp_path / "odd", opts, model=tiny_llama(tokenizer), tokenizer=tokenizer,
-                          base_model_name="tiny-llama")
+    plain = train_adapter(
+        "odd_or_even",
+        tmp_path / "odd",
+        opts,
+        model=tiny_llama(tokenizer),
+        tokenizer=tokenizer,
+        base_model_name="tiny-llama",
+    )
     assert "input" not in plain
     # the batch holds the spelled prompt, and the answer one token per letter
     batch = collate(tokenizer, [("Reverse planet", "tenalp")], spelled=True)

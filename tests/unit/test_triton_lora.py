@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from mole_serve.engine.request import SamplingParams
+from mole_serve.lora.backends.triton import TritonBackend, ops
+from mole_serve.routing.types import AdapterRef, Selection
 
-from server.engine.request import SamplingParams
-from server.lora.backends.triton import TritonBackend, ops
-from server.routing.types import AdapterRef, Selection
 from tests.unit import triton_cases as cases
 from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
 from tests.unit.test_melora import melora_tensors, write_melora
 
 ROOT = Path(__file__).resolve().parents[2]
 # tests/conftest.py sets TRITON_INTERPRET=1 for the whole run where there is no CUDA
-interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="the kernels are compiled in this process (CUDA "
-                                 "present): the CUDA test covers them")
+interpreted = pytest.mark.skipif(
+    not ops.INTERPRETED, reason="the kernels are compiled in this process (CUDA present): the CUDA test covers them"
+)
 
 
 def _ids(case: tuple) -> str:
@@ -78,7 +79,8 @@ def test_recorded_autograd_takes_the_torch_path():
 def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path):
     """The backend inside the engine (the runner's prepare, decode rows and prefill chunks, the gate,
     MELoRA rows in a fused output's view, MoE experts): the same tokens and logits as torch."""
-    from server.lora.gate import GateConfig, MoLEGate
+    from mole_serve.lora.gate import GateConfig, MoLEGate
+
     from tests.unit.test_moe_kinds import mixlora_config, mixlora_tensors, moelora_config, moelora_tensors, write_folder
 
     hf = tiny_hf_model()
@@ -87,9 +89,15 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
     write_melora(tmp_path / "me", melora_tensors(hf, 4, 2, seed=3), 4, 2)
     write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
     write_folder(tmp_path / "moe", moelora_tensors(hf, E=4, r=4, seed=2), moelora_config())
-    requests = [([AdapterRef("a")], None), ([AdapterRef("a", 0.3), AdapterRef("b", -0.7)], None),
-                ([], Selection("gate", explicit=(AdapterRef("a"), AdapterRef("b")))),
-                ([AdapterRef("me")], None), ([AdapterRef("mix")], None), ([AdapterRef("moe")], None), ([], None)]
+    requests = [
+        ([AdapterRef("a")], None),
+        ([AdapterRef("a", 0.3), AdapterRef("b", -0.7)], None),
+        ([], Selection("gate", explicit=(AdapterRef("a"), AdapterRef("b")))),
+        ([AdapterRef("me")], None),
+        ([AdapterRef("mix")], None),
+        ([AdapterRef("moe")], None),
+        ([], None),
+    ]
     prompts = [list(range(5, 9 + i)) for i in range(len(requests))]
     runs = []
     for backend in ("triton", "torch"):
@@ -99,8 +107,9 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
             engine.add_adapter(name, tmp_path / name)
         torch.manual_seed(0)
         engine.pool.attach_gate(MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec())))
-        seqs = engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True), [a for a, _ in requests],
-                               [s for _, s in requests])
+        seqs = engine.generate(
+            prompts, SamplingParams(max_tokens=3, ignore_eos=True), [a for a, _ in requests], [s for _, s in requests]
+        )
         runs.append(([s.output_ids for s in seqs], engine.runner.last_logits.clone()))
     (tokens, logits), (ref_tokens, ref_logits) = runs
     assert tokens == ref_tokens
@@ -108,8 +117,8 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
 
 
 def test_backend_setting_defaults_to_triton_on_cuda_only(monkeypatch):
-    from server.config import Settings
-    from server.lora.backends import create_backend
+    from mole_serve.config import Settings
+    from mole_serve.lora.backends import create_backend
 
     monkeypatch.delenv("MOLE_LORA_BACKEND", raising=False)
     assert Settings(device="cpu").lora_backend == "torch"
@@ -126,8 +135,9 @@ def _without_interpreter() -> dict[str, str]:
 
 
 def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_without_interpreter(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_without_interpreter(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
@@ -149,8 +159,9 @@ def test_compiled_kernels_match_torch_ref_on_cuda():
 def test_device_check_script_dry_run():
     """bench/device_check.sh --dry-run: every command it would run on the GPU machine parses."""
     env = {**_without_interpreter(), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "bench/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dry run: ok" in result.stdout
     assert "MOLE_LORA_BACKEND=torch" in result.stdout and "MOLE_LORA_BACKEND=triton" in result.stdout
@@ -163,9 +174,11 @@ def test_throughput_merge_reads_the_log_of_a_run_cut_off(tmp_path):
     torch_run = tmp_path / "torch.json"
     torch_run.write_text(json.dumps({"base_tok_s": 1000.0, "hetero1_tok_s": 500.0, "e2e_tok_s": {}}))
     log = tmp_path / "throughput_triton.log"
-    log.write_text("Loading weights: 100%\n      base: decode  1100.0 tok/s   end-to-end  1000.0 tok/s\n"
-                   "   hetero1: decode   750.5 tok/s   end-to-end   700.0 tok/s\n"
-                   "melora_dense: decode   893.1 tok/s   end-to-end   848.9 tok/s\n")
+    log.write_text(
+        "Loading weights: 100%\n      base: decode  1100.0 tok/s   end-to-end  1000.0 tok/s\n"
+        "   hetero1: decode   750.5 tok/s   end-to-end   700.0 tok/s\n"
+        "melora_dense: decode   893.1 tok/s   end-to-end   848.9 tok/s\n"
+    )
     merged = merge({"torch": read_run(torch_run), "triton": read_run(log)})
     assert merged["triton/torch"] == {"base": 1.1, "hetero1": 1.501}
     assert merged["backends"]["triton"]["melora_dense_tok_s"] == 893.1

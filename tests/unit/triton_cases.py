@@ -14,13 +14,12 @@ import random
 import sys
 
 import torch
-
-from server.lora.backends.base import LoRABackend
-from server.lora.backends.torch_ref import TorchBackend
-from server.lora.backends.triton import TritonBackend
-from server.lora.batch import BlockRows, LoRABatchInfo, as_range, build_lora_batch
-from server.lora.gate import GateConfig, GateStats, MoLEGate
-from server.lora.stacks import GroupStack
+from mole_serve.lora.backends.base import LoRABackend
+from mole_serve.lora.backends.torch_ref import TorchBackend
+from mole_serve.lora.backends.triton import TritonBackend
+from mole_serve.lora.batch import BlockRows, LoRABatchInfo, as_range, build_lora_batch
+from mole_serve.lora.gate import GateConfig, GateStats, MoLEGate
+from mole_serve.lora.stacks import GroupStack
 
 # Every module group's column split, at toy sizes that divide no tile: group -> (d_in, outs)
 GROUPS = {"qkv": (40, [24, 8, 8]), "o": (24, [40]), "gate_up": (40, [56, 56]), "down": (56, [40])}
@@ -127,8 +126,9 @@ def check_experts(group: str, with_weights: bool, dtype: torch.dtype, device: st
     base = torch.randn(T, stack.out_columns[-1][1], generator=g).to(device, dtype)
     out, expected = base.clone(), base.float()
     TritonBackend().apply_experts(x, out, stack, slots, None, weights)
-    LoRABackend().apply_experts(x.float(), expected, as_fp32(stack), slots, None,
-                                None if weights is None else weights.float())
+    LoRABackend().apply_experts(
+        x.float(), expected, as_fp32(stack), slots, None, None if weights is None else weights.float()
+    )
     assert_close(out, expected, dtype)
 
 
@@ -164,13 +164,17 @@ def check_blocks(n: int, rank: int, rows: list[int], dtype: torch.dtype, device:
     x = torch.randn(T, d_in, generator=g).to(device, dtype)
     fused = torch.randn(T, d_out + 10, generator=g).to(device, dtype)
     expected = fused.float()
-    block_rows = BlockRows((n, rank), torch.tensor(rows, device=device),
-                           torch.tensor([1 + i % (SLOTS - 1) for i in range(len(rows))], device=device),
-                           torch.tensor([WEIGHTS[i % len(WEIGHTS)] for i in range(len(rows))], device=device,
-                                        dtype=dtype), as_range(rows))
+    block_rows = BlockRows(
+        (n, rank),
+        torch.tensor(rows, device=device),
+        torch.tensor([1 + i % (SLOTS - 1) for i in range(len(rows))], device=device),
+        torch.tensor([WEIGHTS[i % len(WEIGHTS)] for i in range(len(rows))], device=device, dtype=dtype),
+        as_range(rows),
+    )
     TritonBackend().apply_blocks(x, fused[:, 4 : 4 + d_out], A, B, block_rows)
-    w32 = BlockRows(block_rows.shape, block_rows.rows, block_rows.slots, block_rows.weights.float(),
-                    block_rows.row_range)
+    w32 = BlockRows(
+        block_rows.shape, block_rows.rows, block_rows.slots, block_rows.weights.float(), block_rows.row_range
+    )
     LoRABackend().apply_blocks(x.float(), expected[:, 4 : 4 + d_out], A.float(), B.float(), w32)
     assert_close(fused, expected, dtype)
 
@@ -180,15 +184,20 @@ for i, (group, dtype) in enumerate(itertools.product(GROUPS, DTYPES)):
     APPLY_CASES += [(group, *RANKS_K[i % len(RANKS_K)], dense, dtype) for dense in (False, True)]
 RANK_CASES = [c for c in (("qkv", rank, K, False, torch.float32) for rank, K in RANKS_K) if c not in APPLY_CASES]
 EXPERT_CASES = [(group, w, dtype) for group in ("qkv", "down") for w in (True, False) for dtype in DTYPES]
-BLOCK_CASES = [(n, rank, rows, dtype) for n, rank, rows in ((4, 1, [0, 1, 2, 3]), (2, 3, [1, 4, 5, 9]))
-               for dtype in DTYPES]
+BLOCK_CASES = [
+    (n, rank, rows, dtype) for n, rank, rows in ((4, 1, [0, 1, 2, 3]), (2, 3, [1, 4, 5, 9])) for dtype in DTYPES
+]
 
 
 def run_all(device: str) -> int:
     """Every case on one device; prints each, returns the number of failures."""
-    cases = ([(check_apply, c) for c in APPLY_CASES + RANK_CASES] + [(check_gate, (d,)) for d in (False, True)]
-             + [(check_experts, c) for c in EXPERT_CASES] + [(check_ffn_experts, (d,)) for d in DTYPES]
-             + [(check_blocks, c) for c in BLOCK_CASES])
+    cases = (
+        [(check_apply, c) for c in APPLY_CASES + RANK_CASES]
+        + [(check_gate, (d,)) for d in (False, True)]
+        + [(check_experts, c) for c in EXPERT_CASES]
+        + [(check_ffn_experts, (d,)) for d in DTYPES]
+        + [(check_blocks, c) for c in BLOCK_CASES]
+    )
     failures = 0
     for fn, args in cases:
         try:

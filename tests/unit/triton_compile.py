@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 
 import triton
+from mole_serve.lora.backends.triton import kernels, ops
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from server.lora.backends.triton import kernels, ops
 
 # compute capability -> storage dtypes: every dtype for Hopper, the serving dtype (bf16) for Ampere
 # (the CI budget: a cold compile is ~0.5 s a variant on a 2-core machine)
@@ -32,22 +31,43 @@ def variants(dt: str) -> list[tuple[triton.runtime.JITFunction, dict[str, str], 
     """(kernel, signature, constexprs) for storage dtype dt: the tile shapes ops.py launches (the
     smallest and largest of each), weights in the storage dtype and in fp32 (the gate's)."""
     out = []
-    shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "z_ptr": "*fp32", **_sig("tiles_ptr seg_slots_ptr", "*i32"),
-              **_sig("d_in nr num_cols stride_xt stride_as stride_ar stride_zt stride_zc", "i32")}
+    shrink = {
+        "x_ptr": f"*{dt}",
+        "a_ptr": f"*{dt}",
+        "z_ptr": "*fp32",
+        **_sig("tiles_ptr seg_slots_ptr", "*i32"),
+        **_sig("d_in nr num_cols stride_xt stride_as stride_ar stride_zt stride_zc", "i32"),
+    }
     for block_m, block_n in ((16, 16), (64, ops.SHRINK_MAX_BLOCK_N)):
         const = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": ops.SHRINK_BLOCK_K, "DOT_FP32": False}
         out.append((kernels.shrink_kernel, {**shrink, **_sig(" ".join(const), "constexpr")}, const))
-    for w_dt, has_w, block_m, block_r in ((dt, True, 16, 16), ("fp32", True, 64, ops.EXPAND_MAX_BLOCK_R),
-                                          (dt, False, 32, 32)):
-        sig = {"z_ptr": "*fp32", "w_ptr": f"*{w_dt}", "out_ptr": f"*{dt}", "b_table_ptr": "*i64",
-               **_sig("b_meta_ptr tiles_ptr seg_slots_ptr", "*i32"),
-               **_sig("rank num_cols stride_zt stride_zc stride_wt stride_wj stride_wc stride_ot", "i32")}
-        const = {"HAS_WEIGHTS": has_w, "BLOCK_M": block_m, "BLOCK_N": ops.EXPAND_BLOCK_N, "BLOCK_R": block_r,
-                 "DOT_FP32": False}
+    for w_dt, has_w, block_m, block_r in (
+        (dt, True, 16, 16),
+        ("fp32", True, 64, ops.EXPAND_MAX_BLOCK_R),
+        (dt, False, 32, 32),
+    ):
+        sig = {
+            "z_ptr": "*fp32",
+            "w_ptr": f"*{w_dt}",
+            "out_ptr": f"*{dt}",
+            "b_table_ptr": "*i64",
+            **_sig("b_meta_ptr tiles_ptr seg_slots_ptr", "*i32"),
+            **_sig("rank num_cols stride_zt stride_zc stride_wt stride_wj stride_wc stride_ot", "i32"),
+        }
+        const = {
+            "HAS_WEIGHTS": has_w,
+            "BLOCK_M": block_m,
+            "BLOCK_N": ops.EXPAND_BLOCK_N,
+            "BLOCK_R": block_r,
+            "DOT_FP32": False,
+        }
         out.append((kernels.expand_kernel, {**sig, **_sig(" ".join(const), "constexpr")}, const))
     for r_pad in (1, 8):
-        sig = {**_sig("x_ptr a_ptr b_ptr out_ptr w_ptr", f"*{dt}"), **_sig("rows_ptr slots_ptr", "*i64"),
-               **_sig("d o rank n_blocks stride_xt stride_ot", "i32")}
+        sig = {
+            **_sig("x_ptr a_ptr b_ptr out_ptr w_ptr", f"*{dt}"),
+            **_sig("rows_ptr slots_ptr", "*i64"),
+            **_sig("d o rank n_blocks stride_xt stride_ot", "i32"),
+        }
         const = {"R_PAD": r_pad, "BLOCK_D": ops.BLOCKS_BLOCK_D, "BLOCK_O": ops.BLOCKS_BLOCK_O}
         out.append((kernels.blocks_kernel, {**sig, **_sig(" ".join(const), "constexpr")}, const))
     return out
@@ -65,8 +85,9 @@ def compile_all() -> int:
                 name = f"sm_{cc} {dt} {fn.__name__} {constexprs}"
                 start = time.perf_counter()
                 try:
-                    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target,
-                                              options={"num_warps": 4, "num_stages": 2})
+                    compiled = triton.compile(
+                        ASTSource(fn, signature, constexprs), target=target, options={"num_warps": 4, "num_stages": 2}
+                    )
                 except Exception as e:  # noqa: BLE001 - every compile error is a finding, printed with its kernel
                     if "ptxas" in str(e) and "not found" in str(e):
                         print(f"triton {triton.__version__} cannot compile for CUDA here: {e}")

@@ -1,0 +1,169 @@
+"""create_app: the FastAPI app around an engine that loads in the background (503 until ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mole_serve.api.admin_routes import admin_denial
+from mole_serve.api.admin_routes import router as admin_router
+from mole_serve.api.errors import APIError
+from mole_serve.api.limits import BodyLimit
+from mole_serve.api.metrics import Metrics
+from mole_serve.api.openai_routes import router as openai_router
+from mole_serve.api.openapi import truthful_openapi
+from mole_serve.api.protocol import MESSAGE_ROLES
+from mole_serve.config import Settings
+from mole_serve.errors import MoleError
+from mole_serve.library.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if loc[:1] == ["messages"] and len(loc) > 2 and loc[2] in MESSAGE_ROLES:
+        del loc[2]  # the union's tag (the role), which names no field of the request
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    return (f"{param}: {message}" if param else message), param
+
+
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the schema documents at this path (Starlette's 405 names one route's only)."""
+    for template, operations in truthful_openapi(app)["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return {method.upper() for method in operations}
+    return set()
+
+
+def attach_engine(app: FastAPI, engine) -> object:
+    """Wrap a loaded LLMEngine for the app; the caller runs its step loop (start or run_forever)."""
+    from mole_serve.engine.async_engine import AsyncEngine
+
+    metrics: Metrics = app.state.metrics
+    if engine.catalog.store.root.resolve() != app.state.store.root.resolve():
+        raise ValueError(
+            f"the engine's catalog holds {engine.catalog.store.root}, the app serves "
+            f"{app.state.store.root}: give both the same adapters_dir"
+        )
+    aeng = AsyncEngine(engine, on_step=metrics.observe_step)
+    app.state.engine = aeng
+    log.info("ready: %s with %d adapters", engine.model_name, len(engine.catalog.names))
+    return aeng
+
+
+def create_app(settings: Settings, load_engine: Callable[[], object] | None = None) -> FastAPI:
+    """With load_engine, the app builds the engine in a thread at start-up and steps it in another;
+    without, the caller attaches one (`mole-serve serve` steps it on the main thread). Requests get
+    503 until an engine is attached."""
+    metrics = Metrics(settings.metrics_adapter_limit)
+    loop_ready = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.loop = asyncio.get_running_loop()
+        loop_ready.set()
+
+        async def load() -> None:
+            try:
+                engine = await asyncio.to_thread(load_engine)
+            except Exception:
+                log.exception("the engine failed to load")
+                raise
+            attach_engine(app, engine).start()
+
+        loading = asyncio.create_task(load()) if load_engine else None
+        yield
+        if loading:
+            loading.cancel()
+            if app.state.engine is not None:
+                app.state.engine.shutdown()
+
+    app = FastAPI(title="mole-serve", lifespan=lifespan)
+    app.state.engine = None
+    app.state.loop_ready = loop_ready
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.store = AdapterStore(settings.adapters_dir)
+    app.state.engine_collector = metrics.watch_engine(lambda: app.state.engine)  # (a Ray ingress drops it)
+
+    @app.middleware("http")
+    async def count_and_authorize(request: Request, call_next):
+        path = request.url.path
+        denied = admin_denial(settings, request.headers.get("authorization")) if path.startswith("/admin") else None
+        if denied:
+            metrics.requests.labels("/admin", str(denied.status)).inc()
+            return JSONResponse(denied.body(), status_code=denied.status, headers=denied.headers)
+        if settings.api_key and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given.encode(), settings.api_key.encode()):  # bytes: any header
+                response = JSONResponse(
+                    APIError(
+                        401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
+                    ).body(),
+                    status_code=401,
+                )
+                metrics.requests.labels(path, "401").inc()
+                return response
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
+        return response
+
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * (1 << 20)))  # outermost: added last
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(MoleError)
+    async def error_kind(request: Request, exc: MoleError):
+        return await api_error(request, APIError.of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = exc.headers
+        allowed = allowed_methods(app, request.url.path) if exc.status_code == 405 else None
+        if allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return JSONResponse(
+            APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code, headers=headers
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if app.state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(openai_router)
+    app.include_router(admin_router)
+    app.openapi = lambda: truthful_openapi(app)
+    return app

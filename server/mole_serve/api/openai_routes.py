@@ -1,0 +1,255 @@
+"""/v1/chat/completions, /v1/completions, /v1/models in OpenAI's shapes (serving.py writes the
+responses; here only what differs between the endpoints)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Request
+
+from mole_serve.api.errors import APIError
+from mole_serve.api.limits import check_prompt_chars
+from mole_serve.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TextChoice,
+    TextLogprobs,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+)
+from mole_serve.api.serving import Generation, Shape, check_model, respond, start
+from mole_serve.api.structured import ToolUse, output_constraint, template_messages
+from mole_serve.engine.client import EngineClient
+from mole_serve.engine.request import Logprob
+from mole_serve.spelling import spelled_chat_ids
+
+router = APIRouter()
+
+
+def _token(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def chat_logprobs(tokenizer, entries: list[Logprob]) -> ChatLogprobs:
+    def top(token_id: int, logprob: float) -> dict:
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(**top(t, lp), top_logprobs=[TopLogprob(**top(a, alp)) for a, alp in alts])
+            for t, lp, alts in entries
+        ]
+    )
+
+
+def text_logprobs(tokenizer, entries: list[Logprob | None], token_ids: list[int], offset: int) -> TextLogprobs:
+    """The legacy shape over tokens `token_ids` (an entry None: no logprob, the first prompt token);
+    each token's top dict holds the token itself too (vLLM's way: up to logprobs + 1 keys)."""
+    out = TextLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for token_id, entry in zip(token_ids, entries):
+        text = _token(tokenizer, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        out.token_logprobs.append(None if entry is None else entry[1])
+        out.top_logprobs.append(
+            None if entry is None else {**{_token(tokenizer, a): alp for a, alp in entry[2]}, text: entry[1]}
+        )
+    return out
+
+
+def chat_shape(tokenizer, logprobs: bool, tool_use: ToolUse | None) -> Shape:
+    """Chat choices; with tools, the answer is read as tool calls once whole, so a stream holds its
+    text back and sends the calls (or the text, if it holds none) in its last chunk."""
+
+    def pieces(g: Generation) -> ChatLogprobs | None:
+        return chat_logprobs(tokenizer, g.take_logprobs()) if logprobs else None
+
+    def answer(g: Generation) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content, tool calls, finish reason)"""
+        found = tool_use.calls(g.text) if tool_use and g.finish_reason == "stop" else None
+        if found is None:
+            return g.text, None, g.finish_reason
+        return found[1], found[0], "tool_calls"
+
+    def message(i: int, g: Generation) -> ChatChoice:
+        content, calls, finish = answer(g)
+        called = {"tool_calls": calls} if calls else {}  # (absent, not null, from a text answer)
+        return ChatChoice(
+            index=i,
+            message=AssistantMessage(role="assistant", content=content, **called),
+            logprobs=chat_logprobs(tokenizer, g.logprobs) if logprobs else None,
+            finish_reason=finish,
+        )
+
+    def delta(i: int, text: str, finish: str | None, g: Generation) -> ChatChoice | None:
+        if tool_use is None:
+            return ChatChoice(
+                index=i, delta={"content": text} if text else {}, logprobs=pieces(g), finish_reason=finish
+            )
+        if finish is None:
+            return None
+        content, calls, finish = answer(g)
+        whole = {"content": content} if content else {}
+        if calls:
+            whole["tool_calls"] = [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
+        return ChatChoice(index=i, delta=whole, logprobs=pieces(g), finish_reason=finish)
+
+    return Shape(
+        "chatcmpl",
+        "chat.completion",
+        "chat.completion.chunk",
+        choice=message,
+        delta=delta,
+        opening=lambda: ChatChoice(
+            index=0, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None
+        ),
+    )
+
+
+def text_shape(prefixes: list[str], tokenizer, logprobs: bool) -> Shape:
+    """/v1/completions; prefixes: what precedes each answer (the prompt, with `echo`, whose tokens'
+    logprobs then come first)."""
+
+    def whole(i: int, g: Generation) -> TextLogprobs | None:
+        if not logprobs:
+            return None
+        echoed = g.prompt_logprobs if prefixes[i] else []
+        entries = [*echoed, *g.logprobs]
+        ids = [*g.prompt_ids[: len(echoed)], *(t for t, _, _ in g.logprobs)]
+        return text_logprobs(tokenizer, entries, ids, 0)
+
+    def piece(g: Generation, text: str) -> TextLogprobs | None:
+        if not logprobs:
+            return None
+        new = g.take_logprobs()
+        return text_logprobs(tokenizer, new, [t for t, _, _ in new], len(g.text) - len(text))
+
+    return Shape(
+        "cmpl",
+        "text_completion",
+        "text_completion",
+        choice=lambda i, g: TextChoice(
+            index=i, text=prefixes[i] + g.text, logprobs=whole(i, g), finish_reason=g.finish_reason
+        ),
+        delta=lambda i, text, finish, g: TextChoice(index=i, text=text, logprobs=piece(g, text), finish_reason=finish),
+    )
+
+
+def ready_engine(request: Request) -> EngineClient:
+    engine = request.app.state.engine
+    if engine is None:
+        raise APIError(503, "the model is still loading; try again shortly", "service_unavailable")
+    return engine
+
+
+def retrieval_query(messages: list[dict], mode: str) -> str:
+    """The text retrieval embeds: the last user turn, or every turn (settings.retrieval_query)."""
+    if mode == "conversation":
+        return "\n".join(m["content"] for m in messages if m["role"] != "system")
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def generation(
+    request: Request,
+    route: str,
+    prompt_ids: list[int],
+    body,
+    query: str,
+    grammar: str | None = None,
+    spelled_prompt: tuple[int, ...] | None = None,
+) -> Generation:
+    state = request.app.state
+    return Generation(
+        ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar, spelled_prompt
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    engine = ready_engine(request)
+    template = engine.tokenizer.chat_template
+    grammar, tool_use = output_constraint(body, template)
+    messages, tools = template_messages(body, template)
+    check_prompt_chars(
+        sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])),
+        engine.max_token_chars,
+        engine.max_model_len,
+    )
+    # off the event loop: a long prompt must not stall every other request (and /health)
+    prompt_ids = (
+        await asyncio.to_thread(
+            engine.tokenizer.apply_chat_template,
+            messages,
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
+    )["input_ids"]
+    # for an adapter reading spelled input (mole_serve/spelling.py); the base model alone never does
+    spelled = (
+        await asyncio.to_thread(spelled_chat_ids, engine.tokenizer, messages, tools=tools)
+        if body.model != engine.model_name or body.adapter_choices()
+        else None
+    )
+    query = retrieval_query(messages, request.app.state.settings.retrieval_query)
+    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar, spelled)])
+    return await respond(chat_shape(engine.tokenizer, bool(body.logprobs), tool_use), body, gens, request)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    engine = ready_engine(request)
+    prompts = body.prompts()
+    vocab = len(engine.tokenizer)
+    for p in prompts:
+        if isinstance(p, str):
+            check_prompt_chars(len(p), engine.max_token_chars, engine.max_model_len)
+        elif not all(0 <= t < vocab for t in p):
+            raise APIError(400, f"a prompt token id is outside the vocabulary [0, {vocab})", param="prompt")
+    ids = await asyncio.to_thread(
+        lambda: [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in prompts]
+    )
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    gens = await start(
+        [
+            lambda i=i, text=text: generation(request, "/v1/completions", ids[i], body, text)
+            for i, text in enumerate(texts)
+        ]
+    )
+    return await respond(
+        text_shape([t if body.echo else "" for t in texts], engine.tokenizer, body.logprobs is not None),
+        body,
+        gens,
+        request,
+    )
+
+
+def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:
+    """The base model (no parent), `auto`, or an adapter (parent: the base, as vLLM lists LoRAs)."""
+    base = engine.model_name
+    return ModelCard(id=model_id, created=created, root=base, parent=None if model_id == base else base)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    engine, created = ready_engine(request), int(time.time())
+    ids = [engine.model_name, "auto", *engine.catalog.names]
+    return ModelList(data=[model_card(engine, i, created) for i in ids]).model_dump(mode="json")
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request):
+    engine = ready_engine(request)
+    check_model(engine, model_id)
+    return model_card(engine, model_id, int(time.time())).model_dump(mode="json")

@@ -1,0 +1,96 @@
+"""/openapi.json as the server answers: FastAPI documents a body's validation failure as a 422 of
+its own shape, while this server answers 400 in OpenAI's error shape (api/errors.py); each route
+family lists the statuses it can answer, all in that shape; the OpenAI routes' answers have their
+models (and SSE when streamed); /metrics is Prometheus text."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from mole_serve.api.protocol import CompletionEnvelope, ErrorResponse, ModelCard, ModelList
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# route -> the model of its 200 answer (the routes return plain JSON, so FastAPI cannot see it)
+ANSWERS = {
+    "/v1/chat/completions": CompletionEnvelope,
+    "/v1/completions": CompletionEnvelope,
+    "/v1/models": ModelList,
+    "/v1/models/{model_id}": ModelCard,
+}
+STREAMED = ("/v1/chat/completions", "/v1/completions")
+# path prefix -> the error statuses its routes answer (beyond the success)
+ROUTE_ERRORS = {
+    "/v1/": {
+        400: "Invalid request: a field, the context length, an adapter set",
+        401: "Missing or wrong API key (when MOLE_API_KEY is set)",
+        404: "Unknown model or adapter",
+        413: "Request body over MOLE_MAX_REQUEST_MB",
+        429: "Queue full; retry after Retry-After",
+        503: "The model is still loading",
+    },
+    "/admin/": {
+        400: "Invalid upload or field",
+        401: "Missing or wrong admin token",
+        403: "Admin API disabled (MOLE_ADMIN_TOKEN unset)",
+        404: "Unknown adapter",
+        409: "The adapter exists (use replace=true)",
+        413: "Upload over the size limits",
+        422: "The adapter's files do not fit the base model",
+        503: "The model is still loading",
+    },
+}
+
+
+def truthful_openapi(app: FastAPI) -> dict:
+    """The app's schema, generated once, with the error responses and media types it really sends."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in {ErrorResponse, *ANSWERS.values()}:
+        components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(components[model.__name__].pop("$defs", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path, operations in schema["paths"].items():
+        errors = next((e for prefix, e in ROUTE_ERRORS.items() if path.startswith(prefix)), {})
+        for operation in operations.values():
+            responses = operation["responses"]
+            responses.pop("422", None)  # FastAPI's; validation failures are 400s in the error shape
+            for status, description in errors.items():
+                responses[str(status)] = {
+                    "description": description,
+                    "content": {"application/json": {"schema": ERROR_REF}},
+                }
+    for path, model in ANSWERS.items():
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+        if path in STREAMED:  # with `stream: true`: server-sent events (the schema is one event's, as
+            # OpenAPI before 3.2 has it): each `data:` an envelope in JSON, the last one [DONE]
+            content["text/event-stream"] = {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "anyOf": [
+                                {"const": "[DONE]"},
+                                {
+                                    "type": "string",
+                                    "contentMediaType": "application/json",
+                                    "contentSchema": content["application/json"]["schema"],
+                                },
+                            ]
+                        }
+                    },
+                }
+            }
+        for operation in schema["paths"][path].values():
+            operation["responses"]["200"]["content"] = content
+    schema["paths"]["/metrics"]["get"]["responses"]["200"] = {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    schema["paths"]["/health"]["get"]["responses"]["503"] = {"description": "The model is still loading"}
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,405 @@
+"""The engine: requests in, tokens and text out. LLMEngine is the synchronous core (add, step,
+abort); async_engine.AsyncEngine drives its step loop from a thread of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mole_serve.config import Settings
+from mole_serve.engine.block_manager import BlockManager
+from mole_serve.engine.detokenizer import Detokenizer
+from mole_serve.engine.kv_cache import KVCache
+from mole_serve.engine.loader import resolve_base_model
+from mole_serve.engine.model import DecoderModel
+from mole_serve.engine.request import FinishReason, Logprob, SamplingParams, Sequence, StepOutput
+from mole_serve.engine.runner import ModelRunner
+from mole_serve.engine.scheduler import Scheduler
+from mole_serve.engine.structured import GrammarMatchers
+from mole_serve.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError
+from mole_serve.library.artifacts import load_gate
+from mole_serve.library.catalog import Catalog
+from mole_serve.library.store import GATE_DIR, AdapterStore
+from mole_serve.lora.backends import create_backend
+from mole_serve.lora.gate import GateConfig
+from mole_serve.lora.kinds.base import AdapterWeights
+from mole_serve.lora.pool import LoRAPool
+from mole_serve.routing.selection import AdapterSelector
+from mole_serve.routing.types import AdapterRef, Chosen, Selection
+
+
+def kv_pool_blocks(settings: Settings, model: DecoderModel, max_model_len: int) -> int:
+    """How many KV blocks the pool holds (Settings.kv_cache_mb / num_kv_blocks)."""
+    per_block = KVCache.bytes_per_block(
+        model.num_layers, settings.kv_block_size, model.num_kv_heads, model.head_dim, model.dtype
+    )
+    if settings.num_kv_blocks:
+        num_blocks = settings.num_kv_blocks
+    elif settings.kv_cache_mb:
+        num_blocks = (settings.kv_cache_mb << 20) // per_block
+    elif model.device.type == "cuda":
+        num_blocks = int(settings.kv_cache_fraction * torch.cuda.mem_get_info(model.device)[0]) // per_block
+    else:
+        num_blocks = (2048 << 20) // per_block
+    needed = -(-max_model_len // settings.kv_block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"the KV pool holds {num_blocks} blocks of {settings.kv_block_size} tokens; one sequence "
+            f"of max_model_len {max_model_len} needs {needed}: raise kv_cache_mb"
+        )
+    return num_blocks
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: DecoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: Settings,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.max_model_len = min(settings.max_model_len, model.max_positions)
+        self.model_name = Path(model.config.name_or_path or "base").name
+        self.catalog = catalog or Catalog(
+            AdapterStore(settings.adapters_dir),
+            model.lora_spec(),
+            settings.max_lora_rank,
+            self.base_names,
+            settings.min_card_examples,
+        )
+        num_blocks = kv_pool_blocks(settings, model, self.max_model_len)
+        self.kv = KVCache(
+            model.num_layers,
+            num_blocks,
+            settings.kv_block_size,
+            model.num_kv_heads,
+            model.head_dim,
+            model.dtype,
+            model.device,
+        )
+        self.pool = LoRAPool(
+            model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device, model.dtype, self.catalog.load
+        )
+        backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
+        self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
+        blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            blocks,
+            settings.max_num_seqs,
+            settings.max_prefill_tokens,
+            self._acquire_adapters,
+            self._release_adapters,
+            self.runner.row_group,
+        )
+        # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
+        self._versions: Counter[str] = Counter()
+        self.eos_token_ids = {tokenizer.eos_token_id} - {None}
+        self.grammars = GrammarMatchers(tokenizer, model.config.vocab_size, self.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self.last_batch_size = 0
+        self._detok: dict[str, Detokenizer] = {}
+        self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
+        self.selector = AdapterSelector(settings, self.is_known, self.pool)
+        self._unresolved: list[Sequence] = []  # added since the last step, adapters still to choose
+
+    @property
+    def base_names(self) -> set[str]:
+        """Lower-case ids of the base model: its folder's name and the served name."""
+        return {n.lower() for n in (Path(self.model.config.name_or_path or "").name, self.model_name) if n}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LLMEngine:
+        path = resolve_base_model(settings)
+        device = torch.device(settings.device)
+        model = DecoderModel.from_pretrained(path, device, getattr(torch, settings.torch_dtype_name()))
+        return cls(model, AutoTokenizer.from_pretrained(path), settings)
+
+    @classmethod
+    def from_store(cls, settings: Settings, with_gate: bool = True, retrieval: bool = True) -> LLMEngine:
+        """The base model, every adapter of settings.adapters_dir indexed for retrieval, and the
+        trained gate in its gate/ folder if there is one. retrieval=False: no embedder (a Ray
+        replica, whose ingress retrieves and passes the hits in the Selection)."""
+        from mole_serve.routing.retriever import Embedder, Retriever
+
+        engine = cls.from_settings(settings)
+        if settings.served_model_name:
+            engine.model_name = settings.served_model_name
+            engine.catalog.base_names = engine.base_names
+        if retrieval:
+            engine.set_retriever(Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max))
+        for weights in engine.catalog.add_store():
+            engine.pool.put(weights)
+        gate_dir = Path(settings.adapters_dir) / GATE_DIR
+        if with_gate and gate_dir.is_dir():
+            engine.load_gate(gate_dir)
+        return engine
+
+    def load_gate(self, folder: Path) -> None:
+        """Attach a trained router (refused if it was trained for another base model)."""
+        base = Path(self.model.config.name_or_path or "base").name
+        self.pool.attach_gate(load_gate(folder, GateConfig.for_base(base, self.model.lora_spec())))
+        self._versions[GATE_DIR] += 1
+
+    def set_retriever(self, retriever) -> None:
+        """Enable model `auto`: retrieval over the catalog's cards (a routing.retriever.Retriever)."""
+        self.catalog.retriever = self.selector.retriever = retriever
+
+    # --- adapters (run in the step thread) ---
+    def is_known(self, name: str) -> bool:
+        """An adapter of the catalog, or a merge built in memory."""
+        return name in self.catalog or self.pool.has_virtual(name)
+
+    def add_adapter(
+        self, name: str, path: Path, weights: AdapterWeights | None = None, key: np.ndarray | None = None
+    ) -> AdapterWeights:
+        """Register (or replace) an adapter folder in the catalog and serve this version from now
+        on. An upload passes the weights and key it computed off the step thread."""
+        weights = self.catalog.add(name, path, weights, key)
+        self.pool.put(weights)
+        self._versions[name] += 1
+        return weights
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests stop selecting it at once; sequences running on it finish first."""
+        self.catalog.remove(name)
+        self.pool.forget(name)
+        self._versions[name] += 1
+
+    # --- requests ---
+    def make_sequence(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapters: Seq[AdapterRef] = (),
+        request_id: str | None = None,
+        selection: Selection | None = None,
+    ) -> Sequence:
+        """Validate a request without touching engine state (safe from any thread). Either a final
+        adapter set (`adapters`, weights as given) or a `selection` the engine resolves."""
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}",
+                "messages",
+                "context_length_exceeded",
+            )
+        refs = self._merge_duplicates(selection.explicit if selection else adapters)
+        if selection is not None:
+            if selection.composition == "gate" and self.pool.gate is None:
+                raise InvalidRequest(
+                    "composition `gate` needs a trained gate (adapters_store/gate); none is loaded", "composition"
+                )
+            if selection.top_k > self.adapter_limit:
+                raise InvalidRequest(
+                    f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per request", "top_k"
+                )
+            selection = dataclasses.replace(selection, explicit=refs)
+            refs = ()
+        elif refs:  # in-process callers name adapters directly: a mixture of experts still runs alone
+            self.selector.runs_alone([r.name for r in refs], Selection("mixture", refs))
+        kwargs = {"request_id": request_id} if request_id else {}
+        matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar else None
+        return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, matcher=matcher, **kwargs)
+
+    @property
+    def adapter_limit(self) -> int:
+        return min(self.settings.max_adapters_per_request, self.settings.max_loras)
+
+    def _merge_duplicates(self, adapters: Seq[AdapterRef]) -> tuple[AdapterRef, ...]:
+        if len(adapters) > self.adapter_limit:
+            raise InvalidRequest(
+                f"{len(adapters)} adapters requested; at most {self.adapter_limit} per request", "adapters"
+            )
+        merged: dict[str, float] = {}
+        for a in adapters:
+            if not self.is_known(a.name):
+                raise AdapterNotFound(f"unknown adapter {a.name!r}", "adapters")
+            merged[a.name] = merged.get(a.name, 0.0) + a.weight
+        return tuple(AdapterRef(n, w) for n, w in merged.items())
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self._seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.sampling.stop)
+        if seq.selection is not None:
+            self._unresolved.append(seq)
+        self.scheduler.add(seq)
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapters: Seq[AdapterRef] = (),
+        request_id: str | None = None,
+        selection: Selection | None = None,
+    ) -> Sequence:
+        seq = self.make_sequence(prompt_ids, sampling, adapters, request_id, selection)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORT, None, "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        outputs = self._resolve_selections()
+        batch = self.scheduler.schedule()
+        self.last_batch_size = len(batch.scheduled)
+        if not batch:
+            return outputs
+        tokens = iter(self.runner.run(batch))
+        sampling = [s.seq for s in batch.scheduled if s.samples]
+        self.scheduler.advance(batch)
+        outputs += [self._append(seq, *next(tokens)) for seq in sampling]
+        return outputs
+
+    def fail_running(self, error: str) -> list[StepOutput]:
+        return [
+            self._finish(seq, FinishReason.ABORT, None, "", EngineFailure(error))
+            for seq in list(self.scheduler.running)
+        ]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        adapters: list[Seq[AdapterRef]] | None = None,
+        selections: list[Selection | None] | None = None,
+    ) -> list[Sequence]:
+        """Run prompts to completion in one continuous batch (tests, benchmarks, evaluation)."""
+        seqs = [
+            self.add_request(p, sampling, adapters[i] if adapters else (), None, selections[i] if selections else None)
+            for i, p in enumerate(prompts)
+        ]
+        while self.has_unfinished():
+            self.step()
+        return seqs
+
+    # --- internals ---
+    def _resolve_selections(self) -> list[StepOutput]:
+        """Choose the adapters of the requests added since the last step (one retrieval batch), and
+        end the waiting requests whose adapter was deleted while they waited."""
+        outputs = []
+        for seq in list(self.scheduler.waiting):
+            gone = [a.name for a in seq.adapters if not self.is_known(a.name)]
+            if gone:
+                outputs.append(
+                    self._finish(
+                        seq,
+                        FinishReason.ABORT,
+                        None,
+                        "",
+                        AdapterNotFound(f"The adapter `{gone[0]}` was deleted.", "adapters"),
+                    )
+                )
+        seqs, self._unresolved = [s for s in self._unresolved if not s.is_finished], []
+        if not seqs:
+            return outputs
+        try:
+            hits = self.selector.retrieve([s.selection for s in seqs])
+        except Exception as e:  # the embedder failed: these requests fail, the engine goes on
+            return outputs + [
+                self._finish(s, FinishReason.ABORT, None, "", EngineFailure(f"adapter retrieval failed: {e}"))
+                for s in seqs
+            ]
+        for seq, found in zip(seqs, hits):
+            try:
+                seq.chosen = self.selector.choose(seq.selection, found)
+            except MoleError as e:
+                outputs.append(self._finish(seq, FinishReason.ABORT, None, "", e))
+                continue
+            self._spell_prompt(seq)
+            self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
+        return outputs
+
+    def _spell_prompt(self, seq: Sequence) -> None:
+        """Send the spelled prompt (mole_serve/spelling.py) when the heaviest chosen adapter reads spelled
+        input. A request still waits (nothing computed), so its prompt can change; one that asked for
+        no more than the window allows keeps within it (max_tokens shrinks to the room left)."""
+        spelled = seq.selection.spelled_prompt
+        if not spelled:
+            return
+        room = self.max_model_len - len(spelled)
+        if room < 1 or not self.catalog.set_reads_spelled(
+            [a.name for a in seq.adapters], [a.weight for a in seq.adapters]
+        ):
+            return
+        seq.prompt_ids, seq.token_ids = list(spelled), list(spelled)
+        seq.sampling = dataclasses.replace(seq.sampling, max_tokens=min(seq.sampling.max_tokens, room))
+
+    def _append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> StepOutput:
+        seq.token_ids.append(token)
+        p = seq.sampling
+        delta, stopped = self._detok[seq.request_id].update(seq.output_ids)
+        if seq.matcher is not None:  # the mask allowed only tokens the grammar takes
+            if not seq.matcher.consume_token(token):
+                return self._finish(
+                    seq,
+                    FinishReason.ABORT,
+                    token,
+                    delta,
+                    EngineFailure(f"constrained decoding failed: {seq.matcher.get_error()}"),
+                )
+            stopped = stopped or seq.matcher.is_stopped()  # complete: nothing but EOS could follow
+        if stopped or not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
+            out = self._finish(seq, FinishReason.STOP, token, delta)
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            out = self._finish(seq, FinishReason.LENGTH, token, delta)
+        else:
+            report = seq.report() if len(seq.output_ids) == 1 else None
+            out = StepOutput(
+                seq.request_id, token, delta, False, None, seq.num_prompt_tokens, len(seq.output_ids), adapters=report
+            )
+        out.logprob = logprob
+        if len(seq.output_ids) == 1 and p.prompt_logprobs is not None:
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, token: int | None, delta: str, error: MoleError | None = None
+    ) -> StepOutput:
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq)
+        del self._seqs[seq.request_id]
+        delta += self._detok.pop(seq.request_id).flush()
+        return StepOutput(
+            seq.request_id,
+            token,
+            delta,
+            True,
+            reason,
+            seq.num_prompt_tokens,
+            len(seq.output_ids),
+            error,
+            seq.report(),
+            seq.gate_entropy(),
+        )
+
+    def _acquire_adapters(self, seq: Sequence) -> bool:
+        # what the sequence's KV depends on besides its tokens: its adapters' versions and weights
+        seq.prefix_key = (
+            tuple((a.name, self._versions[a.name], a.weight) for a in seq.adapters),
+            self._versions[GATE_DIR] if seq.gated else None,
+        )
+        if not seq.adapters:
+            return True
+        slots = self.pool.acquire([a.name for a in seq.adapters])
+        if slots is None:
+            return False
+        seq.lora_slots = tuple(slots)
+        return True
+
+    def _release_adapters(self, seq: Sequence) -> None:
+        if seq.lora_slots:
+            self.pool.release(seq.lora_slots)
+            seq.lora_slots = ()

@@ -1,0 +1,133 @@
+"""The torch backend: the op of backends/base.py as a few large torch operations (the CPU path,
+and the CUDA path until a kernel backend is chosen).
+
+Two paths, chosen once per step in batch.py; both keep the shrink z unweighted until the weights
+are known, so a gate can score candidates from z in rank space (gate.py) before the expand:
+- dense: few distinct adapters in the step. One matmul of all T tokens against the U unique
+  slots, then a weighted expand; token weights [T, U] are zero where a token doesn't use a slot.
+- gathered: many distinct adapters. Decode tokens gather their own K slots (index_select, then
+  bmm: BGMV); each prefill chunk is one segment against its sequence's K slots (SGMV). The
+  decode gather is a copy of every adapter the tokens use, the larger part of the LoRA time on
+  CPU, and a decode batch keeps the same adapters for many steps: GatherCache keeps it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mole_serve.lora.backends.base import LoRABackend, expand, shrink
+from mole_serve.lora.batch import LoRABatchInfo
+from mole_serve.lora.stacks import GroupStack
+
+if TYPE_CHECKING:
+    from mole_serve.lora.gate import GateStats, LayerGate
+
+Gathered = tuple[torch.Tensor, list[torch.Tensor]]  # A [N, K*n*r, d_in], n x B [N, K*r, d_out_j]
+
+
+def gather(stack: GroupStack, slots: torch.Tensor) -> Gathered:
+    """Each row's K slots [N, K] copied out of the stack, a row's adapters stacked along the rank
+    axis so that one bmm applies (shrink) or sums (expand) all K."""
+    N, K = slots.shape
+    flat = slots.reshape(-1)
+    A = stack.A.index_select(0, flat).view(N, K * stack.A.shape[1], -1)
+    return A, [B.index_select(0, flat).view(N, K * stack.rank, -1) for B in stack.B]
+
+
+class GatherCache:
+    """The decode rows' gathered adapters of every (layer, group), kept while the decode batch's
+    slot matrix and the slots' weights stay the same: a steady batch gathers once, not every
+    step. Past `budget_bytes` nothing is kept (gathered per step)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._key: tuple | None = None
+        self._gathered: dict[int, Gathered] = {}  # id(stack) -> its rows' adapters
+        self.reused_steps = 0  # steps that gathered nothing
+
+    def clear(self) -> None:
+        self._key = None
+        self._gathered.clear()
+
+    def use(self, decode_slots: tuple[tuple[int, ...], ...], stacks_version: int, slot_bytes: int) -> bool:
+        """Start a step whose decode rows have these (padded) slots; False: nothing is kept."""
+        if not self.budget_bytes or sum(map(len, decode_slots)) * slot_bytes > self.budget_bytes:
+            self.clear()
+            return False
+        key = (stacks_version, decode_slots)
+        if key == self._key:
+            self.reused_steps += 1
+        else:
+            self.clear()
+            self._key = key
+        return True
+
+    def get(self, stack: GroupStack, slots: torch.Tensor) -> Gathered:
+        hit = self._gathered.get(id(stack))
+        if hit is None:
+            hit = self._gathered[id(stack)] = gather(stack, slots)
+        return hit
+
+
+class TorchBackend(LoRABackend):
+    name = "torch"
+
+    def __init__(self, cache_bytes: int = 0) -> None:
+        self.gather_cache = GatherCache(cache_bytes)
+        self._cached = False  # whether this step's decode rows read the gather cache
+
+    def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
+        self._cached = bool(batch.decode_slots) and self.gather_cache.use(
+            batch.decode_slots, stacks_version, slot_bytes
+        )
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        stack: GroupStack,
+        batch: LoRABatchInfo,
+        weights: torch.Tensor | None,
+        gate: LayerGate | None = None,
+        stats: GateStats | None = None,
+    ) -> torch.Tensor | None:
+        """x: [T, d_in]; out: [T, d_out_total], updated in place. weights: the tokens' weights over
+        the path's columns (batch.token_weights, or what the layer's gate made of them)."""
+        if batch.unique_slots is not None:
+            z = shrink(x, stack, batch.unique_slots, batch.unique_range)  # [T, U, n*r]
+            if gate is not None:
+                weights = gate.weigh(x, z, batch.unique_slots, weights, stats, slice(None))
+            expand(z, weights, out, stack, batch.unique_slots, batch.unique_range)
+            return weights
+        parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
+        nd, ns = batch.num_decode, batch.num_decode_with_sets
+        if ns:
+            slots = batch.lora_slots[:ns]  # [ns, K]
+            A, Bs = self.gather_cache.get(stack, slots) if self._cached else gather(stack, slots)
+            z = torch.bmm(x[:ns].unsqueeze(1), A.transpose(1, 2)).view(ns, slots.shape[1], -1)  # [ns, K, n*r]
+            w = weights[:ns] if gate is None else gate.weigh(x[:ns], z, slots, weights[:ns], stats, slice(0, ns))
+            parts.append(w)
+            _expand_gathered(z, w, out[:ns], stack, Bs)
+        parts.append(weights[ns:nd])  # rows with no adapter: their zero priors
+        for i, (offset, length) in enumerate(batch.prefill_spans, start=nd):
+            rows = slice(offset, offset + length)
+            slots = batch.lora_slots[i]  # [K]
+            z = shrink(x[rows], stack, slots, None)  # [L, K, n*r]
+            w = weights[rows] if gate is None else gate.weigh(x[rows], z, slots, weights[rows], stats, rows)
+            parts.append(w)
+            expand(z, w, out[rows], stack, slots, None)
+        return weights if gate is None else torch.cat(parts)
+
+
+def _expand_gathered(
+    z: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, stack: GroupStack, Bs: list[torch.Tensor]
+) -> None:
+    """z: [N, K, n*r]; weights: [N, K]; Bs: the rows' gathered B of each module."""
+    N, K = weights.shape
+    r, n = stack.rank, len(stack.B)
+    z = z.view(N, K, n, r) * weights.view(N, K, 1, 1)
+    for j, (c0, c1) in enumerate(stack.out_columns):
+        # The bmm over K*r sums the K weighted adapters in one go.
+        out[:, c0:c1] += torch.bmm(z[:, :, j].reshape(N, 1, K * r), Bs[j]).squeeze(1)

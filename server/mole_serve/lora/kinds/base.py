@@ -1,0 +1,114 @@
+"""The contract every adapter kind meets, and what an adapter may target in the base model.
+
+A kind module (lora, melora, mixlora, moelora) states: the `peft_type` values it reads, `parse`
+(config + tensors -> validated weights, scaling folded in), `pack` (weights -> one pool slot of
+the stacks) and `reference_delta` (the naive per-module output, the tests' oracle). Reading the
+files is the library's job; nothing here touches disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+
+from mole_serve.errors import InvalidAdapter
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Modules that read the same input share one A stack (one gather, one shrink); the model fuses
+# their base weights in this order too.
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+class AdapterFormatError(InvalidAdapter):
+    """An adapter's files do not describe an adapter this server can serve; names the adapter."""
+
+
+@dataclass(frozen=True)
+class LoRATargetSpec:
+    """What an adapter may target in the base model: module -> (d_in, d_out), per layer."""
+
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]
+    hidden_act: str = "silu"  # the FFN's activation (MixLoRA's experts default to it)
+
+
+@dataclass
+class AdapterWeights:
+    """A parsed adapter of some kind, ready to pack into a pool slot."""
+
+    name: str
+    rank: int  # largest rank over its modules: the stacks' rank must be at least this
+    # (layer, module) -> (A [r, d_in], B [d_out, r] with the scaling folded in)
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    config: dict = field(default_factory=dict)
+    kind: str = "lora"
+    # The kind's native form where it differs from `modules` (melora: per module, A [n, r, d_in/n]
+    # and B [n, d_out/n, r] of its n mini LoRAs, scaling folded in); None for a plain LoRA.
+    blocks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+    moe: MoEWeights | None = None  # the experts and routers of a mixture-of-LoRA-experts kind
+
+
+# The router key of an FFN-wide router (MixLoRA's one per layer, on the FFN input) in MoEWeights.routers.
+FFN_ROUTER = "mlp"
+
+
+@dataclass
+class MoEWeights:
+    """A mixture of LoRA experts: E experts, each a plain LoRA over some modules, and top-k
+    routers. `AdapterWeights.modules` holds the part every expert shares (MixLoRA's attention
+    LoRAs). Per token, a router picks k experts and weighs them (softmax over its E logits, top-k,
+    renormalized over the k).
+
+    ffn=False (MoELoRA, MoE-PEFT's MoLA): a router per routed module on that module's input,
+        y = W x + sum_topk w_e B_e A_e x.
+    ffn=True (MixLoRA): one router per layer on the FFN input; each expert is the whole FFN with
+        its own gate/up/down LoRAs over the shared base weights,
+        y = sum_topk w_e FFN_e(x),  FFN_e(x) = (W_d + B_d,e A_d,e)(act(g_e) * u_e)."""
+
+    num_experts: int
+    top_k: int
+    experts: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]  # per expert: as `modules`
+    routers: dict[tuple[int, str], torch.Tensor]  # (layer, module or FFN_ROUTER) -> W_g [E, d_in], fp32
+    ffn: bool
+    act_fn: str = "silu"
+    renormalize: bool = True  # divide the k kept probabilities by their sum
+
+    def expert(self, e: int, name: str, rank: int) -> AdapterWeights:
+        """Expert e as a plain LoRA (what packs into one pool slot)."""
+        return AdapterWeights(name=f"{name}#expert{e}", rank=rank, modules=self.experts[e])
+
+
+def pinned(weights: AdapterWeights) -> AdapterWeights:
+    """A copy whose tensors sit in page-locked host memory: packing it into CUDA stacks is then an
+    asynchronous copy (non_blocking) instead of a staged, blocking one. CUDA only."""
+
+    def pin(pairs: dict) -> dict:
+        return {key: tuple(t.pin_memory() for t in pair) for key, pair in pairs.items()}
+
+    moe = weights.moe and replace(
+        weights.moe,
+        experts=[pin(e) for e in weights.moe.experts],
+        routers={key: W.pin_memory() for key, W in weights.moe.routers.items()},
+    )
+    return replace(weights, modules=pin(weights.modules), blocks=weights.blocks and pin(weights.blocks), moe=moe)
+
+
+class AdapterKind(Protocol):
+    PEFT_TYPES: tuple[str, ...]
+
+    def parse(
+        self, name: str, config: dict, tensors: dict[str, torch.Tensor], spec: LoRATargetSpec, max_rank: int
+    ) -> AdapterWeights: ...
+
+    def pack(self, weights: AdapterWeights, groups: dict, layer: int, slot: int, rank: int) -> None: ...
+
+    def reference_delta(
+        self, weights: AdapterWeights, layer: int, module: str, x: torch.Tensor
+    ) -> torch.Tensor | None: ...

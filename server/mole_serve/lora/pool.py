@@ -1,0 +1,261 @@
+"""Residency: which adapters sit in device slots (the stacks), an LRU CPU tier behind them, and
+whatever `load` reads behind that (the library's catalog: the disk). Packing an adapter into a
+slot is its kind's job; which adapters exist is the catalog's.
+
+Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
+largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
+A slot in use by a running sequence is pinned and never evicted. A mixture of LoRA experts
+(MixLoRA, MoELoRA) takes 1 + E slots: its own (the shared LoRAs; what sequences pin) and one per
+expert, all evicted together; its routers sit beside them (`experts`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mole_serve.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
+from mole_serve.lora.kinds import KINDS
+from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec, pinned
+from mole_serve.lora.kinds.lora import pack as pack_lora
+from mole_serve.lora.moe import ResidentExperts
+from mole_serve.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
+
+
+class LoRAPool:
+    def __init__(
+        self,
+        spec: LoRATargetSpec,
+        max_loras: int,
+        max_cpu_loras: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: Callable[[str], AdapterWeights],
+    ) -> None:
+        self.spec, self.max_loras, self.max_cpu_loras = spec, max_loras, max_cpu_loras
+        self.device, self.dtype = device, dtype
+        self.load = load  # name -> weights, for adapters in neither tier (raises if it does not exist)
+        self.rank = 0
+        self.stacks: list[LayerStacks] = []  # [layer][group], empty until the first load
+        self.version = 0  # bumped whenever any slot's weights change: backends' caches key on it
+        self.slot_bytes = 0  # one slot's A and B over all layers and groups (padded to the pool's rank)
+        self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()  # LRU, most recent last
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> lora slot, LRU
+        self._pins: Counter[int] = Counter()  # lora slot -> running sequences using it
+        self._retired: set[int] = set()  # pinned slots of replaced/deleted adapters, freed on release
+        self._free = list(range(max_loras, 0, -1))
+        self.loads = 0
+        self.evictions = 0
+        self.gate: MoLEGate | None = None
+        self.layer_gates: list[LayerGate] | None = None  # the gate with every slot's keys, per layer
+        self._virtual: OrderedDict[str, AdapterWeights] = OrderedDict()  # built in memory (merges)
+        # Native block forms (MELoRA) beside the dense stacks, per block shape (n, r): per layer,
+        # module -> (A [slots, n, r, d_in/n], B [slots, n, d_out/n, r]); 1/n of the dense bytes.
+        self.block_stacks: dict[tuple[int, int], list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.block_shape: dict[int, tuple[int, int]] = {}  # lora slot -> its adapter's block shape
+        self.experts: dict[int, ResidentExperts] = {}  # lora slot of a MoE-kind adapter -> its experts
+
+    # --- what the pool holds ---
+    def put(self, weights: AdapterWeights) -> None:
+        """A new version of an adapter (just validated): drop any stale copy, keep it in the CPU tier."""
+        self.forget(weights.name)
+        self._remember(weights.name, weights)
+
+    def forget(self, name: str) -> None:
+        """Drop cached copies of an adapter (replaced or deleted). A pinned slot stays valid until
+        the sequences running on the old weights release it."""
+        self._cpu.pop(name, None)
+        self._virtual.pop(name, None)
+        if name in self._resident:
+            slot = self._resident.pop(name)
+            if self._pins[slot]:
+                self._retired.add(slot)
+            else:
+                self._free_slots(slot)
+
+    def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None:
+        """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
+        self._virtual[weights.name] = weights
+        self._virtual.move_to_end(weights.name)
+        while len(self._virtual) > max_kept:
+            self.forget(next(iter(self._virtual)))
+
+    def has_virtual(self, name: str) -> bool:
+        return name in self._virtual
+
+    def attach_gate(self, gate: MoLEGate) -> None:
+        self.gate = gate.to(self.device)  # fp32 parameters; layer_gates casts to the stacks' dtype
+        self._refresh_gate_keys()
+
+    def weights(self, name: str) -> AdapterWeights:
+        if name in self._virtual:
+            return self._virtual[name]
+        if name in self._cpu:
+            self._cpu.move_to_end(name)
+            return self._cpu[name]
+        return self._remember(name, self.load(name))
+
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
+    # --- residency ---
+    def acquire(self, names: Sequence[str]) -> list[int] | None:
+        """Make `names` resident and pin their slots. None (and nothing pinned) if the slots they
+        need are all pinned by running sequences."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._resident]
+        evictable = [n for n, slot in self._resident.items() if self._pins[slot] == 0 and n not in names]
+        needed = {n: self.footprint(self.weights(n)) for n in missing}
+        if sum(needed.values()) > len(self._free) + sum(len(self._held(self._resident[n])) for n in evictable):
+            return None
+        for name in missing:
+            slots = self._cheapest_run(needed[name], evictable) if needed[name] > 1 else None
+            if slots is None:
+                while len(self._free) < needed[name]:
+                    self._evict(evictable.pop(0))
+                slots = sorted(self._free.pop() for _ in range(needed[name]))
+            self._load_into(slots, name)
+        slots = []
+        for name in names:
+            self._resident.move_to_end(name)
+            slot = self._resident[name]
+            self._pins[slot] += 1
+            slots.append(slot)
+        return slots
+
+    def release(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._pins[slot] -= 1
+            if self._pins[slot] <= 0:
+                del self._pins[slot]
+                if slot in self._retired:  # its adapter was replaced or deleted while it ran
+                    self._retired.remove(slot)
+                    self._free_slots(slot)
+
+    def _evict(self, name: str) -> None:
+        self._free_slots(self._resident.pop(name))
+        self.evictions += 1
+
+    def _cheapest_run(self, n: int, evictable: list[str]) -> list[int] | None:
+        """n consecutive slots for a MoE adapter (1 + E: its expert slots are then views of the
+        stacks; scattered, they are a gather in every layer of every step): the run of free and
+        evictable slots that evicts the fewest adapters, lowest first; they are evicted and the
+        run taken. None when pinned slots leave no such run."""
+        owner = {slot: name for name in evictable for slot in self._held(self._resident[name])}
+        free, best = set(self._free), None
+        for start in range(1, self.max_loras - n + 2):
+            run = range(start, start + n)
+            if all(slot in free or slot in owner for slot in run):
+                evicted = {owner[slot] for slot in run if slot not in free}
+                if best is None or len(evicted) < len(best[1]):
+                    best = (list(run), evicted)
+        if best is None:
+            return None
+        run, evicted = best
+        for name in evicted:
+            evictable.remove(name)
+            self._evict(name)
+        self._free = [slot for slot in self._free if slot not in run]
+        return run
+
+    @staticmethod
+    def footprint(weights: AdapterWeights) -> int:
+        """Slots an adapter takes: 1, or 1 + E for a mixture of LoRA experts."""
+        return 1 + (weights.moe.num_experts if weights.moe else 0)
+
+    def _held(self, slot: int) -> list[int]:
+        """The slots of the adapter in `slot`: its own, then its experts' (footprint's count)."""
+        return [slot, *(self.experts[slot].slots.tolist() if slot in self.experts else [])]
+
+    def _free_slots(self, slot: int) -> None:
+        """An adapter's slot back to the free list, with its experts' slots."""
+        experts = self.experts.pop(slot, None)
+        self._free += experts.slots.tolist() if experts is not None else []
+        self._free.append(slot)
+
+    # --- internals ---
+    def _remember(self, name: str, weights: AdapterWeights) -> AdapterWeights:
+        if self.device.type == "cuda":
+            weights = pinned(weights)
+        self._cpu[name] = weights
+        self._cpu.move_to_end(name)
+        while len(self._cpu) > self.max_cpu_loras:  # `load` can read any entry again
+            self._cpu.popitem(last=False)
+        return weights
+
+    def _load_into(self, slots: list[int], name: str) -> None:
+        """slots: the adapter's own, then its experts' (footprint)."""
+        weights = self.weights(name)
+        slot = slots[0]
+        if weights.rank > self.rank:
+            self._grow(weights.rank)
+        self.version += 1
+        kind = KINDS[weights.kind]
+        self.block_shape.pop(slot, None)
+        if weights.blocks:
+            self._pack_blocks(weights, slot)
+        if weights.moe:
+            self.experts[slot] = ResidentExperts.build(weights, slot, slots[1:], self.spec.num_layers, self.device)
+        for layer, groups in enumerate(self.stacks):
+            kind.pack(weights, groups, layer, slot, self.rank)
+            for e, expert_slot in enumerate(slots[1:]):
+                pack_lora(weights.moe.expert(e, name, weights.rank), groups, layer, expert_slot, self.rank)
+            if self.layer_gates is not None:
+                with torch.no_grad():
+                    keys = self.gate.slot_keys(layer, groups[PROBE_GROUP], slice(slot, slot + 1))
+                self.layer_gates[layer].keys[slot] = keys[0]
+        self._resident[name] = slot
+        self.loads += 1
+
+    def _pack_blocks(self, weights: AdapterWeights, slot: int) -> None:
+        """The adapter's native blocks into its shape's block stacks (allocated on first use)."""
+        A0 = next(iter(weights.blocks.values()))[0]
+        shape = (A0.shape[0], A0.shape[1])  # (n, r)
+        n, r = shape
+        if shape not in self.block_stacks:
+            slots = self.max_loras + 1
+            self.block_stacks[shape] = [
+                {
+                    m: (
+                        torch.zeros(slots, n, r, d_in // n, dtype=self.dtype, device=self.device),
+                        torch.zeros(slots, n, d_out // n, r, dtype=self.dtype, device=self.device),
+                    )
+                    for m, (d_in, d_out) in self.spec.shapes.items()
+                    if d_in % n == 0 and d_out % n == 0
+                }
+                for _ in range(self.spec.num_layers)
+            ]
+        for layer, modules in enumerate(self.block_stacks[shape]):
+            for module, (A, B) in modules.items():
+                A[slot].zero_()
+                B[slot].zero_()
+                if (layer, module) in weights.blocks:
+                    a, b = weights.blocks[(layer, module)]
+                    A[slot].copy_(a, non_blocking=True)
+                    B[slot].copy_(b, non_blocking=True)
+        self.block_shape[slot] = shape
+
+    def _grow(self, rank: int) -> None:
+        """Re-allocate every stack at a larger rank, keeping resident adapters in place."""
+        old = self.stacks
+        self.rank = rank
+        self.stacks = [
+            new_layer_stacks(self.spec, self.max_loras + 1, rank, self.dtype, self.device)
+            for _ in range(self.spec.num_layers)
+        ]
+        self.version += 1
+        self.slot_bytes = slot_bytes(self.stacks)
+        for src, dst in zip(old, self.stacks):
+            copy_into_larger(src, dst)
+        self._refresh_gate_keys()
+
+    @torch.no_grad()
+    def _refresh_gate_keys(self) -> None:
+        """Every slot's M_i for the gate (once per attach or rank growth; loads update one slot)."""
+        if self.gate is not None and self.stacks:
+            self.layer_gates = self.gate.layer_gates(self.stacks)
