@@ -1,6 +1,12 @@
-"""Residency: which adapters sit in device slots (the stacks), an LRU CPU tier behind them, and
+"""Residency: which adapters sit in device slots (the stacks), a CPU tier behind them, and
 whatever `load` reads behind that (the library's catalog: the disk). Packing an adapter into a
 slot is its kind's job; which adapters exist is the catalog's.
+
+LoRAPool is the facade the engine and the runner use. It keeps the names and what each kind
+needs resident beside the stacks (MELoRA block stacks, MoE experts and routers, the gate's keys)
+and leaves the rest to three parts: which slots are free, held and pinned (lora/slots.py), which
+adapter is evicted first (lora/eviction.py, Settings.eviction_policy), and the host-memory copies
+(lora/cpu_tier.py).
 
 Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
 largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
@@ -11,16 +17,19 @@ expert, all evicted together; its routers sit beside them (`experts`).
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
+from mole_serve.lora.cpu_tier import CPUTier
+from mole_serve.lora.eviction import PolicyName, make_policy
 from mole_serve.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from mole_serve.lora.kinds import KINDS
-from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec, pinned
+from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec
 from mole_serve.lora.kinds.lora import pack as pack_lora
 from mole_serve.lora.moe import ResidentExperts
+from mole_serve.lora.slots import SlotAllocator
 from mole_serve.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
 
 
@@ -33,6 +42,7 @@ class LoRAPool:
         device: torch.device,
         dtype: torch.dtype,
         load: Callable[[str], AdapterWeights],
+        eviction_policy: PolicyName = "lru",
     ) -> None:
         self.spec, self.max_loras, self.max_cpu_loras = spec, max_loras, max_cpu_loras
         self.device, self.dtype = device, dtype
@@ -41,11 +51,10 @@ class LoRAPool:
         self.stacks: list[LayerStacks] = []  # [layer][group], empty until the first load
         self.version = 0  # bumped whenever any slot's weights change: backends' caches key on it
         self.slot_bytes = 0  # one slot's A and B over all layers and groups (padded to the pool's rank)
-        self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()  # LRU, most recent last
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> lora slot, LRU
-        self._pins: Counter[int] = Counter()  # lora slot -> running sequences using it
-        self._retired: set[int] = set()  # pinned slots of replaced/deleted adapters, freed on release
-        self._free = list(range(max_loras, 0, -1))
+        self.policy = make_policy(eviction_policy, max_loras)
+        self._slots = SlotAllocator(max_loras)
+        self._cpu = CPUTier(max_cpu_loras, pin=device.type == "cuda")
+        self._resident: dict[str, int] = {}  # name -> its primary lora slot
         self.loads = 0
         self.evictions = 0
         self.gate: MoLEGate | None = None
@@ -61,19 +70,15 @@ class LoRAPool:
     def put(self, weights: AdapterWeights) -> None:
         """A new version of an adapter (just validated): drop any stale copy, keep it in the CPU tier."""
         self.forget(weights.name)
-        self._remember(weights.name, weights)
+        self._cpu.put(weights.name, weights)
 
     def forget(self, name: str) -> None:
         """Drop cached copies of an adapter (replaced or deleted). A pinned slot stays valid until
         the sequences running on the old weights release it."""
-        self._cpu.pop(name, None)
+        self._cpu.drop(name)
         self._virtual.pop(name, None)
         if name in self._resident:
-            slot = self._resident.pop(name)
-            if self._pins[slot]:
-                self._retired.add(slot)
-            else:
-                self._free_slots(slot)
+            self._vacate(name)
 
     def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None:
         """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
@@ -92,10 +97,8 @@ class LoRAPool:
     def weights(self, name: str) -> AdapterWeights:
         if name in self._virtual:
             return self._virtual[name]
-        if name in self._cpu:
-            self._cpu.move_to_end(name)
-            return self._cpu[name]
-        return self._remember(name, self.load(name))
+        cached = self._cpu.get(name)
+        return cached if cached is not None else self._cpu.put(name, self.load(name))
 
     def is_resident(self, name: str) -> bool:
         return name in self._resident
@@ -109,58 +112,58 @@ class LoRAPool:
         """Make `names` resident and pin their slots. None (and nothing pinned) if the slots they
         need are all pinned by running sequences."""
         missing = [n for n in dict.fromkeys(names) if n not in self._resident]
-        evictable = [n for n, slot in self._resident.items() if self._pins[slot] == 0 and n not in names]
+        evictable = self.policy.victims(
+            n for n, slot in self._resident.items() if not self._slots.pinned(slot) and n not in names
+        )
         needed = {n: self.footprint(self.weights(n)) for n in missing}
-        if sum(needed.values()) > len(self._free) + sum(len(self._held(self._resident[n])) for n in evictable):
+        reclaimable = sum(len(self._slots.held(self._resident[n])) for n in evictable)
+        if sum(needed.values()) > self._slots.num_free + reclaimable:
             return None
         for name in missing:
             slots = self._cheapest_run(needed[name], evictable) if needed[name] > 1 else None
             if slots is None:
-                while len(self._free) < needed[name]:
+                while self._slots.num_free < needed[name]:
                     self._evict(evictable.pop(0))
-                slots = sorted(self._free.pop() for _ in range(needed[name]))
+                slots = self._slots.take(needed[name])
             self._load_into(slots, name)
         slots = []
         for name in names:
-            self._resident.move_to_end(name)
+            self.policy.touch(name)
             slot = self._resident[name]
-            self._pins[slot] += 1
+            self._slots.pin(slot)
             slots.append(slot)
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
         for slot in slots:
-            self._pins[slot] -= 1
-            if self._pins[slot] <= 0:
-                del self._pins[slot]
-                if slot in self._retired:  # its adapter was replaced or deleted while it ran
-                    self._retired.remove(slot)
-                    self._free_slots(slot)
+            if self._slots.unpin(slot):  # its adapter was replaced or deleted while it ran
+                self.experts.pop(slot, None)
 
     def _evict(self, name: str) -> None:
-        self._free_slots(self._resident.pop(name))
+        self._vacate(name)
         self.evictions += 1
+
+    def _vacate(self, name: str) -> None:
+        """name leaves the slots; pinned, they are freed when the sequences running on it release them."""
+        slot = self._resident.pop(name)
+        self.policy.forget(name)
+        if self._slots.give_back(slot):
+            self.experts.pop(slot, None)
 
     def _cheapest_run(self, n: int, evictable: list[str]) -> list[int] | None:
         """n consecutive slots for a MoE adapter (1 + E: its expert slots are then views of the
-        stacks; scattered, they are a gather in every layer of every step): the run of free and
-        evictable slots that evicts the fewest adapters, lowest first; they are evicted and the
-        run taken. None when pinned slots leave no such run."""
-        owner = {slot: name for name in evictable for slot in self._held(self._resident[name])}
-        free, best = set(self._free), None
-        for start in range(1, self.max_loras - n + 2):
-            run = range(start, start + n)
-            if all(slot in free or slot in owner for slot in run):
-                evicted = {owner[slot] for slot in run if slot not in free}
-                if best is None or len(evicted) < len(best[1]):
-                    best = (list(run), evicted)
-        if best is None:
+        stacks; scattered, they are a gather in every layer of every step): the allocator's run of
+        free and evictable slots that evicts the fewest adapters; they are evicted and the run
+        taken. None when pinned slots leave no such run."""
+        found = self._slots.cheapest_run(n, [self._resident[name] for name in evictable])
+        if found is None:
             return None
-        run, evicted = best
-        for name in evicted:
-            evictable.remove(name)
-            self._evict(name)
-        self._free = [slot for slot in self._free if slot not in run]
+        run, displaced = found
+        by_slot = {self._resident[name]: name for name in evictable}
+        for slot in displaced:
+            evictable.remove(by_slot[slot])
+            self._evict(by_slot[slot])
+        self._slots.claim(run)
         return run
 
     @staticmethod
@@ -168,26 +171,7 @@ class LoRAPool:
         """Slots an adapter takes: 1, or 1 + E for a mixture of LoRA experts."""
         return 1 + (weights.moe.num_experts if weights.moe else 0)
 
-    def _held(self, slot: int) -> list[int]:
-        """The slots of the adapter in `slot`: its own, then its experts' (footprint's count)."""
-        return [slot, *(self.experts[slot].slots.tolist() if slot in self.experts else [])]
-
-    def _free_slots(self, slot: int) -> None:
-        """An adapter's slot back to the free list, with its experts' slots."""
-        experts = self.experts.pop(slot, None)
-        self._free += experts.slots.tolist() if experts is not None else []
-        self._free.append(slot)
-
-    # --- internals ---
-    def _remember(self, name: str, weights: AdapterWeights) -> AdapterWeights:
-        if self.device.type == "cuda":
-            weights = pinned(weights)
-        self._cpu[name] = weights
-        self._cpu.move_to_end(name)
-        while len(self._cpu) > self.max_cpu_loras:  # `load` can read any entry again
-            self._cpu.popitem(last=False)
-        return weights
-
+    # --- what each kind keeps resident ---
     def _load_into(self, slots: list[int], name: str) -> None:
         """slots: the adapter's own, then its experts' (footprint)."""
         weights = self.weights(name)
