@@ -183,12 +183,12 @@ async def http_load(
 def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_caching: bool) -> dict:
     """The same clients against an AsyncEngine in this process, stepped on the main thread as
     `mole-serve serve` does, with the clients' event loop in a thread."""
-    from mole_serve.__main__ import load_engine
+    from mole_serve.compose import build
     from mole_serve.config import Settings
     from mole_serve.engine.async_engine import AsyncEngine
     from mole_serve.engine.request import SamplingParams
 
-    aeng = AsyncEngine(load_engine(Settings(enable_prefix_caching=prefix_caching)))
+    aeng = AsyncEngine(build(Settings(enable_prefix_caching=prefix_caching)).engine)
     tokenizer = aeng.engine.tokenizer
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     loop, result = asyncio.new_event_loop(), {}

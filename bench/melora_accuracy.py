@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mole_serve.compose import build
 from mole_serve.config import Settings
 from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.request import SamplingParams
@@ -43,7 +44,7 @@ def trainable_params(engine: LLMEngine, name: str) -> int:
     """Parameters in the adapter's files (what was trained)."""
     from mole_serve.library.catalog import read_tensors
 
-    return sum(t.numel() for t in read_tensors(engine.catalog.folder(name), name).values())
+    return sum(t.numel() for t in read_tensors(engine.adapters.folder(name), name).values())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/melora.json")
     args = ap.parse_args(argv)
     settings = Settings()
-    engine = LLMEngine.from_settings(settings)
+    built = build(settings, retrieval=False, load_store=False)
+    engine = built.engine
     rows: dict[str, dict] = {}
     for task in args.tasks:
         rows[task] = {}
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
             folder = (Path(settings.adapters_dir) if variant == "lora8" else args.trained) / f"{task}{suffix}"
             name = f"{task}{suffix}" if suffix else task
             card = json.loads((folder / "card.json").read_text())
-            engine.add_adapter(name, folder)
+            built.add_adapter(name, folder)
             rows[task][variant] = {
                 "params": trainable_params(engine, name),
                 "accuracy_at_training": card["adapter_accuracy"],

@@ -15,8 +15,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from mole_serve.compose import build
 from mole_serve.config import Settings
-from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.request import SamplingParams
 from mole_serve.routing.types import AdapterRef
 
@@ -38,15 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048, enable_prefix_caching=False
     )
     tmp = Path(tempfile.mkdtemp(prefix="mole-rank-"))
-    engines = {"rank8": LLMEngine.from_settings(settings), "padded": LLMEngine.from_settings(settings)}
+    built = {kind: build(settings, retrieval=False, load_store=False) for kind in ("rank8", "padded")}
+    engines = {kind: b.engine for kind, b in built.items()}
     spec = engines["rank8"].model.lora_spec()
     names = [f"lora{i:02d}" for i in range(args.library)]
     for i, name in enumerate(names):
         path = synthetic_adapter(tmp / name, spec, 8, seed=i)
-        for engine in engines.values():
-            engine.add_adapter(name, path)
+        for b in built.values():
+            b.add_adapter(name, path)
     padded = engines["padded"]
-    padded.add_adapter("big", synthetic_adapter(tmp / "big", spec, args.big_rank, seed=99))
+    built["padded"].add_adapter("big", synthetic_adapter(tmp / "big", spec, args.big_rank, seed=99))
     prompts = make_prompts(padded.tokenizer, args.requests)
     # One request on the big adapter makes it resident: the pool grows to its rank and stays there.
     padded.generate(prompts[:1], SamplingParams(max_tokens=2), [(AdapterRef("big"),)])

@@ -20,9 +20,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from mole_serve.compose import build_embedder
 from mole_serve.config import Settings
-from mole_serve.library.store import adapter_dirs, read_card
-from mole_serve.routing.retriever import PROJECTION_CONFIG, PROJECTION_DIR, Embedder, Retriever, project
+from mole_serve.library.store import PROJECTION_DIR, adapter_dirs, read_card
+from mole_serve.routing.retriever import PROJECTION_CONFIG, Embedder, Retriever, project
 from mole_serve.training.tasks import TASKS, task_library
 from mole_serve.training.train_retriever import (
     ProjectionTrainOptions,
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     settings = Settings()
-    embedder = Embedder.from_settings(settings)  # what the server runs: through the projection, if trained
+    embedder = build_embedder(settings)  # what the server runs: through the projection, if trained
     plain = Embedder(settings.embedder, settings.embedder_device)
     paths = adapter_dirs(settings.adapters_dir)
     shipped = {n: read_card(paths[n])["examples"] for n in task_library(settings.adapters_dir).values()}

@@ -26,9 +26,9 @@ import httpx
 import numpy as np
 import ray
 import torch
+from mole_serve.compose import build
 from mole_serve.config import Settings
 from mole_serve.deploy import APP_NAME, ENGINE_NAME, build_app
-from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.loader import resolve_base_model
 from mole_serve.engine.model import DecoderModel
 from prometheus_client.parser import text_string_to_metric_families
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         host="127.0.0.1",
         port=PORT,
     )
-    LLMEngine.from_settings(settings)  # fail here, not in a replica, on a bad model folder
+    build(settings, retrieval=False, load_store=False)  # fail here, not in a replica, on a bad model folder
     names = traffic(args.adapters, args.requests, args.zipf)
     warmup = traffic(args.adapters, args.warmup, args.zipf, seed=1)
     traffic_args = (warmup, names, args.concurrency, args.max_tokens)

@@ -14,8 +14,8 @@ import time
 import numpy as np
 from mole_serve.api.protocol import Tool
 from mole_serve.api.structured import calls_schema, json_grammar
+from mole_serve.compose import build
 from mole_serve.config import Settings
-from mole_serve.engine.engine import LLMEngine
 
 from bench.common import machine, write_json
 from bench.throughput import make_prompts, run_engine
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args(argv)
 
-    engine = LLMEngine.from_settings(Settings(max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048))
+    settings = Settings(max_num_seqs=args.requests, max_model_len=512, max_prefill_tokens=2048)
+    engine = build(settings, retrieval=False, load_store=False).engine
     tokenizer, vocab = engine.tokenizer, engine.model.config.vocab_size
     results: dict = {"machine": machine(), "masks": {}}
     for case, (schema, value) in CASES.items():

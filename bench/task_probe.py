@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from mole_serve.compose import store_retriever
 from mole_serve.config import Settings
 from mole_serve.engine.loader import resolve_base_model
-from mole_serve.routing.retriever import Retriever
 from mole_serve.training.tasks import TASKS, task_library
 from mole_serve.training.train_adapter import build_chat
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train = last_token_states(model, tok, train_prompts, args.layers)
     x_eval = last_token_states(model, tok, eval_prompts, args.layers)
 
-    hits = Retriever.from_store(settings).search(eval_prompts, 1)
+    hits = store_retriever(settings).search(eval_prompts, 1)
     own = torch.tensor([bool(h) and h[0][0] == library[tasks[i]] for h, i in zip(hits, y_eval.tolist())])
     retrieval = per_task(own, y_eval, tasks)
     probes = {}

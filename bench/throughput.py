@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mole_serve.compose import build
 from mole_serve.config import Settings
 from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.request import SamplingParams
@@ -113,7 +114,7 @@ def run_engine(
         if in_decode and decode_start is None:
             decode_start = time.perf_counter()
         distinct.append(len({a.name for seq in engine.scheduler.running for a in seq.adapters}))
-        outputs = engine.step()
+        outputs = engine.step().outputs
         if decode_start is not None:
             decode_tokens += len(outputs)
     end = time.perf_counter()
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_cpu_loras=args.pool,
         enable_prefix_caching=False,
     )
-    engine = LLMEngine.from_settings(settings)
+    built = build(settings, retrieval=False, load_store=False)
+    engine = built.engine
     from mole_serve.engine.loader import resolve_base_model
 
     model_path = resolve_base_model(settings)
@@ -206,10 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = [f"lora{i:03d}" for i in range(args.pool)]
     paths = [synthetic_adapter(tmp / n, engine.model.lora_spec(), args.rank, seed=i) for i, n in enumerate(names)]
     for n, p in zip(names, paths):
-        engine.add_adapter(n, p)
+        built.add_adapter(n, p)
     # MELoRAs of the same equivalent rank as the LoRAs: n=8 mini LoRAs of rank rank/8 (1/8 the parameters)
     for i in range(args.requests):
-        engine.add_adapter(
+        built.add_adapter(
             f"melora{i:03d}",
             synthetic_adapter(
                 tmp / f"melora{i:03d}", engine.model.lora_spec(), max(1, args.rank // 8), seed=1000 + i, blocks=8
@@ -221,10 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in ("mixlora", "moelora")
     }
     for kind, path in moe_paths.items():
-        engine.add_adapter(kind, path)
+        built.add_adapter(kind, path)
     gate_dir = Path(settings.adapters_dir) / GATE_DIR
     if gate_dir.is_dir():
-        engine.load_gate(gate_dir)
+        built.load_gate(gate_dir)
     else:  # an untrained router costs the same as a trained one
         engine.pool.attach_gate(MoLEGate(GateConfig.for_base(engine.model_name, engine.model.lora_spec())))
 

@@ -10,15 +10,6 @@ import sys
 from mole_serve.config import Settings
 
 
-def load_engine(settings: Settings):
-    """The base model, every adapter in the store indexed for retrieval, and the trained gate."""
-    from mole_serve.engine.engine import LLMEngine
-    from mole_serve.library.store import AdapterStore
-
-    AdapterStore(settings.adapters_dir).recover()  # settle what a crash mid-upload left
-    return LLMEngine.from_store(settings)
-
-
 def serve(args: argparse.Namespace) -> int:
     """uvicorn's event loop in a thread; the engine loads and steps on the main thread (see
     AsyncEngine.run_forever for why). Ctrl-C or SIGTERM stops both."""
@@ -28,6 +19,8 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mole_serve.api.app import attach_engine, create_app
+    from mole_serve.compose import build
+    from mole_serve.library.store import AdapterStore
 
     overrides = {
         k: v
@@ -46,10 +39,11 @@ def serve(args: argparse.Namespace) -> int:
     web = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     web.start()
     try:
-        engine = load_engine(settings)
+        AdapterStore(settings.adapters_dir).recover()  # settle what a crash mid-upload left
+        built = build(settings)
         if not app.state.loop_ready.wait(timeout=60):
             raise RuntimeError("the HTTP server did not start")
-        aeng = attach_engine(app, engine)
+        aeng = attach_engine(app, built.engine, built.catalog)
         signal.signal(signal.SIGTERM, lambda *_: aeng.shutdown())
         aeng.run_forever(app.state.loop)
     except KeyboardInterrupt:

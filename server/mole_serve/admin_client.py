@@ -1,6 +1,6 @@
 """Admin helpers for mole-serve's /admin/adapters routes (httpx).
 
-from clients.admin import AdminClient
+from mole_serve.admin_client import AdminClient
 admin = AdminClient("http://127.0.0.1:8000", token="...")   # or MOLE_ADMIN_TOKEN
 admin.upload("path/to/peft_folder_or_archive.zip", name="my_task")
 admin.list(); admin.get("my_task"); admin.update("my_task", examples=[...]); admin.delete("my_task")

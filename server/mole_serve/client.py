@@ -1,6 +1,6 @@
 """A small client for mole-serve on top of the official `openai` package.
 
-from clients.mole_client import MoleClient
+from mole_serve.client import MoleClient
 client = MoleClient("http://127.0.0.1:8000")
 print(client.chat("Write 587 in Roman numerals.", model="int_to_roman"))
 for text in client.stream("Tell me about Paris."):

@@ -36,8 +36,7 @@ class Settings(BaseSettings):
         validate_default=True,
         description="Prompt tokens one step prefills (in chunks), besides the "
         "decode token of every running sequence (SGLang's chunked_prefill_size). 0: 128 on CPU, where a step's "
-        "time grows with its tokens (a 512-token step takes ~0.6 s on 2 cores, which every running stream waits "
-        "out), 2048 on CUDA.",
+        "time grows with its tokens and every running stream waits it out (docs/decisions.md), 2048 on CUDA.",
     )
 
     @field_validator("max_prefill_tokens")
@@ -77,6 +76,12 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters_store"), description="The adapter library on disk.")
     max_loras: int = Field(64, ge=1, description="Adapter slots resident on the device.")
     max_cpu_loras: int = Field(256, ge=1, description="Adapters kept in CPU memory behind the device slots.")
+    eviction_policy: Literal["lru", "lrfu"] = Field(
+        "lru",
+        description="Which resident adapter leaves the device slots first when a request needs one: lru (least "
+        "recently used) or lrfu (least recently/frequently used: use counts that halve every 16 x max_loras "
+        "uses, so the popular adapters stay through bursts of rarely used ones; see lora/eviction.py).",
+    )
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     lora_gather_cache_mb: int = Field(
         2048,
@@ -127,7 +132,7 @@ class Settings(BaseSettings):
         ge=-1,
         le=1,
         description="Cosine similarity under which a candidate is dropped; none left: base model "
-        "(0.45 keeps 90% of bench.retrieval's general prompts off every adapter and 99.6% of task prompts on one).",
+        "(its effect on task prompts and general chat: bench.retrieval, docs/benchmarks.md).",
     )
     retrieval_query: Literal["last_user", "conversation"] = Field(
         "last_user", description="What is embedded: the last user turn or every turn."

@@ -97,12 +97,13 @@ def engine_class(max_models: int) -> type:
 
     class EngineReplica:
         def __init__(self, settings: Settings) -> None:
+            from mole_serve.compose import build
             from mole_serve.engine.async_engine import AsyncEngine
-            from mole_serve.engine.engine import LLMEngine
 
-            engine = LLMEngine.from_store(settings, retrieval=False)
+            built = build(settings, retrieval=False)  # the ingress retrieves
+            self.catalog = built.catalog  # this replica's registry of the shared store
             self.metrics = Metrics(settings.metrics_adapter_limit)
-            self.aeng = AsyncEngine(engine, on_step=self.metrics.observe_step)
+            self.aeng = AsyncEngine(built.engine, on_step=self.metrics.observe_step)
             self.metrics.watch_engine(lambda: self.aeng)
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self._started = False
@@ -145,19 +146,21 @@ def engine_class(max_models: int) -> type:
                 a.max_token_chars,
                 a.has_gate,
                 a.engine.model.lora_spec(),
-                a.engine.base_names,
+                self.catalog.base_names,
             )
 
         async def add_adapter(self, name: str, folder: str) -> float:
-            """Register a committed store folder (read and checked here from the shared path)."""
-            return await self._engine().add_adapter(name, Path(folder))
+            """Register a committed store folder (read and checked here from the shared path) and serve it."""
+            weights = await asyncio.to_thread(self.catalog.add, name, Path(folder))
+            return await self._engine().add_adapter(name, weights)
 
         async def remove_adapter(self, name: str) -> None:
+            self.catalog.remove(name)
             await self._engine().remove_adapter(name)
 
         async def adapters(self) -> tuple[str, list[str]]:
             """(replica id, the adapters it serves): every replica's must agree with the ingress's."""
-            return self.replica_id, self.aeng.catalog.names
+            return self.replica_id, self.catalog.names
 
         async def stats(self) -> tuple[str, EngineStats, dict[str, int]]:
             """(replica id, engine stats, requests per adapter)"""
@@ -289,16 +292,13 @@ class RemoteEngine:
     def adapter_usage(self, name: str) -> int:
         return self.usage[name]
 
-    async def add_adapter(self, name: str, folder: Path, weights: Any = None, key: Any = None) -> float:
-        """The ingress's registry and retrieval key, then every replica; -> the slowest replica's load."""
-        self.catalog.add(name, folder, weights, key)
-        seconds = await self.handle.broadcast("add_adapter", name, str(folder)).results_async(
-            timeout_s=BROADCAST_TIMEOUT_S
-        )
+    async def add_adapter(self, name: str, weights: Any) -> float:
+        """Every replica registers the folder the ingress's catalog committed; -> the slowest load."""
+        folder = str(self.catalog.folder(name))
+        seconds = await self.handle.broadcast("add_adapter", name, folder).results_async(timeout_s=BROADCAST_TIMEOUT_S)
         return max(seconds, default=0.0)
 
     async def remove_adapter(self, name: str) -> None:
-        self.catalog.remove(name)
         await self.handle.broadcast("remove_adapter", name).results_async(timeout_s=BROADCAST_TIMEOUT_S)
 
     def stats(self) -> EngineStats:
@@ -344,31 +344,22 @@ def build_app(
             """Builds the RemoteEngine; the served app (Ray's copy of `app`) gets it below."""
             from transformers import AutoTokenizer
 
+            from mole_serve.compose import build_library
             from mole_serve.engine.loader import resolve_base_model
-            from mole_serve.library.catalog import Catalog
-            from mole_serve.library.store import AdapterStore
-            from mole_serve.routing.retriever import Embedder, Retriever
 
             info: ReplicaInfo = await engine.info.remote()  # once a replica has loaded the base model
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_base_model(settings))
-            retriever = Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max)
-            catalog = Catalog(
-                AdapterStore(settings.adapters_dir),
-                info.spec,
-                settings.max_lora_rank,
-                info.base_names,
-                settings.min_card_examples,
-                retriever,
-            )
+            catalog = await asyncio.to_thread(build_library, settings, info.spec, info.base_names)
             await asyncio.to_thread(catalog.add_store)
             self.remote = RemoteEngine(engine, info, tokenizer, catalog, settings, affinity)
+            self.catalog = catalog
 
     class IngressReplica(serve.ingress(app)(Ingress)):
         async def __init__(self, *args: Any) -> None:
             await super().__init__(*args)
             state = self.app.state  # the app this replica serves (Ray unpickled its own copy)
             state.metrics.registry.unregister(state.engine_collector)  # the replicas report theirs
-            state.engine = self.remote
+            state.engine, state.catalog = self.remote, self.catalog
 
     engine_options: dict[str, Any] = {
         "name": ENGINE_NAME,

@@ -2,19 +2,21 @@
 
 import pytest
 import torch
+from mole_serve.compose import build
 from mole_serve.config import Settings
-from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.request import SamplingParams
 from mole_serve.library.store import adapter_dirs
 from mole_serve.routing.types import AdapterRef
 from transformers import AutoModelForCausalLM
+
+from tests.unit.helpers import add_adapter, last_logits, watch_logits
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def engine(base_model_path):
-    return LLMEngine.from_settings(Settings(max_num_seqs=8, max_model_len=512))
+    return watch_logits(build(Settings(max_num_seqs=8, max_model_len=512), retrieval=False, load_store=False).engine)
 
 
 def chat(engine, text):
@@ -35,8 +37,8 @@ def test_logits_match_transformers(engine, base_model_path):
     engine.add_request(prompt, SamplingParams(max_tokens=21, ignore_eos=True))
     ours = []
     while engine.has_unfinished():
-        if engine.step():
-            ours.append(engine.runner.last_logits[0])
+        if engine.step().outputs:
+            ours.append(last_logits(engine)[0])
     hf = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32).eval()
     ids = torch.tensor([prompt + [int(t.argmax()) for t in ours[:-1]]])
     with torch.no_grad():
@@ -56,7 +58,7 @@ def test_shipped_adapters_solve_their_tasks_in_one_mixed_batch(engine):
         pytest.skip("no adapters in adapters_store yet")
     prompts, sets, jobs = [], [], []
     for task_name, name in library.items():
-        engine.add_adapter(name, paths[name])
+        add_adapter(engine, name, paths[name])
         task = TASKS[task_name]
         for prompt, answer in task.examples("eval", 6, seed=1):
             ids = engine.tokenizer.apply_chat_template(

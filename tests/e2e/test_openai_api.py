@@ -252,7 +252,7 @@ def test_a_repeated_prompt_prefills_from_the_prefix_cache(server, client):
 
 
 def test_python_client_and_examples(server):
-    from clients.mole_client import MoleClient
+    from mole_serve.client import MoleClient
 
     client = MoleClient(server, api_key=API_KEY)
     assert "int_to_roman" in client.models()

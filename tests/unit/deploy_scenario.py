@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 from mole_serve.api.app import create_app
 from mole_serve.config import Settings
 from mole_serve.deploy import APP_NAME, ENGINE_NAME, build_app
-from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.loader import resolve_base_model
 from ray import serve
 from transformers import AutoModelForCausalLM
@@ -73,7 +72,7 @@ def chat(client: openai.OpenAI, model: str, text: str, **kw):
 
 def single_server(settings: Settings, asks: list[tuple[str, str]]) -> tuple[list[str], dict, dict]:
     """The answers, a 404 body and a 400 body of the one-process app over the same store."""
-    with TestClient(create_app(settings, lambda: LLMEngine.from_store(settings))) as c:
+    with TestClient(create_app(settings, lambda: build(settings))) as c:
         while c.get("/health").status_code != 200:
             time.sleep(0.05)
         texts = [

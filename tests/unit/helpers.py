@@ -6,14 +6,18 @@ import json
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from mole_serve.compose import Components, build
 from mole_serve.config import Settings
 from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.model import DecoderModel
+from mole_serve.lora.kinds.base import AdapterWeights
+from mole_serve.routing.retriever import Retriever
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -37,11 +41,57 @@ def tiny_hf_model(kind: str = "llama", vocab_size: int = 49152, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
-def engine_for(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **settings) -> LLMEngine:
+_STEP_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its last step's logits
+
+
+def watch_logits(engine: LLMEngine) -> LLMEngine:
+    """Keep each step's logits [N, V] on the test side (the runner keeps nothing): last_logits reads them."""
+    forward = engine.runner.forward_logits
+
+    def recorded(batch):
+        _STEP_LOGITS[engine] = logits = forward(batch)
+        return logits
+
+    engine.runner.forward_logits = recorded
+    return engine
+
+
+def last_logits(engine: LLMEngine) -> torch.Tensor:
+    """The logits [N, V] of the engine's last step with a forward (the engine was watched)."""
+    return _STEP_LOGITS[engine]
+
+
+def engine_for(
+    hf_model, tokenizer, dtype: torch.dtype = torch.float32, retriever: Retriever | None = None, **settings
+) -> LLMEngine:
+    """An engine on `hf_model` through the composition root, with an empty library of its own
+    (add_adapter registers folders) and, given a retriever, model `auto`."""
     defaults = dict(max_num_seqs=8, max_model_len=128, max_prefill_tokens=32, max_loras=8)
     settings = Settings(**{**defaults, **settings})
     model = DecoderModel(hf_model.config, hf_model.state_dict(), torch.device(settings.device), dtype)
-    return LLMEngine(model, tokenizer, settings)
+    built = build(
+        settings,
+        retrieval=retriever is not None,
+        load_store=False,
+        model=model,
+        tokenizer=tokenizer,
+        retriever=retriever,
+    )
+    return watch_logits(built.engine)
+
+
+def served(engine: LLMEngine) -> Components:
+    """The engine and the library it serves from, as create_app's loader returns them."""
+    return Components(engine.settings, engine.adapters, engine)
+
+
+def add_adapter(engine: LLMEngine, name: str, folder: Path) -> AdapterWeights:
+    """Register a folder in the engine's library and serve it (what an upload does)."""
+    return served(engine).add_adapter(name, folder)
+
+
+def remove_adapter(engine: LLMEngine, name: str) -> None:
+    served(engine).remove_adapter(name)
 
 
 def make_adapter(
@@ -69,10 +119,9 @@ def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **set
         path = make_adapter(hf, tmp_path / task, seed=300 + i)
         examples = [p for p, _ in TASKS[task].examples("train", 8, seed=1)]
         (path / "card.json").write_text(json.dumps({"name": task, "task": task, "examples": examples}))
-    engine = engine_for(hf, tokenizer, adapters_dir=tmp_path, **settings)
-    engine.set_retriever(Retriever(Embedder()))
+    engine = engine_for(hf, tokenizer, retriever=Retriever(Embedder()), adapters_dir=tmp_path, **settings)
     for task in tasks:
-        engine.add_adapter(task, tmp_path / task)
+        add_adapter(engine, task, tmp_path / task)
     return engine
 
 

@@ -21,7 +21,7 @@ from mole_serve.routing.retriever import Retriever
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, make_adapter, remove_adapter, served, tiny_hf_model
 from tests.unit.test_store import tar_bytes, zip_bytes
 
 TOKEN = "s3cret"
@@ -89,12 +89,16 @@ def admin_client(hf, tokenizer, store_dir, engine_settings: dict | None = None, 
     def load():
         AdapterStore(store_dir).recover()
         engine = engine_for(
-            hf, tokenizer, adapters_dir=store_dir, max_lora_rank=settings.max_lora_rank, **(engine_settings or {})
+            hf,
+            tokenizer,
+            retriever=Retriever(HashEmbedder()),
+            adapters_dir=store_dir,
+            max_lora_rank=settings.max_lora_rank,
+            **(engine_settings or {}),
         )
-        engine.set_retriever(Retriever(HashEmbedder()))
         for name, path in adapter_dirs(store_dir).items():
-            engine.add_adapter(name, path)
-        return engine
+            add_adapter(engine, name, path)
+        return served(engine)
 
     with TestClient(create_app(settings, load)) as client:
         while client.get("/health").status_code != 200:
@@ -174,7 +178,7 @@ def test_upload_is_served_listed_updated_and_deleted(client, files, tmp_path):
     assert info["loaded"] and info["rank"] == 4 and info["config"]["r"] == 4 and info["size_bytes"] > 10_000
     assert set(info) >= {"card", "config", "targets", "num_layers"} and info["usage"] == 1  # the chat above
 
-    retriever = client.app.state.engine.catalog.retriever
+    retriever = client.app.state.catalog.retriever
     before = retriever.key("alpha")
     r = client.patch("/admin/adapters/alpha", headers=AUTH, json={"examples": examples("sort letters")})
     assert r.status_code == 200 and r.json()["card"]["description"] == "v2"
@@ -343,12 +347,12 @@ def test_a_request_waiting_on_a_deleted_adapter_ends_and_the_engine_goes_on(hf, 
     folder = AdapterStore(tmp_path)
     folder.commit("alpha", files).finish()
     engine = engine_for(hf, tokenizer, max_num_seqs=1)  # a batch of one: the second request waits
-    engine.add_adapter("alpha", tmp_path / "alpha")
+    add_adapter(engine, "alpha", tmp_path / "alpha")
     running = engine.add_request([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()
     waiting = engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), [AdapterRef("alpha", 1.0)])
     engine.step()
-    engine.remove_adapter("alpha")  # what DELETE /admin/adapters/alpha does between two steps
+    remove_adapter(engine, "alpha")  # what DELETE /admin/adapters/alpha does between two steps
     for _ in range(20):
         engine.step()
     assert running.is_finished and waiting.is_finished and not engine.has_unfinished()
@@ -362,10 +366,13 @@ def test_an_upload_the_engine_cannot_take_is_rolled_back(client, files, tmp_path
     v1 = (tmp_path / "store" / "alpha" / "card.json").read_bytes()
     real_add = engine.add_adapter
 
-    def add_failing_once(name, path, weights=None, key=None):
-        if weights is not None:  # the upload's own call; the rollback's re-read goes through
-            raise OSError("disk went away")
-        return real_add(name, path, weights, key)
+    # alpha's upload fails, its rollback (the previous version again) goes through, gamma's upload fails
+    outcomes = iter([OSError("disk went away"), None, OSError("disk went away")])
+
+    def add_failing_once(name, weights):
+        if (error := next(outcomes)) is not None:
+            raise error
+        return real_add(name, weights)
 
     monkeypatch.setattr(engine, "add_adapter", add_failing_once)
     r = upload(client, with_card(files, description="v2"), replace=True)

@@ -12,7 +12,7 @@ from mole_serve.engine.async_engine import AsyncEngine, QueueFullError
 from mole_serve.engine.request import SamplingParams
 from mole_serve.errors import ReplicaLost
 
-from tests.unit.helpers import engine_for, live_server, tiny_hf_model
+from tests.unit.helpers import engine_for, live_server, served, tiny_hf_model
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -72,7 +72,7 @@ def test_a_key_error_from_a_bug_is_a_500_not_a_404(tiny_engine, monkeypatch):
         raise KeyError("some internal table")
 
     monkeypatch.setattr(engine, "make_sequence", broken)
-    with TestClient(create_app(Settings(), lambda: engine), raise_server_exceptions=False) as client:
+    with TestClient(create_app(Settings(), lambda: served(engine)), raise_server_exceptions=False) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         r = client.post("/v1/chat/completions", json=CHAT)
@@ -84,7 +84,7 @@ def test_not_ready_is_503_then_ready(tiny_engine):
 
     def slow_load():
         release.wait(30)
-        return tiny_engine()
+        return served(tiny_engine())
 
     with TestClient(create_app(Settings(), slow_load)) as client:
         assert client.get("/health").status_code == 503
@@ -101,7 +101,7 @@ def test_not_ready_is_503_then_ready(tiny_engine):
 
 def test_error_mapping(tiny_engine):
     settings = Settings(api_key="k", max_model_len=128)
-    with TestClient(create_app(settings, lambda: tiny_engine(max_model_len=128))) as client:
+    with TestClient(create_app(settings, lambda: served(tiny_engine(max_model_len=128)))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         auth = {"Authorization": "Bearer k"}
@@ -131,7 +131,7 @@ def test_error_mapping(tiny_engine):
 
 def test_a_405_allows_every_method_of_its_path(tiny_engine):
     engine = tiny_engine()
-    with TestClient(create_app(Settings(admin_token="t"), lambda: engine)) as client:
+    with TestClient(create_app(Settings(admin_token="t"), lambda: served(engine))) as client:
         r = client.request("OPTIONS", "/admin/adapters/x", headers={"Authorization": "Bearer t"})
         assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
         assert client.put("/admin/adapters", headers={"Authorization": "Bearer t"}).headers["allow"] == "GET, POST"
@@ -180,7 +180,7 @@ def test_a_lagging_reader_gets_every_queued_output_at_once(tiny_engine):
 
 def test_queue_full_is_429_with_retry_after(tiny_engine):
     settings = Settings(max_num_seqs=1, max_waiting=1)
-    with TestClient(create_app(settings, lambda: tiny_engine(max_num_seqs=1, max_waiting=1))) as client:
+    with TestClient(create_app(settings, lambda: served(tiny_engine(max_num_seqs=1, max_waiting=1)))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         aeng = client.app.state.engine
@@ -217,7 +217,7 @@ def test_adapter_metric_labels_are_bounded():
 
 def test_lone_surrogates_are_a_400_and_the_connection_stays_usable(tiny_engine):
     """Valid JSON, invalid Unicode: in a message, a prompt, the model field; never a 500."""
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         bad = [
@@ -232,7 +232,7 @@ def test_lone_surrogates_are_a_400_and_the_connection_stays_usable(tiny_engine):
 
 
 def test_models_retrieve_each_listed_id(tiny_engine):
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         listed = client.get("/v1/models").json()["data"]
@@ -244,7 +244,7 @@ def test_models_retrieve_each_listed_id(tiny_engine):
 
 
 def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(tiny_engine):
-    with TestClient(create_app(Settings(max_request_mb=0.01), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(max_request_mb=0.01), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 20_000}]}
@@ -271,7 +271,7 @@ def test_a_prompt_too_long_by_its_characters_is_refused_before_tokenizing(tiny_e
         return real(messages, **kwargs)
 
     monkeypatch.setattr(engine.tokenizer, "apply_chat_template", guarded)
-    with TestClient(create_app(Settings(), lambda: engine)) as client:
+    with TestClient(create_app(Settings(), lambda: served(engine))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         long = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}
@@ -296,7 +296,7 @@ def test_a_departed_non_streaming_client_frees_its_place(tiny_engine, monkeypatc
         return step()
 
     monkeypatch.setattr(engine, "step", slow_step)
-    with live_server(create_app(Settings(), lambda: engine)) as url:
+    with live_server(create_app(Settings(), lambda: served(engine))) as url:
         deadline = time.perf_counter() + 60
         body = (
             b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "ignore_eos": true}'
@@ -352,7 +352,7 @@ def test_a_non_streamed_request_whose_replica_dies_mid_way_runs_again(tiny_engin
     from mole_serve.api.serving import RESENDS
 
     body = {**CHAT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         undisturbed = client.post("/v1/chat/completions", json=body).json()
@@ -384,7 +384,7 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event(tiny_engine):
     error shape (the openai client raises it), and no [DONE]."""
     import json
 
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         engine = client.app.state.engine
@@ -398,7 +398,7 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event(tiny_engine):
 
 
 def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]
@@ -421,7 +421,7 @@ def test_validation_is_strict_where_openai_is_and_names_the_field(tiny_engine):
 def test_openapi_documents_the_errors_and_media_types_the_server_sends(tiny_engine):
     from mole_serve.api.protocol import ErrorResponse
 
-    with TestClient(create_app(Settings(), lambda: tiny_engine())) as client:
+    with TestClient(create_app(Settings(), lambda: served(tiny_engine()))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         schema = client.get("/openapi.json").json()

@@ -75,7 +75,7 @@ def test_router_mode_gates_retrievals_candidates_under_a_uniform_prior(tmp_path,
         gate.log_gain.fill_(-math.inf)
     engine.pool.attach_gate(gate)
     items = eval_set(list(library), per_task=2)
-    hits = engine.catalog.retriever.search(
+    hits = engine.selector.retriever.search(
         [i.prompt for i in items], engine.settings.retrieval_top_k, engine.settings.retrieval_floor
     )
     assert all(len(h) == 3 for h in hits)

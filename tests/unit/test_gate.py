@@ -13,7 +13,7 @@ from mole_serve.lora.gate import GateConfig, GateStats, MoLEGate
 from mole_serve.lora.stacks import GroupStack
 from mole_serve.routing.types import AdapterRef, Selection
 
-from tests.unit.helpers import engine_for
+from tests.unit.helpers import add_adapter, engine_for, last_logits
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44]]
 
@@ -78,7 +78,7 @@ def test_masking_renormalizes_over_the_remaining_candidates():
 def gated_engine(hf, paths, tokenizer, scale: float = 5.0, **settings):
     engine = engine_for(hf, tokenizer, **settings)
     for name, p in paths.items():
-        engine.add_adapter(name, p)
+        add_adapter(engine, name, p)
     config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8)
     torch.manual_seed(7)
     gate = MoLEGate(config).requires_grad_(False)
@@ -122,9 +122,9 @@ def test_silent_router_is_the_prior_mixture(gated_engine_parts, tokenizer):
     engine = gated_engine(hf, paths, tokenizer, scale=0.0)  # gain 0: the router is silent, the prior rules
     weighted = (AdapterRef("a0", 0.5), AdapterRef("a1", 0.3), AdapterRef("a3", 0.2))
     engine.generate([PROMPTS[2]], params, selections=[Selection("gate", weighted)])
-    gated = engine.runner.last_logits[0].clone()
+    gated = last_logits(engine)[0].clone()
     engine.generate([PROMPTS[2]], params, selections=[Selection("mixture", weighted)])
-    assert torch.allclose(engine.runner.last_logits[0], gated, atol=1e-5)
+    assert torch.allclose(last_logits(engine)[0], gated, atol=1e-5)
 
 
 def test_dense_and_gathered_paths_gate_alike(gated_engine_parts, tokenizer):
@@ -191,5 +191,5 @@ def test_a_gated_batch_on_cuda_equals_cpu(gated_engine_parts, tokenizer):
     for device in ("cpu", "cuda"):
         engine = gated_engine(hf, paths, tokenizer, device=device, num_kv_blocks=64)
         engine.generate(PROMPTS[:2], SamplingParams(max_tokens=1), selections=[gate_selection("a0", "a1", "a2")] * 2)
-        logits.append(engine.runner.last_logits.cpu())
+        logits.append(last_logits(engine).cpu())
     assert (logits[0] - logits[1]).abs().max() < 1e-3

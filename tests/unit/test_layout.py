@@ -1,9 +1,11 @@
-"""The house rules (DESIGN.md section 1), checked on the source: which package may import which,
-no import circles inside a package, no torch behind the HTTP layer, no disk inside lora/."""
+"""The house rules (docs/architecture.md), checked on the source: which package may import which, no
+import circles inside a package nor between packages, only the composition root builds the parts,
+no torch behind the HTTP layer, no disk inside lora/."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[2] / "server" / "mole_serve"
 
 FORBIDDEN = {  # package -> packages of server it must not import
     "lora": {"library", "routing", "api", "training", "engine"},
-    "engine": {"api", "training"},
-    "routing": {"engine", "api", "training"},
-    "library": {"engine", "api", "training"},
-    "api": {"training"},
+    "engine": {"library", "api", "training", "compose", "deploy"},
+    "routing": {"library", "engine", "api", "training", "compose", "deploy"},
+    "library": {"engine", "api", "training", "compose", "deploy"},
+    "api": {"training", "compose", "deploy"},
 }
 DISK_MODULES = {"safetensors", "pathlib", "os", "shutil", "json", "tempfile"}
 
@@ -56,10 +58,10 @@ def test_packages_import_only_what_the_layers_allow(package):
     bad = sorted(
         (mod, imp)
         for mod, imports in MODULES.items()
-        if mod.startswith(f"server.{package}.")
+        if mod.startswith(f"mole_serve.{package}.")
         for imp in imports
         for other in FORBIDDEN[package]
-        if imp.startswith(f"server.{other}")
+        if imp.startswith(f"mole_serve.{other}")
     )
     assert not bad, bad
 
@@ -92,6 +94,48 @@ def test_no_import_circles_inside_a_package():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def package_of(module: str) -> str:
+    """mole_serve.engine.engine -> engine; a top-level module (mole_serve.compose) is its own."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_no_import_circles_between_packages():
+    graph: dict[str, set[str]] = {}
+    for mod, imports in MODULES.items():
+        deps = {package_of(imp) for imp in imports if imp in MODULES}
+        graph.setdefault(package_of(mod), set()).update(deps - {package_of(mod)})
+    state: dict[str, int] = {}
+
+    def visit(pkg: str, path: list[str]) -> None:
+        state[pkg] = 1
+        for dep in sorted(graph.get(pkg, ())):
+            if state.get(dep) == 1:
+                raise AssertionError(f"packages import in a circle: {' -> '.join(path + [dep])}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[pkg] = 2
+
+    for pkg in sorted(graph):
+        if pkg not in state:
+            visit(pkg, [pkg])
+
+
+BUILT_BY_THE_ROOT = re.compile(r"(?<![\w.])(LLMEngine|Catalog|Retriever|Embedder)\(")
+
+
+def test_only_the_composition_root_builds_engine_and_library():
+    """The parts receive what they serve from; only compose.py constructs the engine, the catalog
+    and the retriever (train-retriever fits a projection on a plain encoder of its own)."""
+    allowed = {"compose.py", "training/train_retriever.py"}
+    bad = sorted(
+        (str(path.relative_to(ROOT)), found)
+        for path in ROOT.rglob("*.py")
+        if str(path.relative_to(ROOT)) not in allowed
+        for found in BUILT_BY_THE_ROOT.findall(path.read_text())
+    )
+    assert not bad, bad
 
 
 def test_the_http_layer_imports_no_torch():

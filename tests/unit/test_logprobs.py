@@ -9,7 +9,7 @@ from mole_serve.engine.request import SamplingParams
 from mole_serve.errors import InvalidRequest
 from mole_serve.routing.types import AdapterRef
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, make_adapter, served, tiny_hf_model
 
 PROMPT = list(range(5, 45))
 
@@ -24,7 +24,7 @@ def test_generated_and_prompt_logprobs_equal_transformers(tokenizer, tmp_path, a
         from peft import PeftModel
 
         make_adapter(hf, tmp_path / "a", seed=3)
-        engine.add_adapter("a", tmp_path / "a")
+        add_adapter(engine, "a", tmp_path / "a")
         adapters = [AdapterRef("a")]
         reference = PeftModel.from_pretrained(tiny_hf_model(), tmp_path / "a").eval()
     seq = engine.add_request(
@@ -32,7 +32,7 @@ def test_generated_and_prompt_logprobs_equal_transformers(tokenizer, tmp_path, a
     )
     outputs = []
     while not seq.is_finished:
-        outputs += [o for o in engine.step() if o.request_id == seq.request_id]
+        outputs += [o for o in engine.step().outputs if o.request_id == seq.request_id]
     ids = PROMPT + seq.output_ids
     with torch.no_grad():
         expected = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)  # [L, V]
@@ -68,7 +68,7 @@ def test_the_openai_shapes_carry_the_logprobs(tokenizer):
     engine = engine_for(hf, tokenizer)
     with torch.no_grad():
         expected = torch.log_softmax(hf(torch.tensor([PROMPT])).logits[0].float(), -1)
-    with TestClient(create_app(Settings(), lambda: engine)) as client:
+    with TestClient(create_app(Settings(), lambda: served(engine))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         # lm-eval's loglikelihood request: token ids, echo, one generated token, logprobs=1

@@ -16,7 +16,7 @@ from mole_serve.routing.types import AdapterRef
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, last_logits, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 
@@ -24,14 +24,14 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 def first_step_logits(engine, prompt, adapters):
     engine.add_request(prompt, SamplingParams(max_tokens=1), adapters)
     engine.step()
-    return engine.runner.last_logits[0]
+    return last_logits(engine)[0]
 
 
 def test_single_adapter_matches_peft(tmp_path, tokenizer):
     hf = tiny_hf_model()
     path = make_adapter(hf, tmp_path / "a", seed=1)
     engine = engine_for(hf, tokenizer)
-    engine.add_adapter("a", path)
+    add_adapter(engine, "a", path)
     ours = first_step_logits(engine, PROMPT, [AdapterRef("a")])
     peft = PeftModel.from_pretrained(tiny_hf_model(), path).eval()
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_partial_targets_and_rslora_match_peft(tmp_path, tokenizer, rslora):
         hf, tmp_path / "a", seed=2, rank=6, targets=["q_proj", "v_proj", "down_proj"], use_rslora=rslora
     )
     engine = engine_for(hf, tokenizer)
-    engine.add_adapter("a", path)
+    add_adapter(engine, "a", path)
     ours = first_step_logits(engine, PROMPT, [AdapterRef("a")])
     with torch.no_grad():
         ref = PeftModel.from_pretrained(tiny_hf_model(), path)(torch.tensor([PROMPT])).logits[0, -1]
@@ -81,7 +81,7 @@ def test_weighted_set_of_three_matches_sum_of_deltas(tmp_path, tokenizer):
     weights = [0.5, 0.3, 0.2]
     engine = engine_for(hf, tokenizer)
     for i, p in enumerate(paths):
-        engine.add_adapter(f"a{i}", p)
+        add_adapter(engine, f"a{i}", p)
     ours = first_step_logits(engine, PROMPT, [AdapterRef(f"a{i}", w) for i, w in enumerate(weights)])
     ref = merged_reference(list(zip(paths, weights)), PROMPT)
     assert (ours - ref).abs().max() < 1e-4
@@ -98,7 +98,7 @@ def library(tmp_path_factory, tokenizer):
 def run_alone(hf, tokenizer, paths, prompt, adapters, max_tokens):
     engine = engine_for(hf, tokenizer)
     for name, p in paths.items():
-        engine.add_adapter(name, p)
+        add_adapter(engine, name, p)
     return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True), [adapters])[0].output_ids
 
 
@@ -120,7 +120,7 @@ def test_mixed_batch_equals_each_request_alone(library, tokenizer, max_loras, ma
         hf, tokenizer, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_prefill_tokens=16, max_num_seqs=4
     )
     for name, p in paths.items():
-        engine.add_adapter(name, p)
+        add_adapter(engine, name, p)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     seqs = [engine.add_request(p, params, a) for p, a in MIXED[:3]]
     for _ in range(3):  # later requests join a running batch
@@ -144,7 +144,7 @@ def test_cuda_pool_pins_its_cpu_tier_and_evicts_and_reloads_exactly(library, tok
     for max_loras in (3, 8):
         engine = engine_for(hf, tokenizer, device="cuda", max_loras=max_loras, max_cpu_loras=6, max_num_seqs=2)
         for name, p in paths.items():
-            engine.add_adapter(name, p)
+            add_adapter(engine, name, p)
         seqs = engine.generate([p for p, _ in MIXED], params, [a for _, a in MIXED])
         outputs[max_loras] = [s.output_ids for s in seqs]
     tier = list(engine.pool._cpu.values())
@@ -161,7 +161,7 @@ def test_gather_cache_is_not_reused_when_new_adapters_take_the_same_slots(librar
     def run(cache_mb: int):
         engine = engine_for(hf, tokenizer, max_loras=2, max_num_seqs=2, lora_gather_cache_mb=cache_mb)
         for name, p in paths.items():
-            engine.add_adapter(name, p)
+            add_adapter(engine, name, p)
         outputs = [
             s.output_ids
             for names in (("a0", "a1"), ("a2", "a3"))
@@ -273,10 +273,10 @@ def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, tokenizer):
     }
     for name, (bad, message) in cases.items():
         with pytest.raises(AdapterFormatError, match=message) as err:
-            engine.add_adapter(name, variant(name, bad))
+            add_adapter(engine, name, variant(name, bad))
         assert name in str(err.value)
     with pytest.raises(AdapterFormatError, match="DoRA"):
-        engine.add_adapter("dora", variant("dora", tensors, {**config, "use_dora": True}))
+        add_adapter(engine, "dora", variant("dora", tensors, {**config, "use_dora": True}))
     with pytest.raises(AdapterNotFound, match="unknown adapter"):
         engine.add_request([1, 2], SamplingParams(), [AdapterRef("missing")])
 
@@ -285,7 +285,7 @@ def test_requests_over_the_limits_are_refused(library, tokenizer):
     hf, paths = library
     engine = engine_for(hf, tokenizer, max_adapters_per_request=4, max_model_len=64)
     for name, p in paths.items():
-        engine.add_adapter(name, p)
+        add_adapter(engine, name, p)
     with pytest.raises(ValueError, match="context window is 64"):
         engine.add_request(list(range(1, 65)), SamplingParams())
     with pytest.raises(ValueError, match="at most 4 per request"):

@@ -14,7 +14,7 @@ from mole_serve.lora.kinds.base import AdapterFormatError
 from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 from safetensors.torch import save_file
 
-from tests.unit.helpers import ALL_TARGETS, engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import ALL_TARGETS, add_adapter, engine_for, last_logits, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
 
@@ -85,7 +85,7 @@ def test_authors_folder_equals_transformers_with_the_blockdiag_merged(hf, tokeni
     tensors = melora_tensors(hf, n, r, seed=1)
     folder = write_melora(tmp_path / "m", tensors, n, r, alpha, bin_format=bin_format)
     engine = engine_for(hf, tokenizer)
-    engine.add_adapter("m", folder)
+    add_adapter(engine, "m", folder)
     ref = merged_model(tensors, n, r, alpha)
     seq = engine.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True), [(AdapterRef("m"),)])[0]
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_authors_folder_equals_transformers_with_the_blockdiag_merged(hf, tokeni
     engine.step()
     with torch.no_grad():
         logits = ref(torch.tensor([PROMPT])).logits[0, -1]
-    assert (engine.runner.last_logits[0] - logits).abs().max() < 1e-4
+    assert (last_logits(engine)[0] - logits).abs().max() < 1e-4
 
 
 def test_native_blocks_equal_the_dense_form(hf):
@@ -158,9 +158,9 @@ def test_melora_in_every_composition_equals_its_dense_twin(hf, tokenizer, tmp_pa
 
     def run(name_of_m: str):
         engine = engine_for(hf, tokenizer)
-        engine.add_adapter(name_of_m, folder if name_of_m == "m" else twin)
+        add_adapter(engine, name_of_m, folder if name_of_m == "m" else twin)
         for name, p in plain.items():
-            engine.add_adapter(name, p)
+            add_adapter(engine, name, p)
         engine.pool.attach_gate(gate)
         sets = [(AdapterRef(name_of_m),), (AdapterRef(name_of_m, 0.6), AdapterRef("p0", 0.4)), (AdapterRef("p1"),)]
         selections = [Selection("mixture", s) for s in sets] + [
@@ -196,7 +196,7 @@ def test_bad_melora_folders_are_refused_naming_adapter_and_module(hf, tokenizer,
         (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": change["alpha"]}))
     engine = engine_for(hf, tokenizer, max_lora_rank=16)
     with pytest.raises(AdapterFormatError, match=message) as err:
-        engine.add_adapter("bad", folder)
+        add_adapter(engine, "bad", folder)
     assert "'bad'" in str(err.value)
 
 
@@ -261,12 +261,12 @@ def test_a_trained_melora_serves_as_it_trained(tokenizer, tmp_path):
     config = json.loads((tmp_path / "odd_or_even" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MELORA" and config["r"] == [1] * 4
     engine = engine_for(tiny_llama(tokenizer), tokenizer)
-    engine.add_adapter("m", tmp_path / "odd_or_even")
+    add_adapter(engine, "m", tmp_path / "odd_or_even")
     engine.add_request(PROMPT, SamplingParams(max_tokens=1), [AdapterRef("m")])
     engine.step()
     with torch.no_grad():
         expected = trained(torch.tensor([PROMPT])).logits[0, -1]
-    assert (engine.runner.last_logits[0] - expected).abs().max() < 1e-4
+    assert (last_logits(engine)[0] - expected).abs().max() < 1e-4
     # 1 per-mini rank over 4 blocks: the parameters of a rank-1 LoRA, an update of rank 4
     per_module = sum(d_in + d_out for d_in, d_out in engine.model.lora_spec().shapes.values())
     assert card["trainable_params"] == per_module * engine.model.num_layers
@@ -294,7 +294,7 @@ def test_native_blocks_equal_the_dense_path_in_a_mixed_batch(hf, tokenizer, tmp_
     def run(native: bool):
         engine = engine_for(hf, tokenizer, lora_native_blocks=native, max_prefill_tokens=16)
         for name, folder in folders.items():
-            engine.add_adapter(name, folder)
+            add_adapter(engine, name, folder)
         seqs = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), sets)
         return engine, [s.output_ids for s in seqs]
 

@@ -14,7 +14,7 @@ from mole_serve.routing.types import MERGE_STRATEGIES, AdapterRef
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, last_logits, make_adapter, tiny_hf_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 WEIGHTS = [0.6, -0.3, 0.5]  # a negative weight: PEFT puts its sign on A only
@@ -109,14 +109,14 @@ def test_merge_matches_peft(adapters, tmp_path, tokenizer, strategy, names, dens
         assert torch.allclose(B @ A, B_ref @ A_ref, atol=1e-5, rtol=0), key
     # The engine, serving the merged adapter from a slot, gives PEFT's logits with "merged" active.
     engine = engine_for(hf, tokenizer)
-    engine.add_adapter("merged", save_as_peft(ours, tmp_path / "merged"))
+    add_adapter(engine, "merged", save_as_peft(ours, tmp_path / "merged"))
     engine.add_request(PROMPT, SamplingParams(max_tokens=1), [AdapterRef("merged")])
     engine.step()
     with torch.no_grad():
         expected = peft(torch.tensor([PROMPT])).logits[0, -1]
         base = tiny_hf_model()(torch.tensor([PROMPT])).logits[0, -1]
     assert (expected - base).abs().max() > 1e-2  # the merge changes the output
-    assert (engine.runner.last_logits[0] - expected).abs().max() < 1e-4
+    assert (last_logits(engine)[0] - expected).abs().max() < 1e-4
 
 
 def test_dare_depends_on_the_seed_only(adapters):

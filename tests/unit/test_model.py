@@ -5,7 +5,7 @@ import pytest
 import torch
 from mole_serve.engine.request import SamplingParams
 
-from tests.unit.helpers import engine_for, tiny_hf_model
+from tests.unit.helpers import engine_for, last_logits, tiny_hf_model
 
 PROMPTS = [
     [
@@ -56,8 +56,8 @@ def ours_and_reference(hf, engine) -> tuple[torch.Tensor, torch.Tensor]:
     engine.add_request(prompt, SamplingParams(max_tokens=21, ignore_eos=True))
     ours = []
     while engine.has_unfinished():
-        if engine.step():
-            ours.append(engine.runner.last_logits[0])
+        if engine.step().outputs:
+            ours.append(last_logits(engine)[0])
     assert len(ours) == 21
     seq_ids = torch.tensor([prompt + [int(t.argmax()) for t in ours[:-1]]], device=ours[0].device)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from mole_serve.routing.selection import SelectionError
 from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 from safetensors.torch import save_file
 
-from tests.unit.helpers import ALL_TARGETS, engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import ALL_TARGETS, add_adapter, engine_for, last_logits, make_adapter, served, tiny_hf_model
 from tests.unit.test_melora import melora_tensors, write_melora
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
@@ -110,7 +110,7 @@ def step_logits(engine, prompt: list[int], adapters, tokens: int) -> tuple[list[
     rows = []
     while not seq.is_finished:
         engine.step()
-        rows.append(engine.runner.last_logits[0].clone())
+        rows.append(last_logits(engine)[0].clone())
     return seq.output_ids, torch.stack(rows)
 
 
@@ -153,7 +153,7 @@ def test_mixlora_equals_the_authors_package(hf, tokenizer, tmp_path, legacy):
         else mixlora_config()
     )
     engine = engine_for(hf, tokenizer, max_loras=8)
-    engine.add_adapter("mix", write_folder(tmp_path / "mix", served, config, bin_format=True))
+    add_adapter(engine, "mix", write_folder(tmp_path / "mix", served, config, bin_format=True))
     output, logits = step_logits(engine, PROMPT, [AdapterRef("mix")], tokens=11)
     expected = oracle_logits(oracle, PROMPT, output)
     assert (logits - expected).abs().max() < 1e-4  # the prefill and 10 decode steps
@@ -199,7 +199,7 @@ def moelora_loop_model(tensors: dict, E: int, top_k: int, scaling: float, renorm
 def test_moelora_equals_a_naive_loop(hf, tokenizer, tmp_path, renormalize):
     tensors = moelora_tensors(hf, E=4, r=4, seed=2)
     engine = engine_for(hf, tokenizer)
-    engine.add_adapter("moe", write_folder(tmp_path / "moe", tensors, moelora_config(top_k_renormalize=renormalize)))
+    add_adapter(engine, "moe", write_folder(tmp_path / "moe", tensors, moelora_config(top_k_renormalize=renormalize)))
     output, logits = step_logits(engine, PROMPT, [AdapterRef("moe")], tokens=11)
     expected = oracle_logits(moelora_loop_model(tensors, 4, 2, 8 / 4, renormalize), PROMPT, output)
     assert (logits - expected).abs().max() < 1e-4
@@ -238,7 +238,7 @@ def test_a_batch_of_every_kind_gives_each_request_its_own_tokens(hf, tokenizer, 
     write_folder(tmp_path / "moe", moelora_tensors(hf, E=4, r=4, seed=2), moelora_config())
     engine = engine_for(hf, tokenizer, max_loras=16, max_prefill_tokens=24)
     for name in ("a", "b", "me", "mix", "moe"):
-        engine.add_adapter(name, tmp_path / name)
+        add_adapter(engine, name, tmp_path / name)
     torch.manual_seed(0)
     engine.pool.attach_gate(MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec())))
     requests = [
@@ -267,8 +267,8 @@ def mixture_and_lora(hf, tokenizer, tmp_path, max_loras: int):
     write_folder(tmp_path / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
     make_adapter(hf, tmp_path / "a", seed=11)
     engine = engine_for(hf, tokenizer, max_loras=max_loras)
-    engine.add_adapter("mix", tmp_path / "mix")
-    engine.add_adapter("a", tmp_path / "a")
+    add_adapter(engine, "mix", tmp_path / "mix")
+    add_adapter(engine, "a", tmp_path / "a")
     return engine
 
 
@@ -288,14 +288,14 @@ def test_a_mixture_loaded_after_churn_takes_consecutive_slots(hf, tokenizer, tmp
     engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=7)
     for name in "bcdef":
         make_adapter(hf, tmp_path / name, seed=ord(name))
-        engine.add_adapter(name, tmp_path / name)
+        add_adapter(engine, name, tmp_path / name)
     sampling = SamplingParams(max_tokens=2, ignore_eos=True)
     for name in "abcdef":  # a..f in slots 1..6; touching b, d, f again leaves a, c, e least recent
         engine.generate([PROMPT], sampling, [[AdapterRef(name)]])
     for name in "bdf":
         engine.generate([PROMPT], sampling, [[AdapterRef(name)]])
     alone = engine_for(hf, tokenizer, max_loras=7)
-    alone.add_adapter("mix", tmp_path / "mix")
+    add_adapter(alone, "mix", tmp_path / "mix")
     expected = alone.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids
     assert engine.generate([PROMPT], sampling, [[AdapterRef("mix")]])[0].output_ids == expected
     experts = next(iter(engine.pool.experts.values()))
@@ -312,7 +312,7 @@ def test_a_mixture_named_with_others_or_merged_is_refused(hf, tokenizer, tmp_pat
     with pytest.raises(SelectionError, match="not in a merge"):
         engine.selector.choose(Selection("merge", explicit=(AdapterRef("mix"),)), [])
     small = engine_for(hf, tokenizer, max_loras=4)
-    small.add_adapter("mix", tmp_path / "mix")
+    add_adapter(small, "mix", tmp_path / "mix")
     with pytest.raises(SelectionError, match="needs 5 adapter slots"):
         small.selector.choose(Selection("mixture", explicit=(AdapterRef("mix"),)), [])
     with pytest.raises(SelectionError, match="needs 5 adapter slots"):  # not a request that waits forever
@@ -418,7 +418,7 @@ def test_what_train_adapter_writes_serves_as_it_trained(tokenizer, tmp_path, kin
     mask = torch.ones(len(PROMPT), dtype=torch.bool)
     assert balance_loss(routed, mask, 2, 0.01) > 0
     save_moe(hf, kind, tmp_path, tuple(ALL_TARGETS), 4, 2, 4, 8, "tiny", {})
-    engine.add_adapter(kind, tmp_path)
+    add_adapter(engine, kind, tmp_path)
     _, logits = step_logits(engine, PROMPT, [AdapterRef(kind)], tokens=1)
     assert (logits[0] - expected).abs().max() < 1e-4
 
@@ -450,7 +450,7 @@ def test_over_http_a_mixture_reports_expert_usage_and_prometheus_counts_it(hf, t
 
     engine = mixture_and_lora(hf, tokenizer, tmp_path, max_loras=8)
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-    with TestClient(create_app(Settings(), lambda: engine)) as client:
+    with TestClient(create_app(Settings(), lambda: served(engine))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         r = client.post("/v1/chat/completions", json={**chat, "model": "mix"})

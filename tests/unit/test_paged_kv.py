@@ -5,7 +5,7 @@ adapter sets (or adapter versions)."""
 from mole_serve.engine.request import SamplingParams
 from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 
-from tests.unit.helpers import engine_for
+from tests.unit.helpers import add_adapter, engine_for
 from tests.unit.test_gate import gate_selection, gated_engine
 
 SYSTEM = list(range(100, 140))  # a shared 40-token head: two full blocks of 16, as a chat template's
@@ -49,12 +49,12 @@ def test_a_prefix_cached_under_one_adapter_set_never_serves_another(gated_engine
     def fresh(adapters):
         engine = engine_for(hf, tokenizer)
         for name, p in paths.items():
-            engine.add_adapter(name, p)
+            add_adapter(engine, name, p)
         return engine.generate([prompt], PARAMS, [adapters])[0].output_ids
 
     engine = engine_for(hf, tokenizer)
     for name, p in paths.items():
-        engine.add_adapter(name, p)
+        add_adapter(engine, name, p)
     stats = engine.scheduler.blocks.stats
 
     def run(adapters) -> tuple[list[int], int]:
@@ -66,6 +66,6 @@ def test_a_prefix_cached_under_one_adapter_set_never_serves_another(gated_engine
     assert run(a0) == (fresh(a0), 32)  # the same set: both full blocks of the prompt
     for other in [(AdapterRef("a1"),), (AdapterRef("a0", 0.5),), (), (AdapterRef("a0"), AdapterRef("a1"))]:
         assert run(other) == (fresh(other), 0), other
-    engine.add_adapter("a0", paths["a3"])  # a new version under the same name
+    add_adapter(engine, "a0", paths["a3"])  # a new version under the same name
     tokens, hits = run(a0)
     assert hits == 0 and tokens == fresh((AdapterRef("a3"),))

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mole_serve.compose import build_embedder, store_retriever
 from mole_serve.config import Settings
-from mole_serve.library.store import adapter_dirs, read_card
+from mole_serve.library.store import PROJECTION_DIR, adapter_dirs, read_card
 from mole_serve.routing import retriever as retriever_mod
 from mole_serve.routing.retriever import (
     FINGERPRINT_TEXT,
-    PROJECTION_DIR,
     Embedder,
     ProjectionFormatError,
     RetrievalProjection,
@@ -45,9 +45,9 @@ def embedder() -> Embedder:
 @pytest.fixture(scope="module")
 def shipped(embedder: Embedder) -> Retriever:
     """What the server runs: the shipped cards through the shipped retrieval projection."""
-    served = Embedder.from_settings(Settings())
+    served = build_embedder(Settings())
     assert served.projection is not None
-    r = Retriever.from_store(Settings(), embedder=served)
+    r = store_retriever(Settings(), embedder=served)
     assert len(r) >= 12
     return r
 
@@ -125,7 +125,7 @@ def eval_top1(r: Retriever, task_of: dict[str, str], per_task: int = 20) -> floa
 def test_shipped_projection_beats_the_plain_encoder_on_held_out_phrasings(
     shipped: Retriever, embedder: Embedder, task_of: dict[str, str]
 ) -> None:
-    plain = Retriever.from_store(Settings(), embedder=embedder)
+    plain = store_retriever(Settings(), embedder=embedder)
     before, after = eval_top1(plain, task_of), eval_top1(shipped, task_of)
     assert after >= 0.98 and after > before, (before, after)
 
@@ -150,22 +150,22 @@ def test_store_projection_is_applied_checked_and_optional(embedder: Embedder, tm
     rng = np.random.default_rng(0)
     delta = 0.1 * rng.standard_normal((DIM, DIM)).astype(np.float32)
     save_projection(tmp_path, delta, embedder.encode([FINGERPRINT_TEXT])[0])
-    served = Embedder.from_settings(Settings(adapters_dir=tmp_path))
+    served = build_embedder(Settings(adapters_dir=tmp_path))
     plain = embedder.encode(GENERAL)
     expected = plain + plain @ delta.T
     np.testing.assert_allclose(
         served.encode(GENERAL), expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5
     )
-    assert Embedder.from_settings(Settings(adapters_dir=tmp_path, retrieval_projection=False)).projection is None
+    assert build_embedder(Settings(adapters_dir=tmp_path, retrieval_projection=False)).projection is None
 
     save_projection(tmp_path, delta, unit(rng, 1)[0])  # trained on some other encoder
     with pytest.raises(ProjectionFormatError, match="another sentence encoder"):
-        Embedder.from_settings(Settings(adapters_dir=tmp_path))
+        build_embedder(Settings(adapters_dir=tmp_path))
     with pytest.raises(ProjectionFormatError, match="maps 8-d embeddings"):
         RetrievalProjection.load(save_projection(tmp_path, np.zeros((8, 8)), np.ones(8)), embedder)
     (tmp_path / PROJECTION_DIR / "projection.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ProjectionFormatError, match="cannot read"):
-        Embedder.from_settings(Settings(adapters_dir=tmp_path))
+        build_embedder(Settings(adapters_dir=tmp_path))
 
 
 def test_projection_trained_without_a_task_still_retrieves_it(embedder: Embedder) -> None:

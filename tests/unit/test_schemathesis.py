@@ -15,7 +15,7 @@ import pytest
 from mole_serve.api.app import create_app
 from mole_serve.config import Settings
 
-from tests.unit.helpers import engine_for, live_server, tiny_hf_model
+from tests.unit.helpers import engine_for, live_server, served, tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY, ADMIN_TOKEN = "schemathesis-key", "schemathesis-admin"
@@ -26,7 +26,7 @@ def url(tokenizer, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     engine = engine_for(tiny_hf_model(), tokenizer, max_model_len=256, adapters_dir=store)
     settings = Settings(api_key=API_KEY, admin_token=ADMIN_TOKEN, adapters_dir=store)
-    with live_server(create_app(settings, lambda: engine)) as url:
+    with live_server(create_app(settings, lambda: served(engine))) as url:
         yield url
 
 

@@ -1,5 +1,5 @@
-"""Spelled input (mole_serve/spelling.py): the encoding, training's use of it, and the engine sending the
-spelled prompt only to an adapter whose card asks for it."""
+"""Spelled input (mole_serve/spelling.py, an input form of input_forms.py): the encoding, training's
+use of it, and the engine sending the spelled prompt only to an adapter whose card asks for it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from fastapi.testclient import TestClient
 from mole_serve.api.app import create_app
 from mole_serve.config import Settings
 from mole_serve.engine.request import SamplingParams
+from mole_serve.input_forms import SPELLED, form_chat_ids, form_messages
 from mole_serve.library.upload import InvalidAdapterError, check_card
 from mole_serve.routing.types import AdapterRef, Selection
-from mole_serve.spelling import letter_token_ids, spell_words, spelled_chat_ids, spelled_messages
+from mole_serve.spelling import letter_token_ids, spell_words
 from mole_serve.training.train_adapter import build_chat, encode
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, make_adapter, served, tiny_hf_model
 
 
 def test_spell_words_follows_each_word_with_its_letters():
@@ -32,7 +33,7 @@ def test_spell_words_follows_each_word_with_its_letters():
         {"role": "user", "content": "sort cab"},
         {"role": "assistant", "content": "abc"},
     ]
-    assert [m["content"] for m in spelled_messages(chat)] == ["Be brief", "sort (s o r t) cab (c a b)", "abc"]
+    assert [m["content"] for m in form_messages(SPELLED, chat)] == ["Be brief", "sort (s o r t) cab (c a b)", "abc"]
 
 
 def test_letter_token_ids_write_one_token_per_letter(tokenizer):
@@ -52,8 +53,8 @@ def test_training_encodes_a_spelled_pair(tokenizer):
     assert "Reverse (R e v e r s e) planet (p l a n e t)" in tokenizer.decode(prompt)
     assert spelled[len(prompt) :] == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
     assert len(spelled) > len(plain)
-    assert spelled_chat_ids(tokenizer, build_chat("Reverse planet")) == tuple(prompt)
-    assert spelled_chat_ids(tokenizer, build_chat("1 + 2 ?")) is None  # nothing to spell
+    assert form_chat_ids(SPELLED, tokenizer, build_chat("Reverse planet")) == tuple(prompt)
+    assert form_chat_ids(SPELLED, tokenizer, build_chat("1 + 2 ?")) is None  # nothing to spell
 
 
 def test_card_input_must_be_a_known_format():
@@ -72,23 +73,23 @@ def spelling_engine(tmp_path_factory, tokenizer):
         make_adapter(hf, root / name, seed=40 + i)
         (root / name / "card.json").write_text(json.dumps({"name": name, "examples": ["x"] * 5, **extra}))
     engine = engine_for(hf, tokenizer, adapters_dir=root, max_model_len=128)
-    engine.add_adapter("speller", root / "speller")
-    engine.add_adapter("plain", root / "plain")
+    add_adapter(engine, "speller", root / "speller")
+    add_adapter(engine, "plain", root / "plain")
     return engine
 
 
 def test_engine_sends_the_spelled_prompt_to_a_spelled_adapter_only(spelling_engine, tokenizer):
     engine = spelling_engine
-    assert engine.catalog.reads_spelled("speller") and not engine.catalog.reads_spelled("plain")
+    assert engine.adapters.input_form("speller") == SPELLED and engine.adapters.input_form("plain") == "plain"
     chat = build_chat("Reverse planet")
     plain = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"
     ]
-    spelled = spelled_chat_ids(tokenizer, chat)
+    spelled = form_chat_ids(SPELLED, tokenizer, chat)
     too_long = tuple(range(10, 10 + engine.max_model_len))
 
     def run(*refs: AdapterRef, spelled_prompt=spelled, max_tokens: int = 4):
-        sel = Selection("mixture", refs, spelled_prompt=spelled_prompt)
+        sel = Selection("mixture", refs, prompts_by_form={SPELLED: spelled_prompt} if spelled_prompt else {})
         seq = engine.generate([plain], SamplingParams(max_tokens=max_tokens), selections=[sel])[0]
         return seq.prompt_ids, seq.sampling.max_tokens
 
@@ -108,8 +109,8 @@ def test_engine_sends_the_spelled_prompt_to_a_spelled_adapter_only(spelling_engi
 
 def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenizer):
     chat = {"messages": [{"role": "user", "content": "Reverse planet"}], "max_tokens": 2}
-    settings = Settings(api_key=None, adapters_dir=spelling_engine.catalog.store.root)
-    with TestClient(create_app(settings, lambda: spelling_engine)) as client:
+    settings = Settings(api_key=None, adapters_dir=spelling_engine.adapters.store.root)
+    with TestClient(create_app(settings, lambda: served(spelling_engine))) as client:
         for _ in range(200):
             if client.get("/health").status_code == 200:
                 break
@@ -119,5 +120,5 @@ def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenize
             for model in ("speller", "plain", spelling_engine.model_name)
         }
     messages = [{"role": "user", "content": "Reverse planet"}]
-    assert counts["speller"] == len(spelled_chat_ids(tokenizer, messages))
+    assert counts["speller"] == len(form_chat_ids(SPELLED, tokenizer, messages))
     assert counts["plain"] == counts[spelling_engine.model_name] < counts["speller"]

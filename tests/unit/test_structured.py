@@ -19,7 +19,7 @@ from mole_serve.engine.request import SamplingParams
 from mole_serve.engine.structured import mask_logits
 from mole_serve.routing.types import AdapterRef
 
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, make_adapter, served, tiny_hf_model
 
 # Every value bounded, so that even a random model completes the object within a few tokens.
 SCHEMA = {
@@ -79,7 +79,7 @@ def test_constrained_and_free_requests_share_a_batch(tokenizer, tmp_path):
     hf = tiny_hf_model()
     engine = engine_for(hf, tokenizer)
     make_adapter(hf, tmp_path / "a", seed=3)
-    engine.add_adapter("a", tmp_path / "a")
+    add_adapter(engine, "a", tmp_path / "a")
     grammar = json_grammar(SCHEMA)
     prompts = [list(range(5, 5 + n)) for n in (7, 12, 9, 4)]
     free = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -148,7 +148,7 @@ def test_a_template_with_a_tool_format_gets_the_tools_and_the_tool_turns():
 @pytest.fixture(scope="module")
 def client(tokenizer):
     engine = engine_for(tiny_hf_model(), tokenizer, max_model_len=256)
-    with TestClient(create_app(Settings(), lambda: engine)) as client:
+    with TestClient(create_app(Settings(), lambda: served(engine))) as client:
         while client.get("/health").status_code != 200:
             threading.Event().wait(0.05)
         yield client

@@ -26,7 +26,7 @@ from mole_serve.training.train_gate import (
     training_pairs,
 )
 
-from tests.unit.helpers import task_library_engine
+from tests.unit.helpers import add_adapter, served, task_library_engine
 
 LIBRARY = ("int_to_roman", "add_3digit", "odd_or_even")  # two composite tasks need two of them
 
@@ -39,12 +39,12 @@ def library_engine(tmp_path, tokenizer):
 def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
     engine = library_engine
     opts = GateTrainOptions(steps=3, batch=2, top_k=3, lr=0.05, prior_temperature_max=1.0, route_weight=1.0)
-    gate, log = train_gate(engine, engine.catalog.retriever, opts)
+    gate, log = train_gate(engine, engine.selector.retriever, opts)
     assert log["summary"]["library"] == sorted(LIBRARY) and len(log["steps"]) == 3
     # few-shot: fine-tuned from that gate on the composite task whose skills the library holds
     tuned, log = train_gate(
         engine,
-        engine.catalog.retriever,
+        engine.selector.retriever,
         GateTrainOptions(steps=2, batch=2, composite_per_task=2, lr=0.05),
         init=MoLEGate(gate.config).requires_grad_(False),
     )
@@ -54,7 +54,7 @@ def test_train_gate_learns_saves_and_loads(tmp_path, library_engine):
     untrained = MoLEGate(gate.config)  # train_gate's init: drawn first under the same seed
     assert not torch.allclose(gate.query, untrained.query) and not torch.allclose(gate.key, untrained.key)
     save_gate(gate, log, tmp_path / GATE_DIR)
-    engine.load_gate(tmp_path / GATE_DIR)
+    served(engine).load_gate(tmp_path / GATE_DIR)
     assert torch.equal(engine.pool.gate.log_gain, gate.log_gain)
     assert json.loads((tmp_path / GATE_DIR / "training_log.json").read_text())["summary"]["wall_time_s"] >= 0
 
@@ -147,13 +147,13 @@ def test_gate_examples_are_encoded_as_served_spelled_for_a_spelled_top_candidate
     engine = task_library_engine(tmp_path, tokenizer, ("reverse_letters", "add_3digit"), max_model_len=256)
     card = tmp_path / "reverse_letters" / "card.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "input": "spelled"}))
-    engine.add_adapter("reverse_letters", tmp_path / "reverse_letters")  # registered again, card read
+    add_adapter(engine, "reverse_letters", tmp_path / "reverse_letters")  # registered again, card read
     pairs = [
         ("Reverse planet", "tenalp", ("reverse_letters",), None),
         ("Add 100 and 200", "300", ("add_3digit",), None),
     ]
     opts = GateTrainOptions(top_k=1, uniform_priors=0.0)  # one candidate: retrieval's top hit
-    examples = make_examples(engine, engine.catalog.retriever, pairs, ["reverse_letters", "add_3digit"], opts)
+    examples = make_examples(engine, engine.selector.retriever, pairs, ["reverse_letters", "add_3digit"], opts)
     by_true = {e.true: e for e in examples}
     assert by_true[("reverse_letters",)].candidates == ["reverse_letters"]
     assert by_true[("reverse_letters",)].ids == encode(tokenizer, "Reverse planet", "tenalp", spelled=True)

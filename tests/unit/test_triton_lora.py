@@ -18,7 +18,7 @@ from mole_serve.lora.backends.triton import TritonBackend, ops
 from mole_serve.routing.types import AdapterRef, Selection
 
 from tests.unit import triton_cases as cases
-from tests.unit.helpers import engine_for, make_adapter, tiny_hf_model
+from tests.unit.helpers import add_adapter, engine_for, last_logits, make_adapter, tiny_hf_model
 from tests.unit.test_melora import melora_tensors, write_melora
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,13 +104,13 @@ def test_engine_batch_of_every_kind_equals_the_torch_backend(tokenizer, tmp_path
         engine = engine_for(hf, tokenizer, max_loras=16, max_prefill_tokens=64, lora_backend=backend)
         assert engine.runner.backend.name == backend
         for name in ("a", "b", "me", "mix", "moe"):
-            engine.add_adapter(name, tmp_path / name)
+            add_adapter(engine, name, tmp_path / name)
         torch.manual_seed(0)
         engine.pool.attach_gate(MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec())))
         seqs = engine.generate(
             prompts, SamplingParams(max_tokens=3, ignore_eos=True), [a for a, _ in requests], [s for _, s in requests]
         )
-        runs.append(([s.output_ids for s in seqs], engine.runner.last_logits.clone()))
+        runs.append(([s.output_ids for s in seqs], last_logits(engine).clone()))
     (tokens, logits), (ref_tokens, ref_logits) = runs
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)

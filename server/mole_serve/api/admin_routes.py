@@ -121,8 +121,9 @@ async def upload_adapter(request: Request, replace: bool = False):
     engine, settings = ready_engine(request), request.app.state.settings
     parts, name = await _read_upload(request, settings.max_upload_bytes)
     files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
-    checked = await asyncio.to_thread(single_threaded, engine.catalog.check, files, name)
-    done = await engine.catalog.upload(checked, replace, engine)
+    catalog = request.app.state.catalog
+    checked = await asyncio.to_thread(single_threaded, catalog.check, files, name)
+    done = await catalog.upload(checked, replace, engine)
     return JSONResponse(
         {
             "object": "adapter",
@@ -130,7 +131,7 @@ async def upload_adapter(request: Request, replace: bool = False):
             "card": done.card,
             **done.info,
             "nearest": done.nearest,
-            "load_s": round(done.load_s, 4),
+            "load_s": round(done.load_s, 6),
             "replaced": done.replaced,
         },
         status_code=201,
@@ -198,19 +199,19 @@ class CardUpdate(BaseModel):
 async def update_card(request: Request, name: str):
     """The card's description and/or examples (new examples: a new retrieval key at once). The body
     is read by hand, not as a parameter, so a bad one is a 400 naming the field."""
-    engine = ready_engine(request)
+    ready_engine(request)  # 503 while loading: the catalog comes with the engine
     try:
         update = CardUpdate.model_validate_json(await request.body())
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise APIError(400, f"{where}: {first['msg']} (send JSON with description and/or examples)", param=where) from e
-    card, nearest = await engine.catalog.update_card(name, update.model_dump(exclude_none=True))
+    card, nearest = await request.app.state.catalog.update_card(name, update.model_dump(exclude_none=True))
     return {"object": "adapter", "name": name, "card": card, "nearest": nearest}
 
 
 @router.delete("/adapters/{name}")
 async def delete_adapter(request: Request, name: str):
     engine = ready_engine(request)
-    await engine.catalog.delete(name, engine)
+    await request.app.state.catalog.delete(name, engine)
     return {"id": name, "object": "adapter", "deleted": True}

@@ -9,6 +9,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,12 @@ from mole_serve.api.protocol import MESSAGE_ROLES
 from mole_serve.config import Settings
 from mole_serve.errors import MoleError
 from mole_serve.library.store import AdapterStore
+
+if TYPE_CHECKING:  # the HTTP layer imports no torch: these load with the engine
+    from mole_serve.compose import Components
+    from mole_serve.engine.async_engine import AsyncEngine
+    from mole_serve.engine.engine import LLMEngine
+    from mole_serve.library.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +56,26 @@ def allowed_methods(app: FastAPI, path: str) -> set[str]:
     return set()
 
 
-def attach_engine(app: FastAPI, engine) -> object:
-    """Wrap a loaded LLMEngine for the app; the caller runs its step loop (start or run_forever)."""
+def attach_engine(app: FastAPI, engine: LLMEngine, catalog: Catalog) -> AsyncEngine:
+    """Serve a built engine and the library it serves from (compose.build); the caller runs the
+    engine's step loop (start or run_forever)."""
     from mole_serve.engine.async_engine import AsyncEngine
 
     metrics: Metrics = app.state.metrics
-    if engine.catalog.store.root.resolve() != app.state.store.root.resolve():
+    if catalog.store.root.resolve() != app.state.store.root.resolve():
         raise ValueError(
-            f"the engine's catalog holds {engine.catalog.store.root}, the app serves "
+            f"the catalog holds {catalog.store.root}, the app serves "
             f"{app.state.store.root}: give both the same adapters_dir"
         )
     aeng = AsyncEngine(engine, on_step=metrics.observe_step)
+    app.state.catalog = catalog
     app.state.engine = aeng
-    log.info("ready: %s with %d adapters", engine.model_name, len(engine.catalog.names))
+    log.info("ready: %s with %d adapters", engine.model_name, len(catalog.names))
     return aeng
 
 
-def create_app(settings: Settings, load_engine: Callable[[], object] | None = None) -> FastAPI:
-    """With load_engine, the app builds the engine in a thread at start-up and steps it in another;
+def create_app(settings: Settings, load_engine: Callable[[], Components] | None = None) -> FastAPI:
+    """With load_engine (compose.build), the app builds in a thread at start-up and steps it in another;
     without, the caller attaches one (`mole-serve serve` steps it on the main thread). Requests get
     503 until an engine is attached."""
     metrics = Metrics(settings.metrics_adapter_limit)
@@ -79,11 +88,11 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
 
         async def load() -> None:
             try:
-                engine = await asyncio.to_thread(load_engine)
+                built = await asyncio.to_thread(load_engine)
             except Exception:
                 log.exception("the engine failed to load")
                 raise
-            attach_engine(app, engine).start()
+            attach_engine(app, built.engine, built.catalog).start()
 
         loading = asyncio.create_task(load()) if load_engine else None
         yield
@@ -94,6 +103,7 @@ def create_app(settings: Settings, load_engine: Callable[[], object] | None = No
 
     app = FastAPI(title="mole-serve", lifespan=lifespan)
     app.state.engine = None
+    app.state.catalog = None  # the adapter library, attached with the engine
     app.state.loop_ready = loop_ready
     app.state.metrics = metrics
     app.state.settings = settings

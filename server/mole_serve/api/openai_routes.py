@@ -29,7 +29,7 @@ from mole_serve.api.serving import Generation, Shape, check_model, respond, star
 from mole_serve.api.structured import ToolUse, output_constraint, template_messages
 from mole_serve.engine.client import EngineClient
 from mole_serve.engine.request import Logprob
-from mole_serve.spelling import spelled_chat_ids
+from mole_serve.input_forms import PLAIN, form_prompts
 
 router = APIRouter()
 
@@ -159,6 +159,18 @@ def retrieval_query(messages: list[dict], mode: str) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
+def input_forms(request: Request, body: ChatCompletionRequest) -> set[str]:
+    """The input forms other than plain that an adapter this request may run reads: the named
+    adapters' forms, or (model `auto`) those of every adapter retrieval may choose."""
+    engine, catalog = ready_engine(request), request.app.state.catalog
+    named = [c.name for c in body.adapter_choices()]
+    if body.model not in ("auto", engine.model_name):
+        named = named or [body.model]
+    if named:
+        return {form for name in named if (form := catalog.input_form(name)) != PLAIN}
+    return catalog.input_forms() if body.model == "auto" else set()
+
+
 def generation(
     request: Request,
     route: str,
@@ -166,11 +178,11 @@ def generation(
     body,
     query: str,
     grammar: str | None = None,
-    spelled_prompt: tuple[int, ...] | None = None,
+    prompts_by_form: dict[str, tuple[int, ...]] | None = None,
 ) -> Generation:
     state = request.app.state
     return Generation(
-        ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar, spelled_prompt
+        ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar, prompts_by_form
     )
 
 
@@ -196,14 +208,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return_dict=True,
         )
     )["input_ids"]
-    # for an adapter reading spelled input (mole_serve/spelling.py); the base model alone never does
-    spelled = (
-        await asyncio.to_thread(spelled_chat_ids, engine.tokenizer, messages, tools=tools)
-        if body.model != engine.model_name or body.adapter_choices()
-        else None
-    )
+    # the prompt in each input form an adapter it may run reads, built once (usually none)
+    forms = input_forms(request, body)
+    by_form = await asyncio.to_thread(form_prompts, engine.tokenizer, messages, forms, tools=tools) if forms else {}
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
-    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar, spelled)])
+    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar, by_form)])
     return await respond(chat_shape(engine.tokenizer, bool(body.logprobs), tool_use), body, gens, request)
 
 
@@ -244,7 +253,7 @@ def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:
 @router.get("/v1/models")
 async def list_models(request: Request):
     engine, created = ready_engine(request), int(time.time())
-    ids = [engine.model_name, "auto", *engine.catalog.names]
+    ids = [engine.model_name, "auto", *request.app.state.catalog.names]
     return ModelList(data=[model_card(engine, i, created) for i in ids]).model_dump(mode="json")
 
 

@@ -168,7 +168,7 @@ def _lone_surrogate(value: object) -> bool:
     but no Unicode text; the tokenizer and every UTF-8 encoder refuse it."""
     if isinstance(value, str):
         try:
-            value.encode("utf-8")  # C speed, where a scan per character would take a second on 20 MB
+            value.encode("utf-8")  # C speed: a scan per character is far too slow on a body of many MB
         except UnicodeEncodeError:
             return True
         return False
@@ -203,7 +203,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
     adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
-    top_k: json_int(ge=1, le=16) | None = None  # adapters retrieval keeps for `auto` (DESIGN 2)
+    top_k: json_int(ge=1, le=16) | None = None  # adapters retrieval keeps for `auto` (docs/api.md)
     composition: Composition | None = None
     merge: MergeOptions | None = None
     ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)

@@ -36,12 +36,12 @@ def build_selection(
     settings: Settings,
     body: SamplingFields,
     query: str,
-    spelled_prompt: tuple[int, ...] | None = None,
+    prompts_by_form: dict[str, tuple[int, ...]] | None = None,
 ) -> Selection | None:
-    """How the engine picks this request's adapters, from `model` and the extension fields (DESIGN
-    section 2): `auto` retrieves (unless `adapters` names the candidates), an adapter's name is that
-    adapter, the base model's id is no adapter unless `adapters` names some. spelled_prompt: the
-    prompt as an adapter reading spelled input takes it (chat only)."""
+    """How the engine picks this request's adapters, from `model` and the extension fields
+    (docs/architecture.md section 2): `auto` retrieves (unless `adapters` names the candidates), an
+    adapter's name is that adapter, the base model's id is no adapter unless `adapters` names some.
+    prompts_by_form: the prompt in each input form its adapters may read (chat only, input_forms.py)."""
     check_model(client, body.model)
     explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
     if body.model not in ("auto", client.model_name):  # an adapter's name
@@ -56,7 +56,7 @@ def build_selection(
         query if body.model == "auto" else None,
         body.top_k or settings.retrieval_top_k,
         MergeSpec(merge.strategy, merge.density, merge.seed),
-        spelled_prompt=spelled_prompt,
+        prompts_by_form=prompts_by_form or {},
     )
 
 
@@ -104,10 +104,10 @@ class Generation:
         body: SamplingFields,
         query: str,
         grammar: str | None = None,
-        spelled_prompt: tuple[int, ...] | None = None,
+        prompts_by_form: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.client, self.metrics, self.route, self.prompt_ids = client, metrics, route, prompt_ids
-        self.selection = build_selection(client, settings, body, query, spelled_prompt)
+        self.selection = build_selection(client, settings, body, query, prompts_by_form)
         self.sampling = sampling_params(client, body, len(prompt_ids), grammar)
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
@@ -136,7 +136,7 @@ class Generation:
         self._check(self._first)
 
     def _check(self, out: StepOutput) -> None:
-        if out.num_prompt_tokens:  # the engine's count: a spelled prompt is longer
+        if out.num_prompt_tokens:  # the engine's count: a prompt in another input form differs
             self.prompt_tokens = out.num_prompt_tokens
         if out.adapters is not None:
             self.adapters = out.adapters

@@ -11,10 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
-
-import numpy as np
 
 from mole_serve.engine.client import EngineStats
 from mole_serve.engine.engine import LLMEngine
@@ -42,7 +39,7 @@ class AsyncEngine:
         # called in the step thread after each step with (sequences in the step, retrieval seconds)
         self.on_step = on_step
         self.model_name, self.max_model_len = engine.model_name, engine.max_model_len
-        self.tokenizer, self.catalog = engine.tokenizer, engine.catalog
+        self.tokenizer = engine.tokenizer
         # a byte-level or sentencepiece symbol decodes to at most as many characters as it has
         self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()), default=1)
         self.max_waiting = max_waiting or engine.settings.max_waiting
@@ -63,7 +60,7 @@ class AsyncEngine:
     def run_forever(self, loop: asyncio.AbstractEventLoop) -> None:
         """Step loop in the calling thread until shutdown(); outputs go to `loop` (in another thread).
         The server calls this on the main thread: libgomp's worker team behind any other thread sleeps
-        between parallel regions, which measured here made each decode step ~1.4x slower."""
+        between parallel regions, which slows every decode step (docs/decisions.md)."""
         self._loop = loop
         self._run()
 
@@ -122,13 +119,14 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                step = self.engine.step()
+                outputs, batch_size = step.outputs, step.batch_size
             except Exception as e:  # a broken step fails its requests, never the server
                 log.exception("engine step failed")
-                outputs = self.engine.fail_running(f"internal engine error: {e}")
+                outputs, batch_size = self.engine.fail_running(f"internal engine error: {e}"), 0
             if self.on_step:
                 seconds, self.engine.selector.retrieval_seconds = self.engine.selector.retrieval_seconds, []
-                self.on_step(self.engine.last_batch_size, seconds)
+                self.on_step(batch_size, seconds)
             if outputs:  # one wake-up of the event loop per step, not one per sequence
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
 
@@ -141,17 +139,15 @@ class AsyncEngine:
         self.call(lambda: self.engine.abort(request_id))
 
     def has_adapter(self, name: str) -> bool:
-        return name in self.catalog
+        return name in self.engine.adapters
 
     def adapter_usage(self, name: str) -> int:
         return self.engine.adapter_usage[name]
 
-    async def add_adapter(
-        self, name: str, folder: Path, weights: AdapterWeights | None = None, key: np.ndarray | None = None
-    ) -> float:
+    async def add_adapter(self, name: str, weights: AdapterWeights) -> float:
         def add(engine: LLMEngine) -> float:
             start = time.perf_counter()
-            engine.add_adapter(name, folder, weights, key)
+            engine.add_adapter(name, weights)
             return time.perf_counter() - start
 
         return await self.run_in_engine(add)

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from mole_serve.engine.request import SamplingParams, StepOutput
 from mole_serve.routing.types import Selection
-
-if TYPE_CHECKING:
-    from mole_serve.library.catalog import Catalog
 
 
 @dataclass
@@ -47,7 +43,6 @@ class EngineClient(Protocol):
     max_model_len: int
     max_token_chars: int  # the most characters one token of the tokenizer stands for
     tokenizer: Any  # the base model's (chat template, counting)
-    catalog: Catalog  # which adapters exist; the admin API changes it through this client
 
     @property
     def has_gate(self) -> bool: ...  # a trained MoLE gate is loaded (composition `gate` possible)
@@ -67,7 +62,7 @@ class EngineClient(Protocol):
 
     def adapter_usage(self, name: str) -> int: ...  # requests served with it
 
-    def add_adapter(self, name: str, folder: Path, weights: Any = None, key: Any = None) -> Awaitable[float]: ...
+    def add_adapter(self, name: str, weights: Any) -> Awaitable[float]: ...  # after the library registered it
 
     def remove_adapter(self, name: str) -> Awaitable[None]: ...
 

@@ -6,32 +6,50 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from mole_serve.config import Settings
 from mole_serve.engine.block_manager import BlockManager
 from mole_serve.engine.detokenizer import Detokenizer
 from mole_serve.engine.kv_cache import KVCache
-from mole_serve.engine.loader import resolve_base_model
 from mole_serve.engine.model import DecoderModel
 from mole_serve.engine.request import FinishReason, Logprob, SamplingParams, Sequence, StepOutput
 from mole_serve.engine.runner import ModelRunner
 from mole_serve.engine.scheduler import Scheduler
 from mole_serve.engine.structured import GrammarMatchers
 from mole_serve.errors import AdapterNotFound, EngineFailure, InvalidRequest, MoleError
-from mole_serve.library.artifacts import load_gate
-from mole_serve.library.catalog import Catalog
-from mole_serve.library.store import GATE_DIR, AdapterStore
+from mole_serve.input_forms import set_input_form
 from mole_serve.lora.backends import create_backend
-from mole_serve.lora.gate import GateConfig
+from mole_serve.lora.gate import MoLEGate
 from mole_serve.lora.kinds.base import AdapterWeights
 from mole_serve.lora.pool import LoRAPool
 from mole_serve.routing.selection import AdapterSelector
 from mole_serve.routing.types import AdapterRef, Chosen, Selection
+
+if TYPE_CHECKING:
+    from mole_serve.routing.retriever import Retriever
+
+
+class AdapterSource(Protocol):
+    """What the engine needs of the adapter library (library/catalog.py is one): which adapters
+    exist now, their weights, and the input form each reads. Safe to call from the step thread."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def load(self, name: str) -> AdapterWeights: ...  # raises if it does not exist
+
+    def input_form(self, name: str) -> str: ...
+
+
+@dataclass
+class StepResult:
+    outputs: list[StepOutput]
+    batch_size: int  # sequences in the step's forward (0: nothing ran)
 
 
 def kv_pool_blocks(settings: Settings, model: DecoderModel, max_model_len: int) -> int:
@@ -62,18 +80,14 @@ class LLMEngine:
         model: DecoderModel,
         tokenizer: PreTrainedTokenizerBase,
         settings: Settings,
-        catalog: Catalog | None = None,
+        adapters: AdapterSource,
+        retriever: Retriever | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        """adapters: the library the engine serves from (it reads, never changes it); retriever:
+        enables model `auto` (None: `auto` is the base model)."""
+        self.model, self.tokenizer, self.settings, self.adapters = model, tokenizer, settings, adapters
         self.max_model_len = min(settings.max_model_len, model.max_positions)
-        self.model_name = Path(model.config.name_or_path or "base").name
-        self.catalog = catalog or Catalog(
-            AdapterStore(settings.adapters_dir),
-            model.lora_spec(),
-            settings.max_lora_rank,
-            self.base_names,
-            settings.min_card_examples,
-        )
+        self.model_name = settings.served_model_name or Path(model.config.name_or_path or "base").name
         num_blocks = kv_pool_blocks(settings, model, self.max_model_len)
         self.kv = KVCache(
             model.num_layers,
@@ -85,7 +99,13 @@ class LLMEngine:
             model.device,
         )
         self.pool = LoRAPool(
-            model.lora_spec(), settings.max_loras, settings.max_cpu_loras, model.device, model.dtype, self.catalog.load
+            model.lora_spec(),
+            settings.max_loras,
+            settings.max_cpu_loras,
+            model.device,
+            model.dtype,
+            adapters.load,
+            settings.eviction_policy,
         )
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
         self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
@@ -100,75 +120,33 @@ class LLMEngine:
         )
         # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
         self._versions: Counter[str] = Counter()
+        self._gate_version = 0
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.grammars = GrammarMatchers(tokenizer, model.config.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
-        self.last_batch_size = 0
         self._detok: dict[str, Detokenizer] = {}
         self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
         self.selector = AdapterSelector(settings, self.is_known, self.pool)
+        self.selector.retriever = retriever
         self._unresolved: list[Sequence] = []  # added since the last step, adapters still to choose
 
-    @property
-    def base_names(self) -> set[str]:
-        """Lower-case ids of the base model: its folder's name and the served name."""
-        return {n.lower() for n in (Path(self.model.config.name_or_path or "").name, self.model_name) if n}
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LLMEngine:
-        path = resolve_base_model(settings)
-        device = torch.device(settings.device)
-        model = DecoderModel.from_pretrained(path, device, getattr(torch, settings.torch_dtype_name()))
-        return cls(model, AutoTokenizer.from_pretrained(path), settings)
-
-    @classmethod
-    def from_store(cls, settings: Settings, with_gate: bool = True, retrieval: bool = True) -> LLMEngine:
-        """The base model, every adapter of settings.adapters_dir indexed for retrieval, and the
-        trained gate in its gate/ folder if there is one. retrieval=False: no embedder (a Ray
-        replica, whose ingress retrieves and passes the hits in the Selection)."""
-        from mole_serve.routing.retriever import Embedder, Retriever
-
-        engine = cls.from_settings(settings)
-        if settings.served_model_name:
-            engine.model_name = settings.served_model_name
-            engine.catalog.base_names = engine.base_names
-        if retrieval:
-            engine.set_retriever(Retriever(Embedder.from_settings(settings), exact_max=settings.retrieval_exact_max))
-        for weights in engine.catalog.add_store():
-            engine.pool.put(weights)
-        gate_dir = Path(settings.adapters_dir) / GATE_DIR
-        if with_gate and gate_dir.is_dir():
-            engine.load_gate(gate_dir)
-        return engine
-
-    def load_gate(self, folder: Path) -> None:
-        """Attach a trained router (refused if it was trained for another base model)."""
-        base = Path(self.model.config.name_or_path or "base").name
-        self.pool.attach_gate(load_gate(folder, GateConfig.for_base(base, self.model.lora_spec())))
-        self._versions[GATE_DIR] += 1
-
-    def set_retriever(self, retriever) -> None:
-        """Enable model `auto`: retrieval over the catalog's cards (a routing.retriever.Retriever)."""
-        self.catalog.retriever = self.selector.retriever = retriever
+    def attach_gate(self, gate: MoLEGate) -> None:
+        """Serve with a trained router from now on (library/artifacts.load_gate checks its base)."""
+        self.pool.attach_gate(gate)
+        self._gate_version += 1
 
     # --- adapters (run in the step thread) ---
     def is_known(self, name: str) -> bool:
-        """An adapter of the catalog, or a merge built in memory."""
-        return name in self.catalog or self.pool.has_virtual(name)
+        """An adapter of the library, or a merge built in memory."""
+        return name in self.adapters or self.pool.has_virtual(name)
 
-    def add_adapter(
-        self, name: str, path: Path, weights: AdapterWeights | None = None, key: np.ndarray | None = None
-    ) -> AdapterWeights:
-        """Register (or replace) an adapter folder in the catalog and serve this version from now
-        on. An upload passes the weights and key it computed off the step thread."""
-        weights = self.catalog.add(name, path, weights, key)
+    def add_adapter(self, name: str, weights: AdapterWeights) -> None:
+        """Serve this version of an adapter the library registered (new or replaced) from now on."""
         self.pool.put(weights)
         self._versions[name] += 1
-        return weights
 
     def remove_adapter(self, name: str) -> None:
-        """New requests stop selecting it at once; sequences running on it finish first."""
-        self.catalog.remove(name)
+        """After the library dropped it: sequences running on it finish first, then its slot goes."""
         self.pool.forget(name)
         self._versions[name] += 1
 
@@ -251,17 +229,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> StepResult:
         outputs = self._resolve_selections()
         batch = self.scheduler.schedule()
-        self.last_batch_size = len(batch.scheduled)
         if not batch:
-            return outputs
+            return StepResult(outputs, 0)
         tokens = iter(self.runner.run(batch))
         sampling = [s.seq for s in batch.scheduled if s.samples]
         self.scheduler.advance(batch)
         outputs += [self._append(seq, *next(tokens)) for seq in sampling]
-        return outputs
+        return StepResult(outputs, len(batch.scheduled))
 
     def fail_running(self, error: str) -> list[StepOutput]:
         return [
@@ -318,23 +295,19 @@ class LLMEngine:
             except MoleError as e:
                 outputs.append(self._finish(seq, FinishReason.ABORT, None, "", e))
                 continue
-            self._spell_prompt(seq)
+            self._use_input_form(seq)
             self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
         return outputs
 
-    def _spell_prompt(self, seq: Sequence) -> None:
-        """Send the spelled prompt (mole_serve/spelling.py) when the heaviest chosen adapter reads spelled
-        input. A request still waits (nothing computed), so its prompt can change; one that asked for
-        no more than the window allows keeps within it (max_tokens shrinks to the room left)."""
-        spelled = seq.selection.spelled_prompt
-        if not spelled:
+    def _use_input_form(self, seq: Sequence) -> None:
+        """Send the prompt in the input form the chosen adapters read (input_forms.py), when the
+        request carries one. A request still waits (nothing computed), so its prompt can change;
+        one that asked for no more than the window allows keeps within it (max_tokens shrinks)."""
+        names, weights = [a.name for a in seq.adapters], [a.weight for a in seq.adapters]
+        prompt = seq.selection.prompts_by_form.get(set_input_form(names, weights, self.adapters.input_form))
+        if not prompt or (room := self.max_model_len - len(prompt)) < 1:
             return
-        room = self.max_model_len - len(spelled)
-        if room < 1 or not self.catalog.set_reads_spelled(
-            [a.name for a in seq.adapters], [a.weight for a in seq.adapters]
-        ):
-            return
-        seq.prompt_ids, seq.token_ids = list(spelled), list(spelled)
+        seq.prompt_ids, seq.token_ids = list(prompt), list(prompt)
         seq.sampling = dataclasses.replace(seq.sampling, max_tokens=min(seq.sampling.max_tokens, room))
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> StepOutput:
@@ -389,7 +362,7 @@ class LLMEngine:
         # what the sequence's KV depends on besides its tokens: its adapters' versions and weights
         seq.prefix_key = (
             tuple((a.name, self._versions[a.name], a.weight) for a in seq.adapters),
-            self._versions[GATE_DIR] if seq.gated else None,
+            self._gate_version if seq.gated else None,
         )
         if not seq.adapters:
             return True

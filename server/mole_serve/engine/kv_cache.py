@@ -5,10 +5,9 @@ the tensors. Per layer, k and v are [num_blocks * block_size, kv_heads, head_dim
 a sequence lives at slot block_table[p // block_size] * block_size + p % block_size, so writing
 a step's tokens is one index_copy_ and a decode batch gathers its sequences' slots in one
 index_select. The gathered [N, L, kv_heads, head_dim] goes to SDPA as a strided view, which the
-CPU kernel reads in place: 32 sequences of 110 tokens over 30 layers took 15 ms per decode step
-against 10 ms on the former contiguous per-sequence rows (a copy to [N, kv_heads, L, head_dim]
-first took 23 ms). A prefill chunk that starts at position 0 attends to its own keys without
-reading the pool.
+CPU kernel reads in place (cheaper than copying it to [N, kv_heads, L, head_dim] first; the
+measurements are in docs/decisions.md). A prefill chunk that starts at position 0 attends to its
+own keys without reading the pool.
 """
 
 from __future__ import annotations

@@ -32,9 +32,8 @@ class Linear:
     """y = x @ W^T + b, with W laid out once for the fastest GEMM of the device.
 
     On CPU, oneDNN's pre-packed weights (the layout torch.compile's CPU freezing uses) run the
-    projections 1.2-1.6x faster than F.linear's transposed operand at decode's M=32, 1.1-1.3x at
-    prefill's M=512, and the 49152-row LM head 2.3-2.5x (`python -m bench.gemm`, AMD EPYC/Zen 4;
-    MKL's packed GEMM gained nothing there). The packing is for any M, in fp32 math.
+    projections and the LM head faster than F.linear's transposed operand, at decode and prefill
+    sizes alike (`python -m bench.gemm`; docs/benchmarks.md). The packing is for any M, in fp32 math.
     Elsewhere, and under autograd (oneDNN's op has none), F.linear."""
 
     PACK_ROWS = 32  # oneDNN's packing hint: the decode batch size we tune for

@@ -40,7 +40,6 @@ class ModelRunner:
         self.native_blocks = native_blocks  # run a lone MELoRA adapter as its mini LoRAs
         self.device = model.device
         self._generators: dict[str, torch.Generator] = {}
-        self.last_logits: torch.Tensor | None = None
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.request_id, None)
@@ -48,8 +47,7 @@ class ModelRunner:
     def run(self, batch: Batch) -> list[tuple[int, Logprob | None]]:
         """One forward over the batch; returns the next token of each sequence whose chunk reached
         the end of its known tokens, in batch order, with its logprob when the sequence asks."""
-        logits = self.forward_logits(batch)
-        self.last_logits = logits  # [N, V]: the step's distributions, read by tests
+        logits = self.forward_logits(batch)  # [N, V]
         sampled = [s.seq for s in batch.scheduled if s.samples]
         gens = [self._generator(seq) for seq in sampled]
         # the grammars' masks on a copy: logprobs stay those of the model's raw logits (vLLM's default)

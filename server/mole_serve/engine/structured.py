@@ -3,13 +3,12 @@ schema) masks its logits so that every sampled token keeps the text inside the g
 
 llguidance does the grammar work, chosen over xgrammar and outlines-core for how it fits an online
 server whose requests bring new schemas (every tool list is one): it compiles nothing ahead, so a
-new schema's first mask is ready in 1-2.6 ms where xgrammar's takes 5-6.5 ms (outlines-core builds
-a whole token index per schema first). xgrammar's later masks are faster (2-4 us a token against
-14-18 us), but at 32 constrained rows that is 0.6 ms of a 90 ms decode step either way: the whole
-grammar costs 1.6% of decode throughput (bench/structured.py, bench/results/structured.json). It
-has no dependencies (xgrammar pulls triton and tvm-ffi). Each constrained sequence holds its own
-matcher; a step fills one bitmask for the constrained rows and leaves the free rows alone, so
-constrained and free requests, with any adapters, share a batch.
+new schema's first mask is ready sooner (outlines-core builds a whole token index per schema
+first); xgrammar's later masks are faster, but per token the difference is small next to a decode
+step (bench/structured.py; the figures and the choice in docs/benchmarks.md and
+docs/decisions.md). It has no dependencies (xgrammar pulls triton and tvm-ffi). Each constrained
+sequence holds its own matcher; a step fills one bitmask for the constrained rows and leaves the
+free rows alone, so constrained and free requests, with any adapters, share a batch.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from mole_serve.errors import InvalidRequest
 
 class GrammarMatchers:
     """Builds one llguidance matcher per constrained request, over the engine's tokenizer (wrapped
-    once, on the first constrained request: about 1 s)."""
+    once, on the first constrained request, since it takes a while and only grammars need it)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)

@@ -14,16 +14,16 @@ import json
 import threading
 import weakref
 from collections.abc import Awaitable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load, load_file
 
 from mole_serve.errors import AdapterNotFound
+from mole_serve.input_forms import PLAIN
 from mole_serve.library.store import (
     CONFIG_FILE,
     PICKLED_WEIGHTS,
@@ -37,19 +37,18 @@ from mole_serve.library.store import (
 from mole_serve.library.upload import InvalidAdapterError, UploadedFiles, check_card, check_files, single_threaded
 from mole_serve.lora.kinds import RUNS_ALONE, kind_for
 from mole_serve.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
-from mole_serve.routing.retriever import Retriever
-from mole_serve.spelling import SPELLED
+
+if TYPE_CHECKING:
+    from mole_serve.routing.retriever import Retriever
 
 NEAREST_K = 3
 
 
 class Serving(Protocol):
     """What the catalog needs of the side that serves adapters (engine/client.py implements it):
-    each call runs between two engine steps."""
+    each call runs between two engine steps, after the catalog registered the change."""
 
-    def add_adapter(
-        self, name: str, folder: Path, weights: AdapterWeights | None = None, key: np.ndarray | None = None
-    ) -> Awaitable[float]: ...  # seconds the step loop was held
+    def add_adapter(self, name: str, weights: AdapterWeights) -> Awaitable[float]: ...  # seconds the loop was held
 
     def remove_adapter(self, name: str) -> Awaitable[None]: ...
 
@@ -143,7 +142,7 @@ class Catalog:
         self.min_examples = min_examples
         self.retriever = retriever  # None: no retrieval keys, `auto` is the base model
         self._folders: dict[str, Path] = {}
-        self._spelled: set[str] = set()  # adapters whose card says they read spelled input
+        self._forms: dict[str, str] = {}  # adapter -> the input form its card declares, when not plain
         self._lock = threading.Lock()  # the HTTP thread reads while the step thread registers
         # One admin change per name at a time (two racing uploads: one 201, one 409); a lock lives
         # while some change holds or awaits it.
@@ -164,17 +163,24 @@ class Catalog:
             raise AdapterNotFound(f"unknown adapter {name!r}", "adapters")
         return folder
 
-    def reads_spelled(self, name: str) -> bool:
-        """Whether the adapter's card says `"input": "spelled"` (mole_serve/spelling.py)."""
-        return name in self._spelled
+    def input_form(self, name: str) -> str:
+        """The input form the adapter's card declares (input_forms.py); plain by default."""
+        return self._forms.get(name, PLAIN)
 
-    def set_reads_spelled(self, names: Seq[str], weights: Seq[float]) -> bool:
-        """Whether a set of adapters reads spelled input: as its heaviest does (the engine sends the
-        prompt so, and the gate trains on it so)."""
-        return bool(names) and self.reads_spelled(names[max(range(len(names)), key=weights.__getitem__)])
+    def input_forms(self) -> set[str]:
+        """The forms other than plain that some adapter `auto` may retrieve reads."""
+        with self._lock:
+            forms = dict(self._forms)
+        retriever = self.retriever
+        return {form for name, form in forms.items() if retriever is None or name in retriever}
 
     def _note_input(self, name: str, card: dict) -> None:
-        (self._spelled.add if card.get("input") == SPELLED else self._spelled.discard)(name)
+        form = card.get("input", PLAIN)
+        with self._lock:
+            if form == PLAIN:
+                self._forms.pop(name, None)
+            else:
+                self._forms[name] = form
 
     def load(self, name: str) -> AdapterWeights:
         """The weights of a registered adapter, read from its folder (the pool's loader)."""
@@ -206,7 +212,7 @@ class Catalog:
             self.retriever.remove(name)
         with self._lock:
             self._folders.pop(name, None)
-        self._spelled.discard(name)
+            self._forms.pop(name, None)
 
     def add_store(self) -> list[AdapterWeights]:
         """Register every adapter of the store, their cards embedded in one batch."""
@@ -258,19 +264,30 @@ class Catalog:
             commit: Commit = await asyncio.to_thread(self.store.commit, name, checked.files, replace)
             folder = self.store.path(name)
             try:
-                load_s = await serving.add_adapter(name, folder, checked.weights, checked.key)
+                await asyncio.to_thread(self.add, name, folder, checked.weights, checked.key)
+                load_s = await serving.add_adapter(name, checked.weights)
             except Exception as e:  # validated already: an I/O failure
                 await asyncio.to_thread(commit.rollback)
-                await (serving.add_adapter(name, folder) if commit.previous else serving.remove_adapter(name))
+                await self._restore(name, commit.previous is not None, serving)
                 raise InvalidAdapterError(f"the adapter `{name}` could not be loaded: {e}") from e
             await asyncio.to_thread(commit.finish)
             info = await asyncio.to_thread(describe, folder)
         return Uploaded(name, checked.card, commit.previous is not None, load_s, self.nearest(name), info)
 
+    async def _restore(self, name: str, had_previous: bool, serving: Serving) -> None:
+        """After a failed upload: the previous version registered and served again, or none."""
+        if had_previous:
+            weights = await asyncio.to_thread(self.add, name, self.store.path(name))
+            await serving.add_adapter(name, weights)
+        else:
+            self.remove(name)
+            await serving.remove_adapter(name)
+
     async def delete(self, name: str, serving: Serving) -> None:
-        """The engine first: new requests stop selecting it at once, running ones keep their slot."""
+        """Unregistered first: new requests stop selecting it at once, running ones keep their slot."""
         async with self._change(name):
             self.store.existing(name)
+            self.remove(name)
             await serving.remove_adapter(name)
             await asyncio.to_thread(self.store.delete, name)
 
@@ -279,6 +296,7 @@ class Catalog:
         async with self._change(name):
             card = check_card({**read_card(self.store.existing(name)), **changes}, name, self.min_examples)
             await asyncio.to_thread(self.store.write_card, name, card)
+            self._note_input(name, card)
             if "examples" in changes and self.retriever is not None and name in self:
                 key = await asyncio.to_thread(single_threaded, self.retriever.card_key, card["examples"])
                 self.retriever.set_key(name, key)

@@ -35,7 +35,7 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
 PICKLED_WEIGHTS = "adapter_model.bin"  # the authors' format for MixLoRA and MELoRA; read from local folders only
 STAGING, REPLACED, DELETED = ".staging", ".replaced", ".deleted"
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate_config.json"
-PROJECTION_DIR, PROJECTION_WEIGHTS, PROJECTION_CONFIG = "retriever", "projection.safetensors", "projection_config.json"
+PROJECTION_DIR = "retriever"  # the trained retrieval projection (routing/retriever.py names its files)
 
 
 class AdapterExistsError(AlreadyExists):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mole_serve.errors import InvalidAdapter, InvalidRequest, TooLarge
+from mole_serve.input_forms import INPUT_FORMS
 from mole_serve.library.store import (
     ADAPTER_FILES,
     CARD_FILE,
@@ -29,7 +30,6 @@ from mole_serve.library.store import (
     PROJECTION_DIR,
     valid_name,
 )
-from mole_serve.spelling import INPUT_FORMATS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -43,7 +43,7 @@ RESERVED_NAMES = ("auto", GATE_DIR, PROJECTION_DIR)
 def single_threaded(fn: Callable[..., T], *args) -> T:
     """fn(*args) with one torch intra-op thread in this helper thread. Beside the engine's OpenMP
     team on a 2-core CPU, a second 2-thread team makes both spin-wait for descheduled threads
-    (decode steps measured ~5x longer while a card was embedded that way)."""
+    (docs/decisions.md has what that cost the decode steps)."""
     import torch
 
     torch.set_num_threads(1)  # an OpenMP setting of the calling OS thread: the step thread keeps its own
@@ -173,10 +173,10 @@ def check_card(card: object, name: str, min_examples: int) -> dict:
         raise InvalidAdapterError(f"card.json: at most {MAX_EXAMPLES} examples of {MAX_EXAMPLE_CHARS} characters")
     if not isinstance(card.get("auto", False), bool):
         raise InvalidAdapterError("card.json: `auto` (whether `auto` may retrieve the adapter) must be true or false")
-    if card.get("input", "plain") not in INPUT_FORMATS:
+    if card.get("input", "plain") not in INPUT_FORMS:
         raise InvalidAdapterError(
-            f"card.json: `input` must be one of {', '.join(INPUT_FORMATS)} (how the adapter "
-            "reads its prompt: mole_serve/spelling.py)"
+            f"card.json: `input` must be one of {', '.join(INPUT_FORMS)} (how the adapter "
+            "reads its prompt: mole_serve/input_forms.py)"
         )
     description = card.get("description", "")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:

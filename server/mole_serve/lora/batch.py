@@ -135,8 +135,8 @@ def build_lora_batch(
             info.token_weights = torch.tensor(rows, dtype=dtype).repeat_interleave(counts, dim=0).to(device)
         info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]
     else:
-        weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)
-        info.token_weights = weights.repeat_interleave(counts, dim=0).to(device)
+        seq_weights = torch.tensor([list(w) + [0.0] * (K - len(w)) for _, w in sets], dtype=dtype)  # [N, K]
+        info.token_weights = seq_weights.repeat_interleave(counts, dim=0).to(device)
         rows_with_sets = max((i + 1 for i in range(num_decode) if sets[i][0]), default=0)  # to the last with a set
         info.decode_slots = tuple(padded[:rows_with_sets])
     return info

@@ -36,9 +36,10 @@ class LoRAContext:
             modules = self.block_stacks[rows.shape][layer]
             for module, columns in zip(MODULE_GROUPS[group], stack.out_columns):
                 if module in modules:
-                    self.backend.apply_blocks(x, out[:, columns[0] : columns[1]], *modules[module], rows)
-        for rows in self.experts:
-            rows.apply(self.backend, layer, group, stack, x, out)
+                    A, B = modules[module]
+                    self.backend.apply_blocks(x, out[:, columns[0] : columns[1]], A, B, rows)
+        for experts in self.experts:
+            experts.apply(self.backend, layer, group, stack, x, out)
         if self.batch is None:
             return None
         gate = None

@@ -1,4 +1,4 @@
-"""The per-layer router: MoLE gating in RAMoLE's RouterLoRA form (DESIGN.md section 3).
+"""The per-layer router: MoLE gating in RAMoLE's RouterLoRA form (docs/architecture.md section 4).
 
 Per decoder layer l, router matrices Ar: [rg, d] and Br: [d_probe, rg]. A candidate adapter i
 with output v_i = B_i A_i x at the layer's probe group (the fused q/k/v projection) scores
@@ -116,7 +116,7 @@ class LayerGate:
         z: torch.Tensor,
         slots: torch.Tensor,
         prior: torch.Tensor | None,
-        stats: GateStats,
+        stats: GateStats | None,
         rows: slice,
     ) -> torch.Tensor:
         """x: [R, d] probe input; z: [R, C, n*r] unweighted shrink against slots [C] or [R, C].
@@ -136,6 +136,7 @@ class LayerGate:
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
         weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
+        assert stats is not None  # the context passes a gate only with its step's stats
         stats.record(rows, weights)
         return torch.where(stats.gated[rows, None], weights, prior)
 

@@ -51,6 +51,7 @@ class ResidentExperts:
         cls, weights: AdapterWeights, primary: int, slots: list[int], num_layers: int, device: torch.device
     ) -> ResidentExperts:
         moe = weights.moe
+        assert moe is not None  # the pool builds these for MoE-kind adapters only
         routers: list[dict] = [{} for _ in range(num_layers)]
         for layer in range(num_layers):
             if (layer, FFN_ROUTER) in moe.routers:
@@ -59,7 +60,7 @@ class ResidentExperts:
                 per_module = [moe.routers.get((layer, m)) for m in modules]
                 routed = [W is not None for W in per_module]
                 if any(routed):
-                    zero = torch.zeros_like(per_module[routed.index(True)])
+                    zero = torch.zeros_like(next(W for W in per_module if W is not None))
                     stacked = torch.cat([zero if W is None else W for W in per_module])  # [n*E, d_in]
                     routers[layer][group] = (stacked.to(device, non_blocking=True), torch.tensor(routed, device=device))
         shared = frozenset(g for g, modules in MODULE_GROUPS.items() if any(m in modules for _, m in weights.modules))
@@ -148,8 +149,8 @@ class ExpertRows:
         experts (MoELoRA), or the down projection of each FFN expert's activation (MixLoRA)."""
         ex = self.experts
         per_module = not ex.ffn and group in ex.routers[layer]
-        down = ex.ffn and group == "down" and self._down is not None
-        if group not in ex.shared_groups and not per_module and not down:
+        down = self._down if ex.ffn and group == "down" else None
+        if group not in ex.shared_groups and not per_module and down is None:
             return
         xr = self._take(x)
         target = self._take(out) if self.row_range else out.new_zeros(len(xr), out.shape[1])
@@ -157,13 +158,14 @@ class ExpertRows:
             backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, None)
         if per_module:
             W_g, routed = ex.routers[layer][group]
+            assert routed is not None  # only the FFN router's entry has None
             top, experts = route(xr, W_g, ex.num_experts, ex.top_k, ex.renormalize)  # [Tm, n, k]
             self._record(top, experts, routed)
             # [Tm, n, E], zero for unselected experts and for the group's modules without a router
             weights = top.new_zeros(*top.shape[:2], ex.num_experts).scatter_(-1, experts, top) * routed.view(1, -1, 1)
             backend.apply_experts(xr, target, stack, ex.slots, ex.slot_range, weights.to(xr.dtype))
-        if down:
-            activations, weights, experts = self._down
+        if down is not None:
+            activations, weights, experts = down
             backend.apply_routed_inputs(
                 activations, target, stack, ex.slots, ex.slot_range, experts, weights.to(activations.dtype)
             )

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from mole_serve.config import Settings
-from mole_serve.library.store import PROJECTION_CONFIG, PROJECTION_DIR, PROJECTION_WEIGHTS, adapter_dirs, read_card
+PROJECTION_WEIGHTS, PROJECTION_CONFIG = "projection.safetensors", "projection_config.json"
 
 Hits = list[tuple[str, float]]  # (adapter name, cosine score), best first
 
@@ -126,19 +125,10 @@ class Embedder:
         self._lock = threading.Lock()
         self.projection: RetrievalProjection | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
-        """The encoder, with the store's trained projection when there is one and it is enabled."""
-        embedder = cls(settings.embedder, settings.embedder_device)
-        folder = Path(settings.adapters_dir) / PROJECTION_DIR
-        if settings.retrieval_projection and (folder / PROJECTION_WEIGHTS).is_file():
-            embedder.projection = RetrievalProjection.load(folder, embedder)
-        return embedder
-
     def encode(self, texts: list[str]) -> np.ndarray:
         """[n, dim] float32, L2-normalized, through the projection when there is one. The model's own
-        modules (transformer, pooling, normalize) run directly: SentenceTransformer.encode adds ~3 ms
-        of Python per call (of ~12 for one query)."""
+        modules (transformer, pooling, normalize) run directly: SentenceTransformer.encode adds a fixed
+        Python cost per call, a large share of one query's time (docs/decisions.md)."""
         from sentence_transformers.util import batch_to_device
 
         out = np.zeros((len(texts), self.dim), np.float32)
@@ -180,20 +170,6 @@ class Retriever:
         self._next_id = 0  # ids are never reused, so a stale id can never name a new adapter
         self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self.approximate = False
-
-    @classmethod
-    def from_store(
-        cls, settings: Settings, cards: dict[str, list[str]] | None = None, embedder: TextEncoder | None = None
-    ) -> Retriever:
-        """A retriever over `cards` (name -> example prompts), by default every card in adapters_dir
-        that does not opt out of retrieval (`auto: false`, as the shipped mixtures of experts' do)."""
-        embedder = embedder or Embedder.from_settings(settings)
-        retriever = cls(embedder, exact_max=settings.retrieval_exact_max)
-        if cards is None:
-            found = {name: read_card(path) for name, path in adapter_dirs(settings.adapters_dir).items()}
-            cards = {name: card.get("examples") or [] for name, card in found.items() if card.get("auto", True)}
-        retriever.set_cards({name: ex for name, ex in cards.items() if ex})
-        return retriever
 
     # --- keys ---
     def card_key(self, examples: list[str]) -> np.ndarray:

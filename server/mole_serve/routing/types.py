@@ -45,9 +45,9 @@ class Selection:
     top_k: int = 3
     merge: MergeSpec = MergeSpec()
     retrieved: tuple[tuple[str, float], ...] | None = None  # (adapter, score), best first, over the floor
-    # the prompt with its user turns spelled (mole_serve/spelling.py), sent instead when the heaviest
-    # chosen adapter reads spelled input; None: the prompt has no word to spell
-    spelled_prompt: tuple[int, ...] | None = None
+    # the prompt in each input form an adapter the request may run reads (input_forms.py): the
+    # engine sends the chosen set's form instead of the plain prompt
+    prompts_by_form: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.composition not in COMPOSITIONS:

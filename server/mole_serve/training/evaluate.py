@@ -39,8 +39,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mole_serve.config import Settings
+from mole_serve.input_forms import REWRITES, form_prompts
 from mole_serve.library.store import adapter_dirs, read_card
-from mole_serve.spelling import spelled_chat_ids
 from mole_serve.training.tasks import COMPOSITES, TASKS
 from mole_serve.training.train_adapter import build_chat
 
@@ -126,15 +126,16 @@ def engine_answers(engine, items: list[Item], mode: str, max_tokens: int, librar
     tok = engine.tokenizer
     prompts = chat_prompts(tok, items)
     if mode == "router":  # retrieval's candidates named as the request's adapters, without weights
-        hits = engine.catalog.retriever.search(
+        hits = engine.selector.retriever.search(
             [i.prompt for i in items], engine.settings.retrieval_top_k, engine.settings.retrieval_floor
         )
         selections = [Selection("gate", tuple(AdapterRef(name) for name, _ in h)) if h else None for h in hits]
     else:
         selections = [selection(mode, i, library, engine.settings.retrieval_top_k) for i in items]
-    # as the server sends them: each with its spelled form, for an adapter that reads spelled input
+    # as the server sends them: each with its prompt in every input form, for the adapters that read one
     selections = [
-        s and replace(s, spelled_prompt=spelled_chat_ids(tok, build_chat(i.prompt))) for s, i in zip(selections, items)
+        s and replace(s, prompts_by_form=form_prompts(tok, build_chat(i.prompt), set(REWRITES)))
+        for s, i in zip(selections, items)
     ]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), selections=selections)
     return [answer_of(tok.decode(s.output_ids, skip_special_tokens=True), s.report()) for s in seqs]
@@ -392,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         def answer(mode: str) -> list[Answer]:
             return server_answers(args.url, args.api_key, items, mode, args.max_tokens, library)
     else:
-        from mole_serve.engine.engine import LLMEngine
+        from mole_serve.compose import build
 
-        engine = LLMEngine.from_store(settings)
+        built = build(settings)
+        engine = built.engine
         for name, folder in adapter_dirs(args.extra_adapters).items() if args.extra_adapters.is_dir() else ():
-            if name not in engine.catalog:
-                engine.add_adapter(name, folder)
+            if name not in built.catalog:
+                built.add_adapter(name, folder)
 
         def answer(mode: str) -> list[Answer]:
             return engine_answers(engine, items, mode, args.max_tokens, library)
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         else {}
     )
     if args.fewshot_gate:
-        engine.load_gate(args.fewshot_gate)
+        built.load_gate(args.fewshot_gate)
         for mode in [m for m in ("gate", "pair_gate") if m in modes]:
             answers[f"{mode}_fewshot"] = answer(mode)
         if args.handoff:

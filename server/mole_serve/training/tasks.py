@@ -12,7 +12,7 @@ Three splits, so that eval measures the task and not its templates:
   eval         held-out phrasings: every template made from a task's last ask, from the last frame
                of any style (no task trains on it) or from its last two questions; inputs in the
                training formats and the task's held-out formats
-  eval_inputs  training phrasings and formats on held-out inputs (what the old eval measured)
+  eval_inputs  training phrasings and formats on held-out inputs
 An input is held out when a hash of its canonical form falls in one bucket in five, whatever its
 rendering, so no eval input is ever trained on in another format.
 """

@@ -4,7 +4,7 @@ MixLoRA / MoELoRA through training/moe.py. Task `multitask` trains on the mixtur
 (the MixLoRA paper's setting) and evaluates on each.
 
 Loss is on the assistant answer only, and the LM head runs only on the positions that predict answer
-tokens: on a 135M model with a 49k vocabulary that head is a fifth of the forward cost otherwise.
+tokens: on a small model with a large vocabulary that head is a large share of the forward cost.
 Eval is greedy decoding on held-out inputs and phrasings, for the base model and for the adapter.
 """
 
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mole_serve.config import Settings
+from mole_serve.input_forms import SPELLED, form_messages
 from mole_serve.lora.kinds import RUNS_ALONE
-from mole_serve.spelling import SPELLED, letter_token_ids, spelled_messages
+from mole_serve.spelling import letter_token_ids
 from mole_serve.training.tasks import OUT_OF_DOMAIN, TASKS, Task, task_library
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -74,7 +75,7 @@ class TrainOptions:
 def encode(tokenizer, prompt: str, answer: str | None = None, spelled: bool = False) -> list[int]:
     """Chat-templated ids up to the assistant turn, then the answer and the end-of-turn token.
     spelled: the prompt's words spelled out, the answer one token per letter (mole_serve/spelling.py)."""
-    chat = spelled_messages(build_chat(prompt)) if spelled else build_chat(prompt)
+    chat = form_messages(SPELLED, build_chat(prompt)) if spelled else build_chat(prompt)
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if answer is not None:

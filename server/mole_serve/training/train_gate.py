@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mole_serve.config import Settings
+from mole_serve.input_forms import SPELLED, set_input_form
 from mole_serve.library.artifacts import save_gate as write_gate
 from mole_serve.library.store import GATE_DIR, replace_folder
 from mole_serve.lora.gate import GateConfig, MoLEGate, balance_loss
@@ -62,7 +63,7 @@ class GateTrainOptions:
     balance_weight: float = 0.5
     # Supervised routing: + route_weight x the mean of -log(gate weight of the example's true
     # adapter) over every layer and answer-predicting token. The LM and balance losses alone leave
-    # the router near chance on uniform-prior examples (train top-1 0.78 after 800 steps).
+    # the router near chance on uniform-prior examples (docs/decisions.md).
     route_weight: float = 1.0
     seed: int = 0
     composite_per_task: int = 0  # > 0: few-shot fine-tuning on the composite tasks (see the docstring)
@@ -158,9 +159,9 @@ def step_losses(
     stats = out.gate_stats
     lm = F.cross_entropy(out.logits, torch.tensor(targets, device=dev))
     # Routing is scored on the tokens that predict the answer: they have read the whole request,
-    # where earlier ones (the system prompt every example shares) cannot tell the task, and
-    # diluted a whole-sequence mean until a router that barely tilted toward the right adapter
-    # (0.38 against 0.31) already counted as correct.
+    # where earlier ones (the system prompt every example shares) cannot tell the task, and would
+    # dilute a whole-sequence mean until a router that barely tilts toward the right adapter
+    # counts as correct (docs/decisions.md).
     answer_weights = torch.stack(stats.layer_weights)[:, rows].split(
         [len(ex.ids) - ex.num_prompt for ex in examples], dim=1
     )  # per example [layers, answer tokens, U]
@@ -237,8 +238,8 @@ def make_examples(engine, retriever, pairs: list[Pair], names: list[str], opts: 
         priors = softmax(scores, t_min * (t_max / t_min) ** rng.random())
         if rng.random() < opts.uniform_priors:
             priors = [1.0 / len(cands)] * len(cands)
-        # encoded as served: spelled when the heaviest candidate reads spelled input (engine._spell_prompt)
-        spelled = engine.catalog.set_reads_spelled(cands, priors)
+        # encoded as served: in the input form of the heaviest candidate (input_forms.set_input_form)
+        spelled = set_input_form(cands, priors, engine.adapters.input_form) == SPELLED
         parts = part_adapters(tok, a, first_part, t, spelled) if first_part is not None else None
         examples.append(
             Example(encode(tok, p, a, spelled), len(encode(tok, p, spelled=spelled)), cands, priors, t, parts)
@@ -323,16 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     opts, args = parse_options(p, GateTrainOptions, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mole_serve.engine.engine import LLMEngine
+    from mole_serve.compose import build
 
-    engine = LLMEngine.from_store(Settings(adapters_dir=args.adapters_dir), with_gate=False)
-    init = None
+    built = build(Settings(adapters_dir=args.adapters_dir), with_gate=False)
+    engine, init = built.engine, None
     if opts.composite_per_task:
         if not 0 <= opts.replay < 1:
             p.error("--replay must be in [0, 1)")
-        engine.load_gate(Path(opts.init) if opts.init else args.adapters_dir / GATE_DIR)
+        built.load_gate(Path(opts.init) if opts.init else args.adapters_dir / GATE_DIR)
         init = engine.pool.gate
-    gate, log = train_gate(engine, engine.catalog.retriever, opts, init)
+    gate, log = train_gate(engine, built.catalog.retriever, opts, init)
     save_gate(gate, log, args.out or args.adapters_dir / GATE_DIR)
     print(json.dumps(log["summary"], indent=2))
     return 0

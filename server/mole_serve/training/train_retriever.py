@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from mole_serve.config import Settings
-from mole_serve.library.store import adapter_dirs, read_card, replace_folder
-from mole_serve.routing.retriever import FINGERPRINT_TEXT, PROJECTION_DIR, Embedder, RetrievalProjection, project
+from mole_serve.library.store import PROJECTION_DIR, adapter_dirs, read_card, replace_folder
+from mole_serve.routing.retriever import FINGERPRINT_TEXT, Embedder, RetrievalProjection, project
 from mole_serve.training.options import options_parser, parse_options
 from mole_serve.training.tasks import TASKS, task_library
 

@@ -79,9 +79,8 @@ class TorchBackend(LoRABackend):
         self._cached = False  # whether this step's decode rows read the gather cache
 
     def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
-        self._cached = bool(batch.decode_slots) and self.gather_cache.use(
-            batch.decode_slots, stacks_version, slot_bytes
-        )
+        slots = batch.decode_slots
+        self._cached = slots is not None and bool(slots) and self.gather_cache.use(slots, stacks_version, slot_bytes)
 
     def apply(
         self,
@@ -103,6 +102,7 @@ class TorchBackend(LoRABackend):
             return weights
         parts = []  # the gated weights of each row block, in row order (no in-place: autograd)
         nd, ns = batch.num_decode, batch.num_decode_with_sets
+        assert weights is not None  # rows on their own slots always carry token weights (build_lora_batch)
         if ns:
             slots = batch.lora_slots[:ns]  # [ns, K]
             A, Bs = self.gather_cache.get(stack, slots) if self._cached else gather(stack, slots)

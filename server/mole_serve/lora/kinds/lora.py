@@ -14,7 +14,7 @@ import torch
 
 from mole_serve.lora.kinds.base import MODULE_GROUPS, AdapterFormatError, AdapterWeights, LoRATargetSpec
 
-PEFT_TYPES = ("LORA",)
+PEFT_TYPES: tuple[str, ...] = ("LORA",)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 

@@ -14,13 +14,14 @@ kind in one batch. `blocks` keeps the native form for the backends that run it a
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import torch
 
 from mole_serve.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
 from mole_serve.lora.kinds.lora import pack as pack  # the dense equivalent packs as any LoRA
 
-PEFT_TYPES = ("MELORA",)
+PEFT_TYPES: tuple[str, ...] = ("MELORA",)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(\d+)\.weight$")
 
 
@@ -31,7 +32,7 @@ def _per_mini(name: str, config: dict, field: str, n: int | None) -> list[float]
         raise AdapterFormatError(f"adapter {name!r}: `{field}` must be a positive number per mini LoRA, got {value!r}")
     if n is not None and len(values) != n:
         raise AdapterFormatError(f"adapter {name!r}: `{field}` has {len(values)} entries for {n} mini LoRAs")
-    return values
+    return cast(list[float], values)  # each checked a positive number above
 
 
 def parse(

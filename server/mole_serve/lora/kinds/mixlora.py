@@ -25,7 +25,7 @@ from mole_serve.lora.kinds.lora import check_place, checked_modules
 from mole_serve.lora.kinds.lora import pack as pack  # the shared attention LoRAs pack as any LoRA
 from mole_serve.lora.kinds.lora import reference_delta as reference_delta
 
-PEFT_TYPES = ("MIXLORA",)
+PEFT_TYPES: tuple[str, ...] = ("MIXLORA",)
 FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 LEGACY_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 UNSUPPORTED_STRATEGIES = {

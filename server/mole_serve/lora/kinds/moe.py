@@ -3,6 +3,8 @@ count and top-k of the config, the routers, and E experts' LoRA pairs, checked a
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 
 from mole_serve.lora.kinds.base import AdapterFormatError, LoRATargetSpec
@@ -11,7 +13,7 @@ from mole_serve.lora.kinds.lora import checked_modules
 Found = dict[tuple[int, str, int], dict[str, torch.Tensor]]  # (layer, module, expert) -> {"A": .., "B": ..}
 
 
-def _positive_int(value: object) -> bool:
+def _positive_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -67,7 +69,7 @@ def checked_experts(
             )
     checked = [
         checked_modules(
-            name, {place: found[(*place, e)] for place in per_module}, spec, max_rank, config, f".experts.{e}"
+            name, {place: found[place + (e,)] for place in per_module}, spec, max_rank, config, f".experts.{e}"
         )
         for e in range(num_experts)
     ]

@@ -27,7 +27,7 @@ from mole_serve.lora.kinds.lora import check_place
 from mole_serve.lora.kinds.lora import pack as pack  # no shared part: the primary slot stays zero
 from mole_serve.lora.kinds.lora import reference_delta as reference_delta
 
-PEFT_TYPES = ("MOELORA", "MOLA")
+PEFT_TYPES: tuple[str, ...] = ("MOELORA", "MOLA")
 _ROUTER = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.moe_gate\.weight$")
 _EXPERT = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.experts\.(\d+)\.lora_([AB])\.weight$")
 

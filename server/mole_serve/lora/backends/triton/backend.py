@@ -86,10 +86,12 @@ class TritonBackend(LoRABackend):
             return self.autograd.apply(x, out, stack, batch, weights, gate, stats)
         if batch is not self._batch:
             self.prepare(batch, 0, 0)
-        z = ops.shrink(x, stack.A, self._segments)  # [T, C, n*r] fp32
+        segments = self._segments
+        assert segments is not None  # prepare() set it for this batch
+        z = ops.shrink(x, stack.A, segments)  # [T, C, n*r] fp32
         if gate is not None:
             weights = self._weigh(gate, x, z.to(x.dtype), batch, weights, stats)
-        ops.expand(z, weights, out, stack, self._segments, self.tables)
+        ops.expand(z, weights, out, stack, segments, self.tables)
         return weights
 
     @staticmethod
@@ -107,6 +109,7 @@ class TritonBackend(LoRABackend):
         if batch.unique_slots is not None:
             return gate.weigh(x, z, batch.unique_slots, weights, stats, slice(None))
         nd, ns = batch.num_decode, batch.num_decode_with_sets
+        assert weights is not None  # rows on their own slots always carry token weights (build_lora_batch)
         decode = [gate.weigh(x[:ns], z[:ns], batch.lora_slots[:ns], weights[:ns], stats, slice(0, ns))] if ns else []
         prefill = [
             gate.weigh(x[o : o + n], z[o : o + n], batch.lora_slots[i], weights[o : o + n], stats, slice(o, o + n))

@@ -5,10 +5,10 @@ tile's segment, segment), and the segment's slots from seg_slots: int32 [num_seg
 of one tile share their C slots, so A and B tiles are loaded once per tile and multiplied with
 tl.dot; slot 0 (the all-zero slot) is skipped, not multiplied.
 
-Portability rules these kernels keep (research/scaleout-gpu.md): masks combine with `&`, never
-Python `and` (the interpreter evaluates `and` as plain Python: silently wrong); bf16 operands are
-cast to fp32 before tl.dot when DOT_FP32 is set (the interpreter multiplies bf16's raw bits);
-reductions run on fp32 values; no autotune (it needs a GPU even to interpret).
+Portability rules these kernels keep (docs/decisions.md, "The Triton layout"): masks combine with
+`&`, never Python `and` (the interpreter evaluates `and` as plain Python: silently wrong); bf16
+operands are cast to fp32 before tl.dot when DOT_FP32 is set (the interpreter multiplies bf16's raw
+bits); reductions run on fp32 values; no autotune (it needs a GPU even to interpret).
 """
 
 from __future__ import annotations

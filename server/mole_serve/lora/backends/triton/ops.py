@@ -137,6 +137,7 @@ def expand(
         return
     r, n = stack.rank, len(stack.B)
     b_table, b_meta = tables.get(stack)
+    strides: tuple[int, ...]  # w's (token, column, block) strides
     if weights is None:
         w, strides = z, (0, 0, 0)  # never read
     elif weights.dim() == 3:
