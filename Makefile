@@ -24,6 +24,7 @@ serve: setup
 test: setup
 	$(VENV)/bin/ruff check server tests bench clients
 	$(VENV)/bin/ruff format --check server tests bench clients
+	$(VENV)/bin/mypy server/mole_serve/engine server/mole_serve/lora server/mole_serve/routing server/mole_serve/library server/mole_serve/api
 	$(PY) -m pytest -q tests
 
 bench: setup

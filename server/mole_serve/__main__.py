@@ -10,6 +10,12 @@ import sys
 from mole_serve.config import Settings
 
 
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from MOLE_* variables, overridden by the serve/deploy flags given."""
+    flags = {k: getattr(args, k) for k in ("base_model", "adapters_dir", "device", "host", "port")}
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
 def serve(args: argparse.Namespace) -> int:
     """uvicorn's event loop in a thread; the engine loads and steps on the main thread (see
     AsyncEngine.run_forever for why). Ctrl-C or SIGTERM stops both."""
@@ -22,18 +28,7 @@ def serve(args: argparse.Namespace) -> int:
     from mole_serve.compose import build
     from mole_serve.library.store import AdapterStore
 
-    overrides = {
-        k: v
-        for k, v in {
-            "base_model": args.base_model,
-            "adapters_dir": args.adapters_dir,
-            "device": args.device,
-            "host": args.host,
-            "port": args.port,
-        }.items()
-        if v is not None
-    }
-    settings = Settings(**overrides)
+    settings = settings_from(args)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
     web = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -58,18 +53,7 @@ def deploy(args: argparse.Namespace) -> int:
     """The app on Ray Serve: an ingress and engine replicas (mole_serve/deploy.py)."""
     from mole_serve.deploy import run
 
-    overrides = {
-        k: v
-        for k, v in {
-            "base_model": args.base_model,
-            "adapters_dir": args.adapters_dir,
-            "device": args.device,
-            "host": args.host,
-            "port": args.port,
-        }.items()
-        if v is not None
-    }
-    return run(Settings(**overrides), args.replicas, args.autoscaling, args.replica_cpus, args.address)
+    return run(settings_from(args), args.replicas, args.autoscaling, args.replica_cpus, args.address)
 
 
 def admin(args: argparse.Namespace) -> int:

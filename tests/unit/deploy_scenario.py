@@ -17,6 +17,7 @@ import ray
 import torch
 from fastapi.testclient import TestClient
 from mole_serve.api.app import create_app
+from mole_serve.compose import build
 from mole_serve.config import Settings
 from mole_serve.deploy import APP_NAME, ENGINE_NAME, build_app
 from mole_serve.engine.loader import resolve_base_model
@@ -41,7 +42,7 @@ def card(name: str, pattern: str) -> dict:
     return {"name": name, "description": pattern.format("N"), "examples": [pattern.format(i) for i in range(6)]}
 
 
-def build(root: Path) -> tuple[Settings, Path]:
+def make_store(root: Path) -> tuple[Settings, Path]:
     """A store of 4 random LoRAs over the real SmolLM2-135M, and a 5th adapter folder to upload."""
     base = str(resolve_base_model(Settings()))
     hf = AutoModelForCausalLM.from_pretrained(base)
@@ -146,7 +147,7 @@ def answer_or_error(client: openai.OpenAI, model: str, text: str, **kw) -> str:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    settings, upload_dir = build(out.parent)
+    settings, upload_dir = make_store(out.parent)
     asks = [
         ("roman", "convert the roman numeral XIV"),
         ("auto", "what is the weather forecast for city 7 tomorrow"),

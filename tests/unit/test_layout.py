@@ -77,23 +77,21 @@ def test_lora_never_touches_disk():
     assert not bad, bad
 
 
-def test_no_import_circles_inside_a_package():
-    graph = {mod: {imp for imp in imports if imp in MODULES and imp != mod} for mod, imports in MODULES.items()}
+def first_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A path that comes back to where it started, or None (depth-first, in name order)."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
 
-    def visit(mod: str, path: list[str]) -> None:
-        state[mod] = 1
-        for dep in graph[mod]:
-            same_package = dep.rsplit(".", 1)[0] == mod.rsplit(".", 1)[0]
-            if state.get(dep) == 1 and same_package:
-                raise AssertionError(f"import circle: {' -> '.join(path + [dep])}")
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[mod] = 2
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path + [dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
 
-    for mod in sorted(graph):
-        if mod not in state:
-            visit(mod, [mod])
+    return next((found for node in sorted(graph) if node not in state and (found := visit(node, [node]))), None)
 
 
 def package_of(module: str) -> str:
@@ -101,25 +99,24 @@ def package_of(module: str) -> str:
     return module.split(".")[1] if "." in module else module
 
 
+def test_no_import_circles_inside_a_package():
+    graph = {
+        mod: {
+            imp for imp in imports if imp in MODULES and imp != mod and imp.rsplit(".", 1)[0] == mod.rsplit(".", 1)[0]
+        }
+        for mod, imports in MODULES.items()
+    }
+    circle = first_circle(graph)
+    assert circle is None, f"import circle: {' -> '.join(circle)}"
+
+
 def test_no_import_circles_between_packages():
     graph: dict[str, set[str]] = {}
     for mod, imports in MODULES.items():
         deps = {package_of(imp) for imp in imports if imp in MODULES}
         graph.setdefault(package_of(mod), set()).update(deps - {package_of(mod)})
-    state: dict[str, int] = {}
-
-    def visit(pkg: str, path: list[str]) -> None:
-        state[pkg] = 1
-        for dep in sorted(graph.get(pkg, ())):
-            if state.get(dep) == 1:
-                raise AssertionError(f"packages import in a circle: {' -> '.join(path + [dep])}")
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[pkg] = 2
-
-    for pkg in sorted(graph):
-        if pkg not in state:
-            visit(pkg, [pkg])
+    circle = first_circle(graph)
+    assert circle is None, f"packages import in a circle: {' -> '.join(circle)}"
 
 
 BUILT_BY_THE_ROOT = re.compile(r"(?<![\w.])(LLMEngine|Catalog|Retriever|Embedder)\(")

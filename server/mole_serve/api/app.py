@@ -86,15 +86,15 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
         app.state.loop = asyncio.get_running_loop()
         loop_ready.set()
 
-        async def load() -> None:
+        async def load(build: Callable[[], Components]) -> None:
             try:
-                built = await asyncio.to_thread(load_engine)
+                built = await asyncio.to_thread(build)
             except Exception:
                 log.exception("the engine failed to load")
                 raise
             attach_engine(app, built.engine, built.catalog).start()
 
-        loading = asyncio.create_task(load()) if load_engine else None
+        loading = asyncio.create_task(load(load_engine)) if load_engine else None
         yield
         if loading:
             loading.cancel()
@@ -175,5 +175,5 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
 
     app.include_router(openai_router)
     app.include_router(admin_router)
-    app.openapi = lambda: truthful_openapi(app)
+    app.openapi = lambda: truthful_openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     return app

@@ -4,8 +4,10 @@ responses; here only what differs between the endpoints)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 
@@ -51,7 +53,7 @@ def chat_logprobs(tokenizer, entries: list[Logprob]) -> ChatLogprobs:
     )
 
 
-def text_logprobs(tokenizer, entries: list[Logprob | None], token_ids: list[int], offset: int) -> TextLogprobs:
+def text_logprobs(tokenizer, entries: Sequence[Logprob | None], token_ids: list[int], offset: int) -> TextLogprobs:
     """The legacy shape over tokens `token_ids` (an entry None: no logprob, the first prompt token);
     each token's top dict holds the token itself too (vLLM's way: up to logprobs + 1 keys)."""
     out = TextLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
@@ -99,7 +101,7 @@ def chat_shape(tokenizer, logprobs: bool, tool_use: ToolUse | None) -> Shape:
         if finish is None:
             return None
         content, calls, finish = answer(g)
-        whole = {"content": content} if content else {}
+        whole: dict[str, str | list[dict]] = {"content": content} if content else {}
         if calls:
             whole["tool_calls"] = [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
         return ChatChoice(index=i, delta=whole, logprobs=pieces(g), finish_reason=finish)
@@ -123,7 +125,10 @@ def text_shape(prefixes: list[str], tokenizer, logprobs: bool) -> Shape:
     def whole(i: int, g: Generation) -> TextLogprobs | None:
         if not logprobs:
             return None
-        echoed = g.prompt_logprobs if prefixes[i] else []
+        echoed: list[Logprob | None] = []
+        if prefixes[i]:
+            assert g.prompt_logprobs is not None  # echo with logprobs asks the engine for them
+            echoed = g.prompt_logprobs
         entries = [*echoed, *g.logprobs]
         ids = [*g.prompt_ids[: len(echoed)], *(t for t, _, _ in g.logprobs)]
         return text_logprobs(tokenizer, entries, ids, 0)
@@ -231,10 +236,7 @@ async def completions(body: CompletionRequest, request: Request):
     )
     texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
     gens = await start(
-        [
-            lambda i=i, text=text: generation(request, "/v1/completions", ids[i], body, text)
-            for i, text in enumerate(texts)
-        ]
+        [functools.partial(generation, request, "/v1/completions", ids[i], body, text) for i, text in enumerate(texts)]
     )
     return await respond(
         text_shape([t if body.echo else "" for t in texts], engine.tokenizer, body.logprobs is not None),

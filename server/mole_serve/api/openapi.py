@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from mole_serve.api.protocol import CompletionEnvelope, ErrorResponse, ModelCard, ModelList
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # route -> the model of its 200 answer (the routes return plain JSON, so FastAPI cannot see it)
-ANSWERS = {
+ANSWERS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": CompletionEnvelope,
     "/v1/completions": CompletionEnvelope,
     "/v1/models": ModelList,
@@ -48,7 +49,8 @@ def truthful_openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in {ErrorResponse, *ANSWERS.values()}:
+    models: set[type[BaseModel]] = {ErrorResponse, *ANSWERS.values()}
+    for model in models:
         components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(components[model.__name__].pop("$defs", {}))
     for name in ("HTTPValidationError", "ValidationError"):
@@ -64,7 +66,7 @@ def truthful_openapi(app: FastAPI) -> dict:
                     "content": {"application/json": {"schema": ERROR_REF}},
                 }
     for path, model in ANSWERS.items():
-        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+        content: dict[str, dict] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
         if path in STREAMED:  # with `stream: true`: server-sent events (the schema is one event's, as
             # OpenAPI before 3.2 has it): each `data:` an envelope in JSON, the last one [DONE]
             content["text/event-stream"] = {

@@ -31,11 +31,12 @@ def _json_number(v: object) -> object:
 JSONInt = Annotated[int, BeforeValidator(_json_number)]
 
 
-def json_int(**limits: int) -> object:
-    """JSONInt within limits, for an optional field: the limits must sit inside the Annotated, before
-    the validator, or the JSON schema carries pydantic's own `ge`/`le` names instead of `minimum`."""
-    return Annotated[int, Field(**limits), BeforeValidator(_json_number)]
-
+# JSONInts within limits, for optional fields: the limits must sit inside the Annotated, before the
+# validator, or the JSON schema carries pydantic's own `ge`/`le` names instead of `minimum`.
+PositiveJSONInt = Annotated[int, Field(ge=1), BeforeValidator(_json_number)]
+AdapterTopK = Annotated[int, Field(ge=1, le=16), BeforeValidator(_json_number)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_json_number)]
+CompletionLogprobs = Annotated[int, Field(ge=0, le=5), BeforeValidator(_json_number)]
 
 JSONFloat = Annotated[float, BeforeValidator(_json_number)]
 NonEmpty = Annotated[T, Field(min_length=1)]
@@ -90,7 +91,7 @@ class AssistantTurn(MessageBase):
     """An earlier answer in the history: text, tool calls, or both."""
 
     role: Literal["assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # type: ignore[assignment]  # pydantic field override: may be null
     tool_calls: list[ToolCall] | None = None
 
 
@@ -192,7 +193,7 @@ class SamplingFields(BaseModel):
         return data
 
     model: str = "auto"
-    max_tokens: json_int(ge=1) | None = None
+    max_tokens: PositiveJSONInt | None = None
     temperature: JSONFloat = Field(1.0, ge=0, le=2)
     top_p: JSONFloat = Field(1.0, gt=0, le=1)
     seed: JSONInt | None = None  # any integer, as OpenAI takes it (the sampler folds it into 64 bits)
@@ -203,7 +204,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # --- extensions (the openai client's extra_body) ---
     adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
-    top_k: json_int(ge=1, le=16) | None = None  # adapters retrieval keeps for `auto` (docs/api.md)
+    top_k: AdapterTopK | None = None  # adapters retrieval keeps for `auto` (docs/api.md)
     composition: Composition | None = None
     merge: MergeOptions | None = None
     ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
@@ -221,6 +222,10 @@ class SamplingFields(BaseModel):
     def adapter_choices(self) -> list[AdapterChoice]:
         return list(self.adapters or [])
 
+    def token_limit(self) -> int | None:
+        """The most tokens the completion may have; None: up to the context window."""
+        return self.max_tokens
+
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(alternatives per generated token, per prompt token); None: not asked."""
         return None, None
@@ -228,9 +233,9 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: json_int(ge=1) | None = None
+    max_completion_tokens: PositiveJSONInt | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: json_int(ge=0, le=20) | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -246,8 +251,8 @@ class ChatCompletionRequest(SamplingFields):
     def forced_tools(self) -> list[Tool] | None:
         """The tools the answer must call (tool_choice `required` or a named function), else None."""
         if isinstance(self.tool_choice, NamedToolChoice):
-            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
-        return list(self.tools) if self.tool_choice == "required" else None
+            return [t for t in self.tools or [] if t.function.name == self.tool_choice.function.name]
+        return list(self.tools or []) if self.tool_choice == "required" else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -265,7 +270,7 @@ class CompletionRequest(SamplingFields):
         | NonEmpty[list[NonEmpty[list[TokenId]]]]
     )
     echo: StrictBool = False
-    logprobs: json_int(ge=0, le=5) | None = None  # 0: the tokens' own logprobs, no alternatives
+    logprobs: CompletionLogprobs | None = None  # 0: the tokens' own logprobs, no alternatives
 
     def token_limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for /v1/completions

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mole_serve.api.errors import APIError
 from mole_serve.api.limits import DISCONNECTED
 from mole_serve.api.metrics import Metrics
-from mole_serve.api.protocol import CompletionEnvelope, MergeOptions, SamplingFields, Usage
+from mole_serve.api.protocol import ChatChoice, CompletionEnvelope, MergeOptions, SamplingFields, TextChoice, Usage
 from mole_serve.config import Settings
 from mole_serve.engine.client import EngineClient
 from mole_serve.engine.request import Logprob, SamplingParams, StepOutput
@@ -116,7 +116,8 @@ class Generation:
         self._submit()
 
     def _submit(self) -> None:
-        self.text, self.finish_reason, self.completion_tokens = "", None, 0
+        self.text, self.completion_tokens = "", 0
+        self.finish_reason: str | None = None
         self.prompt_tokens = len(self.prompt_ids)
         self.logprobs: list[Logprob] = []  # the generated tokens', when asked
         self.prompt_logprobs: list[Logprob | None] | None = None  # the prompt tokens', when asked
@@ -166,6 +167,7 @@ class Generation:
                 if out.prompt_logprobs is not None:
                     self.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
+                    assert out.finish_reason is not None  # a finished output has its reason
                     self.finish_reason = out.finish_reason.value
                 if out.text:
                     yield out.text
@@ -227,10 +229,11 @@ class Shape:
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable[[int, Generation], object]  # the whole answer of prompt i
-    delta: Callable[[int, str, str | None, Generation], object | None]  # a streamed piece of prompt i (text,
-    # finish reason; the generation, for the logprobs of its tokens since the last piece); None: held back
-    opening: Callable[[], object] | None = None  # a first chunk before any text (chat: the role)
+    choice: Callable[[int, Generation], ChatChoice | TextChoice]  # the whole answer of prompt i
+    delta: Callable[[int, str, str | None, Generation], ChatChoice | TextChoice | None]  # a streamed piece of
+    # prompt i (text, finish reason; the generation, for the logprobs of its tokens since the last piece);
+    # None: held back
+    opening: Callable[[], ChatChoice | TextChoice] | None = None  # a first chunk before any text (chat: the role)
 
 
 def total_usage(gens: list[Generation]) -> Usage:

@@ -22,8 +22,8 @@ from mole_serve.api.errors import APIError
 from mole_serve.api.protocol import (
     AssistantTurn,
     ChatCompletionRequest,
+    ChatMessage,
     FunctionCall,
-    MessageBase,
     NamedToolChoice,
     Tool,
     ToolCall,
@@ -45,7 +45,7 @@ def json_grammar(schema: dict, lenient: bool = False) -> str:
 
 
 def has_tool_format(chat_template: str | None) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+    return chat_template is not None and "tools" in chat_template
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class ToolUse:
         """(the calls, the remaining content) read from the answer; None when it holds no call
         (free text under `auto`, or an answer cut short by max_tokens)."""
         if self.mode == "named":
+            assert self.function is not None  # the named mode carries its function
             return ([_call(self.function, text)], None) if _is_json(text) else None
         if self.mode == "required":
             try:
@@ -117,7 +118,7 @@ def output_constraint(body: ChatCompletionRequest, chat_template: str | None) ->
         if wants_json:
             raise APIError(400, "`response_format` cannot be combined with tool_choice `auto`", param="response_format")
         return None, ToolUse("auto")
-    if not wants_json:
+    if body.response_format is None or not wants_json:
         return None, None
     spec = body.response_format.json_schema
     if spec is None:  # json_object
@@ -180,9 +181,9 @@ def template_messages(body: ChatCompletionRequest, chat_template: str | None) ->
     return [{"role": "system", "content": told}, *messages], None
 
 
-def _template_message(m: MessageBase, native: bool) -> dict:
+def _template_message(m: ChatMessage, native: bool) -> dict:
     role = "system" if m.role == "developer" else m.role
-    out = {"role": role, "content": m.text()}
+    out: dict = {"role": role, "content": m.text()}  # str values, and a list of calls for a native template
     if isinstance(m, AssistantTurn) and m.tool_calls:
         calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
         if native:

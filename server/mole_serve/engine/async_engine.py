@@ -43,7 +43,7 @@ class AsyncEngine:
         # a byte-level or sentencepiece symbol decodes to at most as many characters as it has
         self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()), default=1)
         self.max_waiting = max_waiting or engine.settings.max_waiting
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[StepOutput]] = {}
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -70,8 +70,8 @@ class AsyncEngine:
         if self._thread:
             self._thread.join(timeout=30)
 
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run fn in the step thread between two steps."""
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run fn in the step thread between two steps (its result is dropped)."""
         self._commands.put(fn)
         self._wake.set()
 
@@ -111,6 +111,8 @@ class AsyncEngine:
         return stream
 
     def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None  # start() or run_forever() set it
         while not self._stopped.is_set():
             while not self._commands.empty():
                 self._commands.get()()
@@ -128,7 +130,7 @@ class AsyncEngine:
                 seconds, self.engine.selector.retrieval_seconds = self.engine.selector.retrieval_seconds, []
                 self.on_step(batch_size, seconds)
             if outputs:  # one wake-up of the event loop per step, not one per sequence
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+                loop.call_soon_threadsafe(self._deliver, outputs)
 
     # --- the rest of EngineClient ---
     @property

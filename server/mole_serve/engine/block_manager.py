@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import cast
 
 from mole_serve.engine.request import Sequence
 
@@ -87,7 +88,7 @@ class BlockManager:
         for block_id in hits:
             self._take(block_id)
         seq.block_table = list(hits)
-        seq.block_hashes = [self.blocks[b].hash for b in hits]
+        seq.block_hashes = [cast(int, self.blocks[b].hash) for b in hits]  # cached blocks are hashed
         seq.num_computed = len(hits) * self.block_size
         for _ in range(needed):
             seq.block_table.append(self._take(self._evict_front()))

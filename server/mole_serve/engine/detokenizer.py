@@ -4,6 +4,7 @@ and text that might be the start of one is held back until it is decided."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,7 +21,7 @@ class Detokenizer:
         """Returns (new text to send, whether a stop string ended the output)."""
         # Re-decoding the whole output is simple and cheap at these lengths; it keeps multi-token
         # characters and tokenizer-specific spacing right.
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        text = cast(str, self.tokenizer.decode(output_ids, skip_special_tokens=True))  # one id list: one string
         search_from = max(0, self.emitted - self.hold)
         hits = [at for at in (text.find(stop, search_from) for stop in self.stop) if at != -1]
         if hits:

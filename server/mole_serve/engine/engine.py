@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -128,7 +128,8 @@ class LLMEngine:
         self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
         self.selector = AdapterSelector(settings, self.is_known, self.pool)
         self.selector.retriever = retriever
-        self._unresolved: list[Sequence] = []  # added since the last step, adapters still to choose
+        # added since the last step, adapters still to choose: (sequence, its selection)
+        self._unresolved: list[tuple[Sequence, Selection]] = []
 
     def attach_gate(self, gate: MoLEGate) -> None:
         """Serve with a trained router from now on (library/artifacts.load_gate checks its base)."""
@@ -181,7 +182,7 @@ class LLMEngine:
             refs = ()
         elif refs:  # in-process callers name adapters directly: a mixture of experts still runs alone
             self.selector.runs_alone([r.name for r in refs], Selection("mixture", refs))
-        kwargs = {"request_id": request_id} if request_id else {}
+        kwargs: dict[str, Any] = {"request_id": request_id} if request_id else {}
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar else None
         return Sequence(list(prompt_ids), sampling, Chosen(refs), selection=selection, matcher=matcher, **kwargs)
 
@@ -205,7 +206,7 @@ class LLMEngine:
         self._seqs[seq.request_id] = seq
         self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.sampling.stop)
         if seq.selection is not None:
-            self._unresolved.append(seq)
+            self._unresolved.append((seq, seq.selection))
         self.scheduler.add(seq)
 
     def add_request(
@@ -279,32 +280,32 @@ class LLMEngine:
                         AdapterNotFound(f"The adapter `{gone[0]}` was deleted.", "adapters"),
                     )
                 )
-        seqs, self._unresolved = [s for s in self._unresolved if not s.is_finished], []
-        if not seqs:
+        pending, self._unresolved = [(s, sel) for s, sel in self._unresolved if not s.is_finished], []
+        if not pending:
             return outputs
         try:
-            hits = self.selector.retrieve([s.selection for s in seqs])
+            hits = self.selector.retrieve([sel for _, sel in pending])
         except Exception as e:  # the embedder failed: these requests fail, the engine goes on
             return outputs + [
                 self._finish(s, FinishReason.ABORT, None, "", EngineFailure(f"adapter retrieval failed: {e}"))
-                for s in seqs
+                for s, _ in pending
             ]
-        for seq, found in zip(seqs, hits):
+        for (seq, sel), found in zip(pending, hits):
             try:
-                seq.chosen = self.selector.choose(seq.selection, found)
+                seq.chosen = self.selector.choose(sel, found)
             except MoleError as e:
                 outputs.append(self._finish(seq, FinishReason.ABORT, None, "", e))
                 continue
-            self._use_input_form(seq)
+            self._use_input_form(seq, sel)
             self.adapter_usage.update(seq.chosen.sources or [a.name for a in seq.adapters])
         return outputs
 
-    def _use_input_form(self, seq: Sequence) -> None:
+    def _use_input_form(self, seq: Sequence, selection: Selection) -> None:
         """Send the prompt in the input form the chosen adapters read (input_forms.py), when the
         request carries one. A request still waits (nothing computed), so its prompt can change;
         one that asked for no more than the window allows keeps within it (max_tokens shrinks)."""
         names, weights = [a.name for a in seq.adapters], [a.weight for a in seq.adapters]
-        prompt = seq.selection.prompts_by_form.get(set_input_form(names, weights, self.adapters.input_form))
+        prompt = selection.prompts_by_form.get(set_input_form(names, weights, self.adapters.input_form))
         if not prompt or (room := self.max_model_len - len(prompt)) < 1:
             return
         seq.prompt_ids, seq.token_ids = list(prompt), list(prompt)

@@ -36,7 +36,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
     # The weights are plain floats now; drop the GGUF marker so save_pretrained accepts them.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set at load, undeclared on PreTrainedModel
     model.config.name_or_path = SMOLLM2_NAME
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))

@@ -117,7 +117,7 @@ class DecoderModel:
                     down=Linear(get(p + "mlp.down_proj.weight")),
                 )
             )
-        rope = LlamaRotaryEmbedding(config)
+        rope = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]  # reads the rope fields mistral/qwen2 share
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = positions[:, None] * rope.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, hd]

@@ -6,9 +6,13 @@ import enum
 import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mole_serve.errors import InvalidRequest, MoleError
 from mole_serve.routing.types import AdapterRef, Chosen, Selection, gate_entropy, report
+
+if TYPE_CHECKING:
+    import llguidance
 
 # One token's log-probability under the model (log_softmax of its raw logits, as vLLM's default):
 # (token id, logprob, the top alternatives as (token id, logprob), most likely first).
@@ -93,7 +97,7 @@ class Sequence:
     # With sampling.prompt_logprobs: per prompt token, its Logprob (None for the first), filled by prefill.
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)
     # With sampling.grammar: its llguidance matcher, which has consumed every generated token.
-    matcher: object | None = None
+    matcher: llguidance.LLMatcher | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

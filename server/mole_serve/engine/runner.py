@@ -52,14 +52,14 @@ class ModelRunner:
         gens = [self._generator(seq) for seq in sampled]
         # the grammars' masks on a copy: logprobs stay those of the model's raw logits (vLLM's default)
         tokens = sample(mask_logits(logits, [seq.matcher for seq in sampled]), [seq.sampling for seq in sampled], gens)
-        asking = [i for i, seq in enumerate(sampled) if seq.sampling.logprobs is not None]
+        asking = {i: k for i, seq in enumerate(sampled) if (k := seq.sampling.logprobs) is not None}  # row -> top
         logprobs: list[Logprob | None] = [None] * len(sampled)
         if asking:
-            rows = torch.tensor(asking, device=logits.device)
+            rows = torch.tensor(list(asking), device=logits.device)
             found = logprobs_of(
                 logits.index_select(0, rows),
                 torch.tensor(tokens, device=logits.device)[rows],
-                [sampled[i].sampling.logprobs for i in asking],
+                list(asking.values()),
             )
             for i, lp in zip(asking, found):
                 logprobs[i] = lp
@@ -69,13 +69,15 @@ class ModelRunner:
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """float32 logits [N, V] of the sequences that sample this step, in batch order."""
         scheduled = batch.scheduled
-        ids, sample_rows, prompt_rows = [], [], []
+        ids: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[tuple[Sequence, int, int, list[int]]] = []  # (seq, start, top, rows)
         for s in scheduled:
             start = s.seq.num_computed
-            if s.seq.sampling.prompt_logprobs is not None and start < s.seq.num_prompt_tokens:
+            if (top := s.seq.sampling.prompt_logprobs) is not None and start < s.seq.num_prompt_tokens:
                 # the chunk's rows that predict a prompt token: logits beyond the sampled rows
                 predicted = min(s.num_tokens, s.seq.num_prompt_tokens - 1 - start)
-                prompt_rows.append((s.seq, start, list(range(len(ids), len(ids) + predicted))))
+                prompt_rows.append((s.seq, start, top, list(range(len(ids), len(ids) + predicted))))
             ids += s.seq.token_ids[start : start + s.num_tokens]
             if s.samples:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
@@ -94,7 +96,7 @@ class ModelRunner:
             native=native,
             expert_slots=expert_slots,
         )
-        extra_rows = [r for _, _, rows in prompt_rows for r in rows]
+        extra_rows = [r for _, _, _, rows in prompt_rows for r in rows]
         logits = self.model.forward(
             torch.tensor(ids, device=dev),
             meta.positions,
@@ -104,11 +106,11 @@ class ModelRunner:
             lora,
         )
         logits, extra = logits[: len(sample_rows)], logits[len(sample_rows) :]
-        for seq, start, rows in prompt_rows:
+        for seq, start, top, rows in prompt_rows:
             if start == 0:
                 seq.prompt_logprobs = [None]  # the first prompt token has no prediction
             targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + len(rows)], device=dev)
-            seq.prompt_logprobs += logprobs_of(extra[: len(rows)], targets, [seq.sampling.prompt_logprobs] * len(rows))
+            seq.prompt_logprobs += logprobs_of(extra[: len(rows)], targets, [top] * len(rows))
             extra = extra[len(rows) :]
         totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
         for s, sums in zip(scheduled, totals):
@@ -116,8 +118,8 @@ class ModelRunner:
                 seq = s.seq
                 seq.gate_sums = summed(seq.gate_sums, sums)
                 seq.gate_count += s.num_tokens * self.model.num_layers
-        for rows in lora.experts if lora is not None else ():
-            for i, usage in zip(rows.seqs, rows.usage().tolist()):
+        for experts in lora.experts if lora is not None else ():
+            for i, usage in zip(experts.seqs, experts.usage().tolist()):
                 seq = scheduled[i].seq
                 seq.expert_usage = summed(seq.expert_usage, usage)
         return logits
@@ -206,7 +208,13 @@ class ModelRunner:
         kv = KVCache(model.num_layers, next_block, bs, model.num_kv_heads, model.head_dim, model.dtype, dev)
         batch = Batch([], [ScheduledSeq(seq, len(seq.token_ids)) for seq in seqs])
         meta = self.attention_metadata(batch)
-        lora_slots = [self.pool.acquire(names) for names, _ in adapter_sets]
+        lora_slots: list[list[int]] = []
+        for names, _ in adapter_sets:
+            if (slots := self.pool.acquire(names)) is None:
+                for s in lora_slots:
+                    self.pool.release(s)
+                raise RuntimeError(f"the adapter pool cannot hold {names} beside the other sets at once")
+            lora_slots.append(slots)
         try:
             lora = self.lora_context(
                 [(s, w) for s, (_, w) in zip(lora_slots, adapter_sets)],
@@ -221,8 +229,8 @@ class ModelRunner:
                 self.pool.release(s)
         if lora is not None and lora.stats is not None and keep_layer_weights:
             lora.stats.layer_weights = []
-        ids = torch.tensor([t for p in prompts for t in p], device=dev)
-        logits = model.forward(ids, meta.positions, kv, meta, rows, lora)
+        input_ids = torch.tensor([t for p in prompts for t in p], device=dev)
+        logits = model.forward(input_ids, meta.positions, kv, meta, rows, lora)
         return PrefillOutput(logits, lora.stats if lora is not None else None)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

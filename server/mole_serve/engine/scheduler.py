@@ -90,8 +90,8 @@ class Scheduler:
                 self.blocks.append(seq, 1)
                 decode.append(ScheduledSeq(seq, 1))
             i += 1
-        if self._decode_order is not None:
-            decode.sort(key=lambda s: self._decode_order(s.seq))
+        if (order := self._decode_order) is not None:
+            decode.sort(key=lambda s: order(s.seq))
         budget = self.max_prefill_tokens
         for seq in self.running:  # admission gave them blocks for all their known tokens
             if seq.num_uncomputed > 1 and budget > 0:

@@ -33,7 +33,9 @@ class GrammarMatchers:
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         if self._tokenizer is None:
             self._tokenizer = llguidance.hf.from_tokenizer(
-                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
+                self.hf_tokenizer,  # type: ignore[arg-type]  # typed as fast only; it checks and raises itself
+                n_vocab=self.vocab_size,
+                eos_token=self.eos_token_ids or None,
             )
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
@@ -44,13 +46,14 @@ class GrammarMatchers:
 def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> torch.Tensor:
     """logits: [N, V] -> the same with every token its row's grammar forbids at -inf (a new tensor
     when any row is constrained: the raw logits stay for logprobs)."""
+    constrained = [m for m in matchers if m is not None]
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     V = logits.shape[-1]
     bitmask = torch.empty(len(rows), (V + 31) // 32, dtype=torch.int32)  # bit b of word w: token 32 w + b
-    for j, i in enumerate(rows):
-        matchers[i].unsafe_compute_mask_ptr(bitmask[j].data_ptr(), bitmask.shape[1] * 4)
+    for j, matcher in enumerate(constrained):
+        matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), bitmask.shape[1] * 4)
     # little-endian bytes unpack in token order; 0/1 bytes read as bools without a copy
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]
     allowed = torch.from_numpy(bits).view(torch.bool).to(logits.device)  # [R, V]

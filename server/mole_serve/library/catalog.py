@@ -55,7 +55,7 @@ class Serving(Protocol):
 
 @dataclass
 class CheckedAdapter(UploadedFiles):
-    weights: AdapterWeights | None = None
+    weights: AdapterWeights
     key: np.ndarray | None = None  # its card's retrieval key [dim]; None without retrieval
 
 

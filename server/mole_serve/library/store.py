@@ -98,7 +98,9 @@ def describe(folder: Path) -> dict:
 
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
-    targets, layers, ranks = set(), set(), {}
+    targets: set[str] = set()
+    layers: set[int] = set()
+    ranks: dict[str, int] = {}  # module -> its total rank
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
             parts = key.split(".")

@@ -113,7 +113,8 @@ def _check_member_path(path: str) -> None:
 def unpack_archive(file_name: str, data: bytes, max_uncompressed: int) -> list[tuple[str, bytes]]:
     """Regular files of a .zip / .tar.gz, in memory: links, devices and escaping paths refused,
     the unpacked total bounded (a zip bomb stops at the limit, not after it)."""
-    total, out = 0, []
+    total = 0
+    out: list[tuple[str, bytes]] = []
 
     def account(size: int, path: str) -> None:
         nonlocal total
@@ -150,7 +151,10 @@ def unpack_archive(file_name: str, data: bytes, max_uncompressed: int) -> list[t
                     if not member.isfile():
                         raise UploadError(f"archive member {member.name!r} is not a regular file")
                     account(member.size, member.name)
-                    out.append((member.name, tf.extractfile(member).read()))
+                    extracted = tf.extractfile(member)
+                    if extracted is None:  # only links and devices have no content; refused above
+                        raise UploadError(f"archive member {member.name!r} is not a regular file")
+                    out.append((member.name, extracted.read()))
     except UploadError:
         raise
     except Exception as e:  # corrupt, encrypted, truncated or oddly compressed archives alike

@@ -185,11 +185,12 @@ class LoRAPool:
             self._pack_blocks(weights, slot)
         if weights.moe:
             self.experts[slot] = ResidentExperts.build(weights, slot, slots[1:], self.spec.num_layers, self.device)
+        experts = [weights.moe.expert(e, name, weights.rank) for e in range(len(slots) - 1)] if weights.moe else []
         for layer, groups in enumerate(self.stacks):
             kind.pack(weights, groups, layer, slot, self.rank)
-            for e, expert_slot in enumerate(slots[1:]):
-                pack_lora(weights.moe.expert(e, name, weights.rank), groups, layer, expert_slot, self.rank)
-            if self.layer_gates is not None:
+            for expert, expert_slot in zip(experts, slots[1:]):
+                pack_lora(expert, groups, layer, expert_slot, self.rank)
+            if self.layer_gates is not None and self.gate is not None:
                 with torch.no_grad():
                     keys = self.gate.slot_keys(layer, groups[PROBE_GROUP], slice(slot, slot + 1))
                 self.layer_gates[layer].keys[slot] = keys[0]
@@ -198,7 +199,9 @@ class LoRAPool:
 
     def _pack_blocks(self, weights: AdapterWeights, slot: int) -> None:
         """The adapter's native blocks into its shape's block stacks (allocated on first use)."""
-        A0 = next(iter(weights.blocks.values()))[0]
+        blocks = weights.blocks
+        assert blocks is not None  # the caller packs blocks only for an adapter that has them
+        A0 = next(iter(blocks.values()))[0]
         shape = (A0.shape[0], A0.shape[1])  # (n, r)
         n, r = shape
         if shape not in self.block_stacks:
@@ -218,8 +221,8 @@ class LoRAPool:
             for module, (A, B) in modules.items():
                 A[slot].zero_()
                 B[slot].zero_()
-                if (layer, module) in weights.blocks:
-                    a, b = weights.blocks[(layer, module)]
+                if (layer, module) in blocks:
+                    a, b = blocks[(layer, module)]
                     A[slot].copy_(a, non_blocking=True)
                     B[slot].copy_(b, non_blocking=True)
         self.block_shape[slot] = shape

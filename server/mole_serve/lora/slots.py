@@ -44,17 +44,17 @@ class SlotAllocator:
         `evictable`'s order). None when pinned slots leave no such run. Nothing changes here: the
         caller gives the displaced back, then `claim`s the run."""
         owner = {slot: primary for primary in evictable for slot in self._held[primary]}
-        free, best = set(self._free), None
+        free = set(self._free)
+        best: tuple[list[int], set[int]] | None = None
         for start in range(1, self.num_slots - n + 2):
-            run = range(start, start + n)
+            run = list(range(start, start + n))
             if all(slot in free or slot in owner for slot in run):
                 displaced = {owner[slot] for slot in run if slot not in free}
                 if best is None or len(displaced) < len(best[1]):
-                    best = (list(run), displaced)
+                    best = (run, displaced)
         if best is None:
             return None
-        run, displaced = best
-        return run, [primary for primary in evictable if primary in displaced]
+        return best[0], [primary for primary in evictable if primary in best[1]]
 
     def claim(self, run: list[int]) -> None:
         """`run`, all free, for one adapter: its first slot is the primary."""

@@ -20,13 +20,20 @@ from mole_serve.lora.kinds.base import TARGET_MODULES, AdapterWeights
 from mole_serve.lora.kinds.lora import lora_scaling
 from mole_serve.routing.types import DENSITY_STRATEGIES, MERGE_STRATEGIES
 
-# PEFT's task-arithmetic family: (tensors, per-tensor weights, density) -> combined tensor.
-_COMBINE: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float | None], torch.Tensor]] = {
-    "linear": lambda tensors, weights, density: task_arithmetic(tensors, weights),
+# PEFT's pruning strategies: (tensors, per-tensor weights, density) -> combined tensor.
+_PRUNING: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float], torch.Tensor]] = {
     "ties": ties,
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
 }
+
+
+def _combine(strategy: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None) -> torch.Tensor:
+    """PEFT's task-arithmetic family: linear, or a pruning strategy at `density`."""
+    if strategy == "linear":
+        return task_arithmetic(tensors, weights)
+    assert density is not None  # _check: the pruning strategies have one
+    return _PRUNING[strategy](tensors, weights, density)
 
 
 def merge_key(
@@ -116,7 +123,7 @@ def merge_adapters(
                 # sqrt(|w s|) on each side and the sign on A only, so that B A carries w s.
                 wA = torch.tensor([math.copysign(math.sqrt(abs(w)), w) for w in ws])
                 wB = torch.tensor([math.sqrt(abs(w)) for w in ws])
-                A = _COMBINE[strategy](As, wA, density)
-                B = _COMBINE[strategy](Bs, wB, density)
+                A = _combine(strategy, As, wA, density)
+                B = _combine(strategy, Bs, wB, density)
             modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, new_rank)).contiguous())
     return AdapterWeights(name=name, rank=new_rank, modules=modules, config=config)

@@ -116,7 +116,10 @@ class Embedder:
         # A local folder plus local_files_only: nothing is fetched even without HF_HUB_OFFLINE.
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True).eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim: int = dim_of()  # the method's name changed in sentence-transformers 6
+        dim = dim_of()  # the method's name changed in sentence-transformers 6
+        if dim is None:
+            raise ValueError(f"the embedder at {path} reports no embedding dimension")
+        self.dim: int = dim
         # `tokenize` became `preprocess` in sentence-transformers 6: pipeline input, truncation included
         self._preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
         self.chunk = chunk
@@ -158,10 +161,13 @@ class Retriever:
     deletes while the engine thread searches); embedding runs outside it."""
 
     def __init__(self, embedder: TextEncoder | None, dim: int | None = None, exact_max: int = 10_000) -> None:
-        if embedder is None and dim is None:
+        if embedder is not None:
+            self.dim: int = embedder.dim
+        elif dim is not None:
+            self.dim = int(dim)
+        else:
             raise ValueError("a Retriever needs an embedder or, for search_vectors only, a dim")
         self.embedder = embedder
-        self.dim: int = embedder.dim if embedder is not None else int(dim)
         self.exact_max = exact_max
         self._lock = threading.RLock()
         self._keys: dict[str, np.ndarray] = {}  # name -> key [dim]; the source of truth the index mirrors
@@ -222,7 +228,8 @@ class Retriever:
 
     def _remove_ids(self, ids: list[int]) -> None:
         if ids:
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
+            # faiss's stub types only the IDSelector form; its wrapper also takes an id array
+            self._index.remove_ids(np.asarray(ids, dtype=np.int64))  # type: ignore[arg-type]
             for i in ids:
                 name = self._names.pop(i)
                 del self._ids[name], self._keys[name]

@@ -53,12 +53,16 @@ class AdapterSelector:
         hits: list[list[tuple[str, float]]] = [
             list(s.retrieved[: s.top_k]) if s.retrieved is not None else [] for s in selections
         ]
-        asking = [i for i, s in enumerate(selections) if s.query is not None and not s.explicit and s.retrieved is None]
+        asking = {  # selection index -> its query
+            i: s.query
+            for i, s in enumerate(selections)
+            if s.query is not None and not s.explicit and s.retrieved is None
+        }
         if not asking or self.retriever is None:
             return hits
         start = time.perf_counter()
         k = max(selections[i].top_k for i in asking)
-        found = self.retriever.search([selections[i].query for i in asking], k, self.settings.retrieval_floor)
+        found = self.retriever.search(list(asking.values()), k, self.settings.retrieval_floor)
         self.retrieval_seconds.append(time.perf_counter() - start)
         for i, h in zip(asking, found):
             hits[i] = h[: selections[i].top_k]
@@ -113,14 +117,16 @@ class AdapterSelector:
         if not mixtures or (not sel.explicit and mixtures[0] != names[0]):
             return None
         weights = self.merges.weights(mixtures[0])
+        moe = weights.moe
+        assert moe is not None  # mixtures() keeps the MoE-kind adapters only
         if sel.explicit and (len(names) > 1 or sel.composition == "merge"):
             what = "with other adapters" if len(names) > 1 else "in a merge"
             raise SelectionError(
                 f"adapter `{weights.name}` is a {weights.kind} adapter: its own routers mix its "
-                f"{weights.moe.num_experts} experts, so a request names it alone, not {what}",
+                f"{moe.num_experts} experts, so a request names it alone, not {what}",
                 "adapters",
             )
-        slots = 1 + weights.moe.num_experts
+        slots = 1 + moe.num_experts
         if slots > self.settings.max_loras:
             raise SelectionError(
                 f"adapter `{weights.name}` needs {slots} adapter slots (one per expert and one "
