@@ -5,8 +5,8 @@ letters ("p l a n e t") each letter is its own token; written as a plain word ("
 sit inside one or two tokens and the model has to know the word's spelling, which SmolLM2-135M does
 not: beside the adapters, the base model's few-shot spelling of the same words. An adapter whose card
 says `"input": "spelled"` reads the prompt as the server sends it to it, each word followed by its
-letters (mole_serve/spelling.py, an input form). On the same words and the same held-out phrasings, each adapter answers
-the word written plainly and spaced (the baseline).
+letters (the `spelled` input form, mole_serve/spelling.py). On the same words and the same held-out
+phrasings, each adapter answers the word written plainly and spaced (the baseline).
 
 Words: the library's held-out words (its eval split) and common words in no split at all.
 

@@ -122,3 +122,53 @@ def test_chat_usage_counts_the_prompt_the_adapter_read(spelling_engine, tokenize
     messages = [{"role": "user", "content": "Reverse planet"}]
     assert counts["speller"] == len(form_chat_ids(SPELLED, tokenizer, messages))
     assert counts["plain"] == counts[spelling_engine.model_name] < counts["speller"]
+
+
+def test_the_chat_route_builds_a_form_only_for_adapters_that_read_it(spelling_engine, monkeypatch):
+    """A chat is tokenized a second time only when an adapter the request may run reads another
+    input form: named adapters by their cards; `auto` by the forms retrieval may choose."""
+    from mole_serve.api import openai_routes
+
+    built: list[set[str]] = []
+    real = openai_routes.form_prompts
+    monkeypatch.setattr(openai_routes, "form_prompts", lambda *a, **kw: built.append(set(a[2])) or real(*a, **kw))
+    chat = {"messages": [{"role": "user", "content": "Reverse planet"}], "max_tokens": 1}
+    settings = Settings(api_key=None, adapters_dir=spelling_engine.adapters.store.root)
+    asks = {
+        "plain": {"model": "plain"},
+        "base": {"model": spelling_engine.model_name},
+        "auto without retrieval": {"model": "auto"},
+        "speller": {"model": "speller"},
+        "base naming speller": {"model": spelling_engine.model_name, "adapters": ["plain", "speller"]},
+    }
+    with TestClient(create_app(settings, lambda: served(spelling_engine))) as client:
+        while client.get("/health").status_code != 200:
+            threading.Event().wait(0.05)
+        forms = {}
+        for label, ask in asks.items():
+            built.clear()
+            assert client.post("/v1/chat/completions", json={**chat, **ask}).status_code == 200
+            forms[label] = built[:]
+    assert forms == {
+        "plain": [],
+        "base": [],
+        "auto without retrieval": [],
+        "speller": [{SPELLED}],
+        "base naming speller": [{SPELLED}],
+    }
+
+
+def test_auto_needs_the_forms_of_the_adapters_retrieval_may_choose(spelling_engine):
+    import numpy as np
+    from mole_serve.routing.retriever import Retriever
+
+    catalog = spelling_engine.adapters
+    assert catalog.input_forms() == set()  # no retrieval: `auto` is the base model
+    catalog.retriever = Retriever(None, dim=4)
+    try:
+        catalog.retriever.set_key("plain", np.array([1.0, 0, 0, 0], dtype=np.float32))
+        assert catalog.input_forms() == set()  # the speller has no key: `auto` never picks it
+        catalog.retriever.set_key("speller", np.array([0, 1.0, 0, 0], dtype=np.float32))
+        assert catalog.input_forms() == {SPELLED}
+    finally:
+        catalog.retriever = None

@@ -168,11 +168,13 @@ class Catalog:
         return self._forms.get(name, PLAIN)
 
     def input_forms(self) -> set[str]:
-        """The forms other than plain that some adapter `auto` may retrieve reads."""
+        """The forms other than plain that some adapter `auto` may retrieve reads (none without retrieval)."""
+        retriever = self.retriever
+        if retriever is None:
+            return set()
         with self._lock:
             forms = dict(self._forms)
-        retriever = self.retriever
-        return {form for name, form in forms.items() if retriever is None or name in retriever}
+        return {form for name, form in forms.items() if name in retriever}
 
     def _note_input(self, name: str, card: dict) -> None:
         form = card.get("input", PLAIN)
