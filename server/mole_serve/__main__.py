@@ -25,12 +25,13 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mole_serve.api.app import attach_engine, create_app
+    from mole_serve.api.http_server import uvicorn_config
     from mole_serve.compose import build
     from mole_serve.library.store import AdapterStore
 
     settings = settings_from(args)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     web = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     web.start()
     try:

@@ -61,7 +61,9 @@ def build_library(
     elif retriever is None:
         retriever = Retriever(build_embedder(settings), exact_max=settings.retrieval_exact_max)
     store = AdapterStore(settings.adapters_dir)
-    return Catalog(store, spec, settings.max_lora_rank, base_names, settings.min_card_examples, retriever)
+    return Catalog(
+        store, spec, settings.max_lora_rank, settings.max_loras, base_names, settings.min_card_examples, retriever
+    )
 
 
 def base_model_names(model: DecoderModel, served_name: str) -> set[str]:

@@ -154,10 +154,42 @@ class Settings(BaseSettings):
         512 << 20, ge=1, description="Largest total size an uploaded archive may unpack to (413 above)."
     )
     min_card_examples: int = Field(5, ge=1, description="Example prompts an adapter card needs (its retrieval key).")
+    max_concurrent_uploads: int = Field(
+        2,
+        ge=1,
+        description="Uploads read and checked at once; one more meanwhile is answered 429 with Retry-After. Each "
+        "holds up to max_upload_bytes + max_uncompressed_bytes (and its parsed tensors) in memory.",
+    )
 
     # --- http ---
     max_request_mb: float = Field(
         4, gt=0, description="Largest /v1 request body in MB: 413 above, before it is parsed."
+    )
+    header_timeout_s: float = Field(
+        10,
+        gt=0,
+        description="Seconds a request's head (request line and headers) may take to arrive, counted from the "
+        "connection's opening or the request's first byte; past it the connection is closed. `mole-serve serve` "
+        "only (docs/limits.md).",
+    )
+    body_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="Seconds a request body may take: a /v1 body must arrive whole within it, an upload may "
+        "pause no longer than it between two pieces; past it the answer is 408 and the connection closes.",
+    )
+    keep_alive_timeout_s: int = Field(
+        75,
+        ge=1,
+        description="Seconds an idle keep-alive connection stays open between requests. Keep it above the idle "
+        "timeout of a proxy or load balancer in front, so the server never closes a connection the proxy is "
+        "about to reuse.",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections served at once: a request arriving while this many are open is answered "
+        "503 and its connection closed. `mole-serve serve` only (docs/limits.md).",
     )
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8000, description="Port the server listens on.")

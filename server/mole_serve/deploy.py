@@ -404,7 +404,14 @@ def run(
     AdapterStore(settings.adapters_dir).recover()  # once, before any replica reads the store
     autoscaling = json.loads(Path(autoscaling_file).read_text()) if autoscaling_file else None
     ray.init(address=address, include_dashboard=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # Ray's proxy is its own uvicorn: of docs/limits.md's connection limits only keep-alive is set there
+    serve.start(
+        http_options={
+            "host": settings.host,
+            "port": settings.port,
+            "keep_alive_timeout_s": settings.keep_alive_timeout_s,
+        }
+    )
     serve.run(build_app(settings, replicas, autoscaling, replica_cpus), name=APP_NAME, route_prefix="/")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -61,6 +61,13 @@ class Overloaded(MoleError):
     """Too much work queued; the caller may retry shortly."""
 
 
+class InsufficientStorage(MoleError):
+    """The server's disk has no room for what the request would store (an upload, a card); nothing
+    was changed, and the request may succeed once space is freed."""
+
+    code = "insufficient_storage"
+
+
 class EngineFailure(MoleError):
     """The engine could not finish a request (a failed step, a failed retrieval)."""
 

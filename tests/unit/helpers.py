@@ -127,14 +127,15 @@ def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **set
 
 @contextmanager
 def live_server(app) -> Iterator[str]:
-    """`app` served by uvicorn on a free loopback port in a thread; yields its URL once it listens
-    and its engine is attached."""
+    """`app` served as `mole-serve serve` serves it (its settings' timeouts and connection cap), on a
+    free loopback port in a thread; yields its URL once it listens and its engine is attached."""
     import uvicorn
+    from mole_serve.api.http_server import uvicorn_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.settings, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -312,13 +312,14 @@ def test_malformed_requests_are_400(client):
         assert r.status_code == 400 and r.json()["error"]["message"], (kwargs, r.text)
 
 
-def test_racing_uploads_of_one_name_one_wins(client, files):
-    with ThreadPoolExecutor(4) as pool:
-        statuses = sorted(
-            pool.map(lambda i: upload(client, with_card(files, description=str(i))).status_code, range(4))
-        )
-    assert statuses == [201, 409, 409, 409]
-    assert client.get("/admin/adapters", headers=AUTH).json()["total"] == 1
+def test_racing_uploads_of_one_name_one_wins(hf, tokenizer, files, tmp_path):
+    with admin_client(hf, tokenizer, tmp_path / "store", max_concurrent_uploads=4) as client:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = sorted(
+                pool.map(lambda i: upload(client, with_card(files, description=str(i))).status_code, range(4))
+            )
+        assert statuses == [201, 409, 409, 409]
+        assert client.get("/admin/adapters", headers=AUTH).json()["total"] == 1
 
 
 def test_delete_lets_running_requests_finish(client, files):

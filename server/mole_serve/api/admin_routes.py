@@ -8,8 +8,6 @@ which runs each as a transaction over the store, the registry and the engine.
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -17,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from mole_serve.api.auth import presents
 from mole_serve.api.errors import APIError
 from mole_serve.api.openai_routes import ready_engine
 from mole_serve.config import Settings
 from mole_serve.engine.client import EngineClient
-from mole_serve.errors import AdapterNotFound
-from mole_serve.library.store import ADAPTER_FILES, CONFIG_FILE, AdapterStore, describe, read_card
+from mole_serve.errors import AdapterNotFound, Overloaded
+from mole_serve.library.store import ADAPTER_FILES, CONFIG_FILE, AdapterStore, describe, parse_json, read_card
 from mole_serve.library.upload import UploadError, UploadTooLargeError, collect, single_threaded
 
 router = APIRouter(prefix="/admin")
@@ -62,8 +61,7 @@ def admin_denial(settings: Settings, authorization: str | None) -> APIError | No
             "permission_error",
             code="admin_disabled",
         )
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.admin_token.encode()):
+    if not presents(authorization, settings.admin_token):
         return APIError(
             401,
             "Missing or wrong admin token: send `Authorization: Bearer <MOLE_ADMIN_TOKEN>`.",
@@ -115,15 +113,32 @@ async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, by
         await form.close()
 
 
+def _upload_slots(request: Request) -> asyncio.Semaphore:
+    """The app's uploads in progress (MOLE_MAX_CONCURRENT_UPLOADS), made on the event loop at first use."""
+    state = request.app.state
+    slots = getattr(state, "upload_slots", None)
+    if slots is None:
+        slots = state.upload_slots = asyncio.Semaphore(state.settings.max_concurrent_uploads)
+    return slots
+
+
 @router.post("/adapters", status_code=201, openapi_extra=UPLOAD_SCHEMA)
 async def upload_adapter(request: Request, replace: bool = False):
-    """Checked whole off the step thread, then committed and served by the catalog."""
+    """Checked whole off the step thread, then committed and served by the catalog. At most
+    MOLE_MAX_CONCURRENT_UPLOADS at once, each holding its upload in memory: one more is a 429."""
     engine, settings = ready_engine(request), request.app.state.settings
-    parts, name = await _read_upload(request, settings.max_upload_bytes)
-    files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
-    catalog = request.app.state.catalog
-    checked = await asyncio.to_thread(single_threaded, catalog.check, files, name)
-    done = await catalog.upload(checked, replace, engine)
+    slots = _upload_slots(request)
+    if slots.locked():
+        raise Overloaded(
+            f"{settings.max_concurrent_uploads} uploads are in progress (MOLE_MAX_CONCURRENT_UPLOADS); retry shortly",
+            code="too_many_uploads",
+        )
+    async with slots:
+        parts, name = await _read_upload(request, settings.max_upload_bytes)
+        files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
+        catalog = request.app.state.catalog
+        checked = await asyncio.to_thread(single_threaded, catalog.check, files, name)
+        done = await catalog.upload(checked, replace, engine)
     return JSONResponse(
         {
             "object": "adapter",
@@ -165,6 +180,11 @@ async def list_adapters(request: Request, offset: int = Query(0, ge=0), limit: i
         "offset": offset,
         "limit": limit,
         "next_offset": after if after < len(names) else None,
+        # stored adapters that did not validate at start-up and are not served, with why (catalog.failed)
+        "failed": [
+            {"name": name, "error": why}
+            for name, why in sorted(getattr(request.app.state.catalog, "failed", {}).items())
+        ],
     }
 
 
@@ -173,7 +193,8 @@ async def get_adapter(request: Request, name: str):
     path, engine = _store(request).existing(name), request.app.state.engine
 
     def read() -> dict:
-        return {"card": read_card(path), "config": json.loads((path / CONFIG_FILE).read_text()), **describe(path)}
+        config = parse_json((path / CONFIG_FILE).read_bytes(), f"{name}/{CONFIG_FILE}")
+        return {"card": read_card(path), "config": config, **describe(path)}
 
     try:
         info = await asyncio.to_thread(read)

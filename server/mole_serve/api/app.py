@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -19,8 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mole_serve.api.admin_routes import admin_denial
 from mole_serve.api.admin_routes import router as admin_router
+from mole_serve.api.auth import api_key_denial
 from mole_serve.api.errors import APIError
-from mole_serve.api.limits import BodyLimit
+from mole_serve.api.gate import RequestGate
 from mole_serve.api.metrics import Metrics
 from mole_serve.api.openai_routes import router as openai_router
 from mole_serve.api.openapi import truthful_openapi
@@ -109,31 +109,20 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
     app.state.settings = settings
     app.state.store = AdapterStore(settings.adapters_dir)
     app.state.engine_collector = metrics.watch_engine(lambda: app.state.engine)  # (a Ray ingress drops it)
+    metrics.watch_library(lambda: app.state.catalog)  # adapters the store holds that failed to load
 
-    @app.middleware("http")
-    async def count_and_authorize(request: Request, call_next):
-        path = request.url.path
-        denied = admin_denial(settings, request.headers.get("authorization")) if path.startswith("/admin") else None
-        if denied:
-            metrics.requests.labels("/admin", str(denied.status)).inc()
-            return JSONResponse(denied.body(), status_code=denied.status, headers=denied.headers)
-        if settings.api_key and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given.encode(), settings.api_key.encode()):  # bytes: any header
-                response = JSONResponse(
-                    APIError(
-                        401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
-                    ).body(),
-                    status_code=401,
-                )
-                metrics.requests.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
-        return response
+    def authorize(path: str, authorization: str | None) -> APIError | None:
+        if path.startswith("/admin"):
+            return admin_denial(settings, authorization)
+        return api_key_denial(settings.api_key, authorization) if path.startswith("/v1/") else None
 
-    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * (1 << 20)))  # outermost: added last
+    app.add_middleware(  # outermost of ours: credentials, the body's limits, unexpected errors, the count
+        RequestGate,
+        authorize=authorize,
+        count=lambda route, status: metrics.requests.labels(route, str(status)).inc(),
+        body_limit=int(settings.max_request_mb * (1 << 20)),
+        body_timeout_s=settings.body_timeout_s,
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -157,11 +146,6 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
         return JSONResponse(
             APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code, headers=headers
         )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from mole_serve.errors import (
     AlreadyExists,
     EngineFailure,
+    InsufficientStorage,
     InvalidAdapter,
     InvalidRequest,
     MoleError,
@@ -24,6 +25,7 @@ STATUS: dict[type[MoleError], tuple[int, str]] = {
     InvalidAdapter: (422, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
     ReplicaLost: (503, "server_error"),  # after its resends: the deployment is short of replicas
+    InsufficientStorage: (507, "server_error"),  # the disk is full: the request was fine, nothing was stored
     EngineFailure: (500, "server_error"),
 }
 RETRY_AFTER_S = "1"  # what an Overloaded answer tells the client to wait

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -53,6 +54,30 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", s.lora_slots_total)
         yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", s.adapter_loads)
         yield CounterMetricFamily("mole_adapter_evictions", "Adapters evicted from a device slot", s.adapter_evictions)
+
+
+class AdapterLibrary(Protocol):
+    """What the library collector reads of the catalog (library/catalog.py; no torch here)."""
+
+    @property
+    def failed(self) -> Mapping[str, str]: ...  # stored adapters not served -> why
+
+
+class LibraryCollector(Collector):
+    """Reads the adapter library at scrape time: the stored adapters that could not be served."""
+
+    def __init__(self, get_library: Callable[[], AdapterLibrary | None]) -> None:
+        self.get_library = get_library
+
+    def collect(self):
+        library = self.get_library()
+        if library is None:
+            return
+        yield GaugeMetricFamily(
+            "mole_adapters_failed",
+            "Adapters in the store that did not validate and are not served (GET /admin/adapters says why)",
+            len(library.failed),
+        )
 
 
 class Metrics:
@@ -114,6 +139,11 @@ class Metrics:
 
     def watch_engine(self, get_engine: Callable[[], EngineClient | None]) -> EngineCollector:
         collector = EngineCollector(get_engine)
+        self.registry.register(collector)
+        return collector
+
+    def watch_library(self, get_library: Callable[[], AdapterLibrary | None]) -> LibraryCollector:
+        collector = LibraryCollector(get_library)
         self.registry.register(collector)
         return collector
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictBool,
     ValidationInfo,
     field_validator,
@@ -29,6 +33,30 @@ def _json_number(v: object) -> object:
 
 
 JSONInt = Annotated[int, BeforeValidator(_json_number)]
+# Every float a request carries: a JSON number, and finite. Python's json module reads `NaN`,
+# `Infinity` and numbers past the float range (1e999) as NaN or inf, which pass any `gt`/`le` bound
+# and poison whatever they reach (an adapter weight of inf turns the logits into NaN).
+FiniteFloat = Annotated[float, AllowInfNan(False), BeforeValidator(_json_number)]
+
+
+def _finite_numbers(value: object) -> bool:
+    """Whether every number in a JSON value is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return True
+
+
+def _finite_json(value: dict) -> dict:
+    if not _finite_numbers(value):
+        raise ValueError("holds a number that is not finite (NaN, Infinity, or past the float range)")
+    return value
+
+
+JSONObject = Annotated[dict, AfterValidator(_finite_json)]  # a free-form object (a JSON schema), its numbers finite
 
 
 # JSONInts within limits, for optional fields: the limits must sit inside the Annotated, before the
@@ -37,9 +65,11 @@ PositiveJSONInt = Annotated[int, Field(ge=1), BeforeValidator(_json_number)]
 AdapterTopK = Annotated[int, Field(ge=1, le=16), BeforeValidator(_json_number)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_json_number)]
 CompletionLogprobs = Annotated[int, Field(ge=0, le=5), BeforeValidator(_json_number)]
+OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_json_number)]
+NoPenalty = Annotated[float, Field(ge=0, le=0), AllowInfNan(False), BeforeValidator(_json_number)]
 
-JSONFloat = Annotated[float, BeforeValidator(_json_number)]
 NonEmpty = Annotated[T, Field(min_length=1)]
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 TokenId = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
 
 
@@ -107,14 +137,14 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 class AdapterChoice(BaseModel):
     name: str
-    weight: JSONFloat = Field(1.0, gt=0)
+    weight: FiniteFloat = Field(1.0, gt=0)
 
 
 class MergeOptions(BaseModel):
     """Composition `merge`: a static merge of the request's adapters (PEFT's add_weighted_adapter)."""
 
     strategy: MergeStrategy = "linear"
-    density: JSONFloat = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
+    density: FiniteFloat = Field(1.0, gt=0, le=1)  # kept fraction for ties / dare
     seed: JSONInt = 0  # dare's random drop
 
 
@@ -124,7 +154,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for schema and function
 class JSONSchemaSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
-    json_schema: dict = Field(default_factory=dict, alias="schema")  # `schema` shadows a BaseModel attribute
+    json_schema: JSONObject = Field(default_factory=dict, alias="schema")  # `schema` shadows a BaseModel attribute
     strict: StrictBool | None = None
 
 
@@ -142,7 +172,7 @@ class ResponseFormat(BaseModel):
 class FunctionDefinition(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
-    parameters: dict | None = None  # a JSON schema; absent: a function without arguments
+    parameters: JSONObject | None = None  # a JSON schema; absent: a function without arguments
     strict: StrictBool | None = None
 
 
@@ -194,10 +224,10 @@ class SamplingFields(BaseModel):
 
     model: str = "auto"
     max_tokens: PositiveJSONInt | None = None
-    temperature: JSONFloat = Field(1.0, ge=0, le=2)
-    top_p: JSONFloat = Field(1.0, gt=0, le=1)
+    temperature: FiniteFloat = Field(1.0, ge=0, le=2)
+    top_p: FiniteFloat = Field(1.0, gt=0, le=1)
     seed: JSONInt | None = None  # any integer, as OpenAI takes it (the sampler folds it into 64 bits)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit: 4
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     n: JSONInt = Field(1, ge=1, le=1)  # one choice per request
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -208,11 +238,49 @@ class SamplingFields(BaseModel):
     composition: Composition | None = None
     merge: MergeOptions | None = None
     ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
+    # --- OpenAI fields this server does not implement: a value that asks for nothing, or a 400 ---
+    frequency_penalty: NoPenalty | None = None
+    presence_penalty: NoPenalty | None = None
+    logit_bias: dict[str, FiniteFloat] | None = Field(None, max_length=0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_sequences(cls, v: object) -> object:
+        # (the union's own error would name its first member: "stop.str: Input should be a valid string")
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError(f"must be a string or a list of up to {MAX_STOP_SEQUENCES} strings")
+        if len(v) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"up to {MAX_STOP_SEQUENCES} stop sequences are allowed; {len(v)} were given")
+        return v
 
     @field_validator("adapters", mode="before")
     @classmethod
     def _names_are_choices(cls, v: object) -> object:
         return [{"name": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
+
+    @field_validator("adapters")
+    @classmethod
+    def _weights_add_up(cls, v: list[AdapterChoice] | None) -> list[AdapterChoice] | None:
+        # each weight is finite, their sum must be too: the engine normalizes by it
+        if v and not math.isfinite(sum(c.weight for c in v)):
+            raise ValueError("the weights add up past the float range; only their ratios count, so scale them down")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty", mode="before")
+    @classmethod
+    def _no_penalty(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0:
+            raise ValueError(f"{info.field_name} is not supported: only 0 (no penalty)")
+        return v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _no_logit_bias(cls, v: object) -> object:
+        if isinstance(v, dict) and v:
+            raise ValueError("logit_bias is not supported: only an empty object or null")
+        return v
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -240,6 +308,22 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    modalities: list[Literal["text"]] | None = None  # this model writes text only
+    audio: None = None  # audio output: refused
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _text_only(cls, v: object) -> object:
+        if isinstance(v, list) and any(m != "text" for m in v):
+            raise ValueError('only ["text"] is supported: this model writes text, not audio')
+        return v
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _no_audio(cls, v: object) -> object:
+        if v is not None:
+            raise ValueError('audio output is not supported: this model writes text only (modalities: ["text"])')
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
@@ -271,6 +355,15 @@ class CompletionRequest(SamplingFields):
     )
     echo: StrictBool = False
     logprobs: CompletionLogprobs | None = None  # 0: the tokens' own logprobs, no alternatives
+    best_of: OnlyOne | None = None  # one candidate per prompt, as `n`
+    suffix: None = None  # text after the insertion point: refused
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, v: object) -> object:
+        if v is not None:
+            raise ValueError("suffix (insertion) is not supported: the completion follows the prompt only")
+        return v
 
     def token_limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for /v1/completions
@@ -297,9 +390,21 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+LOGPROB_FLOOR = -9999.0  # what a logprob of -inf reads as: vLLM's floor (JSON has no -inf)
+
+
+def _json_logprob(value: float) -> float:
+    """A token the model rules out has a logprob of -inf, and overflowing logits give NaN: neither is a
+    JSON number, so both read as LOGPROB_FLOOR (a probability of e^-9999: none; vLLM clamps -inf so)."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+ReportedLogprob = Annotated[float, PlainSerializer(_json_logprob, return_type=float)]
+
+
 class TopLogprob(BaseModel):
     token: str
-    logprob: float
+    logprob: ReportedLogprob
     bytes: list[int]
 
 
@@ -316,8 +421,8 @@ class TextLogprobs(BaseModel):
     """The legacy completions shape; the first prompt token (with `echo`) has no logprob."""
 
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
+    token_logprobs: list[ReportedLogprob | None]
+    top_logprobs: list[dict[str, ReportedLogprob] | None]
     text_offset: list[int]
 
 

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mole_serve.api.errors import APIError
-from mole_serve.api.limits import DISCONNECTED
+from mole_serve.api.gate import DISCONNECTED
 from mole_serve.api.metrics import Metrics
 from mole_serve.api.protocol import ChatChoice, CompletionEnvelope, MergeOptions, SamplingFields, TextChoice, Usage
 from mole_serve.config import Settings
@@ -252,7 +252,7 @@ def adapters_header(report: list[dict]) -> dict[str, str]:
 
 async def close_when_gone(request: Request, gens: list[Generation]) -> None:
     """A non-streaming caller that leaves (timeout, closed socket) is only noticed when its answer
-    is written: wait for its disconnect (limits.BodyLimit signals it) and end its requests, which
+    is written: wait for its disconnect (gate.RequestGate signals it) and end its requests, which
     free their batch places within a step."""
     gone = request.scope.get(DISCONNECTED)
     if gone is not None:

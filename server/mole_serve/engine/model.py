@@ -155,7 +155,9 @@ class DecoderModel:
             "up_proj": (d, inter),
             "down_proj": (inter, d),
         }
-        return LoRATargetSpec(num_layers=self.num_layers, shapes=shapes, hidden_act=self.config.hidden_act)
+        return LoRATargetSpec(
+            num_layers=self.num_layers, shapes=shapes, hidden_act=self.config.hidden_act, dtype=self.dtype
+        )
 
     def forward(
         self,

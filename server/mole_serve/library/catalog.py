@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import weakref
 from collections.abc import Awaitable
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, load_file
 
-from mole_serve.errors import AdapterNotFound
+from mole_serve.errors import AdapterNotFound, MoleError
 from mole_serve.input_forms import PLAIN
 from mole_serve.library.store import (
     CONFIG_FILE,
@@ -34,14 +35,23 @@ from mole_serve.library.store import (
     describe,
     read_card,
 )
-from mole_serve.library.upload import InvalidAdapterError, UploadedFiles, check_card, check_files, single_threaded
+from mole_serve.library.upload import (
+    InvalidAdapterError,
+    UploadedFiles,
+    check_card,
+    check_files,
+    check_weights_header,
+    single_threaded,
+)
 from mole_serve.lora.kinds import RUNS_ALONE, kind_for
 from mole_serve.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
+from mole_serve.lora.pool import LoRAPool
 
 if TYPE_CHECKING:
     from mole_serve.routing.retriever import Retriever
 
 NEAREST_K = 3
+log = logging.getLogger(__name__)
 
 
 class Serving(Protocol):
@@ -77,7 +87,8 @@ def parse_adapter(name: str, config: object, tensors: dict, spec: LoRATargetSpec
         return kind_for(name, config).parse(name, config, tensors, spec, max_rank)
     except AdapterFormatError:
         raise
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # odd config values meeting the tensor math
+    # odd config values meeting the tensor math (ArithmeticError: an integer lora_alpha too large for a float)
+    except (TypeError, ValueError, KeyError, RuntimeError, ArithmeticError) as e:
         raise AdapterFormatError(f"adapter {name!r} does not fit the base model: {e}") from e
 
 
@@ -117,6 +128,21 @@ def read_adapter(folder: Path, spec: LoRATargetSpec, max_rank: int, name: str) -
     return parse_adapter(name, config, read_tensors(folder, name), spec, max_rank)
 
 
+def stored_card(folder: Path, name: str) -> dict:
+    """card.json of a stored adapter ({} when it has none), as far as serving reads it: an object,
+    its `examples` (the retrieval key) a list of texts."""
+    try:
+        card = read_card(folder)
+    except ValueError as e:
+        raise AdapterFormatError(f"adapter {name!r}: card.json is not valid JSON: {e}") from e
+    if not isinstance(card, dict):
+        raise AdapterFormatError(f"adapter {name!r}: card.json must be a JSON object")
+    examples = card.get("examples")
+    if examples is not None and not (isinstance(examples, list) and all(isinstance(x, str) for x in examples)):
+        raise AdapterFormatError(f"adapter {name!r}: the card's `examples` must be a list of texts")
+    return card
+
+
 def convert_to_safetensors(folder: Path) -> Path:
     """Write the safetensors twin of a folder's adapter_model.bin beside it (`mole-serve convert`)."""
     from safetensors.torch import save_file
@@ -133,16 +159,19 @@ class Catalog:
         store: AdapterStore,
         spec: LoRATargetSpec,
         max_rank: int,
+        max_loras: int,
         base_names: set[str],
         min_examples: int = 5,
         retriever: Retriever | None = None,
     ) -> None:
         self.store, self.spec, self.max_rank = store, spec, max_rank
+        self.max_loras = max_loras  # the engine's adapter slots: an upload needing more is refused
         self.base_names = base_names  # lower-case ids an adapter's base_model_name_or_path may give
         self.min_examples = min_examples
         self.retriever = retriever  # None: no retrieval keys, `auto` is the base model
         self._folders: dict[str, Path] = {}
         self._forms: dict[str, str] = {}  # adapter -> the input form its card declares, when not plain
+        self._failed: dict[str, str] = {}  # stored adapters that did not validate at start-up -> why
         self._lock = threading.Lock()  # the HTTP thread reads while the step thread registers
         # One admin change per name at a time (two racing uploads: one 201, one 409); a lock lives
         # while some change holds or awaits it.
@@ -156,6 +185,13 @@ class Catalog:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._folders)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Adapters of the store that add_store could not serve, name -> why (GET /admin/adapters,
+        mole_adapters_failed). A name leaves when a good version is registered or it is removed."""
+        with self._lock:
+            return dict(self._failed)
 
     def folder(self, name: str) -> Path:
         folder = self._folders.get(name)
@@ -198,6 +234,7 @@ class Catalog:
         card = read_card(folder)
         with self._lock:
             self._folders[name] = Path(folder)
+            self._failed.pop(name, None)
         self._note_input(name, card)
         if self.retriever is not None:
             if not retrievable(card, weights):
@@ -215,14 +252,32 @@ class Catalog:
         with self._lock:
             self._folders.pop(name, None)
             self._forms.pop(name, None)
+            self._failed.pop(name, None)
 
     def add_store(self) -> list[AdapterWeights]:
-        """Register every adapter of the store, their cards embedded in one batch."""
-        folders = adapter_dirs(self.store.root)
-        weights = [read_adapter(path, self.spec, self.max_rank, name) for name, path in folders.items()]
-        cards = {w.name: read_card(folders[w.name]) for w in weights}
+        """Register every adapter of the store that validates, their cards embedded in one batch.
+        A folder that does not (truncated weights, a bad config or card, numerics out of bounds) is
+        logged and kept in `failed` with the reason: one bad folder must not stop the others from
+        serving. Raises only when the store folder itself cannot be read."""
+        root = self.store.root
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"the adapter store {root} is not a folder (MOLE_ADAPTERS_DIR)")
+        folders = adapter_dirs(root)
+        weights: list[AdapterWeights] = []
+        cards: dict[str, dict] = {}
+        failed: dict[str, str] = {}
+        for name, path in folders.items():
+            try:
+                w = read_adapter(path, self.spec, self.max_rank, name)
+                cards[name] = stored_card(path, name)
+            except Exception as e:  # whatever a folder holds, the server starts with the others
+                log.warning("adapter %r (%s) is not served: %s", name, path, e)
+                failed[name] = str(e)
+                continue
+            weights.append(w)
         with self._lock:
-            self._folders.update(folders)
+            self._folders.update({w.name: folders[w.name] for w in weights})
+            self._failed.update(failed)
         for name, card in cards.items():
             self._note_input(name, card)
         if self.retriever is not None:
@@ -246,13 +301,28 @@ class Catalog:
         """An upload's files checked in memory, tensors included, and its retrieval key computed;
         nothing is written. Runs off the step thread (it embeds)."""
         uploaded = check_files(files, name, self.base_names, self.min_examples)
+        check_weights_header(files[WEIGHTS_FILE], self.max_tensors)
         try:
             tensors = load(files[WEIGHTS_FILE])
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise InvalidAdapterError(f"{WEIGHTS_FILE} cannot be read: {e}") from e
         weights = parse_adapter(uploaded.name, uploaded.config, tensors, self.spec, self.max_rank)
+        slots = LoRAPool.footprint(weights)
+        if slots > self.max_loras:
+            raise InvalidAdapterError(
+                f"the adapter `{uploaded.name}` takes {slots} adapter slots (its own and one per expert); this "
+                f"server has {self.max_loras} (MOLE_MAX_LORAS), so no request could run it"
+            )
         key = self.retriever.card_key(uploaded.card["examples"]) if self.retriever is not None else None
         return CheckedAdapter(**vars(uploaded), weights=weights, key=key)
+
+    @property
+    def max_tensors(self) -> int:
+        """The most tensors an adapter this server can run holds: per adapted module of each layer, a
+        shared pair, a router and a pair per expert (at most max_loras - 1 experts), or a MELoRA's
+        pair per mini LoRA (at most max_rank of them)."""
+        per_module = max(3 + 2 * (self.max_loras - 1), 2 * self.max_rank)
+        return self.spec.num_layers * len(self.spec.shapes) * per_module
 
     async def upload(self, checked: CheckedAdapter, replace: bool, serving: Serving) -> Uploaded:
         """Commit to the store, then serve it; if serving fails, the store and the engine go back
@@ -265,16 +335,19 @@ class Catalog:
                 return Uploaded(name, checked.card, False, 0.0, self.nearest(name), info)
             commit: Commit = await asyncio.to_thread(self.store.commit, name, checked.files, replace)
             folder = self.store.path(name)
-            try:
+            try:  # everything up to the answer: whatever fails (or a cancelled request) undoes the commit
                 await asyncio.to_thread(self.add, name, folder, checked.weights, checked.key)
                 load_s = await serving.add_adapter(name, checked.weights)
-            except Exception as e:  # validated already: an I/O failure
+                info = await asyncio.to_thread(describe, folder)
+                nearest = self.nearest(name)
+            except BaseException as e:
                 await asyncio.to_thread(commit.rollback)
                 await self._restore(name, commit.previous is not None, serving)
-                raise InvalidAdapterError(f"the adapter `{name}` could not be loaded: {e}") from e
+                if isinstance(e, MoleError) or not isinstance(e, Exception):
+                    raise  # a refusal of its own kind (its own status), or a cancellation
+                raise InvalidAdapterError(f"the adapter `{name}` could not be loaded: {e}") from e  # an I/O failure
             await asyncio.to_thread(commit.finish)
-            info = await asyncio.to_thread(describe, folder)
-        return Uploaded(name, checked.card, commit.previous is not None, load_s, self.nearest(name), info)
+        return Uploaded(name, checked.card, commit.previous is not None, load_s, nearest, info)
 
     async def _restore(self, name: str, had_previous: bool, serving: Serving) -> None:
         """After a failed upload: the previous version registered and served again, or none."""
@@ -296,11 +369,15 @@ class Catalog:
     async def update_card(self, name: str, changes: dict) -> tuple[dict, list[dict]]:
         """Replace card fields; new examples re-key retrieval. -> (the card, its nearest adapters)."""
         async with self._change(name):
-            card = check_card({**read_card(self.store.existing(name)), **changes}, name, self.min_examples)
+            stored = await asyncio.to_thread(read_card, self.store.existing(name))
+            card = check_card({**stored, **changes}, name, self.min_examples)
+            key = None
+            if self.retriever is not None and "examples" in changes and name in self.retriever:
+                # the new key before the write: a failure of either leaves the card and the key as they were
+                key = await asyncio.to_thread(single_threaded, self.retriever.card_key, card["examples"])
             await asyncio.to_thread(self.store.write_card, name, card)
             self._note_input(name, card)
-            if "examples" in changes and self.retriever is not None and name in self:
-                key = await asyncio.to_thread(single_threaded, self.retriever.card_key, card["examples"])
+            if key is not None and self.retriever is not None:
                 self.retriever.set_key(name, key)
         return card, self.nearest(name)
 

@@ -16,18 +16,22 @@ never arrived) and clears the rest. One writer process per store.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from mole_serve.errors import AdapterNotFound, AlreadyExists
+from mole_serve.errors import AdapterNotFound, AlreadyExists, InsufficientStorage, InvalidAdapter
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "card.json"
@@ -36,6 +40,10 @@ PICKLED_WEIGHTS = "adapter_model.bin"  # the authors' format for MixLoRA and MEL
 STAGING, REPLACED, DELETED = ".staging", ".replaced", ".deleted"
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate_config.json"
 PROJECTION_DIR = "retriever"  # the trained retrieval projection (routing/retriever.py names its files)
+MAX_JSON_BYTES = 256 << 10  # a card.json or adapter_config.json (what train-adapter writes is a few KB)
+MAX_JSON_DEPTH = 16  # their nesting (PEFT's configs nest three deep)
+JSON_INT_LIMIT = 1 << 63  # integers a JSON file may give, in absolute value (int64)
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class AdapterExistsError(AlreadyExists):
@@ -54,10 +62,84 @@ def adapter_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()}
 
 
+def _refuse_constant(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if abs(value) >= JSON_INT_LIMIT:
+        raise ValueError(f"{text[:20]}... is out of an int64's range")
+    return value
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (a scalar: 0), without recursion, stopping past MAX_JSON_DEPTH."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_JSON_DEPTH:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json(data: bytes, what: str) -> object:
+    """A card.json or adapter_config.json, strictly: JSON as its standard has it (no NaN or
+    Infinity, numbers a float64 or int64 holds; Python's json reads more, and then cannot write
+    it back, so every answer showing it would be a 500), at most MAX_JSON_BYTES, nested at most
+    MAX_JSON_DEPTH deep (the HTTP layer's encoder recurses). InvalidAdapter naming `what` else."""
+    if len(data) > MAX_JSON_BYTES:
+        raise InvalidAdapter(f"{what} is {len(data)} bytes; the limit is {MAX_JSON_BYTES}")
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError as e:  # the C parser's own guard, far past MAX_JSON_DEPTH
+        raise InvalidAdapter(f"{what} is nested more than {MAX_JSON_DEPTH} deep") from e
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors, as are the hooks' refusals
+        raise InvalidAdapter(f"{what} is not valid JSON: {e}") from e
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidAdapter(f"{what} is nested more than {MAX_JSON_DEPTH} deep")
+    return value
+
+
+def json_bytes(value: object) -> bytes:
+    """How the store writes a card: what parse_json reads back."""
+    return json.dumps(value, indent=2, allow_nan=False).encode() + b"\n"
+
+
 def read_card(folder: Path) -> dict:
-    """card.json of an adapter folder ({} when it has none)."""
+    """card.json of an adapter folder ({} when it has none), parsed strictly (parse_json)."""
     path = Path(folder) / CARD_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    what = f"{Path(folder).name}/{CARD_FILE}"
+    card = parse_json(path.read_bytes(), what)
+    if not isinstance(card, dict):
+        raise InvalidAdapter(f"{what} must be a JSON object")
+    return card
+
+
+@contextmanager
+def space_checked(root: Path, what: str) -> Iterator[None]:
+    """A write into the store whose disk fills (ENOSPC, EDQUOT) is InsufficientStorage (507): the
+    caller's request was fine; the writer has already removed what it half wrote."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in OUT_OF_SPACE:
+            raise
+        raise InsufficientStorage(
+            f"no space left on the adapter store's disk ({root}) to write {what}: {e.strerror}; nothing was "
+            "changed. Free some space (or delete unused adapters) and retry."
+        ) from e
 
 
 def fsync_dir(path: Path) -> None:
@@ -180,7 +262,8 @@ class AdapterStore:
         """Write `files` (file name -> bytes) as adapter `name`: staged, fsynced, renamed into place.
         An existing name raises AdapterExistsError unless `replace`."""
         target = self.path(name)
-        staging = self._stage(files)
+        with space_checked(self.root, f"adapter {name!r}"):
+            staging = self._stage(files)
         try:
             with self._lock:
                 previous = None
@@ -218,16 +301,22 @@ class AdapterStore:
         return True
 
     def write_card(self, name: str, card: dict) -> None:
-        """Replace card.json of an existing adapter atomically (temp file, fsync, rename)."""
+        """Replace card.json of an existing adapter atomically (temp file, fsync, rename); a failed
+        write leaves the old card and no temp file."""
         folder = self.path(name)
-        with self._lock:
+        data = json_bytes(card)
+        with self._lock, space_checked(self.root, f"the card of {name!r}"):
             if name not in self:
                 raise FileNotFoundError(f"adapter {name!r} does not exist")
             staging = self.root / STAGING
             staging.mkdir(exist_ok=True)
-            tmp = staging / f"card-{uuid.uuid4().hex}.json"  # same filesystem; recover() clears leftovers
-            write_file_durably(tmp, json.dumps(card, indent=2).encode() + b"\n")
-            os.replace(tmp, folder / CARD_FILE)
+            tmp = staging / f"card-{uuid.uuid4().hex}.json"  # same filesystem; recover() clears a crash's leftovers
+            try:
+                write_file_durably(tmp, data)
+                os.replace(tmp, folder / CARD_FILE)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             fsync_dir(folder)
 
     # --- internals ---

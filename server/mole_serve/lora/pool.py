@@ -8,8 +8,16 @@ and leaves the rest to three parts: which slots are free, held and pinned (lora/
 adapter is evicted first (lora/eviction.py, Settings.eviction_policy), and the host-memory copies
 (lora/cpu_tier.py).
 
-Slot 0 is all zeros (a sequence without adapters points there). Stacks are padded to the
-largest rank resident so far (zero rows are exact) and grow when a larger adapter arrives.
+Slot 0 is all zeros (a sequence without adapters points there). Every slot is padded to the
+stacks' rank (zero rows are exact), and that rank follows what the slots hold: the stacks grow
+when a larger adapter arrives and shrink back when the last adapter of the largest rank leaves
+(evicted, replaced or deleted, once no running sequence pins it), re-allocated at the largest rank
+still held. One rank for all slots, rather than per-rank buckets, keeps every backend's op one
+gather over one stack per group; the price is a copy of the stacks whenever the largest held rank
+changes (the held adapters' rows move over as they are: no re-read, no re-pack), and rank-r traffic
+runs at the largest held rank while a larger adapter is resident. Either change bumps the version,
+so backends' caches drop; a shrink hands the freed memory back to the system (CUDA's cache
+emptied, glibc's heap trimmed); block stacks of a MELoRA block shape no slot holds are freed too.
 A slot in use by a running sequence is pinned and never evicted. A mixture of LoRA experts
 (MixLoRA, MoELoRA) takes 1 + E slots: its own (the shared LoRAs; what sequences pin) and one per
 expert, all evicted together; its routers sit beside them (`experts`).
@@ -17,6 +25,7 @@ expert, all evicted together; its routers sit beside them (`experts`).
 
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -30,7 +39,20 @@ from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec
 from mole_serve.lora.kinds.lora import pack as pack_lora
 from mole_serve.lora.moe import ResidentExperts
 from mole_serve.lora.slots import SlotAllocator
-from mole_serve.lora.stacks import LayerStacks, copy_into_larger, new_layer_stacks, slot_bytes
+from mole_serve.lora.stacks import LayerStacks, copy_slots, new_layer_stacks, slot_bytes
+
+# glibc's malloc_trim: freed CPU tensors of the stack sizes mostly stay in malloc's heap (its mmap
+# threshold rises with the sizes freed), so the RSS a shrink frees only drops once it is trimmed.
+# None where the C library has no such call (musl, macOS).
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def _return_freed_memory(device: torch.device) -> None:
+    """Memory just freed goes back to the system, not only to an allocator's cache."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class LoRAPool:
@@ -55,6 +77,9 @@ class LoRAPool:
         self._slots = SlotAllocator(max_loras)
         self._cpu = CPUTier(max_cpu_loras, pin=device.type == "cuda")
         self._resident: dict[str, int] = {}  # name -> its primary lora slot
+        # primary slot -> the rank of the adapter packed there, until its slots are freed (a replaced
+        # adapter's stay held while pinned): the stacks' rank is the largest of these
+        self._ranks: dict[int, int] = {}
         self.loads = 0
         self.evictions = 0
         self.gate: MoLEGate | None = None
@@ -79,6 +104,7 @@ class LoRAPool:
         self._virtual.pop(name, None)
         if name in self._resident:
             self._vacate(name)
+            self._fit_storage()
 
     def put_virtual(self, weights: AdapterWeights, max_kept: int) -> None:
         """An adapter built in memory (a static merge); the `max_kept` most recent stay known."""
@@ -126,6 +152,8 @@ class LoRAPool:
                     self._evict(evictable.pop(0))
                 slots = self._slots.take(needed[name])
             self._load_into(slots, name)
+        if missing:  # room was made by evicting: perhaps the largest adapter
+            self._fit_storage()
         slots = []
         for name in names:
             self.policy.touch(name)
@@ -135,9 +163,13 @@ class LoRAPool:
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
+        freed = False
         for slot in slots:
             if self._slots.unpin(slot):  # its adapter was replaced or deleted while it ran
-                self.experts.pop(slot, None)
+                self._slots_freed(slot)
+                freed = True
+        if freed:
+            self._fit_storage()
 
     def _evict(self, name: str) -> None:
         self._vacate(name)
@@ -148,7 +180,22 @@ class LoRAPool:
         slot = self._resident.pop(name)
         self.policy.forget(name)
         if self._slots.give_back(slot):
-            self.experts.pop(slot, None)
+            self._slots_freed(slot)
+
+    def _slots_freed(self, slot: int) -> None:
+        """The adapter at primary `slot` is gone from the stacks: what the pool kept for it goes too."""
+        self.experts.pop(slot, None)
+        self.block_shape.pop(slot, None)
+        self._ranks.pop(slot, None)
+
+    def _fit_storage(self) -> None:
+        """Storage follows what the slots hold: the stacks shrink to the largest rank held (no
+        stacks when none is), and a block shape no slot holds gives its block stacks back."""
+        rank = max(self._ranks.values(), default=0)
+        if rank < self.rank:
+            self._resize(rank)
+        for shape in set(self.block_stacks) - set(self.block_shape.values()):
+            del self.block_stacks[shape]
 
     def _cheapest_run(self, n: int, evictable: list[str]) -> list[int] | None:
         """n consecutive slots for a MoE adapter (1 + E: its expert slots are then views of the
@@ -177,10 +224,10 @@ class LoRAPool:
         weights = self.weights(name)
         slot = slots[0]
         if weights.rank > self.rank:
-            self._grow(weights.rank)
+            self._resize(weights.rank)
         self.version += 1
+        self._ranks[slot] = weights.rank
         kind = KINDS[weights.kind]
-        self.block_shape.pop(slot, None)
         if weights.blocks:
             self._pack_blocks(weights, slot)
         if weights.moe:
@@ -227,22 +274,26 @@ class LoRAPool:
                     B[slot].copy_(b, non_blocking=True)
         self.block_shape[slot] = shape
 
-    def _grow(self, rank: int) -> None:
-        """Re-allocate every stack at a larger rank, keeping resident adapters in place."""
-        old = self.stacks
+    def _resize(self, rank: int) -> None:
+        """Re-allocate every stack at `rank` (at least every held adapter's; 0: no stacks), keeping
+        the held adapters in place."""
+        old, shrinking = self.stacks, rank < self.rank
         self.rank = rank
         self.stacks = [
             new_layer_stacks(self.spec, self.max_loras + 1, rank, self.dtype, self.device)
-            for _ in range(self.spec.num_layers)
+            for _ in range(self.spec.num_layers if rank else 0)
         ]
         self.version += 1
         self.slot_bytes = slot_bytes(self.stacks)
         for src, dst in zip(old, self.stacks):
-            copy_into_larger(src, dst)
+            copy_slots(src, dst)
+        del old
         self._refresh_gate_keys()
+        if shrinking:
+            _return_freed_memory(self.device)
 
     @torch.no_grad()
     def _refresh_gate_keys(self) -> None:
-        """Every slot's M_i for the gate (once per attach or rank growth; loads update one slot)."""
-        if self.gate is not None and self.stacks:
-            self.layer_gates = self.gate.layer_gates(self.stacks)
+        """Every slot's M_i for the gate (once per attach or resize; loads update one slot)."""
+        if self.gate is not None:
+            self.layer_gates = self.gate.layer_gates(self.stacks) if self.stacks else None

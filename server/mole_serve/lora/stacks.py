@@ -56,14 +56,17 @@ def new_layer_stacks(
     return groups
 
 
-def copy_into_larger(src: LayerStacks, dst: LayerStacks) -> None:
-    """Every slot of `src` into `dst`, whose rank is at least src's (the extra rows stay zero)."""
+def copy_slots(src: LayerStacks, dst: LayerStacks) -> None:
+    """Every slot of `src` into `dst` at dst's rank: the first min(ranks) rows of each module. Exact
+    while dst's rank is at least that of every adapter held (the rows past an adapter's own rank are
+    zero, so padding adds zeros and cutting drops only zeros)."""
     for group, modules in MODULE_GROUPS.items():
         s, d = src[group], dst[group]
         old, new = s.rank, d.rank
+        kept = min(old, new)
         for j in range(len(modules)):
-            d.A[:, j * new : j * new + old] = s.A[:, j * old : (j + 1) * old]
-            d.B[j][:, :old] = s.B[j]
+            d.A[:, j * new : j * new + kept] = s.A[:, j * old : j * old + kept]
+            d.B[j][:, :kept] = s.B[j][:, :kept]
 
 
 def slot_bytes(stacks: list[LayerStacks]) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
-from mole_serve.lora.kinds.base import TARGET_MODULES, AdapterWeights
+from mole_serve.lora.kinds.base import TARGET_MODULES, AdapterWeights, check_runnable
 from mole_serve.lora.kinds.lora import lora_scaling
 from mole_serve.routing.types import DENSITY_STRATEGIES, MERGE_STRATEGIES
 
@@ -75,7 +75,10 @@ def merge_adapters(
     name: str,
     density: float | None = None,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> AdapterWeights:
+    """dtype: what the pool runs the merged factors in; what they compute is checked as any
+    adapter's (kinds/base.check_runnable: a merge weight of 1e30 is refused, not run into NaN)."""
     _check(adapters, weights, strategy, density)
     if len(adapters) == 1:
         strategy = "linear"  # as PEFT: a single adapter is always merged linearly
@@ -125,5 +128,8 @@ def merge_adapters(
                 wB = torch.tensor([math.sqrt(abs(w)) for w in ws])
                 A = _combine(strategy, As, wA, density)
                 B = _combine(strategy, Bs, wB, density)
-            modules[(layer, module)] = (A.contiguous(), (B * lora_scaling(config, where, new_rank)).contiguous())
+            scaling = lora_scaling(config, where, new_rank)
+            B = B * scaling
+            check_runnable(name, where, A, B, scaling, dtype)
+            modules[(layer, module)] = (A.contiguous(), B.contiguous())
     return AdapterWeights(name=name, rank=new_rank, modules=modules, config=config)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
+import torch
+
 from mole_serve.config import Settings
 from mole_serve.errors import AdapterNotFound, InvalidRequest
 from mole_serve.lora.kinds.base import AdapterWeights
@@ -24,6 +26,8 @@ class SelectionError(InvalidRequest):
 
 class Merges(Protocol):
     """Where merged adapters are kept (the pool's virtual adapters) and the sources' weights read."""
+
+    dtype: torch.dtype  # what the merged factors run in
 
     def weights(self, name: str) -> AdapterWeights: ...
 
@@ -141,7 +145,9 @@ class AdapterSelector:
         if not self.merges.has_virtual(name):
             sources = [self.merges.weights(n) for n in names]
             try:
-                merged = merge_adapters(sources, weights, spec.strategy, name, spec.density, spec.seed)
+                merged = merge_adapters(
+                    sources, weights, spec.strategy, name, spec.density, spec.seed, self.merges.dtype
+                )
             except ValueError as e:
                 raise SelectionError(f"merge: {e}", "merge") from e
             if merged.rank > self.settings.max_lora_rank:

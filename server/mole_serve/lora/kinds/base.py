@@ -8,6 +8,7 @@ files is the library's job; nothing here touches disk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -37,6 +38,50 @@ class LoRATargetSpec:
     num_layers: int
     shapes: dict[str, tuple[int, int]]
     hidden_act: str = "silu"  # the FFN's activation (MixLoRA's experts default to it)
+    dtype: torch.dtype = torch.float32  # what the pool's stacks hold the factors in (the base model's)
+
+
+# The largest |(s B A)_ij| an adapter's update may have. Inputs to the adapted projections are
+# normalized hidden states (RMSNorm: a root mean square of order one) or activations formed from them, and
+# the base weights they meet have entries well under one; a trained LoRA's update is a correction
+# smaller still. One entry of 1e3 adds a thousand times a unit input feature to an output, more
+# than the whole normalized hidden state carries: no adapter trained by gradient descent gets
+# there, while the broken ones (a lora_alpha of 1e300, weights of 1e30, an overflowing scaling)
+# are orders past it. No static bound makes every activation finite (that depends on the
+# input), but this one keeps any delta from dwarfing what the base model computes.
+MAX_DELTA_ENTRY = 1e3
+
+
+def check_runnable(name: str, where: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> None:
+    """What the server will run of one LoRA, checked: A [r, d_in] and B [d_out, r] with `scaling`
+    folded in (fp32) must be finite, fit `dtype` (the pool's: float16 overflows past 65504), and
+    give an update B A whose entries stay within MAX_DELTA_ENTRY. Every kind calls this on each
+    pair it parses, after folding its scaling in, and so does a static merge on what it built."""
+    if not math.isfinite(scaling) or abs(scaling) > torch.finfo(torch.float32).max:
+        raise AdapterFormatError(
+            f"adapter {name!r}: {where} has scaling {scaling!r} (lora_alpha or alpha_pattern over the rank), "
+            "which is not a finite float32 number"
+        )
+    limit = torch.finfo(dtype).max
+    for factor, what in ((A, "lora_A"), (B, f"lora_B (scaled by {scaling:.3g})")):
+        peak = factor.abs().amax().item()  # NaN when any entry is (amax propagates it)
+        if not math.isfinite(peak):
+            raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values (NaN or Inf) in {what}")
+        if peak > limit:
+            raise AdapterFormatError(
+                f"adapter {name!r}: {where} has an entry of {peak:.3g} in {what}, past the largest {dtype} "
+                f"({limit:.3g}) the server runs it in"
+            )
+    # Cauchy-Schwarz: |(B A)_ij| <= |B_i,:| |A_:,j|, O(r (d_in + d_out)); the product itself only when
+    # that bound is over, so an adapter is refused for what it computes, not for a loose bound.
+    bound = (B.norm(dim=1).max() * A.norm(dim=0).max()).item()
+    if bound > MAX_DELTA_ENTRY:
+        peak = (B @ A).abs().max().item()  # [d_out, d_in]
+        if not peak <= MAX_DELTA_ENTRY:  # NaN (inf - inf in the product) is refused too
+            raise AdapterFormatError(
+                f"adapter {name!r}: {where} has an update B A with an entry of {peak:.3g}; "
+                f"the limit is {MAX_DELTA_ENTRY:.0e} (lora_alpha or the weights are far too large)"
+            )
 
 
 @dataclass

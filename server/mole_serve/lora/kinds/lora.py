@@ -12,7 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from mole_serve.lora.kinds.base import MODULE_GROUPS, AdapterFormatError, AdapterWeights, LoRATargetSpec
+from mole_serve.lora.kinds.base import (
+    MODULE_GROUPS,
+    AdapterFormatError,
+    AdapterWeights,
+    LoRATargetSpec,
+    check_runnable,
+)
 
 PEFT_TYPES: tuple[str, ...] = ("LORA",)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -55,9 +61,11 @@ def checked_pair(
     shape: tuple[int, int],
     max_rank: int,
     scaling: Callable[[int], float],
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LoRA's (A [r, d_in], B [d_out, r]) checked against the module's (d_in, d_out): fp32,
-    the scaling (of the rank) folded into B."""
+    the scaling (of the rank) folded into B, and what that computes runnable in `dtype`
+    (base.check_runnable)."""
     A, B = A.float(), B.float()
     d_in, d_out = shape
     r = A.shape[0] if A.dim() == 2 else -1
@@ -68,9 +76,10 @@ def checked_pair(
         )
     if r > max_rank:
         raise AdapterFormatError(f"adapter {name!r}: rank {r} at {where} is over the limit {max_rank}")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise AdapterFormatError(f"adapter {name!r}: {where} holds non-finite values")
-    return A.contiguous(), (B * scaling(r)).contiguous()
+    s = scaling(r)
+    B = B * s
+    check_runnable(name, where, A, B, s, dtype)
+    return A.contiguous(), B.contiguous()
 
 
 def checked_modules(
@@ -89,7 +98,14 @@ def checked_modules(
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
         A, _ = modules[(layer, module)] = checked_pair(
-            name, where, ab["A"], ab["B"], spec.shapes[module], max_rank, functools.partial(lora_scaling, config, where)
+            name,
+            where,
+            ab["A"],
+            ab["B"],
+            spec.shapes[module],
+            max_rank,
+            functools.partial(lora_scaling, config, where),
+            spec.dtype,
         )
         max_seen = max(max_seen, A.shape[0])
     return modules, max_seen

@@ -18,7 +18,7 @@ from typing import cast
 
 import torch
 
-from mole_serve.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec
+from mole_serve.lora.kinds.base import AdapterFormatError, AdapterWeights, LoRATargetSpec, check_runnable
 from mole_serve.lora.kinds.lora import pack as pack  # the dense equivalent packs as any LoRA
 
 PEFT_TYPES: tuple[str, ...] = ("MELORA",)
@@ -83,10 +83,11 @@ def parse(
                     f"adapter {name!r}: {where} mini LoRA {i} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
                     f"the base model and r[{i}]={r} need A [{r}, {d_in // n}], B [{d_out // n}, {r}]"
                 )
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise AdapterFormatError(f"adapter {name!r}: {where} mini LoRA {i} holds non-finite values")
+            scaling = alpha / r
+            B = B * scaling
+            check_runnable(name, f"{where} mini LoRA {i}", A, B, scaling, spec.dtype)
             A_blocks.append(A)
-            B_blocks.append(B * (alpha / r))
+            B_blocks.append(B)
         modules[(layer, module)] = (torch.block_diag(*A_blocks), torch.block_diag(*B_blocks))  # [R, d_in], [d_out, R]
         if len(set(ranks)) == 1:  # the native form stacks equal ranks
             blocks[(layer, module)] = (torch.stack(A_blocks), torch.stack(B_blocks))  # [n, r, d_in/n], [n, d_out/n, r]

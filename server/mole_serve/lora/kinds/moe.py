@@ -11,6 +11,11 @@ from mole_serve.lora.kinds.base import AdapterFormatError, LoRATargetSpec
 from mole_serve.lora.kinds.lora import checked_modules
 
 Found = dict[tuple[int, str, int], dict[str, torch.Tensor]]  # (layer, module, expert) -> {"A": .., "B": ..}
+# The largest router entry. A router's logits W_g x meet a softmax in fp32, which is one-hot once
+# two logits differ by about a hundred: entries past this bound (over inputs of order one, as the
+# routed modules' normalized inputs are) change no routing a trained router could mean, and only
+# bring the logits towards overflow, where the softmax turns to NaN.
+MAX_ROUTER_ENTRY = 1e3
 
 
 def _positive_int(value: object) -> TypeGuard[int]:
@@ -43,9 +48,15 @@ def checked_router(name: str, where: str, W: torch.Tensor, num_experts: int, d_i
             f"adapter {name!r}: the router at {where} has shape {tuple(W.shape)}; "
             f"num_experts={num_experts} and the base model need [{num_experts}, {d_in}]"
         )
+    W = W.float()
     if not torch.isfinite(W).all():
         raise AdapterFormatError(f"adapter {name!r}: the router at {where} holds non-finite values")
-    return W.float().contiguous()
+    peak = W.abs().max().item()
+    if peak > MAX_ROUTER_ENTRY:
+        raise AdapterFormatError(
+            f"adapter {name!r}: the router at {where} has an entry of {peak:.3g}; the limit is {MAX_ROUTER_ENTRY:.0e}"
+        )
+    return W.contiguous()
 
 
 def checked_experts(

@@ -6,6 +6,7 @@ and a table keeps the kernels that CI interprets and compiles the ones that run.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,23 +105,27 @@ def shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments) -> torch.Tensor:
 class BTables:
     """Per module group, the device table of its B stacks' addresses and (d_out_j, c0_j): the
     expand reaches every module of a fused group in one launch. Rebuilt when a stack is replaced
-    (the pool grows its rank by allocating new stacks)."""
+    (the pool re-allocates its stacks whenever their rank grows or shrinks); the tables of stacks
+    that are gone are dropped then, so resizes do not pile them up."""
 
     def __init__(self) -> None:
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # key -> (addresses [n] int64, (d_out_j, c0_j) [n, 2] int32, the stack's first B while it lives)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, weakref.ref]] = {}
 
     def get(self, stack: GroupStack) -> tuple[torch.Tensor, torch.Tensor]:
         pointers = tuple(B.data_ptr() for B in stack.B)
         key = (pointers, tuple(stack.out_columns))
         hit = self._tables.get(key)
         if hit is None:
+            self._tables = {k: v for k, v in self._tables.items() if v[2]() is not None}
             device = stack.A.device
             meta = [(c1 - c0, c0) for c0, c1 in stack.out_columns]
             hit = self._tables[key] = (
                 torch.tensor(pointers, dtype=torch.int64, device=device),
                 torch.tensor(meta, dtype=torch.int32, device=device),
+                weakref.ref(stack.B[0]),
             )
-        return hit
+        return hit[0], hit[1]
 
 
 def expand(
