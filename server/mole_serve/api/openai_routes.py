@@ -27,7 +27,7 @@ from mole_serve.api.protocol import (
     ToolCall,
     TopLogprob,
 )
-from mole_serve.api.serving import Generation, Shape, check_model, respond, start
+from mole_serve.api.serving import Generation, Shape, check_model, named_adapters, respond, start
 from mole_serve.api.structured import ToolUse, output_constraint, template_messages
 from mole_serve.engine.client import EngineClient
 from mole_serve.engine.request import Logprob
@@ -167,12 +167,10 @@ def retrieval_query(messages: list[dict], mode: str) -> str:
 def input_forms(request: Request, body: ChatCompletionRequest) -> set[str]:
     """The input forms other than plain that an adapter this request may run reads: the named
     adapters' forms, or (model `auto`) those of every adapter retrieval may choose."""
-    engine, catalog = ready_engine(request), request.app.state.catalog
-    named = [c.name for c in body.adapter_choices()]
-    if body.model not in ("auto", engine.model_name):
-        named = named or [body.model]
+    catalog = request.app.state.catalog
+    named = named_adapters(ready_engine(request), body)
     if named:
-        return {form for name in named if (form := catalog.input_form(name)) != PLAIN}
+        return {form for a in named if (form := catalog.input_form(a.name)) != PLAIN}
     return catalog.input_forms() if body.model == "auto" else set()
 
 

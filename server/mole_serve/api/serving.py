@@ -31,6 +31,14 @@ def check_model(client: EngineClient, model_id: str) -> None:
         raise ModelNotFound(f"The model `{model_id}` does not exist.", "model")
 
 
+def named_adapters(client: EngineClient, body: SamplingFields) -> tuple[AdapterRef, ...]:
+    """The adapters a request names: `adapters`, else `model` when it is an adapter's name."""
+    explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
+    if body.model not in ("auto", client.model_name):  # an adapter's name
+        explicit = explicit or (AdapterRef(body.model),)
+    return explicit
+
+
 def build_selection(
     client: EngineClient,
     settings: Settings,
@@ -43,9 +51,7 @@ def build_selection(
     adapter's name is that adapter, the base model's id is no adapter unless `adapters` names some.
     prompts_by_form: the prompt in each input form its adapters may read (chat only, input_forms.py)."""
     check_model(client, body.model)
-    explicit = tuple(AdapterRef(c.name, c.weight) for c in body.adapter_choices())
-    if body.model not in ("auto", client.model_name):  # an adapter's name
-        explicit = explicit or (AdapterRef(body.model),)
+    explicit = named_adapters(client, body)
     if body.model != "auto" and not explicit:
         return None
     composition = body.composition or ("gate" if client.has_gate else "mixture")
