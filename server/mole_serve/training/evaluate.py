@@ -366,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--extra-adapters",
         type=Path,
-        default=Path("bench/results/multitask"),
-        help="in-process: adapter folders to add beside the store's (the multitask_lora baseline)",
+        help="in-process: a folder of adapter folders to add beside the store's (the multitask_lora baseline, "
+        "trained with `mole-serve train-adapter --task multitask --kind lora --out <folder>`)",
     )
     args = ap.parse_args(argv)
+    if args.extra_adapters and not args.extra_adapters.is_dir():
+        ap.error(f"--extra-adapters {args.extra_adapters} is not a folder")
     modes = args.modes or list(COMPOSITE_MODES if args.composite else DEFAULT_MODES)
     if (args.fewshot_gate or args.handoff) and args.url:
         ap.error("--fewshot-gate and --handoff run in-process: a server serves its own gate and ends its answers")
@@ -397,9 +399,12 @@ def main(argv: list[str] | None = None) -> int:
 
         built = build(settings)
         engine = built.engine
-        for name, folder in adapter_dirs(args.extra_adapters).items() if args.extra_adapters.is_dir() else ():
+        for name, folder in adapter_dirs(args.extra_adapters).items() if args.extra_adapters else ():
             if name not in built.catalog:
                 built.add_adapter(name, folder)
+        missing = [BY_NAME[m] for m in modes if m in BY_NAME and BY_NAME[m] not in built.catalog]
+        if missing:
+            ap.error(f"modes {', '.join(missing)} need those adapters: in the store or under --extra-adapters")
 
         def answer(mode: str) -> list[Answer]:
             return engine_answers(engine, items, mode, args.max_tokens, library)
