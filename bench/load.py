@@ -173,7 +173,7 @@ async def http_load(
             "preemptions": int(delta["mole_preemptions_total"]),
             "peak_running": int(peaks["mole_requests_running"]),
             "peak_kv_blocks_used": int(peaks["mole_kv_blocks_used"]),
-            "kv_blocks_total": int(after.get("mole_kv_blocks_total", 0)),
+            "kv_blocks_total": int(after.get("mole_kv_blocks_capacity", 0)),
             "peak_kv_used_mb": round(peaks["mole_kv_cache_used_bytes"] / 2**20, 1),
             "peak_rss_mb": round(peaks["process_resident_memory_bytes"] / 2**20, 1),
         },

@@ -206,7 +206,7 @@ def main(out: Path) -> None:
             {
                 line.split('replica="')[1].split('"')[0]
                 for line in metrics.splitlines()
-                if line.startswith("mole_adapter_slots_total")
+                if line.startswith("mole_adapter_slots_capacity")
             }
         )
         deleted = httpx.delete(f"{url}/admin/adapters/{NEW[0]}", headers={"Authorization": f"Bearer {TOKEN}"})

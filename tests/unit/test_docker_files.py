@@ -26,7 +26,7 @@ EXPECTED_METRICS = {
     "mole_requests_waiting",
     "mole_kv_cache_usage_ratio",
     "mole_adapter_slots_used",
-    "mole_adapter_slots_total",
+    "mole_adapter_slots_capacity",
     "mole_adapter_loads_total",
     "mole_adapter_evictions_total",
     "mole_adapter_requests_total",

@@ -35,7 +35,8 @@ class EngineCollector(Collector):
             s.kv_blocks_used / s.kv_blocks_total,
         )
         yield GaugeMetricFamily("mole_kv_blocks_used", "KV blocks held by running sequences", s.kv_blocks_used)
-        yield GaugeMetricFamily("mole_kv_blocks_total", "KV blocks in the pool", s.kv_blocks_total)
+        # `_total` is the counters' suffix (promtool lints a gauge named so): a pool's size is its capacity
+        yield GaugeMetricFamily("mole_kv_blocks_capacity", "KV blocks in the pool", s.kv_blocks_total)
         yield GaugeMetricFamily(
             "mole_kv_cache_used_bytes", "KV memory held by running sequences", s.kv_blocks_used * s.kv_block_bytes
         )
@@ -51,7 +52,7 @@ class EngineCollector(Collector):
             "mole_preemptions", "Sequences preempted for KV blocks (recomputed later)", s.preemptions
         )
         yield GaugeMetricFamily("mole_adapter_slots_used", "Adapters resident in device slots", s.lora_slots_used)
-        yield GaugeMetricFamily("mole_adapter_slots_total", "Device adapter slots", s.lora_slots_total)
+        yield GaugeMetricFamily("mole_adapter_slots_capacity", "Device adapter slots", s.lora_slots_total)
         yield CounterMetricFamily("mole_adapter_loads", "Adapters loaded into a device slot", s.adapter_loads)
         yield CounterMetricFamily("mole_adapter_evictions", "Adapters evicted from a device slot", s.adapter_evictions)
 
