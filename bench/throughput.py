@@ -47,6 +47,10 @@ TOPICS = [
 ]
 
 
+SAMPLING = ("sampled", "penalized")  # scenarios of the base model that differ in their sampling only
+LOGIT_BIAS = 50  # tokens each `penalized` request biases
+
+
 def make_prompts(tokenizer, n: int) -> list[list[int]]:
     prompts = []
     for i in range(n):
@@ -60,7 +64,7 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list[tuple[AdapterRef, ...]]:
-    if kind == "base":
+    if kind in ("base", *SAMPLING):
         return [()] * n
     if kind.startswith("melora"):
         return [(AdapterRef(f"melora{i:03d}"),) for i in range(n)]
@@ -95,18 +99,50 @@ def adapter_sets(kind: str, n: int, pool: list[str], rng: random.Random) -> list
     return sets
 
 
+def sampling_fields(kind: str, n: int, max_tokens: int, vocab: int, rng: random.Random) -> list[dict]:
+    """Per request, the SamplingParams fields of a sampling scenario (greedy otherwise): `sampled`
+    draws with temperature, top-k and top-p; `penalized` adds frequency, presence and repetition
+    penalties, a logit_bias of LOGIT_BIAS tokens, and min_tokens over two stop_token_ids for the
+    whole output (the mask runs every step)."""
+    if kind not in SAMPLING:
+        return [{}] * n
+    fields = [{"temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": i} for i in range(n)]
+    if kind == "penalized":
+        for f in fields:
+            bias = {t: rng.uniform(-5, 5) for t in rng.sample(range(vocab), LOGIT_BIAS)}
+            f.update(
+                frequency_penalty=0.5,
+                presence_penalty=0.3,
+                repetition_penalty=1.1,
+                logit_bias=tuple(bias.items()),
+                min_tokens=max_tokens,
+                stop_token_ids=tuple(rng.sample(range(vocab), 2)),
+            )
+    return fields
+
+
 def run_engine(
-    engine: LLMEngine, prompts, sets, max_tokens: int, gated: bool = False, grammar: str | None = None
+    engine: LLMEngine,
+    prompts,
+    sets,
+    max_tokens: int,
+    gated: bool = False,
+    grammar: str | None = None,
+    sampling: list[dict] | None = None,
 ) -> tuple[float, float, float]:
     """(decode tokens/s, end-to-end tokens/s, MB of distinct adapter weights one decode step reads).
     Decode = the steps after every prompt is prefilled: each sequence adds one token per step.
     gated: each set of more than one adapter is the request's candidates, weighted per layer and
-    token by the gate. grammar: every request's output constrained by it."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, grammar=grammar)
+    token by the gate. grammar: every request's output constrained by it. sampling: per request,
+    SamplingParams fields (sampling_fields; none: greedy)."""
+    params = [
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True, grammar=grammar, **fields)
+        for fields in sampling or [{}] * len(prompts)
+    ]
     selections = [Selection("gate", s) if gated and len(s) > 1 else None for s in sets]
     plain = [() if sel else s for s, sel in zip(sets, selections)]
     engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), plain, selections)  # warm-up: resident
-    seqs = [engine.add_request(p, params, s, None, sel) for p, s, sel in zip(prompts, plain, selections)]
+    seqs = [engine.add_request(p, sp, s, None, sel) for p, sp, s, sel in zip(prompts, params, plain, selections)]
     start = time.perf_counter()
     decode_start, decode_tokens, distinct = None, 0, []
     while engine.has_unfinished():
@@ -252,17 +288,24 @@ def main(argv: list[str] | None = None) -> dict:
         "mixlora",
         "moelora",
         "mixed_kinds",
+        *SAMPLING,
     ]
-    kinds = [k for k in kinds if k == "base" or not args.scenarios or k in args.scenarios]
+    chosen = set(args.scenarios or kinds) | {"base"}  # base always runs, and sampled with penalized (its baseline)
+    if "penalized" in chosen:
+        chosen.add("sampled")
+    kinds = [k for k in kinds if k in chosen]
     sets = {kind: adapter_sets(kind, args.requests, names, rng) for kind in kinds if kind != "gate3"}
     sets["gate3"] = sets.get("hetero3") or adapter_sets("hetero3", args.requests, names, rng)  # the gate weighs them
+    vocab = engine.model.config.vocab_size
+    sampling = {kind: sampling_fields(kind, args.requests, args.max_tokens, vocab, rng) for kind in kinds}
     # Rounds interleave the scenarios and the best round counts: this shared 2-core machine's
     # speed drifts by 10-20% between minutes, which would otherwise land on one scenario.
     best: dict[str, tuple[float, float, float]] = {}
     for _ in range(args.rounds):
         for kind in kinds:
             engine.runner.native_blocks = kind != "melora_dense"  # melora_dense: the blockdiag LoRA form
-            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated=kind in ("gate3", "mixed_kinds"))
+            gated = kind in ("gate3", "mixed_kinds")
+            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated, sampling=sampling[kind])
             best[kind] = max(best.get(kind, run), run)
     for kind in kinds:
         decode, e2e, mb = best[kind]
@@ -292,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("melora", "hetero1"),
         ("melora", "melora_dense"),
         *((k, "base") for k in ["mixlora", "moelora", "mixed_kinds"]),
+        ("sampled", "base"),
+        ("penalized", "sampled"),
         ("mixlora", "mixlora_ref"),
         ("hetero1", "peft_mixed"),
         ("base", "hf_base"),
@@ -322,6 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
         "`mixlora` package's generate on that adapter, batch of all requests",
         "mixed_kinds": "requests round robin over a plain LoRA, gate3's gated candidates, the "
         "MixLoRA, the MoELoRA and a MELoRA",
+        "sampled": "the base model, each request sampled (temperature 0.8, top_k 50, top_p 0.95, seeded)",
+        "penalized": "sampled's requests with frequency 0.5, presence 0.3 and repetition 1.1 penalties, "
+        f"a logit_bias of {LOGIT_BIAS} random tokens each, and min_tokens over two stop_token_ids "
+        "for the whole output",
     }
     results["machine"] = machine()
     print("\n| ratio | value |\n|---|---|")

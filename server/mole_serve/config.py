@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mole-serve"
 
@@ -160,6 +161,16 @@ class Settings(BaseSettings):
         description="Uploads read and checked at once; one more meanwhile is answered 429 with Retry-After. Each "
         "holds up to max_upload_bytes + max_uncompressed_bytes (and its parsed tensors) in memory.",
     )
+    lora_load_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders vLLM's POST /v1/load_lora_adapter may load from (the path's symlinks resolved "
+        "first); `:`-separated in the env var, as PATH. Empty: it and /v1/unload_lora_adapter answer 403.",
+    )
+
+    @field_validator("lora_load_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        return [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value
 
     # --- http ---
     max_request_mb: float = Field(

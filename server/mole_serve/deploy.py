@@ -121,14 +121,19 @@ def engine_class(max_models: int) -> type:
             return model_id
 
         async def generate(
-            self, prompt_ids: list[int], sampling: SamplingParams, selection: Selection | None, request_id: str
+            self,
+            prompt_ids: list[int],
+            sampling: SamplingParams,
+            selection: Selection | None,
+            request_id: str,
+            follows: str | None = None,
         ) -> AsyncIterator[list[StepOutput]]:
             """The request's outputs, each message holding every output ready when it is sent."""
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.resident(model_id)
             try:
-                stream = self._engine().generate(prompt_ids, sampling, selection, request_id)
+                stream = self._engine().generate(prompt_ids, sampling, selection, request_id, follows)
             except MoleError as e:  # a refusal: the ingress raises it before any byte is sent
                 yield [StepOutput(request_id, None, "", True, FinishReason.ABORT, len(prompt_ids), 0, error=e)]
                 return
@@ -182,8 +187,11 @@ class RemoteStream:
     embedding for `auto` runs off the event loop; close() before the end cancels the replica's
     generator, which aborts the request there."""
 
-    def __init__(self, remote: RemoteEngine, args: tuple, selection: Selection | None, request_id: str) -> None:
+    def __init__(
+        self, remote: RemoteEngine, args: tuple, selection: Selection | None, request_id: str, follows: str | None
+    ) -> None:
         self.remote, self.args, self.selection, self.request_id = remote, args, selection, request_id
+        self.follows = follows  # (another replica may serve it: then it computes its own prompt)
         self._gen = None
         self._ready: deque[StepOutput] = deque()  # received, not yet read
         self.finished = self.closed = False
@@ -197,7 +205,7 @@ class RemoteStream:
             sel = replace(sel, retrieved=tuple(await self.remote.retrieve(sel.query, sel.top_k)))
         handle = self.remote.handle.options(stream=True, multiplexed_model_id=self.remote.model_id(sel))
         for attempt in range(FIRST_OUTPUT_TRIES):
-            self._gen = handle.generate.remote(*self.args, sel, self.request_id)
+            self._gen = handle.generate.remote(*self.args, sel, self.request_id, self.follows)
             try:
                 return await self._gen.__anext__()
             except RayActorError as e:  # the replica died before this request produced anything
@@ -271,9 +279,10 @@ class RemoteEngine:
         sampling: SamplingParams,
         selection: Selection | None = None,
         request_id: str | None = None,
+        follows: str | None = None,
     ) -> RemoteStream:
         request_id = request_id or f"req-{time.monotonic_ns()}-{len(self.streams)}"
-        stream = RemoteStream(self, (list(prompt_ids), sampling), selection, request_id)
+        stream = RemoteStream(self, (list(prompt_ids), sampling), selection, request_id, follows)
         self.streams[request_id] = stream
         return stream
 

@@ -115,7 +115,7 @@ def test_error_mapping(tiny_engine):
             ({**CHAT, "model": "missing", "adapters": ["nope"]}, 404, "model_not_found"),
             ({**CHAT, "adapters": ["nope"]}, 404, "adapter_not_found"),
             ({**CHAT, "merge": {"strategy": "svd"}}, 400, None),
-            ({**CHAT, "top_k": 99}, 400, None),
+            ({**CHAT, "retrieval_top_k": 99}, 400, None),
             ({"model": "auto"}, 400, None),
         ]
         for body, status, code in cases:

@@ -4,7 +4,9 @@ a pooled connection, fields accepted and ignored (docs/limits.md, docs/api.md)."
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from mole_serve.api.app import create_app
+from mole_serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from mole_serve.config import Settings
 
 from tests.unit.helpers import engine_for, live_server, served, tiny_hf_model
@@ -278,10 +281,13 @@ def test_stop_over_the_limit_says_the_limit(engine):
     [
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-        ("/v1/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
-        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/chat/completions", {"store": True}, "store"),
+        ("/v1/chat/completions", {"service_tier": "priority"}, "service_tier"),
+        ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"metadata": {"k": "v"}}, "metadata"),
+        ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
         ("/v1/completions", {"suffix": "the end"}, "suffix"),
     ],
 )
@@ -290,15 +296,39 @@ def test_fields_this_server_does_not_implement_are_refused(engine, path, fields,
     with client_of(engine) as client:
         r = client.post(path, json={**base, **fields})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "supported" in r.json()["error"]["message"]
 
 
 def test_fields_that_ask_for_nothing_are_accepted(engine):
     nothing = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    chat_nothing = {"modalities": ["text"], "audio": None, "store": False, "service_tier": "auto", "metadata": None}
     with client_of(engine) as client:
-        r = client.post("/v1/chat/completions", json={**CHAT, **nothing, "modalities": ["text"], "audio": None})
+        r = client.post("/v1/chat/completions", json={**CHAT, **nothing, **chat_nothing, "prompt_cache_key": "k"})
         assert r.status_code == 200, r.text
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **nothing, "best_of": 1})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "path, model, sdk_params",
+    [
+        ("/v1/chat/completions", ChatCompletionRequest, "openai.types.chat.completion_create_params"),
+        ("/v1/completions", CompletionRequest, "openai.types.completion_create_params"),
+    ],
+)
+def test_every_field_of_openais_schema_is_implemented_or_refused(path, model, sdk_params):
+    """The installed SDK's request fields are each a field of ours (one that refuses what it does not
+    do), so none is dropped unseen; a new SDK field fails here until it is implemented or refused."""
+    sdk = importlib.import_module(sdk_params).CompletionCreateParamsBase.__annotations__
+    assert sorted(set(sdk) - set(model.model_fields)) == []
+
+
+def test_fields_of_neither_schema_are_ignored_with_a_log_line(engine, caplog):
+    with client_of(engine) as client, caplog.at_level(logging.WARNING, logger="mole_serve.api.protocol"):
+        r = client.post("/v1/chat/completions", json={**CHAT, "client_trace_id": "abc", "x" * 500: 1})
+        assert r.status_code == 200, r.text
+    [line] = [r.getMessage() for r in caplog.records if "ignoring fields" in r.getMessage()]
+    assert "client_trace_id" in line and "x" * 64 in line and "x" * 65 not in line
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 from mole_serve.engine.async_engine import AsyncEngine
-from mole_serve.engine.request import SamplingParams
+from mole_serve.engine.request import SamplingParams, Sequence
 from mole_serve.engine.sampler import make_generator, sample
 
 from tests.unit.helpers import engine_for, tiny_hf_model
@@ -43,12 +43,36 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     torch.manual_seed(0)
     logits = torch.randn(2, 100)
     gens = [make_generator(s) for s in (1, 2)]
-    greedy = [SamplingParams(temperature=0.7, top_k=1)] * 2
-    assert sample(logits, greedy, gens) == logits.argmax(-1).tolist()
+    greedy = [Sequence([1], SamplingParams(temperature=0.7, top_k=1)) for _ in range(2)]
+    assert sample(logits, greedy, gens, ()) == logits.argmax(-1).tolist()
     logits[:, 7] = 50.0  # one token holds nearly all the mass: top_p=0.5 keeps only it
-    nucleus = [SamplingParams(temperature=1.0, top_p=0.5)] * 2
+    nucleus = [Sequence([1], SamplingParams(temperature=1.0, top_p=0.5)) for _ in range(2)]
     for _ in range(20):
-        assert sample(logits, nucleus, gens) == [7, 7]
+        assert sample(logits, nucleus, gens, ()) == [7, 7]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_k=20),
+        SamplingParams(temperature=1.2, top_k=200, top_p=0.8),
+        SamplingParams(temperature=1.0, top_p=0.7, min_p=0.01),
+    ],
+)
+def test_a_row_draws_the_same_whatever_cut_its_batch_needs(params):
+    """The sampler ranks only the largest top-k of the rows (topk), or the whole vocabulary when a
+    row has top_p without top_k: a row's draws (same seed) do not depend on which."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 500) * 3
+    others = [SamplingParams(temperature=1.0, top_k=7), SamplingParams(temperature=1.0, top_p=0.5)]
+    for _ in range(3):
+        alone = sample(logits, [Sequence([1], params)], [make_generator(5)], ())
+        for other in others:
+            gens = [make_generator(5), make_generator(6)]
+            mixed = sample(logits.repeat(2, 1), [Sequence([1], params), Sequence([1], other)], gens, ())
+            assert mixed[0] == alone[0]
+        logits = logits.roll(37, dims=1)
 
 
 def test_stop_strings_truncate_and_stop_token_ids_end(hf, tokenizer):

@@ -1,6 +1,7 @@
 """schemathesis over /openapi.json against the live app (uvicorn on loopback, a tiny model): every
 phase (examples, coverage, fuzzing, stateful) and every check, response-schema conformance among
-them, once over the OpenAI routes with the API key and once over the admin routes with the token.
+them, once over the OpenAI routes (and vLLM's tokenizer routes) with the API key and once over the admin
+routes (and vLLM's LoRA routes, which take the admin token when one is set) with the token.
 `positive_data_acceptance` is swapped for a twin that also takes the refusals the schema cannot
 express, each by its documented param or code (tests/unit/schemathesis_hooks.py)."""
 
@@ -25,12 +26,19 @@ API_KEY, ADMIN_TOKEN = "schemathesis-key", "schemathesis-admin"
 def url(tokenizer, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     engine = engine_for(tiny_hf_model(), tokenizer, max_model_len=256, adapters_dir=store)
-    settings = Settings(api_key=API_KEY, admin_token=ADMIN_TOKEN, adapters_dir=store)
+    roots = [tmp_path_factory.mktemp("lora-roots")]  # empty: loads by path reach the checks, then 403 or 404
+    settings = Settings(api_key=API_KEY, admin_token=ADMIN_TOKEN, adapters_dir=store, lora_load_roots=roots)
     with live_server(create_app(settings, lambda: served(engine))) as url:
         yield url
 
 
-@pytest.mark.parametrize("routes, token", [("^/(v1|health|metrics)", API_KEY), ("^/admin", ADMIN_TOKEN)])
+LORA = "(un)?load_lora_adapter"  # under /v1
+
+
+@pytest.mark.parametrize(
+    "routes, token",
+    [(f"^/(v1/(?!{LORA})|health|metrics|tokenize|detokenize)", API_KEY), (f"^/(admin|v1/{LORA})", ADMIN_TOKEN)],
+)
 def test_schemathesis_finds_nothing(url, routes, token):
     run = subprocess.run(
         [

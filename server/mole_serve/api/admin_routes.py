@@ -8,6 +8,8 @@ which runs each as a transaction over the store, the registry and the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -113,13 +115,22 @@ async def _read_upload(request: Request, limit: int) -> tuple[list[tuple[str, by
         await form.close()
 
 
-def _upload_slots(request: Request) -> asyncio.Semaphore:
-    """The app's uploads in progress (MOLE_MAX_CONCURRENT_UPLOADS), made on the event loop at first use."""
+@contextlib.asynccontextmanager
+async def upload_slot(request: Request) -> AsyncIterator[None]:
+    """One of the app's MOLE_MAX_CONCURRENT_UPLOADS, held while an upload is read, checked and
+    committed; none free is a 429. (The semaphore is made on the event loop at first use.)"""
     state = request.app.state
     slots = getattr(state, "upload_slots", None)
     if slots is None:
         slots = state.upload_slots = asyncio.Semaphore(state.settings.max_concurrent_uploads)
-    return slots
+    if slots.locked():
+        raise Overloaded(
+            f"{state.settings.max_concurrent_uploads} uploads are in progress (MOLE_MAX_CONCURRENT_UPLOADS); "
+            "retry shortly",
+            code="too_many_uploads",
+        )
+    async with slots:
+        yield
 
 
 @router.post("/adapters", status_code=201, openapi_extra=UPLOAD_SCHEMA)
@@ -127,13 +138,7 @@ async def upload_adapter(request: Request, replace: bool = False):
     """Checked whole off the step thread, then committed and served by the catalog. At most
     MOLE_MAX_CONCURRENT_UPLOADS at once, each holding its upload in memory: one more is a 429."""
     engine, settings = ready_engine(request), request.app.state.settings
-    slots = _upload_slots(request)
-    if slots.locked():
-        raise Overloaded(
-            f"{settings.max_concurrent_uploads} uploads are in progress (MOLE_MAX_CONCURRENT_UPLOADS); retry shortly",
-            code="too_many_uploads",
-        )
-    async with slots:
+    async with upload_slot(request):
         parts, name = await _read_upload(request, settings.max_upload_bytes)
         files = await asyncio.to_thread(collect, parts, settings.max_uncompressed_bytes)
         catalog = request.app.state.catalog

@@ -25,6 +25,8 @@ from mole_serve.api.metrics import Metrics
 from mole_serve.api.openai_routes import router as openai_router
 from mole_serve.api.openapi import truthful_openapi
 from mole_serve.api.protocol import MESSAGE_ROLES
+from mole_serve.api.responses_routes import router as responses_router
+from mole_serve.api.vllm_routes import LORA_ROUTES, TOKENIZER_ROUTES, lora_denial, lora_router, tokenizer_router
 from mole_serve.config import Settings
 from mole_serve.errors import MoleError
 from mole_serve.library.store import AdapterStore
@@ -114,7 +116,10 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
     def authorize(path: str, authorization: str | None) -> APIError | None:
         if path.startswith("/admin"):
             return admin_denial(settings, authorization)
-        return api_key_denial(settings.api_key, authorization) if path.startswith("/v1/") else None
+        if path in LORA_ROUTES:
+            return lora_denial(settings, authorization)
+        keyed = path.startswith("/v1/") or path in TOKENIZER_ROUTES
+        return api_key_denial(settings.api_key, authorization) if keyed else None
 
     app.add_middleware(  # outermost of ours: credentials, the body's limits, unexpected errors, the count
         RequestGate,
@@ -158,6 +163,9 @@ def create_app(settings: Settings, load_engine: Callable[[], Components] | None 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_router)
+    app.include_router(responses_router)
     app.include_router(admin_router)
+    app.include_router(lora_router)
+    app.include_router(tokenizer_router)
     app.openapi = lambda: truthful_openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     return app

@@ -4,10 +4,9 @@ responses; here only what differs between the endpoints)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fastapi import APIRouter, Request
 
@@ -27,7 +26,7 @@ from mole_serve.api.protocol import (
     ToolCall,
     TopLogprob,
 )
-from mole_serve.api.serving import Generation, Shape, check_model, named_adapters, respond, start
+from mole_serve.api.serving import Generation, Shape, check_model, choice_makers, named_adapters, respond, start
 from mole_serve.api.structured import ToolUse, output_constraint, template_messages
 from mole_serve.engine.client import EngineClient
 from mole_serve.engine.request import Logprob
@@ -78,10 +77,7 @@ def chat_shape(tokenizer, logprobs: bool, tool_use: ToolUse | None) -> Shape:
 
     def answer(g: Generation) -> tuple[str | None, list[ToolCall] | None, str | None]:
         """(content, tool calls, finish reason)"""
-        found = tool_use.calls(g.text) if tool_use and g.finish_reason == "stop" else None
-        if found is None:
-            return g.text, None, g.finish_reason
-        return found[1], found[0], "tool_calls"
+        return tool_use.answer(g.text, g.finish_reason) if tool_use else (g.text, None, g.finish_reason)
 
     def message(i: int, g: Generation) -> ChatChoice:
         content, calls, finish = answer(g)
@@ -112,32 +108,42 @@ def chat_shape(tokenizer, logprobs: bool, tool_use: ToolUse | None) -> Shape:
         "chat.completion.chunk",
         choice=message,
         delta=delta,
-        opening=lambda: ChatChoice(
-            index=0, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None
+        opening=lambda i: ChatChoice(
+            index=i, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None
         ),
     )
 
 
 def text_shape(prefixes: list[str], tokenizer, logprobs: bool) -> Shape:
-    """/v1/completions; prefixes: what precedes each answer (the prompt, with `echo`, whose tokens'
-    logprobs then come first)."""
+    """/v1/completions; prefixes: what precedes each choice's answer (the prompt, with `echo`, whose
+    tokens' logprobs then come first)."""
+
+    def echoed(i: int, g: Generation) -> list[Logprob | None]:
+        if not (logprobs and prefixes[i]):
+            return []
+        assert g.prompt_logprobs is not None  # echo with logprobs asks the engine for them
+        return g.prompt_logprobs
 
     def whole(i: int, g: Generation) -> TextLogprobs | None:
         if not logprobs:
             return None
-        echoed: list[Logprob | None] = []
-        if prefixes[i]:
-            assert g.prompt_logprobs is not None  # echo with logprobs asks the engine for them
-            echoed = g.prompt_logprobs
-        entries = [*echoed, *g.logprobs]
-        ids = [*g.prompt_ids[: len(echoed)], *(t for t, _, _ in g.logprobs)]
-        return text_logprobs(tokenizer, entries, ids, 0)
+        echo = echoed(i, g)
+        ids = [*g.prompt_ids[: len(echo)], *(t for t, _, _ in g.logprobs)]
+        return text_logprobs(tokenizer, [*echo, *g.logprobs], ids, 0)
 
-    def piece(g: Generation, text: str) -> TextLogprobs | None:
-        if not logprobs:
-            return None
-        new = g.take_logprobs()
-        return text_logprobs(tokenizer, new, [t for t, _, _ in new], len(g.text) - len(text))
+    opened: set[int] = set()  # the choices whose stream has begun (the echoed prompt goes first)
+
+    def delta(i: int, text: str, finish: str | None, g: Generation) -> TextChoice:
+        prefix = prefixes[i] if i not in opened else ""
+        opened.add(i)
+        entries = None
+        if logprobs:
+            echo = echoed(i, g) if prefix else []
+            new = g.take_logprobs()
+            ids = [*g.prompt_ids[: len(echo)], *(t for t, _, _ in new)]
+            offset = 0 if prefix else len(prefixes[i]) + len(g.text) - len(text)
+            entries = text_logprobs(tokenizer, [*echo, *new], ids, offset)
+        return TextChoice(index=i, text=prefix + text, logprobs=entries, finish_reason=finish)
 
     return Shape(
         "cmpl",
@@ -146,7 +152,7 @@ def text_shape(prefixes: list[str], tokenizer, logprobs: bool) -> Shape:
         choice=lambda i, g: TextChoice(
             index=i, text=prefixes[i] + g.text, logprobs=whole(i, g), finish_reason=g.finish_reason
         ),
-        delta=lambda i, text, finish, g: TextChoice(index=i, text=text, logprobs=piece(g, text), finish_reason=finish),
+        delta=delta,
     )
 
 
@@ -174,7 +180,7 @@ def input_forms(request: Request, body: ChatCompletionRequest) -> set[str]:
     return catalog.input_forms() if body.model == "auto" else set()
 
 
-def generation(
+def generations(
     request: Request,
     route: str,
     prompt_ids: list[int],
@@ -182,15 +188,32 @@ def generation(
     query: str,
     grammar: str | None = None,
     prompts_by_form: dict[str, tuple[int, ...]] | None = None,
-) -> Generation:
+) -> list[Callable[[], Generation]]:
+    """The makers of one prompt's choices (`n`, or completions' `best_of`), for serving.start."""
     state = request.app.state
-    return Generation(
-        ready_engine(request), state.settings, state.metrics, route, prompt_ids, body, query, grammar, prompts_by_form
+    return choice_makers(
+        lambda choice, first: Generation(
+            ready_engine(request),
+            state.settings,
+            state.metrics,
+            route,
+            prompt_ids,
+            body,
+            query,
+            grammar,
+            prompts_by_form,
+            choice,
+            first,
+        ),
+        body.choices_generated(),
     )
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def start_chat(
+    body: ChatCompletionRequest, request: Request, route: str
+) -> tuple[list[Generation], ToolUse | None]:
+    """A chat's prompt through the chat template, and its generations started (/v1/chat/completions,
+    and /v1/responses, whose requests read as chat requests); the tool calls' reading, if any."""
     engine = ready_engine(request)
     template = engine.tokenizer.chat_template
     grammar, tool_use = output_constraint(body, template)
@@ -215,8 +238,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     forms = input_forms(request, body)
     by_form = await asyncio.to_thread(form_prompts, engine.tokenizer, messages, forms, tools=tools) if forms else {}
     query = retrieval_query(messages, request.app.state.settings.retrieval_query)
-    gens = await start([lambda: generation(request, "/v1/chat/completions", prompt_ids, body, query, grammar, by_form)])
-    return await respond(chat_shape(engine.tokenizer, bool(body.logprobs), tool_use), body, gens, request)
+    return await start(generations(request, route, prompt_ids, body, query, grammar, by_form)), tool_use
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    gens, tool_use = await start_chat(body, request, "/v1/chat/completions")
+    return await respond(
+        chat_shape(ready_engine(request).tokenizer, bool(body.logprobs), tool_use), body, gens, request
+    )
 
 
 @router.post("/v1/completions")
@@ -234,10 +264,12 @@ async def completions(body: CompletionRequest, request: Request):
     )
     texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
     gens = await start(
-        [functools.partial(generation, request, "/v1/completions", ids[i], body, text) for i, text in enumerate(texts)]
+        [make for i, text in enumerate(texts) for make in generations(request, "/v1/completions", ids[i], body, text)]
     )
     return await respond(
-        text_shape([t if body.echo else "" for t in texts], engine.tokenizer, body.logprobs is not None),
+        text_shape(
+            [t if body.echo else "" for t in texts for _ in range(body.n)], engine.tokenizer, body.logprobs is not None
+        ),
         body,
         gens,
         request,

@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from mole_serve.api.protocol import CompletionEnvelope, ErrorResponse, ModelCard, ModelList
+from mole_serve.api.responses_protocol import ResponseObject, ResponseStreamEvent
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # route -> the model of its 200 answer (the routes return plain JSON, so FastAPI cannot see it)
@@ -18,10 +19,42 @@ ANSWERS: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionEnvelope,
     "/v1/models": ModelList,
     "/v1/models/{model_id}": ModelCard,
+    "/v1/responses": ResponseObject,
 }
 STREAMED = ("/v1/chat/completions", "/v1/completions")
-# path prefix -> the error statuses its routes answer (beyond the success)
+# a route whose stream is typed events (`event:` names each; no [DONE]) -> the model of one's `data`
+EVENTS: dict[str, type[BaseModel]] = {"/v1/responses": ResponseStreamEvent}
+# vLLM's runtime LoRA routes (api/vllm_routes.py)
+LORA_ERRORS = {
+    400: "Invalid field, a folder that is no adapter, or the name is taken (set load_inplace)",
+    401: "Missing or wrong admin token (the API key when MOLE_ADMIN_TOKEN is unset)",
+    403: "Loading by path disabled (MOLE_LORA_LOAD_ROOTS unset), or lora_path outside it",
+    404: "No folder at lora_path, or no adapter lora_name to unload",
+    408: "Request body not whole within MOLE_BODY_TIMEOUT_S",
+    413: "Request body over MOLE_MAX_REQUEST_MB, or the adapter's files over MOLE_MAX_UPLOAD_BYTES",
+    422: "The adapter's files do not fit the base model",
+    429: "MOLE_MAX_CONCURRENT_UPLOADS loads and uploads in progress; retry after Retry-After",
+    431: "Request headers over 64 KiB",
+    503: "The model is still loading",
+    507: "The adapter store's disk is full",
+}
+# vLLM's tokenizer routes
+TOKENIZER_ERRORS = {
+    400: "Invalid field, or a token id outside the vocabulary",
+    401: "Missing or wrong API key (when MOLE_API_KEY is set)",
+    404: "Unknown model",
+    408: "Request body paused longer than MOLE_BODY_TIMEOUT_S",
+    411: "No Content-Length",
+    413: "Request body over MOLE_MAX_REQUEST_MB",
+    431: "Request headers over 64 KiB",
+    503: "The model is still loading",
+}
+# path prefix -> the error statuses its routes answer (beyond the success); the first that matches
 ROUTE_ERRORS = {
+    "/v1/load_lora_adapter": LORA_ERRORS,
+    "/v1/unload_lora_adapter": LORA_ERRORS,
+    "/tokenize": TOKENIZER_ERRORS,
+    "/detokenize": TOKENIZER_ERRORS,
     "/v1/": {
         400: "Invalid request: a field, the context length, an adapter set",
         401: "Missing or wrong API key (when MOLE_API_KEY is set)",
@@ -53,7 +86,7 @@ def truthful_openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    models: set[type[BaseModel]] = {ErrorResponse, *ANSWERS.values()}
+    models: set[type[BaseModel]] = {ErrorResponse, *ANSWERS.values(), *EVENTS.values()}
     for model in models:
         components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(components[model.__name__].pop("$defs", {}))
@@ -88,6 +121,18 @@ def truthful_openapi(app: FastAPI) -> dict:
                                 },
                             ]
                         }
+                    },
+                }
+            }
+        if path in EVENTS:
+            event = {"$ref": f"#/components/schemas/{EVENTS[path].__name__}"}
+            content["text/event-stream"] = {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": event},
                     },
                 }
             }

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -19,9 +20,11 @@ from pydantic import (
     model_validator,
 )
 
+from mole_serve.library.store import NAME_PATTERN as STORE_NAME_PATTERN
 from mole_serve.routing.types import Composition, MergeStrategy
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def _json_number(v: object) -> object:
@@ -63,14 +66,28 @@ JSONObject = Annotated[dict, AfterValidator(_finite_json)]  # a free-form object
 # validator, or the JSON schema carries pydantic's own `ge`/`le` names instead of `minimum`.
 PositiveJSONInt = Annotated[int, Field(ge=1), BeforeValidator(_json_number)]
 AdapterTopK = Annotated[int, Field(ge=1, le=16), BeforeValidator(_json_number)]
+SamplingTopK = Annotated[int, Field(ge=-1), BeforeValidator(_json_number)]  # vLLM's: -1 or 0 = no cut
+MinP = Annotated[float, Field(ge=0, le=1), AllowInfNan(False), BeforeValidator(_json_number)]
+Penalty = Annotated[float, Field(ge=-2, le=2), AllowInfNan(False), BeforeValidator(_json_number)]
+RepetitionPenalty = Annotated[float, Field(gt=0), AllowInfNan(False), BeforeValidator(_json_number)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_json_number)]
 CompletionLogprobs = Annotated[int, Field(ge=0, le=5), BeforeValidator(_json_number)]
-OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_json_number)]
-NoPenalty = Annotated[float, Field(ge=0, le=0), AllowInfNan(False), BeforeValidator(_json_number)]
+MAX_CHOICES = 16  # n and best_of: choices generated for one prompt
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_json_number)]
 
 NonEmpty = Annotated[T, Field(min_length=1)]
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 TokenId = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+# logit_bias: {token id as a decimal string: bias}; `additionalProperties` tells the schema's readers
+# that no other key is taken
+LogitBias = Annotated[
+    dict[
+        Annotated[str, Field(pattern=r"^[0-9]+$")],
+        Annotated[float, Field(ge=-100, le=100), AllowInfNan(False), BeforeValidator(_json_number)],
+    ],
+    Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False}),
+]
 
 
 class TextPart(BaseModel):
@@ -110,7 +127,13 @@ class MessageBase(BaseModel):
 
 
 class SystemMessage(MessageBase):
-    role: Literal["system", "developer"]
+    role: Literal["system"]
+
+
+class DeveloperMessage(MessageBase):
+    """OpenAI's newer name for the system turn; read as one."""
+
+    role: Literal["developer"]
 
 
 class UserMessage(MessageBase):
@@ -131,7 +154,9 @@ class ToolMessage(MessageBase):
 
 
 # One model per role, as OpenAI's schema has them: what a role needs is in the schema itself.
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+ChatMessage = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")
+]
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -210,8 +235,8 @@ def _lone_surrogate(value: object) -> bool:
     return False
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+class TextRequest(BaseModel):
+    """A JSON request body whose every string is Unicode text; fields it does not know are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -222,26 +247,48 @@ class SamplingFields(BaseModel):
             raise ValueError("the request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode")
         return data
 
+
+class SamplingFields(TextRequest):
+    """Fields shared by /v1/chat/completions and /v1/completions. A field of OpenAI's schema that this
+    server does not implement is a field here that refuses any value but the one asking for nothing;
+    a field of neither schema is ignored with a log line, as vLLM does (clients add their own)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            known = {*cls.model_fields, *(f.alias for f in cls.model_fields.values() if f.alias)}
+            if unknown := sorted(str(k)[:64] for k in data if k not in known):  # (bounded: names are the client's)
+                names = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                logger.warning("%s: ignoring fields this server does not know: %s", cls.__name__, names)
+        return data
+
     model: str = "auto"
     max_tokens: PositiveJSONInt | None = None
     temperature: FiniteFloat = Field(1.0, ge=0, le=2)
     top_p: FiniteFloat = Field(1.0, gt=0, le=1)
     seed: JSONInt | None = None  # any integer, as OpenAI takes it (the sampler folds it into 64 bits)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    n: JSONInt = Field(1, ge=1, le=1)  # one choice per request
+    n: Choices = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    frequency_penalty: Penalty | None = None  # null: 0
+    presence_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None  # ids checked against the vocabulary in serving.sampling_params
     # --- extensions (the openai client's extra_body) ---
+    # sampling, as vLLM names and reads them (null: the default)
+    top_k: SamplingTopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_tokens: JSONInt = Field(0, ge=0)
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: StrictBool = False  # generate max_tokens whatever the model says (benchmarks)
+    # adapters
     adapters: list[AdapterChoice] | None = None  # a name alone stands for {"name": name}
-    top_k: AdapterTopK | None = None  # adapters retrieval keeps for `auto` (docs/api.md)
+    retrieval_top_k: AdapterTopK | None = None  # adapters retrieval keeps for `auto` (docs/api.md)
     composition: Composition | None = None
     merge: MergeOptions | None = None
-    ignore_eos: StrictBool = False  # as in vLLM: generate max_tokens whatever the model says (benchmarks)
-    # --- OpenAI fields this server does not implement: a value that asks for nothing, or a 400 ---
-    frequency_penalty: NoPenalty | None = None
-    presence_penalty: NoPenalty | None = None
-    logit_bias: dict[str, FiniteFloat] | None = Field(None, max_length=0)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -268,18 +315,16 @@ class SamplingFields(BaseModel):
             raise ValueError("the weights add up past the float range; only their ratios count, so scale them down")
         return v
 
-    @field_validator("frequency_penalty", "presence_penalty", mode="before")
-    @classmethod
-    def _no_penalty(cls, v: object, info: ValidationInfo) -> object:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0:
-            raise ValueError(f"{info.field_name} is not supported: only 0 (no penalty)")
-        return v
-
     @field_validator("logit_bias", mode="before")
     @classmethod
-    def _no_logit_bias(cls, v: object) -> object:
-        if isinstance(v, dict) and v:
-            raise ValueError("logit_bias is not supported: only an empty object or null")
+    def _logit_bias_keys(cls, v: object) -> object:
+        # (the type's own errors would name `logit_bias.<key>.[key]` as the param)
+        if isinstance(v, dict):
+            if len(v) > MAX_LOGIT_BIAS:
+                raise ValueError(f"up to {MAX_LOGIT_BIAS} tokens may be biased; {len(v)} were given")
+            bad = next((k for k in v if not (k.isascii() and k.isdigit())), None)
+            if bad is not None:
+                raise ValueError(f"the key {bad!r} is no token id: keys are token ids, as decimal strings")
         return v
 
     def stop_list(self) -> tuple[str, ...]:
@@ -294,9 +339,37 @@ class SamplingFields(BaseModel):
         """The most tokens the completion may have; None: up to the context window."""
         return self.max_tokens
 
+    def choices_generated(self) -> int:
+        """Choices generated per prompt: `n`, or more to rank (completions' best_of)."""
+        return self.n
+
+    def prompt_only(self) -> bool:
+        """Whether the answer is the prompt alone (completions' echo with max_tokens 0)."""
+        return False
+
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(alternatives per generated token, per prompt token); None: not asked."""
         return None, None
+
+
+# OpenAI's chat fields a value of which asks for what this server does not do -> what that is
+CHAT_NOT_IMPLEMENTED = {
+    "audio": 'audio output (this model writes text only: modalities ["text"])',
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "functions": "the deprecated `functions` (send them as `tools`)",
+    "function_call": "the deprecated `function_call` (use `tool_choice`)",
+    "reasoning_effort": "reasoning effort (the base model does not reason before answering)",
+    "verbosity": "verbosity",
+    "metadata": "metadata (OpenAI keeps it with stored completions; none are stored here)",
+    "moderation": "moderation",
+    "prompt_cache_retention": "prompt cache retention (cached prefix blocks stay while KV memory allows)",
+    "prompt_cache_options": "prompt cache options (the prefix cache is automatic)",
+}
+NOT_STORED = {
+    "store": "store: true (completions are not stored)",
+    "service_tier": "service tiers other than auto (one tier)",
+}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -309,7 +382,22 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
     modalities: list[Literal["text"]] | None = None  # this model writes text only
-    audio: None = None  # audio output: refused
+    prompt_cache_key: str | None = None  # a cache hint: the prefix cache finds shared prompts by itself
+    safety_identifier: str | None = None  # an end user's id, as `user`
+    store: Literal[False] | None = None  # nothing is stored
+    service_tier: Literal["auto", "default"] | None = None  # one tier
+    # --- OpenAI's fields this server does not implement: absent or null, else a 400 naming them ---
+    audio: None = None
+    prediction: None = None
+    web_search_options: None = None
+    functions: None = None
+    function_call: None = None
+    reasoning_effort: None = None
+    verbosity: None = None
+    metadata: None = None
+    moderation: None = None
+    prompt_cache_retention: None = None
+    prompt_cache_options: None = None
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -318,12 +406,13 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError('only ["text"] is supported: this model writes text, not audio')
         return v
 
-    @field_validator("audio", mode="before")
+    @field_validator("store", "service_tier", *CHAT_NOT_IMPLEMENTED, mode="before")
     @classmethod
-    def _no_audio(cls, v: object) -> object:
-        if v is not None:
-            raise ValueError('audio output is not supported: this model writes text only (modalities: ["text"])')
-        return v
+    def _not_implemented(cls, v: object, info: ValidationInfo) -> object:
+        name = info.field_name or ""
+        if v is None or (name, v) in (("store", False), ("service_tier", "auto"), ("service_tier", "default")):
+            return v
+        raise ValueError(f"not supported by this server: {CHAT_NOT_IMPLEMENTED.get(name) or NOT_STORED.get(name)}")
 
     @field_validator("top_logprobs")
     @classmethod
@@ -353,9 +442,10 @@ class CompletionRequest(SamplingFields):
         | NonEmpty[list[TokenId]]
         | NonEmpty[list[NonEmpty[list[TokenId]]]]
     )
-    echo: StrictBool = False
+    echo: StrictBool = Field(False, validate_default=True)  # (its validator also checks max_tokens 0)
     logprobs: CompletionLogprobs | None = None  # 0: the tokens' own logprobs, no alternatives
-    best_of: OnlyOne | None = None  # one candidate per prompt, as `n`
+    max_tokens: Annotated[int, Field(ge=0), BeforeValidator(_json_number)] | None = None  # 0: with echo
+    best_of: Choices | None = None  # choices generated per prompt, the `n` of highest logprob returned
     suffix: None = None  # text after the insertion point: refused
 
     @field_validator("suffix", mode="before")
@@ -365,8 +455,33 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix (insertion) is not supported: the completion follows the prompt only")
         return v
 
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v < n:
+            raise ValueError(f"best_of ({v}) must be at least n ({n})")
+        if v is not None and v > n and info.data.get("stream"):
+            raise ValueError("best_of above n cannot be streamed: the choices are ranked once all are finished")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _scoring_needs_echo(cls, v: bool, info: ValidationInfo) -> bool:
+        if info.data.get("max_tokens") == 0 and not v:
+            raise ValueError("max_tokens 0 needs echo: true (the prompt scored, with no completion)")
+        return v
+
     def token_limit(self) -> int | None:
-        return self.max_tokens or 16  # OpenAI's default for /v1/completions
+        if self.max_tokens is None:
+            return 16  # OpenAI's default for /v1/completions
+        return self.max_tokens or 1  # echo with 0: one token is generated and dropped, as vLLM does
+
+    def choices_generated(self) -> int:
+        return self.best_of or self.n
+
+    def prompt_only(self) -> bool:
+        return self.max_tokens == 0
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return self.logprobs, self.logprobs if self.echo else None
@@ -479,3 +594,67 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- vLLM's own routes (api/vllm_routes.py): runtime LoRA loading and the tokenizer ---
+class VLLMRequest(TextRequest):
+    """Unknown fields are ignored, as vLLM ignores them."""
+
+
+class LoadLoRAAdapterRequest(VLLMRequest):
+    lora_name: str = Field(pattern=rf"^{STORE_NAME_PATTERN.pattern}$", description="the adapter's model id")
+    lora_path: str = Field(
+        min_length=1, max_length=4096, pattern=r"^[^\x00]*$", description="its folder, under MOLE_LORA_LOAD_ROOTS"
+    )
+    load_inplace: StrictBool = False  # replace an adapter of that name (vLLM's field)
+
+
+class UnloadLoRAAdapterRequest(VLLMRequest):
+    lora_name: str = Field(min_length=1)
+
+
+def _one_input(schema: dict[str, Any]) -> None:
+    """TokenizeRequest's schema as it validates: `prompt` or `messages`, exactly one, neither null."""
+    for name in ("prompt", "messages"):
+        field = schema["properties"][name]
+        field.update(next(s for s in field.pop("anyOf") if s != {"type": "null"}))
+        del field["default"]
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+
+
+class TokenizeRequest(VLLMRequest):
+    """A `prompt`, or chat `messages` (with `tools`) rendered as /v1/chat/completions renders them:
+    exactly one of the two (None: absent; a null is refused)."""
+
+    model_config = ConfigDict(json_schema_extra=_one_input)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_special_tokens: StrictBool | None = None  # null: true for a prompt, false for messages (the template's)
+    add_generation_prompt: StrictBool | None = None  # null: true unless continue_final_message
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False
+
+    @field_validator("prompt", "messages")
+    @classmethod
+    def _not_null(cls, v: object) -> object:
+        if v is None:
+            raise ValueError("may not be null: leave it out")
+        return v
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(VLLMRequest):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -5,6 +5,8 @@ envelope, the SSE stream, include_usage, [DONE]. The routes only say how a choic
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -19,9 +21,9 @@ from mole_serve.api.gate import DISCONNECTED
 from mole_serve.api.metrics import Metrics
 from mole_serve.api.protocol import ChatChoice, CompletionEnvelope, MergeOptions, SamplingFields, TextChoice, Usage
 from mole_serve.config import Settings
-from mole_serve.engine.client import EngineClient
+from mole_serve.engine.client import EngineClient, OutputStream
 from mole_serve.engine.request import Logprob, SamplingParams, StepOutput
-from mole_serve.errors import ModelNotFound, MoleError, ReplicaLost
+from mole_serve.errors import InvalidRequest, ModelNotFound, MoleError, ReplicaLost
 from mole_serve.routing.types import AdapterRef, MergeSpec, Selection
 
 
@@ -60,7 +62,7 @@ def build_selection(
         composition,
         explicit,
         query if body.model == "auto" else None,
-        body.top_k or settings.retrieval_top_k,
+        body.retrieval_top_k or settings.retrieval_top_k,
         MergeSpec(merge.strategy, merge.density, merge.seed),
         prompts_by_form=prompts_by_form or {},
     )
@@ -80,13 +82,28 @@ def sampling_params(
             param="messages",
             code="context_length_exceeded",
         )
+    if body.min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({body.min_tokens}) is over max_tokens ({max_tokens})", "min_tokens")
+    vocab = len(client.tokenizer) if body.logit_bias or body.stop_token_ids else 0
+    bias = {_bias_token(key, vocab): value for key, value in (body.logit_bias or {}).items()}
+    for token in body.stop_token_ids or ():
+        if token >= vocab:
+            raise InvalidRequest(f"stop_token_ids: {token} is outside the vocabulary [0, {vocab})", "stop_token_ids")
     logprobs, prompt_logprobs = body.logprob_counts()
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=tuple(bias.items()),
+        min_tokens=body.min_tokens,
         seed=body.seed,
         stop=body.stop_list(),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
@@ -94,11 +111,21 @@ def sampling_params(
     )
 
 
+def _bias_token(key: str, vocab: int) -> int:
+    """A logit_bias key (decimal digits) as a token id of the vocabulary [0, vocab), else a 400."""
+    digits = key.lstrip("0") or "0"
+    if len(digits) > len(str(vocab)) or int(digits) >= vocab:  # (int() refuses thousands of digits)
+        raise InvalidRequest(f"logit_bias: the key {key!r} is outside the vocabulary [0, {vocab})", "logit_bias")
+    return int(digits)
+
+
 RESENDS = 2  # times a non-streamed request is run again after its replica died
 
 
 class Generation:
     """One engine request seen from HTTP: runs it, times it, counts it in the metrics."""
+
+    outputs: OutputStream  # the engine request's, submitted again on a resend
 
     def __init__(
         self,
@@ -111,10 +138,22 @@ class Generation:
         query: str,
         grammar: str | None = None,
         prompts_by_form: dict[str, tuple[int, ...]] | None = None,
+        choice: int = 0,
+        follows: Generation | None = None,
     ) -> None:
+        """choice: which of the prompt's `n` (or `best_of`) choices this is; follows: its first
+        choice, whose prompt KV the engine reuses."""
         self.client, self.metrics, self.route, self.prompt_ids = client, metrics, route, prompt_ids
         self.selection = build_selection(client, settings, body, query, prompts_by_form)
-        self.sampling = sampling_params(client, body, len(prompt_ids), grammar)
+        sampling = sampling_params(client, body, len(prompt_ids), grammar)
+        if sampling.seed is not None and choice:  # seeded choices differ from each other, as vLLM's
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + choice)
+        if ranks_choices(body) and sampling.logprobs is None:  # best_of ranks by the tokens' logprobs
+            sampling = dataclasses.replace(sampling, logprobs=0)
+        self.sampling = sampling
+        self.choice = choice
+        self.follows = follows.outputs.request_id if follows is not None else None
+        self.prompt_only = body.prompt_only()  # echo with max_tokens 0: the one generated token is dropped
         self.adapters: list[dict] = []  # the engine's report: names, weights, scores, gate weights
         self.gate_entropy: float | None = None
         self.start = time.perf_counter()
@@ -130,7 +169,7 @@ class Generation:
         self._logprobs_sent = 0
         self._first: StepOutput | None = None
         # submitted now, so a full queue or a bad request is an HTTP error before any byte is sent
-        self.outputs = self.client.generate(self.prompt_ids, self.sampling, self.selection)
+        self.outputs = self.client.generate(self.prompt_ids, self.sampling, self.selection, follows=self.follows)
 
     async def first_output(self) -> None:
         """Wait for the first token (or an early error), so the adapters chosen are known before
@@ -166,15 +205,17 @@ class Generation:
                 if self.first_token_at is None and out.num_output_tokens:
                     self.first_token_at = time.perf_counter()
                     self.metrics.ttft.observe(self.first_token_at - self.start)
-                self.completion_tokens = max(self.completion_tokens, out.num_output_tokens)
-                self.text += out.text
-                if out.logprob is not None:
-                    self.logprobs.append(out.logprob)
                 if out.prompt_logprobs is not None:
                     self.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     assert out.finish_reason is not None  # a finished output has its reason
-                    self.finish_reason = out.finish_reason.value
+                    self.finish_reason = "length" if self.prompt_only else out.finish_reason.value
+                if self.prompt_only:
+                    continue
+                self.completion_tokens = max(self.completion_tokens, out.num_output_tokens)
+                self.text += out.text
+                if out.logprob is not None:
+                    self.logprobs.append(out.logprob)
                 if out.text:
                     yield out.text
         finally:  # also when the client disconnects mid-stream (the task is cancelled)
@@ -211,6 +252,33 @@ class Generation:
         n = self.prompt_tokens
         return Usage(prompt_tokens=n, completion_tokens=self.completion_tokens, total_tokens=n + self.completion_tokens)
 
+    def cumulative_logprob(self) -> float:
+        return sum(lp for _, lp, _ in self.logprobs)
+
+
+def ranks_choices(body: SamplingFields) -> bool:
+    """Whether more choices are generated than returned (`best_of` > `n`), ranked by logprob."""
+    return body.choices_generated() > body.n
+
+
+def choice_makers(make: Callable[[int, Generation | None], Generation], count: int) -> list[Callable[[], Generation]]:
+    """The makers of one prompt's `count` choices for start(): make(choice, first choice or None).
+    The first is submitted before the rest, which follow it to share its prompt's KV blocks."""
+    made: list[Generation] = []
+
+    def one(choice: int) -> Generation:
+        made.append(make(choice, made[0] if made else None))
+        return made[-1]
+
+    return [functools.partial(one, j) for j in range(count)]
+
+
+def best_choices(gens: list[Generation], generated: int, kept: int) -> list[Generation]:
+    """Of each prompt's `generated` finished choices (consecutive in gens), the `kept` with the
+    highest cumulative logprob, in that order (OpenAI's best_of)."""
+    groups = [gens[i : i + generated] for i in range(0, len(gens), generated)]
+    return [g for group in groups for g in sorted(group, key=Generation.cumulative_logprob, reverse=True)[:kept]]
+
 
 async def start(gens_from: list[Callable[[], Generation]]) -> list[Generation]:
     """Submit every prompt and wait for each first output; on a refusal (an error kind, which the
@@ -239,12 +307,15 @@ class Shape:
     delta: Callable[[int, str, str | None, Generation], ChatChoice | TextChoice | None]  # a streamed piece of
     # prompt i (text, finish reason; the generation, for the logprobs of its tokens since the last piece);
     # None: held back
-    opening: Callable[[], ChatChoice | TextChoice] | None = None  # a first chunk before any text (chat: the role)
+    # choice i's first piece, all sent in a first chunk before any text (chat: the role)
+    opening: Callable[[int], ChatChoice | TextChoice] | None = None
 
 
 def total_usage(gens: list[Generation]) -> Usage:
-    usages = [g.usage() for g in gens]
-    return Usage(**{k: sum(getattr(u, k) for u in usages) for k in Usage.model_fields})
+    """Every generated token, and each prompt once (not once per choice), as OpenAI counts them."""
+    prompt = sum(g.prompt_tokens for g in gens if g.choice == 0)
+    completion = sum(g.completion_tokens for g in gens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def sse(payload: CompletionEnvelope | str) -> str:
@@ -267,6 +338,16 @@ async def close_when_gone(request: Request, gens: list[Generation]) -> None:
             g.outputs.close()
 
 
+async def run_to_end(gens: list[Generation], request: Request) -> None:
+    """Every generation whole, for a non-streamed answer; ended early if its caller leaves."""
+    watcher = asyncio.create_task(close_when_gone(request, gens))
+    try:
+        for g in gens:
+            await g.run()
+    finally:
+        watcher.cancel()
+
+
 async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], request: Request) -> Response:
     """The whole response, or its SSE stream, for generations already started."""
     rid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -276,23 +357,19 @@ async def respond(shape: Shape, body: SamplingFields, gens: list[Generation], re
         return CompletionEnvelope(id=rid, object=obj, created=created, model=body.model, choices=choices, **extra)
 
     if not body.stream:  # (a streaming response notices a departed client when it next writes)
-        watcher = asyncio.create_task(close_when_gone(request, gens))
-        try:
-            for g in gens:
-                await g.run()
-        finally:
-            watcher.cancel()
+        await run_to_end(gens, request)
+        usage = total_usage(gens)  # (best_of: of every choice generated)
+        if ranks_choices(body):
+            gens = best_choices(gens, body.choices_generated(), body.n)
         whole = envelope(
-            shape.object,
-            [shape.choice(i, g) for i, g in enumerate(gens)],
-            usage=total_usage(gens),
-            adapters=gens[0].adapters,
+            shape.object, [shape.choice(i, g) for i, g in enumerate(gens)], usage=usage, adapters=gens[0].adapters
         )
         return JSONResponse(whole.model_dump(mode="json", exclude_unset=True), headers=header)
 
     async def events() -> AsyncIterator[str]:
         if shape.opening is not None:
-            yield sse(envelope(shape.chunk_object, [shape.opening()], adapters=gens[0].adapters))
+            opening = [shape.opening(i) for i in range(len(gens))]
+            yield sse(envelope(shape.chunk_object, opening, adapters=gens[0].adapters))
         try:
             for i, g in enumerate(gens):  # one prompt after the other: choices keep their order
                 async for text in g.deltas():

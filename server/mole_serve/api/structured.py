@@ -1,12 +1,18 @@
 """Structured outputs and tool calls at the API (no torch): the grammar a chat answer must match
-(`response_format`, or `tools` with `tool_choice` `required` / a named function), the messages as
-the chat template gets them, and the answer read back as tool calls.
+(`response_format`, or `tools` under any `tool_choice` but `none`), the messages as the chat
+template gets them, and the answer read back as tool calls.
 
-Where the chat template has a tool format (it reads `tools`), the tools and tool turns go through
-it and `tool_choice: "auto"` lets the model choose, its calls read in the Hermes convention
-(`<tool_call>{"name": ..., "arguments": ...}</tool_call>`, used by Qwen, Hermes and SmolLM3).
-A template without one (SmolLM2's) never shows the model its tools: they are told in the system
-turn, as TGI does, and only forced calls are possible, under a grammar.
+Calls are read in the Hermes convention (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
+used by Qwen, Hermes and SmolLM3). Where the chat template has a tool format (it reads `tools`),
+the tools and tool turns go through it and `tool_choice: "auto"` leaves the model free. A template
+without one (SmolLM2's) never shows the model its tools: they are told in the system turn, as TGI
+does, earlier calls are written into the assistant turns in that convention, `auto` is a grammar
+that takes either free text or calls (auto_grammar), and `none` one of text without a call (the
+history shows the model calls it could copy). Forced calls are grammars on both kinds.
+
+Every argument grammar closes the objects its schema lists properties for and leaves open
+(`additionalProperties: false`, as vLLM's xgrammar path reads such schemas): a model given room
+for keys the function does not take writes some, and may never stop.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import llguidance
 
@@ -30,18 +38,57 @@ from mole_serve.api.protocol import (
     ToolMessage,
 )
 
-HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # (in the stubs only)
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+HERMES_CALL = re.compile(rf"{CALL_OPEN}\s*(.*?)\s*{CALL_CLOSE}", re.DOTALL)
+WORDS = f"TEXT: /(?s:.*)/ & ~/(?s:.*){CALL_OPEN}(?s:.*)/"  # (Lark) any text without the call marker
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+def _json_options(lenient: bool) -> JsonCompileOptions:
+    """How llguidance writes JSON: json.dumps' separators and no free whitespace (a small model
+    given room for whitespace may spend its whole budget on it). `lenient` ignores keywords the
+    compiler does not implement instead of refusing the schema."""
+    return {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": lenient}
+
+
 def json_grammar(schema: dict, lenient: bool = False) -> str:
-    """The llguidance grammar of JSON text valid under `schema`: json.dumps' separators and no
-    free whitespace (a small model given room for whitespace may spend its whole budget on it).
-    `lenient` ignores keywords the compiler does not implement instead of refusing the schema."""
-    return llguidance.LLMatcher.grammar_from_json_schema(
-        schema,
-        defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": lenient},
-    )
+    """The llguidance grammar of JSON text valid under `schema`."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(lenient))
+
+
+# keywords whose values are subschemas (a map of them, or one or a list); `allOf` and `not` stay as
+# they are: closing each part of an intersection, or a negated schema, changes what it means
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMAS = ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf")
+
+
+def closed(schema: dict) -> dict:
+    """`schema` with `additionalProperties: false` on every object schema that lists `properties`
+    and says nothing of other keys, nested ones included. An object schema with no `properties`
+    (`{"type": "object"}`) is a free-form mapping and stays open."""
+    out = {
+        k: {name: _closed(s) for name, s in v.items()} if k in _SCHEMA_MAPS and isinstance(v, dict) else v
+        for k, v in schema.items()
+    }
+    out |= {k: _closed(schema[k]) for k in _SCHEMAS if k in schema}
+    if "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _closed(value: object) -> object:
+    if isinstance(value, list):
+        return [_closed(v) for v in value]
+    return closed(value) if isinstance(value, dict) else value  # (a boolean schema stays)
+
+
+def arguments_schema(tool: Tool) -> dict:
+    """The schema a call's arguments are written under: the function's parameters, closed."""
+    parameters = tool.function.parameters
+    return closed(parameters) if parameters is not None else NO_ARGUMENTS
 
 
 def has_tool_format(chat_template: str | None) -> bool:
@@ -56,9 +103,22 @@ class ToolUse:
     mode: str
     function: str | None = None
 
+    def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content, tool calls, finish reason) of a finished answer. One cut by max_tokens keeps
+        no half call: under `auto` the text before it is the content, else there is none."""
+        if finish_reason == "length":
+            if self.mode != "auto":
+                return None, None, finish_reason
+            before, cut, _ = text.partition(CALL_OPEN)
+            return (before.rstrip() or None) if cut else text, None, finish_reason
+        found = self.calls(text) if finish_reason == "stop" else None
+        if found is None:
+            return text, None, finish_reason
+        return found[1], found[0], "tool_calls"
+
     def calls(self, text: str) -> tuple[list[ToolCall], str | None] | None:
         """(the calls, the remaining content) read from the answer; None when it holds no call
-        (free text under `auto`, or an answer cut short by max_tokens)."""
+        (free text under `auto`, or a `stop` string that cut the JSON short)."""
         if self.mode == "named":
             assert self.function is not None  # the named mode carries its function
             return ([_call(self.function, text)], None) if _is_json(text) else None
@@ -95,7 +155,7 @@ def _is_json(text: str) -> bool:
 
 def output_constraint(body: ChatCompletionRequest, chat_template: str | None) -> tuple[str | None, ToolUse | None]:
     """(the grammar the answer must match, how it becomes tool calls): a 400 naming the field for
-    a schema the grammar compiler refuses, or for a choice this model cannot make."""
+    a schema the grammar compiler refuses, or for fields that ask for two kinds of answer."""
     check_tools(body)
     forced = body.forced_tools()
     wants_json = body.response_format is not None and body.response_format.type != "text"
@@ -103,21 +163,17 @@ def output_constraint(body: ChatCompletionRequest, chat_template: str | None) ->
         if wants_json:
             raise APIError(400, "`response_format` cannot be combined with a forced tool call", param="response_format")
         if body.tool_choice != "required":  # a named function: the answer is its arguments
-            function = forced[0].function
-            grammar = _checked(function.parameters or NO_ARGUMENTS, function.strict, "tools")
-            return grammar, ToolUse("named", function.name)
+            grammar = _checked(arguments_schema(forced[0]), forced[0].function.strict, "tools")
+            return grammar, ToolUse("named", forced[0].function.name)
         return _checked(calls_schema(forced, body.parallel_tool_calls), None, "tools"), ToolUse("required")
     if body.tools and body.tool_choice != "none":  # `auto`, the default with tools
-        if not has_tool_format(chat_template):
-            raise APIError(
-                400,
-                "tool_choice `auto` needs a chat template with a tool format, and this model's has "
-                "none: use tool_choice `required` or name a function",
-                param="tool_choice",
-            )
         if wants_json:
             raise APIError(400, "`response_format` cannot be combined with tool_choice `auto`", param="response_format")
-        return None, ToolUse("auto")
+        if has_tool_format(chat_template):  # the model's own format: it was trained to choose
+            return None, ToolUse("auto")
+        return auto_grammar(body.tools, body.parallel_tool_calls), ToolUse("auto")
+    if body.tools and not wants_json and not has_tool_format(chat_template):  # tool_choice `none`
+        return words_grammar(), None
     if body.response_format is None or not wants_json:
         return None, None
     spec = body.response_format.json_schema
@@ -140,24 +196,66 @@ def check_tools(body: ChatCompletionRequest) -> None:
         raise APIError(400, f"tool_choice `{body.tool_choice}` needs `tools`", param="tool_choice")
 
 
+def max_calls(tools: list[Tool], parallel: bool) -> int:
+    """The most calls one answer may hold: one per tool. A small model that has written a call
+    tends to write it again, and again, until max_tokens cuts the answer and every call is lost;
+    a bound in the grammar ends the answer for sure. One per tool, rather than a bound on equal
+    calls (a model repeats with a changed argument too), keeps every function callable in one
+    turn; a function wanted twice is called again in the next turn, as agent loops do."""
+    return len(tools) if parallel else 1
+
+
+def one_call(tools: list[Tool]) -> dict:
+    """{"name": ..., "arguments": {...}}: a call to one of `tools`."""
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.function.name}, "arguments": arguments_schema(t)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in tools
+        ]
+    }
+
+
 def calls_schema(tools: list[Tool], parallel: bool) -> dict:
     """A JSON list of calls to `tools`: [{"name": ..., "arguments": {...}}], at least one."""
-    one_call = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters or NO_ARGUMENTS},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    schema = {"type": "array", "items": {"anyOf": one_call}, "minItems": 1}
-    return schema if parallel else {**schema, "maxItems": 1}
+    return {"type": "array", "items": one_call(tools), "minItems": 1, "maxItems": max_calls(tools, parallel)}
+
+
+def auto_grammar(tools: list[Tool], parallel: bool) -> str:
+    """Free text or calls, the model's choice: text that never holds `<tool_call>`, or any text
+    (the content) up to the first `<tool_call>` and then only calls, each a JSON call of one
+    of `tools` closed by `</tool_call>`, back to back, up to max_calls. The grammar reads bytes,
+    so however the tokenizer splits the marker (SmolLM2's: `<` `tool` `_` `call` `>`, or `Ġ<`
+    after a space), the text is free until the marker is whole and a call from there on: an
+    answer is always text or calls that parse, and no call is ever left in the text."""
+    call = json.dumps({**one_call(tools), "x-guidance": _json_options(lenient=True)})
+    more = f' ("{CALL_OPEN}" call){{0,{max_calls(tools, parallel) - 1}}}' if max_calls(tools, parallel) > 1 else ""
+    lark = f"""%llguidance {{}}
+start: TEXT | lead call{more}
+lead[lazy]: /(?s:.*){CALL_OPEN}/
+call: %json {call} "{CALL_CLOSE}"
+{WORDS}
+"""
+    return _valid(lambda: llguidance.LLMatcher.grammar_from_lark(lark), "tools")
+
+
+def words_grammar() -> str:
+    """Text that holds no call, for tool_choice `none`."""
+    return llguidance.LLMatcher.grammar_from_lark(f"start: TEXT\n{WORDS}\n")
 
 
 def _checked(schema: dict, strict: bool | None, param: str) -> str:
+    return _valid(lambda: json_grammar(schema, lenient=not strict), param)
+
+
+def _valid(build: Callable[[], str], param: str) -> str:
+    """The grammar `build` writes; a 400 naming `param` for a schema it cannot take."""
     try:
-        grammar = json_grammar(schema, lenient=not strict)
+        grammar = build()
     except ValueError as e:
         raise APIError(400, f"the schema is not a JSON object: {e}", param=param) from e
     error = llguidance.LLMatcher.validate_grammar(grammar)
@@ -173,8 +271,11 @@ def template_messages(body: ChatCompletionRequest, chat_template: str | None) ->
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
     if tools is None or native:
         return messages, tools
-    told = "You can call these functions; answer with a JSON call.\n" + "\n".join(
-        json.dumps(t["function"]) for t in tools
+    told = (
+        "You can call these functions:\n"
+        + "\n".join(json.dumps(t["function"]) for t in tools)
+        + f'\nTo call one, answer with {CALL_OPEN}{{"name": <its name>, "arguments": <its arguments>}}{CALL_CLOSE}. '
+        "Otherwise answer in words."
     )
     if messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + told}, *messages[1:]], None
@@ -188,8 +289,9 @@ def _template_message(m: ChatMessage, native: bool) -> dict:
         calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
         if native:
             out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
-        else:  # the calls as the model would have written them
-            out["content"] = (out["content"] + "\n" if out["content"] else "") + json.dumps(calls)
+        else:  # the calls as the model is told to write them
+            written = "".join(f"{CALL_OPEN}{json.dumps(c)}{CALL_CLOSE}" for c in calls)
+            out["content"] = (out["content"] + "\n" if out["content"] else "") + written
     if isinstance(m, ToolMessage) and native:
         out["tool_call_id"] = m.tool_call_id
     return out

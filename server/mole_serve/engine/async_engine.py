@@ -98,16 +98,18 @@ class AsyncEngine:
         sampling: SamplingParams,
         selection: Selection | None = None,
         request_id: str | None = None,
+        follows: str | None = None,
     ) -> RequestStream:
         """Submit a request now (bad input and a full queue raise here) and return its outputs as
-        they come; closing the stream before its end aborts the request."""
+        they come; closing the stream before its end aborts the request. follows: the request id of
+        an earlier choice of the same prompt (`n`), whose prompt KV this one reuses."""
         if self.num_pending >= self.max_waiting + self.engine.settings.max_num_seqs:
             raise QueueFullError(f"{self.num_pending} requests in flight; try again shortly")
         seq = self.engine.make_sequence(prompt_ids, sampling, (), request_id, selection)
         stream = RequestStream(self, seq.request_id)
         self._outputs[seq.request_id] = stream.queue
         self.num_pending += 1
-        self.call(lambda: self.engine.add_sequence(seq))
+        self.call(lambda: self.engine.add_sequence(seq, follows))
         return stream
 
     def _run(self) -> None:

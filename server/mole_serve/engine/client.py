@@ -33,6 +33,8 @@ class EngineStats:
 class OutputStream(Protocol):
     """One request's outputs; close() before the end aborts it (idempotent)."""
 
+    request_id: str
+
     def __aiter__(self) -> AsyncIterator[StepOutput]: ...
 
     def close(self) -> None: ...
@@ -53,8 +55,10 @@ class EngineClient(Protocol):
         sampling: SamplingParams,
         selection: Selection | None = None,
         request_id: str | None = None,
+        follows: str | None = None,
     ) -> OutputStream:
-        """Submit now (bad input and a full queue raise here, as error kinds)."""
+        """Submit now (bad input and a full queue raise here, as error kinds). follows: the request
+        id of an earlier choice of the same prompt (`n`): the engine may reuse its prompt's KV."""
 
     def abort(self, request_id: str) -> None: ...
 

@@ -10,10 +10,13 @@ from transformers import PreTrainedTokenizerBase
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], min_tokens: int = 0) -> None:
+        """min_tokens: as vLLM, no stop string is looked for before that many tokens are out, and
+        one that ended before the last of them does not count (`unchecked`: that text's length)."""
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.min_tokens, self.unchecked = min_tokens, 0
         self.text = ""
         self.emitted = 0
 
@@ -23,7 +26,12 @@ class Detokenizer:
         # characters and tokenizer-specific spacing right.
         text = cast(str, self.tokenizer.decode(output_ids, skip_special_tokens=True))  # one id list: one string
         search_from = max(0, self.emitted - self.hold)
-        hits = [at for at in (text.find(stop, search_from) for stop in self.stop) if at != -1]
+        if len(output_ids) < self.min_tokens:
+            self.unchecked = len(text)
+            hits = []
+        else:
+            starts = [max(search_from, self.unchecked - len(stop) + 1) for stop in self.stop]
+            hits = [at for at in (text.find(stop, i) for stop, i in zip(self.stop, starts)) if at != -1]
         if hits:
             self.text = text[: min(hits)]
             return self.flush(), True

@@ -108,7 +108,8 @@ class LLMEngine:
             settings.eviction_policy,
         )
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
-        self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks)
+        self.eos_token_ids = {tokenizer.eos_token_id} - {None}
+        self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks, self.eos_token_ids)
         blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(
             blocks,
@@ -121,7 +122,6 @@ class LLMEngine:
         # bumped when an adapter's weights (or the gate) change: cached KV of the old ones must not serve
         self._versions: Counter[str] = Counter()
         self._gate_version = 0
-        self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.grammars = GrammarMatchers(tokenizer, model.config.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
@@ -176,7 +176,8 @@ class LLMEngine:
                 )
             if selection.top_k > self.adapter_limit:
                 raise InvalidRequest(
-                    f"top_k {selection.top_k} is over the limit of {self.adapter_limit} per request", "top_k"
+                    f"retrieval_top_k {selection.top_k} is over the limit of {self.adapter_limit} per request",
+                    "retrieval_top_k",
                 )
             selection = dataclasses.replace(selection, explicit=refs)
             refs = ()
@@ -202,9 +203,12 @@ class LLMEngine:
             merged[a.name] = merged.get(a.name, 0.0) + a.weight
         return tuple(AdapterRef(n, w) for n, w in merged.items())
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence, follows: str | None = None) -> None:
+        """follows: the request id of an earlier choice of the same prompt (`n`), if it is still
+        here: this one is admitted once that one's prompt is computed."""
+        seq.leader = self._seqs.get(follows) if follows else None
         self._seqs[seq.request_id] = seq
-        self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.sampling.stop)
+        self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.sampling.stop, seq.sampling.min_tokens)
         if seq.selection is not None:
             self._unresolved.append((seq, seq.selection))
         self.scheduler.add(seq)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,14 +19,26 @@ if TYPE_CHECKING:
 # (token id, logprob, the top alternatives as (token id, logprob), most likely first).
 Logprob = tuple[int, float, tuple[tuple[int, float], ...]]
 MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# vLLM's: a temperature under it is greedy, its limit (dividing by it would overflow float32 logits to inf)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # under GREEDY_BELOW = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
+    top_k: int = 0  # 0 or -1 (vLLM's "off") = no top-k cut
+    min_p: float = 0.0  # drop tokens under min_p times the most likely one's probability (vLLM)
+    # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), over the output
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # vLLM's / HF's, over the prompt and the output: a positive logit divided by it, a negative multiplied
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
+    # EOS and stop_token_ids are masked and stop strings unchecked until this many tokens are out (vLLM);
+    # may exceed max_tokens (an input form's longer prompt shrinks max_tokens): the length limit wins
+    min_tokens: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -41,8 +54,24 @@ class SamplingParams:
             raise InvalidRequest("temperature must be >= 0", "temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest("top_p must be in (0, 1]", "top_p")
-        if self.top_k < 0:
-            raise InvalidRequest("top_k must be >= 0", "top_k")
+        if self.top_k < -1:
+            raise InvalidRequest("top_k must be -1 or 0 (no cut), or at least 1", "top_k")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest("min_p must be in [0, 1]", "min_p")
+        for field_name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, field_name) <= 2:
+                raise InvalidRequest(f"{field_name} must be in [-2, 2]", field_name)
+        if not 0 < self.repetition_penalty < math.inf:
+            raise InvalidRequest("repetition_penalty must be > 0", "repetition_penalty")
+        ids = [t for t, _ in self.logit_bias]
+        if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+            raise InvalidRequest("logit_bias must name distinct token ids >= 0", "logit_bias")
+        if not all(-100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise InvalidRequest("logit_bias values must be in [-100, 100]", "logit_bias")
+        if self.min_tokens < 0:
+            raise InvalidRequest("min_tokens must be >= 0", "min_tokens")
+        if min(self.stop_token_ids, default=0) < 0:
+            raise InvalidRequest("stop_token_ids must be token ids >= 0", "stop_token_ids")
         for field_name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, field_name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
@@ -50,7 +79,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits depend on the tokens so far (the sampler counts them)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
 
 class SequenceStatus(enum.Enum):
@@ -98,6 +132,9 @@ class Sequence:
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)
     # With sampling.grammar: its llguidance matcher, which has consumed every generated token.
     matcher: llguidance.LLMatcher | None = None
+    # Another choice of the same request (`n`) whose prompt this one waits for, to find its KV
+    # blocks in the prefix cache instead of computing them again.
+    leader: Sequence | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

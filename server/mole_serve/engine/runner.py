@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -34,10 +35,17 @@ class PrefillOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderModel, kv: KVCache, pool: LoRAPool, backend: LoRABackend, native_blocks: bool = True
+        self,
+        model: DecoderModel,
+        kv: KVCache,
+        pool: LoRAPool,
+        backend: LoRABackend,
+        native_blocks: bool = True,
+        eos_token_ids: Collection[int] = (),
     ) -> None:
         self.model, self.kv, self.pool, self.backend = model, kv, pool, backend
         self.native_blocks = native_blocks  # run a lone MELoRA adapter as its mini LoRAs
+        self.eos_token_ids = eos_token_ids  # what min_tokens masks besides a request's stop_token_ids
         self.device = model.device
         self._generators: dict[str, torch.Generator] = {}
 
@@ -50,8 +58,9 @@ class ModelRunner:
         logits = self.forward_logits(batch)  # [N, V]
         sampled = [s.seq for s in batch.scheduled if s.samples]
         gens = [self._generator(seq) for seq in sampled]
-        # the grammars' masks on a copy: logprobs stay those of the model's raw logits (vLLM's default)
-        tokens = sample(mask_logits(logits, [seq.matcher for seq in sampled]), [seq.sampling for seq in sampled], gens)
+        # the grammars' masks, bias and penalties on copies: logprobs stay those of the model's raw
+        # logits (vLLM's default)
+        tokens = sample(mask_logits(logits, [seq.matcher for seq in sampled]), sampled, gens, self.eos_token_ids)
         asking = {i: k for i, seq in enumerate(sampled) if (k := seq.sampling.logprobs) is not None}  # row -> top
         logprobs: list[Logprob | None] = [None] * len(sampled)
         if asking:

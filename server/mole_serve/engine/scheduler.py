@@ -112,6 +112,13 @@ class Scheduler:
             self.blocks.commit(s.seq)
 
     def _admit(self, seq: Sequence) -> bool:
+        leader = seq.leader  # another choice of the same prompt: wait until its prompt's blocks are cached
+        if (
+            leader is not None
+            and leader.status is SequenceStatus.RUNNING
+            and leader.num_computed < len(leader.prompt_ids)
+        ):
+            return False
         if not self._acquire_adapters(seq):  # first: the adapter set is part of the prefix key
             return False
         if not self.blocks.allocate(seq):

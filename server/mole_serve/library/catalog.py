@@ -313,7 +313,8 @@ class Catalog:
                 f"the adapter `{uploaded.name}` takes {slots} adapter slots (its own and one per expert); this "
                 f"server has {self.max_loras} (MOLE_MAX_LORAS), so no request could run it"
             )
-        key = self.retriever.card_key(uploaded.card["examples"]) if self.retriever is not None else None
+        examples = uploaded.card.get("examples")  # (none: an adapter served by name only)
+        key = self.retriever.card_key(examples) if self.retriever is not None and examples else None
         return CheckedAdapter(**vars(uploaded), weights=weights, key=key)
 
     @property

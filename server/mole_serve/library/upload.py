@@ -358,10 +358,17 @@ def check_card(card: object, name: str, min_examples: int) -> dict:
     """The card as stored: its fields checked, unknown ones dropped (CARD_FIELDS), `name` set."""
     if not isinstance(card, dict):
         raise InvalidAdapterError("card.json must be a JSON object with name, description and examples")
+    if not isinstance(card.get("auto", False), bool):
+        raise InvalidAdapterError("card.json: `auto` (whether `auto` may retrieve the adapter) must be true or false")
     examples = card.get("examples")
-    if not isinstance(examples, list) or not all(isinstance(e, str) and e.strip() for e in examples):
-        raise InvalidAdapterError("card.json: `examples` must be a list of non-empty example prompts")
-    if len(examples) < min_examples:
+    if examples is None and card.get("auto") is False:
+        examples = []  # served by name only: no retrieval key to embed
+    elif not isinstance(examples, list) or not all(isinstance(e, str) and e.strip() for e in examples):
+        raise InvalidAdapterError(
+            "card.json: `examples` must be a list of non-empty example prompts (or the card says `auto: false`: "
+            "an adapter served by name only)"
+        )
+    elif len(examples) < min_examples:
         raise InvalidAdapterError(
             f"card.json has {len(examples)} examples; at least {min_examples} are needed "
             "(they are the adapter's retrieval key)"
@@ -374,8 +381,6 @@ def check_card(card: object, name: str, min_examples: int) -> dict:
             f"card.json: the examples hold {text} characters together; the limit is {MAX_EXAMPLE_TEXT} "
             "(each is embedded for the retrieval key)"
         )
-    if not isinstance(card.get("auto", False), bool):
-        raise InvalidAdapterError("card.json: `auto` (whether `auto` may retrieve the adapter) must be true or false")
     if card.get("input", "plain") not in INPUT_FORMS:
         raise InvalidAdapterError(
             f"card.json: `input` must be one of {', '.join(INPUT_FORMS)} (how the adapter "
