@@ -1,7 +1,7 @@
-"""What one resident adapter of a larger rank costs every request. The pool's stacks hold one rank
+"""What one resident adapter of a larger rank costs every request. The pool's stacks store one rank
 for all slots (mole_serve/lora/pool.py pads each slot to the largest rank resident, as vLLM's
-max_lora_rank does), so one rank-32 adapter in a rank-8 library makes every LoRA step of every
-request read and multiply 32 rows per module.
+max_lora_rank does); the ops compute each adapter at its own rank, so an unused larger adapter
+should cost memory and not throughput.
 
 Two engines in this process, the same rank-8 library and requests; the second also holds one
 rank-`--big-rank` adapter that no request uses. Rounds interleave them; the best round counts.

@@ -1,6 +1,7 @@
-"""The Triton backend's cases against torch_ref, shared by the interpreted tests (test_triton_lora.py,
-CPU tensors) and by a CUDA run in a process of its own; and the ahead-of-time compile of every
-kernel for a GPU target. Not collected by pytest (no test_ prefix): the importer decides whether
+"""The Triton backend's cases against torch_ref, and each backend's at its slots' own ranks against
+its padded op, shared by the interpreted tests (test_triton_lora.py, test_rank_bound.py: CPU
+tensors) and by a CUDA run in a process of its own; and the ahead-of-time compile of every kernel
+for a GPU target. Not collected by pytest (no test_ prefix): the importer decides whether
 the kernels are interpreted (TRITON_INTERPRET is read when the kernel module is imported).
 
     python -m tests.unit.triton_cases cuda       # every case on the GPU, compiled kernels
@@ -10,15 +11,17 @@ the kernels are interpreted (TRITON_INTERPRET is read when the kernel module is 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import sys
+from collections.abc import Sequence
 
 import torch
 from mole_serve.lora.backends.base import LoRABackend
 from mole_serve.lora.backends.torch_ref import TorchBackend
 from mole_serve.lora.backends.triton import TritonBackend
 from mole_serve.lora.batch import BlockRows, LoRABatchInfo, as_range, build_lora_batch
-from mole_serve.lora.gate import GateConfig, GateStats, MoLEGate
+from mole_serve.lora.gate import GateConfig, GateStats, LayerGate, MoLEGate
 from mole_serve.lora.stacks import GroupStack
 
 # Every module group's column split, at toy sizes that divide no tile: group -> (d_in, outs)
@@ -125,9 +128,9 @@ def check_experts(group: str, with_weights: bool, dtype: torch.dtype, device: st
         weights = torch.zeros(T, n, E).scatter_(-1, experts, top).to(device, dtype)
     base = torch.randn(T, stack.out_columns[-1][1], generator=g).to(device, dtype)
     out, expected = base.clone(), base.float()
-    TritonBackend().apply_experts(x, out, stack, slots, None, weights)
+    TritonBackend().apply_experts(x, out, stack, slots, None, 6, weights)
     LoRABackend().apply_experts(
-        x.float(), expected, as_fp32(stack), slots, None, None if weights is None else weights.float()
+        x.float(), expected, as_fp32(stack), slots, None, 6, None if weights is None else weights.float()
     )
     assert_close(out, expected, dtype)
 
@@ -142,16 +145,16 @@ def check_ffn_experts(dtype: torch.dtype, device: str, seed: int = 0) -> None:
     weights = torch.softmax(torch.randn(T, k, generator=g), -1).to(device, dtype)
     gate_up = random_stack("gate_up", 5, dtype, device, seed)
     x = torch.randn(T, GROUPS["gate_up"][0], generator=g).to(device, dtype)
-    got = TritonBackend().selected_expert_outputs(x, gate_up, slots, (1, 5), experts)
-    expected = LoRABackend().selected_expert_outputs(x.float(), as_fp32(gate_up), slots, (1, 5), experts)
+    got = TritonBackend().selected_expert_outputs(x, gate_up, slots, (1, 5), 5, experts)
+    expected = LoRABackend().selected_expert_outputs(x.float(), as_fp32(gate_up), slots, (1, 5), 5, experts)
     for got_j, expected_j in zip(got, expected, strict=True):
         assert_close(got_j, expected_j, dtype)
     down = random_stack("down", 5, dtype, device, seed)
     xk = torch.randn(T, k, GROUPS["down"][0], generator=g).to(device, dtype)
     base = torch.randn(T, GROUPS["down"][1][0], generator=g).to(device, dtype)
     out, expected = base.clone(), base.float()
-    TritonBackend().apply_routed_inputs(xk, out, down, slots, (1, 5), experts, weights)
-    LoRABackend().apply_routed_inputs(xk.float(), expected, as_fp32(down), slots, (1, 5), experts, weights.float())
+    TritonBackend().apply_routed_inputs(xk, out, down, slots, (1, 5), 5, experts, weights)
+    LoRABackend().apply_routed_inputs(xk.float(), expected, as_fp32(down), slots, (1, 5), 5, experts, weights.float())
     assert_close(out, expected, dtype)
 
 
@@ -179,6 +182,133 @@ def check_blocks(n: int, rank: int, rows: list[int], dtype: torch.dtype, device:
     assert_close(fused, expected, dtype)
 
 
+# Each adapter at its own rank: the stacks at STACK_RANK, slot s holding SLOT_RANKS[s] rank rows
+# (zero past them, as the pool packs), slot BIG the one adapter of the stacks' rank.
+STACK_RANK, BIG, SMALL = 16, 6, 4  # SMALL: the largest rank but BIG's
+SLOT_RANKS = [0, 4, 3, 4, 2, 4, STACK_RANK, 4, 1]
+RANK_BOUND_CASES = [(group, dense, big) for group in GROUPS for dense in (False, True) for big in (False, True)]
+
+
+def backend_for(name: str) -> LoRABackend:
+    return TorchBackend() if name == "torch" else TritonBackend()
+
+
+def held(stack: GroupStack, ranks: list[int], value: float) -> GroupStack:
+    """A copy of the stacks with every row of slot s past ranks[s] (in each module block) set to value."""
+    A, Bs = stack.A.clone(), [B.clone() for B in stack.B]
+    blocks = A.view(len(A), len(Bs), STACK_RANK, -1)  # [slots, n, r, d_in]
+    for s, r in enumerate(ranks):
+        blocks[s, :, r:] = value
+        for B in Bs:
+            B[s, r:] = value
+    return GroupStack(A, Bs, stack.out_columns)
+
+
+def rank_stack(group: str, device: str, seed: int = 0) -> GroupStack:
+    """A group's fp32 stacks at STACK_RANK, slot s holding SLOT_RANKS[s] rows."""
+    return held(random_stack(group, STACK_RANK, torch.float32, device, seed), SLOT_RANKS, 0.0)
+
+
+def rank_step(big_used: bool) -> tuple[list, list[int]]:
+    """(sets, tokens per sequence): 7 decode rows (two neighbours share a set, one without adapters
+    in the middle), then prefill chunks of 5, 0 and 9 tokens. big_used: the big adapter alone in a
+    decode row and a chunk, and beside a small one in another decode row's set."""
+    sets = [
+        ((1, 2), (0.7, 0.3)),
+        ((3,), (1.0,)),
+        ((3,), (1.0,)),
+        ((), ()),
+        ((4, 5, 7), (0.2, -0.5, 1.0)),
+        ((8,), (2.0,)),
+        ((1,), (1.0,)),
+        ((2, 5), (0.5, 0.5)),
+        ((), ()),
+        ((7, 1, 3), (1.0, 0.3, -1.25)),
+    ]
+    if big_used:
+        sets[1] = ((BIG,), (1.0,))
+        sets[4] = ((4, BIG), (0.6, 0.4))
+        sets[9] = ((BIG,), (-0.5,))
+    return sets, [1] * 7 + [5, 0, 9]
+
+
+def read_by(backend: str, batch: LoRABatchInfo) -> list[int]:
+    """Per slot, the rank rows the backend may read of it: Triton its own, where a set uses it;
+    torch the rank of every block that uses it (the dense step, a decode run, a prefill chunk: slot
+    0 pads their sets)."""
+    if backend == "triton":
+        used = set(batch.lora_slots.flatten().tolist())
+        return [r if s in used else 0 for s, r in enumerate(SLOT_RANKS)]
+    reads = [0] * SLOTS
+
+    def use(slots: list[int], rank: int) -> None:
+        for s in slots:
+            reads[s] = max(reads[s], rank)
+
+    if batch.unique_slots is not None:
+        use(batch.unique_slots.tolist(), batch.rank)
+        return reads
+    row0 = 0
+    for end, rank in batch.decode_runs:
+        use(batch.lora_slots[row0:end].flatten().tolist(), rank)
+        row0 = end
+    for i in range(batch.num_decode, len(batch.set_ranks)):
+        use(batch.lora_slots[i].tolist(), max(batch.set_ranks[i]))
+    return reads
+
+
+def run_op(
+    backend: str,
+    stack: GroupStack,
+    batch: LoRABatchInfo,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    gate: LayerGate | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(out, weights used, gate sums or None) of one apply on a copy of `base`; with a gate, every
+    other sequence gated."""
+    ops = backend_for(backend)
+    ops.prepare(batch, 0, 0)
+    out = base.clone()
+    gated = [i % 2 == 0 for i in range(len(batch.set_ranks))]
+    counts = [1] * batch.num_decode + [n for _, n in batch.prefill_spans]
+    stats = GateStats.for_batch(batch, gated, counts) if gate is not None else None
+    weights = ops.apply(x, out, stack, batch, batch.token_weights, gate, stats)
+    return out, weights, None if stats is None else stats.sums
+
+
+def assert_same(got: Sequence, expected: Sequence, exact: bool) -> None:
+    """fp32 on the same inputs: the bounded op adds the same products, less the zero ones. The
+    interpreted kernels sum in the same order (exact); a BLAS or GPU may order a GEMM of another
+    shape otherwise (equal to rounding)."""
+    for g, e in zip(got, expected, strict=True):
+        if e is None:
+            assert g is None
+        elif exact:
+            assert torch.equal(g, e)
+        else:
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+def check_rank_bound(backend: str, group: str, dense: bool, big_used: bool, device: str) -> None:
+    """The op on a batch built with the slot ranks == the padded op (built without) on the same
+    backend in fp32, the stacks' rows past what the bounded op may read set to NaN (reading one
+    shows). Unused, the big slot is not read, nor any slot past the small ranks."""
+    stack = rank_stack(group, device)
+    sets, counts = rank_step(big_used)
+    bounded = build_lora_batch(sets, counts, 7, torch.device(device), torch.float32, dense, SLOT_RANKS)
+    padded = build_lora_batch(sets, counts, 7, torch.device(device), torch.float32, dense)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(counts), GROUPS[group][0], generator=g).to(device)
+    base = torch.randn(sum(counts), stack.out_columns[-1][1], generator=g).to(device)
+    reads = read_by(backend, bounded)
+    if not big_used:
+        assert reads[BIG] == 0 and max(reads) <= SMALL
+    got = run_op(backend, held(stack, reads, math.nan), bounded, x, base)
+    assert_same(got, run_op(backend, stack, padded, x, base), exact=backend == "triton" and device == "cpu")
+
+
 APPLY_CASES = []  # every group in every dtype, both paths, the (rank, K) pairs in turn
 for i, (group, dtype) in enumerate(itertools.product(GROUPS, DTYPES)):
     APPLY_CASES += [(group, *RANKS_K[i % len(RANKS_K)], dense, dtype) for dense in (False, True)]
@@ -197,6 +327,7 @@ def run_all(device: str) -> int:
         + [(check_experts, c) for c in EXPERT_CASES]
         + [(check_ffn_experts, (d,)) for d in DTYPES]
         + [(check_blocks, c) for c in BLOCK_CASES]
+        + [(check_rank_bound, ("triton", *c)) for c in RANK_BOUND_CASES]
     )
     failures = 0
     for fn, args in cases:

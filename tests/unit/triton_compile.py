@@ -35,8 +35,8 @@ def variants(dt: str) -> list[tuple[triton.runtime.JITFunction, dict[str, str], 
         "x_ptr": f"*{dt}",
         "a_ptr": f"*{dt}",
         "z_ptr": "*fp32",
-        **_sig("tiles_ptr seg_slots_ptr", "*i32"),
-        **_sig("d_in nr num_cols stride_xt stride_as stride_ar stride_zt stride_zc", "i32"),
+        **_sig("tiles_ptr seg_slots_ptr seg_ranks_ptr", "*i32"),
+        **_sig("d_in rank r_stack nr num_cols stride_xt stride_as stride_ar stride_zt stride_zc", "i32"),
     }
     for block_m, block_n in ((16, 16), (64, ops.SHRINK_MAX_BLOCK_N)):
         const = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": ops.SHRINK_BLOCK_K, "DOT_FP32": False}
@@ -51,8 +51,8 @@ def variants(dt: str) -> list[tuple[triton.runtime.JITFunction, dict[str, str], 
             "w_ptr": f"*{w_dt}",
             "out_ptr": f"*{dt}",
             "b_table_ptr": "*i64",
-            **_sig("b_meta_ptr tiles_ptr seg_slots_ptr", "*i32"),
-            **_sig("rank num_cols stride_zt stride_zc stride_wt stride_wj stride_wc stride_ot", "i32"),
+            **_sig("b_meta_ptr tiles_ptr seg_slots_ptr seg_ranks_ptr", "*i32"),
+            **_sig("rank r_stack num_cols stride_zt stride_zc stride_wt stride_wj stride_wc stride_ot", "i32"),
         }
         const = {
             "HAS_WEIGHTS": has_w,

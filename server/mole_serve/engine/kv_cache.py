@@ -3,16 +3,19 @@
 Which blocks a sequence owns is the block manager's business (pure Python); this module holds
 the tensors. Per layer, k and v are [num_blocks * block_size, kv_heads, head_dim]: position p of
 a sequence lives at slot block_table[p // block_size] * block_size + p % block_size, so writing
-a step's tokens is one index_copy_ and a decode batch gathers its sequences' slots in one
-index_select. The gathered [N, L, kv_heads, head_dim] goes to SDPA as a strided view, which the
-CPU kernel reads in place (cheaper than copying it to [N, kv_heads, L, head_dim] first; the
-measurements are in docs/decisions.md). A prefill chunk that starts at position 0 attends to its
-own keys without reading the pool.
+a step's tokens is one index_copy_. On CUDA, decode attention reads the pool in place through the
+block tables (engine/paged_attention.py's Triton kernel: no gather, no allocation). On CPU, and
+as its reference, a decode batch gathers its sequences' slots in one index_select; the gathered
+[N, L, kv_heads, head_dim] goes to SDPA as a strided view, which the CPU kernel reads in place
+(cheaper than copying it to [N, kv_heads, L, head_dim] first; the measurements are in
+docs/decisions.md). A prefill chunk that starts at position 0 attends to its own keys without
+reading the pool.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,16 +41,22 @@ class AttentionMetadata:
     num_decode: int
     decode_slots: torch.Tensor  # [Nd, Lmax] slots of each decoding sequence's positions (padded with slot 0)
     decode_mask: torch.Tensor | None  # [Nd, 1, 1, Lmax] bool, True = attend; None when no padding
+    decode_block_tables: torch.Tensor  # [Nd, max_blocks] int32 each decoding sequence's blocks (padded with 0)
+    decode_seq_lens: torch.Tensor  # [Nd] int32 positions each decoding sequence attends to (its past and itself)
     prefill: list[PrefillChunk]
 
 
-def block_slots(block_tables: list[list[int]], block_size: int, device: torch.device) -> torch.Tensor:
-    """[N, max_blocks * block_size]: the slots of each table's positions, padded with slot 0."""
+def block_table_tensor(block_tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[N, max_blocks] int32: the tables padded with block 0."""
     width = max(map(len, block_tables), default=0)
-    if not width:
-        return torch.zeros(len(block_tables), 0, dtype=torch.long, device=device)
-    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
-    return (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(block_tables), -1)
+    rows = [t + [0] * (width - len(t)) for t in block_tables]
+    return torch.tensor(rows, dtype=torch.int32, device=device).view(len(rows), width)
+
+
+def block_slots(tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, max_blocks * block_size] int64: the slots of each table's positions ([N, max_blocks])."""
+    offsets = torch.arange(block_size, device=tables.device)
+    return (tables[:, :, None].long() * block_size + offsets).flatten(1)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -58,6 +67,17 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _decode_kernel(device: torch.device, head_dim: int) -> Callable[..., None] | None:
+    """The paged decode kernel on CUDA when triton imports and it takes this head_dim; None: gather + SDPA."""
+    if device.type != "cuda":
+        return None
+    try:
+        from mole_serve.engine.paged_attention import HEAD_DIMS, paged_decode_attention
+    except ImportError:  # a torch build without triton
+        return None
+    return paged_decode_attention if head_dim in HEAD_DIMS else None
 
 
 class KVCache:
@@ -76,6 +96,7 @@ class KVCache:
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
         self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.decode_kernel = _decode_kernel(device, head_dim)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -97,7 +118,7 @@ class KVCache:
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
-            out[:nd] = self._attend_decode(layer, q[:nd], meta, kv_heads, group)
+            self._attend_decode(layer, q[:nd], meta, kv_heads, group, out[:nd])
         offset = nd
         for chunk in meta.prefill:
             c = chunk.length
@@ -114,9 +135,15 @@ class KVCache:
         return out.view(T, H * D)
 
     def _attend_decode(
-        self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_heads: int, group: int
-    ) -> torch.Tensor:
+        self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_heads: int, group: int, out: torch.Tensor
+    ) -> None:
+        """q, out: [Nd, H, D]; out written in place."""
         nd, _, D = q.shape
+        if self.decode_kernel is not None:
+            k_pool, v_pool = self.k[layer], self.v[layer]
+            tables, lens = meta.decode_block_tables, meta.decode_seq_lens
+            self.decode_kernel(q, k_pool, v_pool, tables, lens, self.block_size, D**-0.5, out)  # SDPA's scale
+            return
         L = meta.decode_slots.shape[1]
         flat = meta.decode_slots.view(-1)
         # [Nd, kvH, L, D] as a strided view of the gathered [Nd, L, kvH, D]
@@ -124,4 +151,4 @@ class KVCache:
         v = self.v[layer].index_select(0, flat).view(nd, L, kv_heads, D).transpose(1, 2)
         qg = q.view(nd, kv_heads, group, D)  # the group's heads act as G query rows
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask)  # [Nd, kvH, G, D]
-        return o.reshape(nd, kv_heads * group, D)
+        out.copy_(o.reshape(nd, kv_heads * group, D))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mole_serve.engine.kv_cache import AttentionMetadata, KVCache, PrefillChunk, block_slots
+from mole_serve.engine.kv_cache import AttentionMetadata, KVCache, PrefillChunk, block_slots, block_table_tensor
 from mole_serve.engine.model import DecoderModel
 from mole_serve.engine.request import Logprob, SamplingParams, Sequence
 from mole_serve.engine.sampler import logprobs_of, make_generator, sample
@@ -135,14 +135,17 @@ class ModelRunner:
 
     def row_group(self, seq: Sequence) -> tuple:
         """The sort key of a decode row (Scheduler's decode_order): sets on the slot stacks first,
-        longest first, then native blocks by shape, then each MoE-kind adapter's rows, then rows
-        with no adapter. Each path's rows are then one slice of the step (views, not gathers), and
-        the gathered op stops at the last row with a set (LoRABatchInfo.num_decode_with_sets)."""
+        largest rank first (the torch backend's decode runs of one rank, LoRABatchInfo.decode_runs),
+        then longest, then native blocks by shape, then each MoE-kind adapter's rows, then rows with
+        no adapter. Each path's rows are then one slice of the step (views, not gathers), and the
+        gathered op stops at the last row with a set (LoRABatchInfo.num_decode_with_sets)."""
         if (slot := self._expert_slot(seq)) is not None:
             return (2, slot)
         if (native := self._native(seq)) is not None:
             return (1, *native[0])
-        return (0, -len(seq.lora_slots)) if seq.lora_slots else (3,)
+        if not seq.lora_slots:
+            return (3,)
+        return (0, -max(self.pool.slot_ranks[s] for s in seq.lora_slots), -len(seq.lora_slots))
 
     def _expert_slot(self, seq: Sequence) -> int | None:
         """The lora slot of the sequence's adapter when it is a mixture of LoRA experts (named alone)."""
@@ -173,15 +176,19 @@ class ModelRunner:
         sequence, what _native and _expert_slot chose (its set in `sets` is then empty)."""
         blocks = build_block_rows(native, num_tokens, self.device, self.model.dtype) if any(native) else []
         experts = self._expert_rows(expert_slots, num_tokens, num_decode)
-        batch = build_lora_batch(sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense)
+        pool = self.pool
+        batch = build_lora_batch(
+            sets, num_tokens, num_decode, self.device, self.model.dtype, force_dense, pool.slot_ranks
+        )
         if batch is None and not blocks and not experts:
             return None
-        gates = gate.layer_gates(self.pool.stacks) if gate is not None else self.pool.layer_gates
+        gates = gate.layer_gates(pool.stacks) if gate is not None else pool.layer_gates
         stats = None
         if batch is not None:
-            self.backend.prepare(batch, self.pool.version, self.pool.slot_bytes)
+            # one slot's bytes as the step reads them: the first batch.rank rows of each module block
+            self.backend.prepare(batch, pool.version, pool.slot_bytes * min(batch.rank, pool.rank) // pool.rank)
             stats = GateStats.for_batch(batch, gated, num_tokens) if gates is not None else None
-        return LoRAContext(self.pool.stacks, batch, self.backend, gates, stats, blocks, self.pool.block_stacks, experts)
+        return LoRAContext(pool.stacks, batch, self.backend, gates, stats, blocks, pool.block_stacks, experts)
 
     def _expert_rows(self, expert_slots: Seq[int | None], num_tokens: Seq[int], num_decode: int) -> list[ExpertRows]:
         """One ExpertRows per MoE-kind adapter of the step, over its sequences' rows."""
@@ -256,7 +263,8 @@ class ModelRunner:
         group = self.model.num_heads // self.model.num_kv_heads
         decode = [s.seq for s in batch.decode]
         lens = [seq.num_computed + 1 for seq in decode]  # each attends to its past and itself
-        decode_slots = block_slots([seq.block_table for seq in decode], bs, dev)[:, : max(lens, default=0)].contiguous()
+        tables = block_table_tensor([seq.block_table for seq in decode], dev)  # [Nd, max_blocks] int32
+        decode_slots = block_slots(tables, bs)[:, : max(lens, default=0)].contiguous()
         lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
         mask = None
         if lens and min(lens) != max(lens):
@@ -266,7 +274,7 @@ class ModelRunner:
         prefill = []
         for s in batch.prefill:
             start, n = s.seq.num_computed, s.num_tokens
-            slots = block_slots([s.seq.block_table], bs, dev)[0, : start + n]
+            slots = block_slots(block_table_tensor([s.seq.block_table], dev), bs)[0, : start + n]
             slot_mapping.append(slots[start:])
             positions.append(torch.arange(start, start + n, device=dev))
             # Query row i (position start+i) sees keys 0..start+i; repeated for the G heads of a group.
@@ -278,5 +286,7 @@ class ModelRunner:
             num_decode=len(decode),
             decode_slots=decode_slots,
             decode_mask=mask,
+            decode_block_tables=tables,
+            decode_seq_lens=lens_t.int(),
             prefill=prefill,
         )

@@ -5,7 +5,7 @@ statistics live in gate.GateStats, a backend's caches in the backend."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,10 @@ import torch
 # on average: its wasted FLOPs (every token against every unique slot) then cost less than
 # gathering a copy of each sequence's adapters.
 DENSE_MIN_SEQS_PER_ADAPTER = 4
+# The rank of a slot in a batch built without the pool's slot ranks (tests of the op alone): every op
+# bounds a rank by its stack's, so such a slot runs at the stacks' full rank. int32's largest: it
+# fits the Triton kernels' rank tables.
+UNKNOWN_RANK = 2**31 - 1
 
 
 @dataclass
@@ -29,6 +33,13 @@ class LoRABatchInfo:
     # gathered path: the decode rows' padded slots up to the last one with an adapter (the rows
     # after it have none and add nothing), what a backend may key a gather cache on
     decode_slots: tuple[tuple[int, ...], ...] | None = None
+    # Ranks: what each slot holds (0 for the zero slot). Rows past a slot's own rank are zero, so an
+    # op reads only the first `rank` rows of each module block, the largest of the slots it uses.
+    rank: int = UNKNOWN_RANK  # the largest over every slot the step's rows use
+    set_ranks: list[list[int]] = field(default_factory=list)  # [N][K]: beside lora_slots
+    unique_ranks: list[int] | None = None  # [U]: beside unique_slots (dense path)
+    # gathered path: the decode rows 0..num_decode_with_sets as runs of one rank, (end row, rank)
+    decode_runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_decode_with_sets(self) -> int:
@@ -52,6 +63,20 @@ def row_starts(num_tokens: Sequence[int]) -> list[int]:
 def as_range(ids: Sequence[int]) -> tuple[int, int] | None:
     """(i0, i1) when ids == range(i0, i1) (ascending, no gaps): slice with it instead of gathering."""
     return (ids[0], ids[-1] + 1) if list(ids) == list(range(ids[0], ids[-1] + 1)) else None
+
+
+def rank_runs(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(end, rank) of each run of consecutive rows at one rank. A row of rank 0 (no adapter: it reads
+    the zero slot, zero at any rank) joins the run before it, or the one after when it leads."""
+    runs: list[tuple[int, int]] = []
+    for i, r in enumerate(ranks):
+        if runs and r in (0, runs[-1][1]):
+            runs[-1] = (i + 1, runs[-1][1])
+        elif runs and runs[-1][1] == 0:
+            runs[-1] = (i + 1, r)
+        else:
+            runs.append((i + 1, r))
+    return tuple(runs)
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor, row_range: tuple[int, int] | None) -> torch.Tensor:
@@ -106,10 +131,12 @@ def build_lora_batch(
     device: torch.device,
     dtype: torch.dtype,
     force_dense: bool = False,
+    slot_ranks: Sequence[int] | None = None,
 ) -> LoRABatchInfo | None:
     """sets[i] = (lora slots, prior weights) of sequence i in step order; num_tokens[i] its tokens
     this step. None when no sequence uses an adapter: the step then runs the bare base model.
-    force_dense: the dense path whatever the mix (gate training: a few adapters, long sequences)."""
+    force_dense: the dense path whatever the mix (gate training: a few adapters, long sequences).
+    slot_ranks[s]: the rank slot s holds (the pool's); None: unknown (UNKNOWN_RANK)."""
     if not any(slots for slots, _ in sets):
         return None
     K = max(len(slots) for slots, _ in sets)
@@ -119,7 +146,19 @@ def build_lora_batch(
     for n in num_tokens[num_decode:]:
         spans.append((offset, n))
         offset += n
-    info = LoRABatchInfo(torch.tensor(padded, dtype=torch.long).to(device), num_decode, spans, None)
+
+    def rank_of(slot: int) -> int:
+        return 0 if slot == 0 else UNKNOWN_RANK if slot_ranks is None else slot_ranks[slot]
+
+    set_ranks = [[rank_of(s) for s in slots] for slots in padded]
+    info = LoRABatchInfo(
+        torch.tensor(padded, dtype=torch.long).to(device),
+        num_decode,
+        spans,
+        None,
+        rank=max(map(max, set_ranks)),
+        set_ranks=set_ranks,
+    )
 
     unique = sorted({s for slots, _ in sets for s in slots if s != 0})
     if force_dense or len(unique) * DENSE_MIN_SEQS_PER_ADAPTER <= len(sets):
@@ -131,6 +170,7 @@ def build_lora_batch(
                     row[column[s]] += w
         info.unique_slots = torch.tensor(unique, dtype=torch.long, device=device)
         info.unique_range = as_range(unique)
+        info.unique_ranks = [rank_of(s) for s in unique]
         if any(w != 1 for row in rows for w in row):  # else: one adapter per sequence at weight 1
             info.token_weights = torch.tensor(rows, dtype=dtype).repeat_interleave(counts, dim=0).to(device)
         info.seq_columns = [[column[s] for s in slots] for slots, _ in sets]
@@ -139,4 +179,5 @@ def build_lora_batch(
         info.token_weights = seq_weights.repeat_interleave(counts, dim=0).to(device)
         rows_with_sets = max((i + 1 for i in range(num_decode) if sets[i][0]), default=0)  # to the last with a set
         info.decode_slots = tuple(padded[:rows_with_sets])
+        info.decode_runs = rank_runs([max(r) for r in set_ranks[:rows_with_sets]])
     return info

@@ -119,18 +119,20 @@ class LayerGate:
         stats: GateStats | None,
         rows: slice,
     ) -> torch.Tensor:
-        """x: [R, d] probe input; z: [R, C, n*r] unweighted shrink against slots [C] or [R, C].
+        """x: [R, d] probe input; z: [R, C, n*r] unweighted shrink against slots [C] or [R, C], at
+        any rank r up to the keys' (the keys' rows past a slot's own rank are zero, as its B's are).
         prior: [R, C] weights, > 0 on the token's candidates (None: all 1). Gated rows (stats.gated)
         get softmax(s / tau) over their candidates; the others keep their prior. -> [R, C]."""
         R, C = z.shape[0], z.shape[1]
-        rg = self.query.shape[0]
+        rg, n = self.query.shape[0], len(MODULE_GROUPS[PROBE_GROUP])
         if prior is None:
             prior = torch.ones(R, C, dtype=z.dtype, device=z.device)
         candidates = prior > 0
         candidates = candidates | ~candidates.any(-1, keepdim=True)  # rows with none are not gated
         u = x @ self.query.t()  # [R, rg]
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-12)
-        keys = self.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1, rg)  # [(R,) C, n*r, rg]
+        keys = self.keys.view(len(self.keys), n, -1, rg)[:, :, : z.shape[-1] // n]  # z's rank: [slots, n, r, rg]
+        keys = keys.index_select(0, slots.reshape(-1)).view(*slots.shape, z.shape[-1], rg)  # [(R,) C, n*r, rg]
         kz = (z.unsqueeze(-2) @ keys).squeeze(-2)  # [R, C, rg] = Br^T v_i
         kz = kz * torch.rsqrt(kz.pow(2).mean(-1, keepdim=True) + 1e-12)
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]

@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 
 from mole_serve.lora.backends.base import LoRABackend
 from mole_serve.lora.batch import as_range, take_rows
-from mole_serve.lora.kinds.base import FFN_ROUTER, MODULE_GROUPS, AdapterWeights
+from mole_serve.lora.kinds.base import FFN_ROUTER, MODULE_GROUPS, AdapterWeights, held_rank
 from mole_serve.lora.stacks import GroupStack, LayerStacks
 
 
@@ -37,6 +37,8 @@ class ResidentExperts:
     primary_range: tuple[int, int]
     slots: torch.Tensor  # [E] the experts' slots
     slot_range: tuple[int, int] | None  # (s0, s1) when slots == arange(s0, s1): views, not gathers
+    rank: int  # the largest of its experts' ranks: what the expert ops run at
+    shared_rank: int  # the shared LoRAs' (0: none)
     # per layer: group -> (W_g of its modules stacked [n*E, d_in] fp32, zero where a module has no
     # router; which modules do [n] bool): one GEMM routes a group; or FFN_ROUTER -> (W_g [E, d], None)
     routers: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
@@ -69,6 +71,8 @@ class ResidentExperts:
             (primary, primary + 1),
             torch.tensor(slots, device=device),
             as_range(slots),
+            max(map(held_rank, moe.experts)),
+            held_rank(weights.modules),
             routers,
             shared,
             moe.top_k,
@@ -155,7 +159,7 @@ class ExpertRows:
         xr = self._take(x)
         target = self._take(out) if self.row_range else out.new_zeros(len(xr), out.shape[1])
         if group in ex.shared_groups:
-            backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, None)
+            backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, ex.shared_rank, None)
         if per_module:
             W_g, routed = ex.routers[layer][group]
             assert routed is not None  # only the FFN router's entry has None
@@ -163,11 +167,11 @@ class ExpertRows:
             self._record(top, experts, routed)
             # [Tm, n, E], zero for unselected experts and for the group's modules without a router
             weights = top.new_zeros(*top.shape[:2], ex.num_experts).scatter_(-1, experts, top) * routed.view(1, -1, 1)
-            backend.apply_experts(xr, target, stack, ex.slots, ex.slot_range, weights.to(xr.dtype))
+            backend.apply_experts(xr, target, stack, ex.slots, ex.slot_range, ex.rank, weights.to(xr.dtype))
         if down is not None:
             activations, weights, experts = down
             backend.apply_routed_inputs(
-                activations, target, stack, ex.slots, ex.slot_range, experts, weights.to(activations.dtype)
+                activations, target, stack, ex.slots, ex.slot_range, ex.rank, experts, weights.to(activations.dtype)
             )
             self._down = None
         if not self.row_range:
@@ -193,7 +197,7 @@ class ExpertRows:
         weights, experts = route(hr, W_g, ex.num_experts, ex.top_k, ex.renormalize)
         self._record(weights, experts, None)
         weights, experts = weights[:, 0], experts[:, 0]  # [Tm, k]: the one router
-        gate_k, up_k = backend.selected_expert_outputs(hr, stacks["gate_up"], ex.slots, ex.slot_range, experts)
+        gate_k, up_k = backend.selected_expert_outputs(hr, stacks["gate_up"], ex.slots, ex.slot_range, ex.rank, experts)
         inter = gate_k.shape[-1]
         gate = base[:, None, :inter] + gate_k  # [Tm, k, I]
         up = base[:, None, inter:] + up_k

@@ -8,16 +8,18 @@ and leaves the rest to three parts: which slots are free, held and pinned (lora/
 adapter is evicted first (lora/eviction.py, Settings.eviction_policy), and the host-memory copies
 (lora/cpu_tier.py).
 
-Slot 0 is all zeros (a sequence without adapters points there). Every slot is padded to the
+Slot 0 is all zeros (a sequence without adapters points there). Every slot is stored padded to the
 stacks' rank (zero rows are exact), and that rank follows what the slots hold: the stacks grow
 when a larger adapter arrives and shrink back when the last adapter of the largest rank leaves
 (evicted, replaced or deleted, once no running sequence pins it), re-allocated at the largest rank
 still held. One rank for all slots, rather than per-rank buckets, keeps every backend's op one
 gather over one stack per group; the price is a copy of the stacks whenever the largest held rank
-changes (the held adapters' rows move over as they are: no re-read, no re-pack), and rank-r traffic
-runs at the largest held rank while a larger adapter is resident. Either change bumps the version,
-so backends' caches drop; a shrink hands the freed memory back to the system (CUDA's cache
-emptied, glibc's heap trimmed); block stacks of a MELoRA block shape no slot holds are freed too.
+changes (the held adapters' rows move over as they are: no re-read, no re-pack). Compute is not
+padded: `slot_ranks` says what rank each slot holds, and an op reads only the first rows of each
+module block, up to the largest rank among the slots it uses (backends/base.py). Either change
+bumps the version, so backends' caches drop; a shrink hands the freed memory back to the system
+(CUDA's cache emptied, glibc's heap trimmed); block stacks of a MELoRA block shape no slot holds
+are freed too.
 A slot in use by a running sequence is pinned and never evicted. A mixture of LoRA experts
 (MixLoRA, MoELoRA) takes 1 + E slots: its own (the shared LoRAs; what sequences pin) and one per
 expert, all evicted together; its routers sit beside them (`experts`).
@@ -35,7 +37,7 @@ from mole_serve.lora.cpu_tier import CPUTier
 from mole_serve.lora.eviction import PolicyName, make_policy
 from mole_serve.lora.gate import PROBE_GROUP, LayerGate, MoLEGate
 from mole_serve.lora.kinds import KINDS
-from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec
+from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec, held_rank
 from mole_serve.lora.kinds.lora import pack as pack_lora
 from mole_serve.lora.moe import ResidentExperts
 from mole_serve.lora.slots import SlotAllocator
@@ -80,6 +82,9 @@ class LoRAPool:
         # primary slot -> the rank of the adapter packed there, until its slots are freed (a replaced
         # adapter's stay held while pinned): the stacks' rank is the largest of these
         self._ranks: dict[int, int] = {}
+        # slot -> the rank of what it holds (an adapter's own LoRAs, or one of its experts): the rows
+        # an op reads of it. A free slot's entry is stale: no step reads a free slot.
+        self.slot_ranks = [0] * (max_loras + 1)
         self.loads = 0
         self.evictions = 0
         self.gate: MoLEGate | None = None
@@ -232,7 +237,10 @@ class LoRAPool:
             self._pack_blocks(weights, slot)
         if weights.moe:
             self.experts[slot] = ResidentExperts.build(weights, slot, slots[1:], self.spec.num_layers, self.device)
-        experts = [weights.moe.expert(e, name, weights.rank) for e in range(len(slots) - 1)] if weights.moe else []
+        experts = [weights.moe.expert(e, name) for e in range(len(slots) - 1)] if weights.moe else []
+        self.slot_ranks[slot] = held_rank(weights.modules)  # what kind.pack writes: for every kind, its modules
+        for expert, expert_slot in zip(experts, slots[1:]):
+            self.slot_ranks[expert_slot] = expert.rank
         for layer, groups in enumerate(self.stacks):
             kind.pack(weights, groups, layer, slot, self.rank)
             for expert, expert_slot in zip(experts, slots[1:]):

@@ -6,8 +6,10 @@ shrink serve the whole group:
     A: [slots, n * r, d_in]     rows j*r:(j+1)*r belong to module j of the group (PEFT lora_A layout)
     B[j]: [slots, r, d_out_j]   the kind's scaling already folded in
 
-Slot 0 stays all zeros (a sequence without adapters points there). The pool allocates and
-fills them (through the adapter's kind); backends only read them.
+Slot 0 stays all zeros (a sequence without adapters points there). Every slot is padded to the
+stacks' rank r; an op reads only the first `rank` rows of each module block (`rows`), the largest
+rank among the slots it uses: the rows past an adapter's own rank are zero, so the cut is exact.
+The pool allocates and fills them (through the adapter's kind); backends only read them.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ class GroupStack:
     def rank(self) -> int:
         return self.B[0].shape[1]
 
-    def rows(self, t: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int] | None) -> torch.Tensor:
-        """t[slots]: a view when slots == arange(*slot_range), else a gathered copy."""
-        return t[slot_range[0] : slot_range[1]] if slot_range else t.index_select(0, slots.reshape(-1))
+    def rows(self, t: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int] | None, rank: int) -> torch.Tensor:
+        """t (A, or one of B) at `slots`, each module block cut to its first `rank` rows: [U, m*rank,
+        cols] (m = n for A, 1 for B_j). A view when slots == arange(*slot_range) and nothing is cut
+        (or one slot of one block); else a copy that reads only those rows."""
+        S, _, cols = t.shape
+        blocks = t.view(S, -1, self.rank, cols)[:, :, :rank]  # [S, m, rank, cols]
+        picked = blocks[slot_range[0] : slot_range[1]] if slot_range else blocks.index_select(0, slots.reshape(-1))
+        return picked.reshape(len(picked), blocks.shape[1] * rank, cols)
 
 
 LayerStacks = dict[str, GroupStack]  # group name -> its stack, for one decoder layer

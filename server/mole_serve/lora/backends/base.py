@@ -14,6 +14,10 @@ and returns the weights it used, which the layer's other groups then apply (one 
 per layer, MoLE's hierarchical control). z stays unweighted until the weights are known, so the
 gate scores candidates in rank space before the expand. Slot 0 is all zeros: padding costs
 nothing but FLOPs.
+
+Every slot is padded to the stacks' rank r, and the rows past an adapter's own rank are zero: an op
+over some slots computes exactly the same at any rank from the largest of theirs up to r, so each
+runs at that rank (the batch's ranks, batch.py), reading only the first rows of each module block.
 """
 
 from __future__ import annotations
@@ -82,12 +86,14 @@ class LoRABackend:
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         weights: torch.Tensor | None,
     ) -> None:
         """out[t, cols_j] += sum_e w[t, j, e] * B_j[s_e] @ A_j[s_e] @ x[t] over the E slots s_e, for
-        module j of the group. x: [T, d_in]; weights: [T, n, E] (a router's top-k, zero elsewhere:
-        the unselected experts cost FLOPs, not a gather), or None (all 1: a shared LoRA)."""
-        expand(shrink(x, stack, slots, slot_range), weights, out, stack, slots, slot_range)
+        module j of the group. x: [T, d_in]; rank: the largest of the slots'; weights: [T, n, E] (a
+        router's top-k, zero elsewhere: the unselected experts cost FLOPs, not a gather), or None
+        (all 1: a shared LoRA)."""
+        expand(shrink(x, stack, slots, slot_range, rank), weights, out, stack, slots, slot_range)
 
     def selected_expert_outputs(
         self,
@@ -95,6 +101,7 @@ class LoRABackend:
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         experts: torch.Tensor,
     ) -> list[torch.Tensor]:
         """Each token's k selected experts' own outputs, unweighted, per module j of the group:
@@ -102,12 +109,12 @@ class LoRABackend:
         [T, k]. Every expert's shrink, then per k the one-hot rank block of its expert: one expand
         GEMM per module, no gather of B."""
         T, k = experts.shape
-        E, r, n = len(slots), stack.rank, len(stack.B)
-        z = shrink(x, stack, slots, slot_range).view(T, 1, E, n, r)
+        E, r, n = len(slots), rank, len(stack.B)
+        z = shrink(x, stack, slots, slot_range, r).view(T, 1, E, n, r)
         pick = torch.zeros(T, k, E, 1, 1, dtype=z.dtype, device=z.device).scatter_(2, experts.view(T, k, 1, 1, 1), 1.0)
         z_k = (z * pick).view(T * k, E, n, r)  # [T*k, E, n, r]: zero but for the selected expert
         return [
-            (z_k[:, :, j].reshape(T * k, E * r) @ stack.rows(B, slots, slot_range).reshape(E * r, -1)).view(T, k, -1)
+            (z_k[:, :, j].reshape(T * k, E * r) @ stack.rows(B, slots, slot_range, r).reshape(E * r, -1)).view(T, k, -1)
             for j, B in enumerate(stack.B)
         ]
 
@@ -118,6 +125,7 @@ class LoRABackend:
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         experts: torch.Tensor,
         weights: torch.Tensor,
     ) -> None:
@@ -125,18 +133,26 @@ class LoRABackend:
         token's k experts on its own input (MixLoRA's down projection of each expert's activation).
         xk: [T, k, d_in]; experts, weights: [T, k]. One-module groups only."""
         T, k, _ = xk.shape
-        E, r = len(slots), stack.rank
-        z = shrink(xk.reshape(T * k, -1), stack, slots, slot_range).view(T, k, E, r)  # every expert, then pick
+        E, r = len(slots), rank
+        z = shrink(xk.reshape(T * k, -1), stack, slots, slot_range, r).view(T, k, E, r)  # every expert, then pick
         own = z.gather(2, experts.view(T, k, 1, 1).expand(T, k, 1, r)).squeeze(2) * weights.unsqueeze(-1)
         per_expert = z.new_zeros(T, E, r).scatter_add_(1, experts.unsqueeze(-1).expand(T, k, r), own)
         expand(per_expert, None, out, stack, slots, slot_range)
 
 
-def shrink(x: torch.Tensor, stack: GroupStack, slots: torch.Tensor, slot_range: tuple[int, int] | None) -> torch.Tensor:
-    """All rows of x against one set of U slots: [T, U, n*r]."""
-    A = stack.rows(stack.A, slots, slot_range)  # [U, n*r, d_in]
-    U, nr = A.shape[0], A.shape[1]
-    return (x @ A.reshape(U * nr, -1).t()).view(x.shape[0], U, nr)
+def shrink(
+    x: torch.Tensor,
+    stack: GroupStack,
+    slots: torch.Tensor,
+    slot_range: tuple[int, int] | None,
+    rank: int | None = None,
+) -> torch.Tensor:
+    """All rows of x against one set of U slots at `rank` (None: the stack's): [T, U, n*rank], one
+    GEMM. Cut below the stack's rank, A's rows are copied out first (stacks.GroupStack.rows): the
+    copy reads only the rows the GEMM then reads, where the full view would make it read all r."""
+    A = stack.rows(stack.A, slots, slot_range, stack.rank if rank is None else rank)  # [U, n*rank, d_in]
+    U, nr, d_in = A.shape
+    return (x @ A.reshape(U * nr, d_in).t()).view(x.shape[0], U, nr)
 
 
 def expand(
@@ -147,14 +163,15 @@ def expand(
     slots: torch.Tensor,
     slot_range: tuple[int, int] | None,
 ) -> None:
-    """out += the U slots' B applied to z [T, U, n*r], weighted: weights [T, U] or [1, U] (one per
-    slot), [T, n, U] (one per module and slot), or None (all 1)."""
-    T, U, r, n = z.shape[0], z.shape[1], stack.rank, len(stack.B)
+    """out += the U slots' B applied to z [T, U, n*r] (r: the rank shrink ran at), weighted: weights
+    [T, U] or [1, U] (one per slot), [T, n, U] (one per module and slot), or None (all 1)."""
+    T, U, n = z.shape[0], z.shape[1], len(stack.B)
+    r = z.shape[2] // n
     z = z.view(T, U, n, r)
     if weights is not None:
         z = z * (weights.transpose(1, 2).unsqueeze(-1) if weights.dim() == 3 else weights.view(-1, U, 1, 1))
     for j, (c0, c1) in enumerate(stack.out_columns):
-        B = stack.rows(stack.B[j], slots, slot_range).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
+        B = stack.rows(stack.B[j], slots, slot_range, r).reshape(U * r, c1 - c0)  # [U*r, d_out_j]
         # With one slot, module j's z is a strided view [T, r]: BLAS reads it without a copy.
         zj = z[:, 0, j] if U == 1 else z[:, :, j].reshape(T, U * r)
         out[:, c0:c1].addmm_(zj, B)

@@ -125,9 +125,15 @@ class MoEWeights:
     act_fn: str = "silu"
     renormalize: bool = True  # divide the k kept probabilities by their sum
 
-    def expert(self, e: int, name: str, rank: int) -> AdapterWeights:
-        """Expert e as a plain LoRA (what packs into one pool slot)."""
-        return AdapterWeights(name=f"{name}#expert{e}", rank=rank, modules=self.experts[e])
+    def expert(self, e: int, name: str) -> AdapterWeights:
+        """Expert e as a plain LoRA (what packs into one pool slot), at its own rank."""
+        return AdapterWeights(name=f"{name}#expert{e}", rank=held_rank(self.experts[e]), modules=self.experts[e])
+
+
+def held_rank(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The largest rank over LoRA pairs (A [r, d_in], B [d_out, r]); 0 for none: the rank rows of a
+    slot that holds them (every row past it is zero)."""
+    return max((A.shape[0] for A, _ in modules.values()), default=0)
 
 
 def pinned(weights: AdapterWeights) -> AdapterWeights:

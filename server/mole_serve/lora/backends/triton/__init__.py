@@ -6,7 +6,9 @@ token of a request shares it: a prefill chunk is one segment, a decode row a seg
 (consecutive decode rows with the same slots merge), and the dense path (few adapters shared by
 many sequences) is a single segment of all rows against the U unique slots. A host-built tile
 table, once per step, cuts segments into tiles of 16 rows (decode) or up to 64 (prefill), so a
-tile loads each adapter's A and B once and multiplies with tl.dot, fp32 accumulation.
+tile loads each adapter's A and B once and multiplies with tl.dot, fp32 accumulation. Each of a
+segment's columns reads only its own slot's rank rows (the stacks pad every slot to the largest
+rank held): a larger adapter costs the rows that use it, not every row.
 
 Why not the alternatives:
 - Per-token index (BGMV) alone re-reads a prefill chunk's adapters for every token, and cannot use

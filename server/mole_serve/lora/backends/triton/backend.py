@@ -16,17 +16,18 @@ from mole_serve.lora.stacks import GroupStack
 if TYPE_CHECKING:
     from mole_serve.lora.gate import GateStats, LayerGate
 
-MAX_EXPERT_PLANS = 64  # segment plans of mixture-of-experts rows kept (keyed by row count and slots)
+MAX_EXPERT_PLANS = 64  # segment plans of mixture-of-experts rows kept (keyed by row count, slots and rank)
 
 
 def step_segments(batch: LoRABatchInfo) -> ops.Segments:
-    """The step's rows as segments of shared slots. Dense path: every token against the U unique
-    slots, one segment. Gathered path: consecutive decode rows with the same K slots, then each
-    prefill chunk against its sequence's K slots."""
+    """The step's rows as segments of shared slots, each column at its slot's own rank. Dense path:
+    every token against the U unique slots, one segment. Gathered path: consecutive decode rows
+    with the same K slots, then each prefill chunk against its sequence's K slots."""
     nd = batch.num_decode
     if batch.unique_slots is not None:
+        assert batch.unique_ranks is not None  # set with unique_slots (build_lora_batch)
         total = nd + sum(n for _, n in batch.prefill_spans)
-        return ops.plan([(0, total)], batch.unique_slots.view(1, -1))
+        return ops.plan([(0, total)], batch.unique_slots.view(1, -1), [batch.unique_ranks])
     # the decode rows up to the last with a set; the rows after have none and are no segment's
     decode = batch.decode_slots if batch.decode_slots is not None else tuple(map(tuple, batch.lora_slots[:nd].tolist()))
     spans: list[tuple[int, int]] = []
@@ -41,7 +42,7 @@ def step_segments(batch: LoRABatchInfo) -> ops.Segments:
         spans.append(span)
         seqs.append(i)
     index = torch.tensor(seqs, dtype=torch.long).to(batch.lora_slots.device, non_blocking=True)
-    return ops.plan(spans, batch.lora_slots.index_select(0, index))
+    return ops.plan(spans, batch.lora_slots.index_select(0, index), [batch.set_ranks[i] for i in seqs])
 
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -64,7 +65,7 @@ class TritonBackend(LoRABackend):
         self.tables = ops.BTables()
         self._batch: LoRABatchInfo | None = None
         self._segments: ops.Segments | None = None
-        self._expert_plans: dict[tuple[int, int], ops.Segments] = {}
+        self._expert_plans: dict[tuple[int, int, int], ops.Segments] = {}
 
     def prepare(self, batch: LoRABatchInfo, stacks_version: int, slot_bytes: int) -> None:
         """One segment plan per step, shared by every layer and group."""
@@ -88,7 +89,7 @@ class TritonBackend(LoRABackend):
             self.prepare(batch, 0, 0)
         segments = self._segments
         assert segments is not None  # prepare() set it for this batch
-        z = ops.shrink(x, stack.A, segments)  # [T, C, n*r] fp32
+        z = ops.shrink(x, stack, segments)  # [T, C, n*r] fp32
         if gate is not None:
             weights = self._weigh(gate, x, z.to(x.dtype), batch, weights, stats)
         ops.expand(z, weights, out, stack, segments, self.tables)
@@ -124,14 +125,14 @@ class TritonBackend(LoRABackend):
             return super().apply_blocks(x, out, A, B, rows)
         ops.apply_blocks(x, out, A, B, rows.rows, rows.slots, rows.weights)
 
-    def _expert_plan(self, rows: int, slots: torch.Tensor) -> ops.Segments:
-        """All `rows` against the adapter's E expert slots: one segment."""
-        key = (rows, slots.data_ptr())
+    def _expert_plan(self, rows: int, slots: torch.Tensor, rank: int) -> ops.Segments:
+        """All `rows` against the adapter's E expert slots at `rank`: one segment."""
+        key = (rows, slots.data_ptr(), rank)
         seg = self._expert_plans.get(key)
         if seg is None:
             if len(self._expert_plans) >= MAX_EXPERT_PLANS:
                 self._expert_plans.clear()
-            seg = self._expert_plans[key] = ops.plan([(0, rows)], slots.view(1, -1))
+            seg = self._expert_plans[key] = ops.plan([(0, rows)], slots.view(1, -1), [[rank] * len(slots)])
         return seg
 
     def apply_experts(
@@ -141,13 +142,14 @@ class TritonBackend(LoRABackend):
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         weights: torch.Tensor | None,
     ) -> None:
         """weights [T, n, E], per token, module and expert (None: all 1)."""
         if _needs_autograd(x, out, weights):
-            return super().apply_experts(x, out, stack, slots, slot_range, weights)
-        seg = self._expert_plan(len(x), slots)
-        ops.expand(ops.shrink(x, stack.A, seg), weights, out, stack, seg, self.tables)
+            return super().apply_experts(x, out, stack, slots, slot_range, rank, weights)
+        seg = self._expert_plan(len(x), slots, rank)
+        ops.expand(ops.shrink(x, stack, seg), weights, out, stack, seg, self.tables)
 
     def selected_expert_outputs(
         self,
@@ -155,19 +157,20 @@ class TritonBackend(LoRABackend):
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         experts: torch.Tensor,
     ) -> list[torch.Tensor]:
         """As LoRABackend's: every expert's shrink, then one expand of T*k rows whose z is zero but
         for the row's selected expert, into a fresh [T*k, sum d_out_j] split per module."""
         if _needs_autograd(x):
-            return super().selected_expert_outputs(x, stack, slots, slot_range, experts)
+            return super().selected_expert_outputs(x, stack, slots, slot_range, rank, experts)
         T, k = experts.shape
-        E, nr = len(slots), stack.A.shape[1]
-        z = ops.shrink(x, stack.A, self._expert_plan(T, slots)).view(T, 1, E, nr)
+        z = ops.shrink(x, stack, self._expert_plan(T, slots, rank))  # [T, E, n*rank]
+        E, nr = z.shape[1], z.shape[2]
         pick = torch.zeros(T, k, E, 1, dtype=z.dtype, device=z.device).scatter_(2, experts.view(T, k, 1, 1), 1.0)
-        z_k = (z * pick).view(T * k, E, nr)
+        z_k = (z.view(T, 1, E, nr) * pick).view(T * k, E, nr)
         out = x.new_zeros(T * k, stack.out_columns[-1][1])
-        ops.expand(z_k, None, out, stack, self._expert_plan(T * k, slots), self.tables)
+        ops.expand(z_k, None, out, stack, self._expert_plan(T * k, slots, rank), self.tables)
         return [out[:, c0:c1].view(T, k, -1) for c0, c1 in stack.out_columns]
 
     def apply_routed_inputs(
@@ -177,16 +180,18 @@ class TritonBackend(LoRABackend):
         stack: GroupStack,
         slots: torch.Tensor,
         slot_range: tuple[int, int] | None,
+        rank: int,
         experts: torch.Tensor,
         weights: torch.Tensor,
     ) -> None:
         """As LoRABackend's: the T*k inputs against every expert, each row's own expert picked and
         weighted in rank space ([T, E, r], summed per expert), then one expand of the T rows."""
         if _needs_autograd(xk, out, weights):
-            return super().apply_routed_inputs(xk, out, stack, slots, slot_range, experts, weights)
+            return super().apply_routed_inputs(xk, out, stack, slots, slot_range, rank, experts, weights)
         T, k, _ = xk.shape
-        E, r = len(slots), stack.rank
-        z = ops.shrink(xk.reshape(T * k, -1), stack.A, self._expert_plan(T * k, slots)).view(T, k, E, r)
+        z = ops.shrink(xk.reshape(T * k, -1), stack, self._expert_plan(T * k, slots, rank))  # [T*k, E, r]
+        E, r = z.shape[1], z.shape[2]
+        z = z.view(T, k, E, r)
         own = z.gather(2, experts.view(T, k, 1, 1).expand(T, k, 1, r)).squeeze(2) * weights.unsqueeze(-1).float()
         per_expert = z.new_zeros(T, E, r).scatter_add_(1, experts.unsqueeze(-1).expand(T, k, r), own)
-        ops.expand(per_expert, None, out, stack, self._expert_plan(T, slots), self.tables)
+        ops.expand(per_expert, None, out, stack, self._expert_plan(T, slots, rank), self.tables)

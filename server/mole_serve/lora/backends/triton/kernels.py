@@ -3,7 +3,11 @@
 Every kernel reads its rows through a tile table, int32 [num_tiles, 3] = (first row, end of the
 tile's segment, segment), and the segment's slots from seg_slots: int32 [num_segments, C]. Rows
 of one tile share their C slots, so A and B tiles are loaded once per tile and multiplied with
-tl.dot; slot 0 (the all-zero slot) is skipped, not multiplied.
+tl.dot. Each column's rank comes from seg_ranks (int32 [num_segments, C], beside seg_slots): the
+slot's own rank, so only that many rank rows of each module block are read (the rest are zero in
+the stacks), and a column of rank 0 (the all-zero slot) is skipped, not multiplied. z is laid out
+at the op's rank R (the largest of its columns': [T, C, n*R], module j at j*R), the stacks at
+their own r >= R (module j's A rows at j*r).
 
 Portability rules these kernels keep (docs/decisions.md, "The Triton layout"): masks combine with
 `&`, never Python `and` (the interpreter evaluates `and` as plain Python: silently wrong); bf16
@@ -24,7 +28,10 @@ def shrink_kernel(
     z_ptr,
     tiles_ptr,
     seg_slots_ptr,
+    seg_ranks_ptr,
     d_in,
+    rank,
+    r_stack,
     nr,
     num_cols,
     stride_xt,
@@ -37,19 +44,24 @@ def shrink_kernel(
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """z[t, c, :] = A[slot(t, c)] @ x[t] in fp32, unweighted (the gate may read it before the expand).
-    x: [T, d_in]; A: [slots, nr, d_in]; z: [T, C, nr] fp32. Grid: (tiles, C, cdiv(nr, BLOCK_N))."""
+    """z[t, c, j*R + k] = A[slot(t, c)][j*r + k] @ x[t] in fp32, unweighted (the gate may read it
+    before the expand), for k below the column's rank, 0 from there to R. x: [T, d_in]; A: [slots,
+    n*r, d_in]; z: [T, C, nr = n*R] fp32; rank: R; r_stack: r. Grid: (tiles, C, cdiv(nr, BLOCK_N))."""
     tile, c, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row0 = tl.load(tiles_ptr + tile * 3)
     row_end = tl.load(tiles_ptr + tile * 3 + 1)
     seg = tl.load(tiles_ptr + tile * 3 + 2)
     slot = tl.load(seg_slots_ptr + seg * num_cols + c).to(tl.int64)
+    col_rank = tl.minimum(tl.load(seg_ranks_ptr + seg * num_cols + c), rank)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < nr
+    k_of_col = cols % rank
+    a_rows = (cols // rank) * r_stack + k_of_col  # module j's row k in the stack
+    a_mask = col_mask & (k_of_col < col_rank)  # past the column's rank A is zero: not read
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if slot != 0:
+    if tl.max(a_mask.to(tl.int32), axis=0) > 0:  # some column of this block within the slot's rank
         a_base = a_ptr + slot * stride_as
         for k0 in range(0, d_in, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -60,7 +72,7 @@ def shrink_kernel(
                 other=0.0,
             )  # [BLOCK_M, BLOCK_K]
             at = tl.load(
-                a_base + cols[None, :] * stride_ar + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0
+                a_base + a_rows[None, :] * stride_ar + ks[:, None], mask=k_mask[:, None] & a_mask[None, :], other=0.0
             )  # [BLOCK_K, BLOCK_N]
             if DOT_FP32:
                 xt = xt.to(tl.float32)
@@ -79,7 +91,9 @@ def expand_kernel(
     b_meta_ptr,
     tiles_ptr,
     seg_slots_ptr,
+    seg_ranks_ptr,
     rank,
+    r_stack,
     num_cols,
     stride_zt,
     stride_zc,
@@ -93,12 +107,12 @@ def expand_kernel(
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """out[t, c0_j + n] += sum_c w[t, j, c] * z[t, c, j*r:(j+1)*r] @ B_j[slot(t, c)][:, n], summed
-    over the C columns in fp32 registers, one read-add-write of out per tile (no atomics).
-    z: [T, C, n*r] fp32; w: strides (t, j, c), j's stride 0 when weights are per (token, column);
-    out: [T, sum d_out_j] in the storage dtype; B_j: [slots, r, d_out_j] contiguous, its address
-    in b_table (int64 [n]) and (d_out_j, c0_j) in b_meta (int32 [n, 2]).
-    Grid: (tiles, cdiv(max d_out_j, BLOCK_N), n)."""
+    """out[t, c0_j + n] += sum_c w[t, j, c] * z[t, c, j*R : j*R + r_c] @ B_j[slot(t, c)][:r_c, n],
+    r_c the column's rank, summed over the C columns in fp32 registers, one read-add-write of out
+    per tile (no atomics). z: [T, C, n*R] fp32 (rank: R); w: strides (t, j, c), j's stride 0 when
+    weights are per (token, column); out: [T, sum d_out_j] in the storage dtype; B_j: [slots, r,
+    d_out_j] contiguous (r_stack: r), its address in b_table (int64 [n]) and (d_out_j, c0_j) in
+    b_meta (int32 [n, 2]). Grid: (tiles, cdiv(max d_out_j, BLOCK_N), n)."""
     tile, nb, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d_out = tl.load(b_meta_ptr + j * 2)
     c0 = tl.load(b_meta_ptr + j * 2 + 1)
@@ -116,13 +130,14 @@ def expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(num_cols):
         slot = tl.load(seg_slots_ptr + seg * num_cols + c).to(tl.int64)
-        if slot != 0:
+        col_rank = tl.minimum(tl.load(seg_ranks_ptr + seg * num_cols + c), rank)
+        if col_rank > 0:
             if HAS_WEIGHTS:
                 w = tl.load(w_ptr + rows64 * stride_wt + j * stride_wj + c * stride_wc, mask=row_mask, other=0.0)
                 w = w.to(tl.float32)
-            for k0 in range(0, rank, BLOCK_R):  # the rank in chunks: any rank, bounded registers
+            for k0 in range(0, col_rank, BLOCK_R):  # the column's rank in chunks: bounded registers
                 ks = k0 + tl.arange(0, BLOCK_R)
-                k_mask = ks < rank
+                k_mask = ks < col_rank
                 zt = tl.load(
                     z_ptr + rows64[:, None] * stride_zt + c * stride_zc + j * rank + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :],
@@ -131,7 +146,7 @@ def expand_kernel(
                 if HAS_WEIGHTS:
                     zt = zt * w[:, None]
                 bt = tl.load(
-                    b_ptr + slot * rank * d_out + ks[:, None] * d_out + cols[None, :],
+                    b_ptr + slot * r_stack * d_out + ks[:, None] * d_out + cols[None, :],
                     mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0,
                 )  # [BLOCK_R, BLOCK_N]

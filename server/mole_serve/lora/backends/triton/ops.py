@@ -38,16 +38,19 @@ class Segments:
 
     tiles: torch.Tensor  # int32 [num_tiles, 3]: first row, end row of its segment, segment
     seg_slots: torch.Tensor  # int32 [S, C]
+    seg_ranks: torch.Tensor  # int32 [S, C]: each column's slot's own rank (0: the zero slot)
     block_m: int
+    rank: int  # the largest column rank: the ops run at it, bounded by the stack's
 
     @property
     def num_columns(self) -> int:
         return self.seg_slots.shape[1]
 
 
-def plan(spans: Sequence[tuple[int, int]], seg_slots: torch.Tensor) -> Segments:
+def plan(spans: Sequence[tuple[int, int]], seg_slots: torch.Tensor, seg_ranks: list[list[int]]) -> Segments:
     """spans[s] = (first row, length) of segment s, whose slots are seg_slots[s] ([S, C], on the
-    device). Tiles of 16 rows when every segment is that short (decode), else of up to 64."""
+    device) of ranks seg_ranks[s]. Tiles of 16 rows when every segment is that short (decode), else
+    of up to 64."""
     longest = max((n for _, n in spans), default=1)
     block_m = min(64, _pow2_at_least_16(longest))
     tiles = [(row, r0 + n, s) for s, (r0, n) in enumerate(spans) for row in range(r0, r0 + n, block_m)]
@@ -55,7 +58,9 @@ def plan(spans: Sequence[tuple[int, int]], seg_slots: torch.Tensor) -> Segments:
     return Segments(
         torch.tensor(tiles, dtype=torch.int32).view(-1, 3).to(device, non_blocking=True),
         seg_slots.to(torch.int32).contiguous(),
+        torch.tensor(seg_ranks, dtype=torch.int32).view(seg_slots.shape).to(device, non_blocking=True),
         block_m,
+        max((max(r) for r in seg_ranks), default=0),
     )
 
 
@@ -67,14 +72,17 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """z[t, c] = A[slot(t, c)] @ x[t], fp32 and unweighted. x: [T, d_in]; A: [slots, nr, d_in]
-    contiguous. -> z: [T, C, nr] (every row of x must lie in a segment)."""
+def shrink(x: torch.Tensor, stack: GroupStack, seg: Segments) -> torch.Tensor:
+    """z[t, c] = A[slot(t, c)] @ x[t], fp32 and unweighted, at the segments' rank R (bounded by the
+    stack's r): each column reads its slot's own rank rows of each module block. x: [T, d_in]; A:
+    [slots, n*r, d_in] with unit stride rows. -> z: [T, C, n*R] (every row of x must lie in a segment)."""
+    A = stack.A
     if A.stride(-1) != 1:
         raise ValueError("the triton shrink reads A's rows with unit stride")
     x = _rows_contiguous(x)
     T, d_in = x.shape
-    nr, C = A.shape[1], seg.num_columns
+    rank = min(seg.rank, stack.rank)
+    nr, C = len(stack.B) * rank, seg.num_columns
     z = torch.empty(T, C, nr, dtype=torch.float32, device=x.device)
     if not len(seg.tiles):  # no rows: a grid of zero programs is not a launch CUDA accepts
         return z
@@ -86,7 +94,10 @@ def shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments) -> torch.Tensor:
         z,
         seg.tiles,
         seg.seg_slots,
+        seg.seg_ranks,
         d_in,
+        rank,
+        stack.rank,
         nr,
         C,
         x.stride(0),
@@ -131,16 +142,18 @@ class BTables:
 def expand(
     z: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, stack: GroupStack, seg: Segments, tables: BTables
 ) -> None:
-    """out += sum_c w[t, c] * B_j[slot(t, c)] @ z[t, c, module j's rank rows], for every module j.
-    z: [T, C, n*r] fp32; weights: [T, C] or [1, C] (per column) or [T, n, C] (per module and
-    column), or None (all 1); out: [T, sum d_out_j], updated in place."""
+    """out += sum_c w[t, c] * B_j[slot(t, c)] @ z[t, c, module j's rank rows], for every module j,
+    each column over its slot's own rank rows. z: [T, C, n*R] fp32 (shrink's, at its rank R);
+    weights: [T, C] or [1, C] (per column) or [T, n, C] (per module and column), or None (all 1);
+    out: [T, sum d_out_j], updated in place."""
     if any(B.dtype != out.dtype or not B.is_contiguous() for B in stack.B):
         raise ValueError("the triton expand needs contiguous B stacks in the output's dtype")
     if out.stride(-1) != 1:
         raise ValueError("the triton expand writes rows of out with unit column stride")
     if not len(seg.tiles):
         return
-    r, n = stack.rank, len(stack.B)
+    n = len(stack.B)
+    r = z.shape[2] // n
     b_table, b_meta = tables.get(stack)
     strides: tuple[int, ...]  # w's (token, column, block) strides
     if weights is None:
@@ -159,7 +172,9 @@ def expand(
         b_meta,
         seg.tiles,
         seg.seg_slots,
+        seg.seg_ranks,
         r,
+        stack.rank,
         seg.num_columns,
         z.stride(0),
         z.stride(1),
