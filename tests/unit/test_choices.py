@@ -167,3 +167,21 @@ def test_choice_fields_out_of_range_are_400s(engine, fields, param):
     with client_of(engine) as client:
         r = client.post("/v1/completions", json={"prompt": PROMPT, **fields})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_retrieval_top_k_limits_only_requests_that_retrieve(tokenizer, tmp_path):
+    """Over the per-request adapter limit, retrieval_top_k refuses `auto` requests that retrieve,
+    not those that name their adapters."""
+    from mole_serve.errors import InvalidRequest
+    from mole_serve.routing.types import AdapterRef, Selection
+
+    from tests.unit.helpers import add_adapter, make_adapter
+
+    hf = tiny_hf_model()
+    engine = engine_for(hf, tokenizer, max_loras=2)  # the limit: min(max_adapters_per_request, 2)
+    add_adapter(engine, "a", make_adapter(hf, tmp_path / "a", seed=1))
+    named = Selection("mixture", (AdapterRef("a"),), "a query", 3)
+    assert engine.make_sequence([1, 2, 3], SamplingParams(), selection=named).selection is not None
+    with pytest.raises(InvalidRequest) as refused:
+        engine.make_sequence([1, 2, 3], SamplingParams(), selection=Selection("mixture", (), "a query", 3))
+    assert refused.value.param == "retrieval_top_k"

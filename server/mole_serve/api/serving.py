@@ -248,10 +248,6 @@ class Generation:
                 self._submit()
                 await self.first_output()
 
-    def usage(self) -> Usage:
-        n = self.prompt_tokens
-        return Usage(prompt_tokens=n, completion_tokens=self.completion_tokens, total_tokens=n + self.completion_tokens)
-
     def cumulative_logprob(self) -> float:
         return sum(lp for _, lp, _ in self.logprobs)
 

@@ -4,6 +4,7 @@ abort); async_engine.AsyncEngine drives its step loop from a thread of its own."
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from mole_serve.routing.types import AdapterRef, Chosen, Selection
 
 if TYPE_CHECKING:
     from mole_serve.routing.retriever import Retriever
+
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterSource(Protocol):
@@ -128,6 +132,14 @@ class LLMEngine:
         self.adapter_usage: Counter[str] = Counter()  # requests served per adapter
         self.selector = AdapterSelector(settings, self.is_known, self.pool)
         self.selector.retriever = retriever
+        if retriever is not None and settings.retrieval_top_k > self.adapter_limit:
+            logger.warning(
+                "MOLE_RETRIEVAL_TOP_K (%d) is over the adapters one request may run (%d, the smaller of "
+                "MOLE_MAX_ADAPTERS_PER_REQUEST and MOLE_MAX_LORAS): `auto` requests that retrieve are refused "
+                "unless they send a smaller retrieval_top_k",
+                settings.retrieval_top_k,
+                self.adapter_limit,
+            )
         # added since the last step, adapters still to choose: (sequence, its selection)
         self._unresolved: list[tuple[Sequence, Selection]] = []
 
@@ -174,7 +186,7 @@ class LLMEngine:
                 raise InvalidRequest(
                     "composition `gate` needs a trained gate (adapters_store/gate); none is loaded", "composition"
                 )
-            if selection.top_k > self.adapter_limit:
+            if selection.query is not None and not selection.explicit and selection.top_k > self.adapter_limit:
                 raise InvalidRequest(
                     f"retrieval_top_k {selection.top_k} is over the limit of {self.adapter_limit} per request",
                     "retrieval_top_k",
