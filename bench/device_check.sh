@@ -48,7 +48,7 @@ setup() {
 STEPS=(
   "throughput_triton|240|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
   "throughput_torch|180|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --skip-hf --out $RUNS/torch.json"
-  "cuda_tests|120|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
+  "cuda_tests|180|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
   "compile|60|$PY -m tests.unit.triton_cases compile"
 )
 
