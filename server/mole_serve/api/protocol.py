@@ -352,23 +352,48 @@ class SamplingFields(TextRequest):
         return None, None
 
 
-# OpenAI's chat fields a value of which asks for what this server does not do -> what that is
-CHAT_NOT_IMPLEMENTED = {
-    "audio": 'audio output (this model writes text only: modalities ["text"])',
-    "prediction": "predicted outputs",
-    "web_search_options": "web search",
-    "functions": "the deprecated `functions` (send them as `tools`)",
-    "function_call": "the deprecated `function_call` (use `tool_choice`)",
-    "reasoning_effort": "reasoning effort (the base model does not reason before answering)",
-    "verbosity": "verbosity",
-    "metadata": "metadata (OpenAI keeps it with stored completions; none are stored here)",
-    "moderation": "moderation",
-    "prompt_cache_retention": "prompt cache retention (cached prefix blocks stay while KV memory allows)",
-    "prompt_cache_options": "prompt cache options (the prefix cache is automatic)",
+# A request model's fields this server does not implement -> (the values that ask for nothing, why any
+# other is refused); each model refuses its own through refuse_unsupported.
+Unsupported = dict[str, tuple[tuple[object, ...], str]]
+
+
+def asks_for_nothing(value: object, accepted: tuple[object, ...]) -> bool:
+    # by type too: 0 is not false
+    return any(value is a or (type(value) is type(a) and value == a) for a in accepted)
+
+
+def refuse_unsupported(table: Unsupported, value: object, info: ValidationInfo) -> object:
+    """A field validator's body: `value` if it asks for nothing, else a ValueError saying why."""
+    assert info.field_name is not None  # (a field's validator)
+    accepted, why = table[info.field_name]
+    if not asks_for_nothing(value, accepted):
+        raise ValueError(why)
+    return value
+
+
+def _not_supported(what: str, accepted: tuple[object, ...] = (None,)) -> tuple[tuple[object, ...], str]:
+    return accepted, f"not supported by this server: {what}"
+
+
+CHAT_UNSUPPORTED: Unsupported = {
+    "store": _not_supported("store: true (completions are not stored)", (None, False)),
+    "service_tier": _not_supported("service tiers other than auto (one tier)", (None, "auto", "default")),
+    "audio": _not_supported('audio output (this model writes text only: modalities ["text"])'),
+    "prediction": _not_supported("predicted outputs"),
+    "web_search_options": _not_supported("web search"),
+    "functions": _not_supported("the deprecated `functions` (send them as `tools`)"),
+    "function_call": _not_supported("the deprecated `function_call` (use `tool_choice`)"),
+    "reasoning_effort": _not_supported("reasoning effort (the base model does not reason before answering)"),
+    "verbosity": _not_supported("verbosity"),
+    "metadata": _not_supported("metadata (OpenAI keeps it with stored completions; none are stored here)"),
+    "moderation": _not_supported("moderation"),
+    "prompt_cache_retention": _not_supported(
+        "prompt cache retention (cached prefix blocks stay while KV memory allows)"
+    ),
+    "prompt_cache_options": _not_supported("prompt cache options (the prefix cache is automatic)"),
 }
-NOT_STORED = {
-    "store": "store: true (completions are not stored)",
-    "service_tier": "service tiers other than auto (one tier)",
+COMPLETION_UNSUPPORTED: Unsupported = {
+    "suffix": ((None,), "suffix (insertion) is not supported: the completion follows the prompt only"),
 }
 
 
@@ -406,13 +431,10 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError('only ["text"] is supported: this model writes text, not audio')
         return v
 
-    @field_validator("store", "service_tier", *CHAT_NOT_IMPLEMENTED, mode="before")
+    @field_validator(*CHAT_UNSUPPORTED, mode="before")
     @classmethod
-    def _not_implemented(cls, v: object, info: ValidationInfo) -> object:
-        name = info.field_name or ""
-        if v is None or (name, v) in (("store", False), ("service_tier", "auto"), ("service_tier", "default")):
-            return v
-        raise ValueError(f"not supported by this server: {CHAT_NOT_IMPLEMENTED.get(name) or NOT_STORED.get(name)}")
+    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
+        return refuse_unsupported(CHAT_UNSUPPORTED, v, info)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -448,12 +470,10 @@ class CompletionRequest(SamplingFields):
     best_of: Choices | None = None  # choices generated per prompt, the `n` of highest logprob returned
     suffix: None = None  # text after the insertion point: refused
 
-    @field_validator("suffix", mode="before")
+    @field_validator(*COMPLETION_UNSUPPORTED, mode="before")
     @classmethod
-    def _no_suffix(cls, v: object) -> object:
-        if v is not None:
-            raise ValueError("suffix (insertion) is not supported: the completion follows the prompt only")
-        return v
+    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
+        return refuse_unsupported(COMPLETION_UNSUPPORTED, v, info)
 
     @field_validator("best_of")
     @classmethod

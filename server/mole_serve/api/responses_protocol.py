@@ -28,6 +28,9 @@ from mole_serve.api.protocol import (
     PositiveJSONInt,
     ResponseFormat,
     SamplingFields,
+    Unsupported,
+    asks_for_nothing,
+    refuse_unsupported,
 )
 
 # OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512
@@ -37,8 +40,8 @@ Metadata = Annotated[
 
 NOT_STORED = "responses are not stored here: send the whole conversation in `input`"
 NO_TOOLS = "tools are not supported on /v1/responses: use /v1/chat/completions"
-# Responses fields this server does not implement -> (the values that ask for nothing, why others are refused)
-UNSUPPORTED: dict[str, tuple[tuple[object, ...], str]] = {
+# Responses fields this server does not implement (protocol.Unsupported)
+UNSUPPORTED: Unsupported = {
     "store": ((None, False), f"`store` can only be false: {NOT_STORED}"),
     "previous_response_id": ((None,), NOT_STORED),
     "conversation": ((None,), NOT_STORED),
@@ -61,11 +64,6 @@ UNSUPPORTED: dict[str, tuple[tuple[object, ...], str]] = {
     "image": ((None,), "images are not supported: this model reads and writes text only"),
     "access_programs": ((None,), "access programs are not supported"),
 }
-
-
-def _asks_for_nothing(value: object, accepted: tuple[object, ...]) -> bool:
-    # by type too: 0 is not false
-    return any(value is a or (type(value) is type(a) and value == a) for a in accepted)
 
 
 def _message(error: ErrorDetails) -> str:
@@ -176,7 +174,7 @@ class ResponsesStreamOptions(BaseModel):
     @field_validator("include_obfuscation", mode="before")
     @classmethod
     def _no_obfuscation(cls, v: object) -> object:
-        if not _asks_for_nothing(v, (None, False)):
+        if not asks_for_nothing(v, (None, False)):
             raise ValueError("only false: obfuscation is not supported, the deltas are sent as they are")
         return v
 
@@ -220,11 +218,7 @@ class ResponsesRequest(SamplingFields):
     @field_validator(*UNSUPPORTED, mode="before")
     @classmethod
     def _unsupported(cls, v: object, info: ValidationInfo) -> object:
-        assert info.field_name is not None  # (a field's validator)
-        accepted, why = UNSUPPORTED[info.field_name]
-        if not _asks_for_nothing(v, accepted):
-            raise ValueError(why)
-        return v
+        return refuse_unsupported(UNSUPPORTED, v, info)
 
     @field_validator("input", "metadata", mode="wrap")
     @classmethod
