@@ -116,12 +116,9 @@ COMPILE_VARIANTS += [(90, "bf16", 2, 16), (90, "bf16", 32, 256), (80, "bf16", 4,
 def compile_all() -> int:
     """The kernel compiled for COMPILE_VARIANTS: what the interpreter lets through (tl.dot shapes,
     dtype mismatches) fails here. 0: all compiled; 1: a failure (printed); 77: no CUDA compiler."""
-    import triton
     from mole_serve.engine import paged_attention as pa
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from tests.unit.triton_compile import CANNOT_COMPILE
+    from tests.unit.triton_compile import CANNOT_COMPILE, try_compile
 
     failures = 0
     for cc, dt, group, D in COMPILE_VARIANTS:
@@ -141,21 +138,10 @@ def compile_all() -> int:
             "DOT_FP32": False,
         }
         signature.update(dict.fromkeys(const, "constexpr"))
-        name = f"sm_{cc} {dt} G={group} D={D}"
-        try:
-            triton.compile(
-                ASTSource(pa.paged_decode_kernel, signature, const),
-                target=GPUTarget("cuda", cc, 32),
-                options={"num_warps": 4, "num_stages": 2},
-            )
-        except Exception as e:  # noqa: BLE001 - every compile error is a finding, printed with its variant
-            if "ptxas" in str(e) and "not found" in str(e):
-                print(f"triton {triton.__version__} cannot compile for CUDA here: {e}")
-                return CANNOT_COMPILE
-            failures += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-            continue
-        print(f"ok   {name}", flush=True)
+        ok = try_compile(pa.paged_decode_kernel, signature, const, cc, f"sm_{cc} {dt} G={group} D={D}")
+        if ok is None:
+            return CANNOT_COMPILE
+        failures += not ok
     return 1 if failures else 0
 
 

@@ -73,28 +73,37 @@ def variants(dt: str) -> list[tuple[triton.runtime.JITFunction, dict[str, str], 
     return out
 
 
+def try_compile(fn, signature: dict, constexprs: dict, cc: int, name: str) -> bool | None:
+    """One kernel variant compiled for sm_`cc`, printed as ok or FAIL. None: this triton has no CUDA
+    compiler here (ptxas)."""
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs),
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": 4, "num_stages": 2},
+        )
+    except Exception as e:  # noqa: BLE001 - every compile error is a finding, printed with its kernel
+        if "ptxas" in str(e) and "not found" in str(e):
+            print(f"triton {triton.__version__} cannot compile for CUDA here: {e}")
+            return None
+        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+        return False
+    assert compiled.asm.get("cubin"), name
+    print(f"ok   {name} ({time.perf_counter() - start:.2f} s)", flush=True)
+    return True
+
+
 def compile_all() -> int:
     if not isinstance(kernels.shrink_kernel, triton.runtime.JITFunction):
         print("the kernels were imported under TRITON_INTERPRET=1; compile in a process without it")
         return 1
     failures = 0
     for cc, dtypes in TARGETS.items():
-        target = GPUTarget("cuda", cc, 32)
         for dt in dtypes:
             for fn, signature, constexprs in variants(dt):
-                name = f"sm_{cc} {dt} {fn.__name__} {constexprs}"
-                start = time.perf_counter()
-                try:
-                    compiled = triton.compile(
-                        ASTSource(fn, signature, constexprs), target=target, options={"num_warps": 4, "num_stages": 2}
-                    )
-                except Exception as e:  # noqa: BLE001 - every compile error is a finding, printed with its kernel
-                    if "ptxas" in str(e) and "not found" in str(e):
-                        print(f"triton {triton.__version__} cannot compile for CUDA here: {e}")
-                        return CANNOT_COMPILE
-                    failures += 1
-                    print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-                    continue
-                assert compiled.asm.get("cubin"), name
-                print(f"ok   {name} ({time.perf_counter() - start:.2f} s)", flush=True)
+                ok = try_compile(fn, signature, constexprs, cc, f"sm_{cc} {dt} {fn.__name__} {constexprs}")
+                if ok is None:
+                    return CANNOT_COMPILE
+                failures += not ok
     return 1 if failures else 0
