@@ -112,6 +112,12 @@ class Settings(BaseSettings):
             return "torch"
         return "triton"
 
+    cuda_graphs: bool = Field(
+        True,
+        description="CUDA: run decode-only steps of up to max_num_seqs rows on persistent inputs, each "
+        "replayed as a CUDA graph captured per batch-size bucket (the base model's at start-up, adapters' on "
+        "first use). false: every step launches its ops one by one. Ignored on CPU.",
+    )
     lora_native_blocks: bool = Field(
         True,
         description="Run a sequence whose one adapter is a MELoRA as its n mini LoRAs (1/n the bytes of the "

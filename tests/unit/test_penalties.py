@@ -92,7 +92,7 @@ def test_min_p_keeps_the_tokens_near_the_best():
     logits[:, 0], logits[:, 1] = 5.0, 4.6  # token 1: e^-0.4 = 0.67 of token 0's probability
     seqs = [seq([1], [], temperature=1.0, min_p=0.5), seq([1], [], temperature=1.0)]
     gens = [make_generator(i) for i in range(2)]
-    draws = [sample(logits, seqs, gens, ()) for _ in range(60)]
+    draws = [sample(logits, seqs, gens, ()).tolist() for _ in range(60)]
     assert {d[0] for d in draws} == {0, 1}  # 98 tokens of e^-5 relative probability are gone
     assert {d[1] for d in draws} - {0, 1}  # without min_p they hold a quarter of the mass
 
@@ -108,7 +108,7 @@ def test_logits_that_overflow_sample_among_the_overflowed():
         seq([4, 9, 5], [], repetition_penalty=1e300),  # greedy
     ]
     gens = [make_generator(i) for i in range(len(seqs))]
-    draws = [sample(logits, seqs, gens, ()) for _ in range(30)]
+    draws = [sample(logits, seqs, gens, ()).tolist() for _ in range(30)]
     assert {d[0] for d in draws} == {4, 9} and {d[1] for d in draws} == {4} and {d[2] for d in draws} <= {4, 9}
     assert all(d[3] not in (4, 5, 9) for d in draws)
 

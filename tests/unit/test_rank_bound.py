@@ -111,10 +111,8 @@ def test_expert_ops_at_the_experts_rank_equal_the_padded_ops(backend, group):
         cases.assert_same([got], [expected], exact)
 
 
-@pytest.fixture(scope="module")
-def every_kind(tmp_path_factory):
-    """A tiny model and adapters of every kind at rank <= 8, and a plain LoRA of rank 16."""
-    tmp = tmp_path_factory.mktemp("ranks")
+def write_every_kind(tmp):
+    """A tiny model and adapters of every kind at rank <= 8, and a plain LoRA of rank 16, in tmp."""
     hf = tiny_hf_model()
     make_adapter(hf, tmp / "a", seed=11)
     make_adapter(hf, tmp / "b", seed=12, rank=3)
@@ -123,6 +121,11 @@ def every_kind(tmp_path_factory):
     write_folder(tmp / "mix", mixlora_tensors(hf, E=4, r=4, seed=1), mixlora_config())
     write_folder(tmp / "moe", moelora_tensors(hf, E=4, r=4, seed=2), moelora_config())
     return hf, tmp
+
+
+@pytest.fixture(scope="module")
+def every_kind(tmp_path_factory):
+    return write_every_kind(tmp_path_factory.mktemp("ranks"))
 
 
 def pad_every_slot(engine, monkeypatch) -> None:

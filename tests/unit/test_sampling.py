@@ -44,11 +44,11 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     logits = torch.randn(2, 100)
     gens = [make_generator(s) for s in (1, 2)]
     greedy = [Sequence([1], SamplingParams(temperature=0.7, top_k=1)) for _ in range(2)]
-    assert sample(logits, greedy, gens, ()) == logits.argmax(-1).tolist()
+    assert sample(logits, greedy, gens, ()).tolist() == logits.argmax(-1).tolist()
     logits[:, 7] = 50.0  # one token holds nearly all the mass: top_p=0.5 keeps only it
     nucleus = [Sequence([1], SamplingParams(temperature=1.0, top_p=0.5)) for _ in range(2)]
     for _ in range(20):
-        assert sample(logits, nucleus, gens, ()) == [7, 7]
+        assert sample(logits, nucleus, gens, ()).tolist() == [7, 7]
 
 
 @pytest.mark.parametrize(
@@ -67,10 +67,10 @@ def test_a_row_draws_the_same_whatever_cut_its_batch_needs(params):
     logits = torch.randn(1, 500) * 3
     others = [SamplingParams(temperature=1.0, top_k=7), SamplingParams(temperature=1.0, top_p=0.5)]
     for _ in range(3):
-        alone = sample(logits, [Sequence([1], params)], [make_generator(5)], ())
+        alone = sample(logits, [Sequence([1], params)], [make_generator(5)], ()).tolist()
         for other in others:
             gens = [make_generator(5), make_generator(6)]
-            mixed = sample(logits.repeat(2, 1), [Sequence([1], params), Sequence([1], other)], gens, ())
+            mixed = sample(logits.repeat(2, 1), [Sequence([1], params), Sequence([1], other)], gens, ()).tolist()
             assert mixed[0] == alone[0]
         logits = logits.roll(37, dims=1)
 

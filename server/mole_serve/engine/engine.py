@@ -95,7 +95,7 @@ class LLMEngine:
         num_blocks = kv_pool_blocks(settings, model, self.max_model_len)
         self.kv = KVCache(
             model.num_layers,
-            num_blocks,
+            num_blocks + 1,  # the last: the scratch block a static decode step's padding rows write
             settings.kv_block_size,
             model.num_kv_heads,
             model.head_dim,
@@ -114,6 +114,8 @@ class LLMEngine:
         backend = create_backend(settings.lora_backend, cache_bytes=settings.lora_gather_cache_mb << 20)
         self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.runner = ModelRunner(model, self.kv, self.pool, backend, settings.lora_native_blocks, self.eos_token_ids)
+        if model.device.type == "cuda" and settings.cuda_graphs:
+            self.use_static_decode(cuda_graphs=True)
         blocks = BlockManager(num_blocks, settings.kv_block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(
             blocks,
@@ -149,6 +151,18 @@ class LLMEngine:
         self._gate_version += 1
 
     # --- adapters (run in the step thread) ---
+    def use_static_decode(self, cuda_graphs: bool) -> None:
+        """Decode-only steps on persistent inputs (engine/decode_step.py), as CUDA graphs when
+        cuda_graphs and the model is on CUDA; on CPU the same step runs eagerly (tests)."""
+        settings = self.settings
+        self.runner.use_static_decode(
+            settings.max_num_seqs,
+            self.adapter_limit,
+            -(-self.max_model_len // settings.kv_block_size),
+            self.kv.num_blocks - 1,
+            cuda_graphs,
+        )
+
     def is_known(self, name: str) -> bool:
         """An adapter of the library, or a merge built in memory."""
         return name in self.adapters or self.pool.has_virtual(name)

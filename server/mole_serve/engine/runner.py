@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mole_serve.engine.decode_step import StaticDecode, StepRow
 from mole_serve.engine.kv_cache import AttentionMetadata, KVCache, PrefillChunk, block_slots, block_table_tensor
 from mole_serve.engine.model import DecoderModel
 from mole_serve.engine.request import Logprob, SamplingParams, Sequence
-from mole_serve.engine.sampler import logprobs_of, make_generator, sample
+from mole_serve.engine.sampler import logprobs_of, make_generator, sample, to_device
 from mole_serve.engine.scheduler import Batch, ScheduledSeq
 from mole_serve.engine.structured import mask_logits
 from mole_serve.lora.backends.base import LoRABackend
@@ -48,6 +49,27 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids  # what min_tokens masks besides a request's stop_token_ids
         self.device = model.device
         self._generators: dict[str, torch.Generator] = {}
+        self.static: StaticDecode | None = None  # decode-only steps on persistent inputs (use_static_decode)
+
+    def use_static_decode(
+        self, max_rows: int, max_adapters: int, max_blocks: int, scratch_block: int, cuda_graphs: bool
+    ) -> None:
+        """Run decode-only steps of up to max_rows rows through StaticDecode (engine/decode_step.py),
+        replayed as CUDA graphs when cuda_graphs and the model is on CUDA."""
+        self.static = StaticDecode(
+            self.model.forward,
+            self.kv,
+            self.pool,
+            self.backend,
+            max_rows,
+            max_adapters,
+            max_blocks,
+            scratch_block,
+            self.model.dtype,
+            self.device,
+            cuda_graphs,
+        )
+        self.static.capture_base()
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.request_id, None)
@@ -64,15 +86,11 @@ class ModelRunner:
         asking = {i: k for i, seq in enumerate(sampled) if (k := seq.sampling.logprobs) is not None}  # row -> top
         logprobs: list[Logprob | None] = [None] * len(sampled)
         if asking:
-            rows = torch.tensor(list(asking), device=logits.device)
-            found = logprobs_of(
-                logits.index_select(0, rows),
-                torch.tensor(tokens, device=logits.device)[rows],
-                list(asking.values()),
-            )
+            rows = to_device(list(asking), logits.device, torch.long)
+            found = logprobs_of(logits.index_select(0, rows), tokens.index_select(0, rows), list(asking.values()))
             for i, lp in zip(asking, found):
                 logprobs[i] = lp
-        return list(zip(tokens, logprobs))
+        return list(zip(tokens.tolist(), logprobs))  # the step's one wait for the device
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
@@ -91,34 +109,43 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(ids) - 1)  # the chunk's last row
         dev = self.device
-        meta = self.attention_metadata(batch)
         native = [self._native(s.seq) for s in scheduled]
         expert_slots = [self._expert_slot(s.seq) for s in scheduled]
-        lora = self.lora_context(
-            [
-                ((), ()) if nat or ex else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
-                for s, nat, ex in zip(scheduled, native, expert_slots)
-            ],
-            [s.num_tokens for s in scheduled],
-            len(batch.decode),
-            [s.seq.gated for s in scheduled],
-            native=native,
-            expert_slots=expert_slots,
-        )
-        extra_rows = [r for _, _, _, rows in prompt_rows for r in rows]
-        logits = self.model.forward(
-            torch.tensor(ids, device=dev),
-            meta.positions,
-            self.kv,
-            meta,
-            torch.tensor(sample_rows + extra_rows, dtype=torch.long, device=dev),
-            lora,
-        )
-        logits, extra = logits[: len(sample_rows)], logits[len(sample_rows) :]
+        sets = [
+            ((), ()) if nat or ex else (s.seq.lora_slots, [a.weight for a in s.seq.adapters])
+            for s, nat, ex in zip(scheduled, native, expert_slots)
+        ]
+        if self.static is not None and not batch.prefill and self.static.bucket(len(scheduled)):
+            step_rows = [
+                StepRow(ids[i], s.seq.num_computed, s.seq.block_table, slots, weights, s.seq.gated, nat, ex)
+                for i, (s, (slots, weights), nat, ex) in enumerate(zip(scheduled, sets, native, expert_slots))
+            ]
+            logits, lora = self.static.run(step_rows)
+            extra = logits[:0]
+        else:
+            meta = self.attention_metadata(batch)
+            lora = self.lora_context(
+                sets,
+                [s.num_tokens for s in scheduled],
+                len(batch.decode),
+                [s.seq.gated for s in scheduled],
+                native=native,
+                expert_slots=expert_slots,
+            )
+            extra_rows = [r for _, _, _, rows in prompt_rows for r in rows]
+            logits = self.model.forward(
+                to_device(ids, dev, torch.long),
+                meta.positions,
+                self.kv,
+                meta,
+                to_device(sample_rows + extra_rows, dev, torch.long),
+                lora,
+            )
+            logits, extra = logits[: len(sample_rows)], logits[len(sample_rows) :]
         for seq, start, top, rows in prompt_rows:
             if start == 0:
                 seq.prompt_logprobs = [None]  # the first prompt token has no prediction
-            targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + len(rows)], device=dev)
+            targets = to_device(seq.token_ids[start + 1 : start + 1 + len(rows)], dev, torch.long)
             seq.prompt_logprobs += logprobs_of(extra[: len(rows)], targets, [top] * len(rows))
             extra = extra[len(rows) :]
         totals = lora.stats.totals() if lora is not None and lora.stats is not None else ()
@@ -128,9 +155,11 @@ class ModelRunner:
                 seq.gate_sums = summed(seq.gate_sums, sums)
                 seq.gate_count += s.num_tokens * self.model.num_layers
         for experts in lora.experts if lora is not None else ():
+            slot = experts.experts.primary_range[0]
             for i, usage in zip(experts.seqs, experts.usage().tolist()):
-                seq = scheduled[i].seq
-                seq.expert_usage = summed(seq.expert_usage, usage)
+                if i < len(scheduled) and expert_slots[i] == slot:  # a static step's rows: the bucket's
+                    seq = scheduled[i].seq
+                    seq.expert_usage = summed(seq.expert_usage, usage)
         return logits
 
     def row_group(self, seq: Sequence) -> tuple:

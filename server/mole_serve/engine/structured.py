@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mole_serve.engine.sampler import to_device
 from mole_serve.errors import InvalidRequest
 
 
@@ -56,10 +57,10 @@ def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None
         matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), bitmask.shape[1] * 4)
     # little-endian bytes unpack in token order; 0/1 bytes read as bools without a copy
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]
-    allowed = torch.from_numpy(bits).view(torch.bool).to(logits.device)  # [R, V]
+    allowed = to_device(torch.from_numpy(bits).view(torch.bool), logits.device)  # [R, V]
     if len(rows) == len(matchers):
         return torch.where(allowed, logits, float("-inf"))
     masked = logits.clone()
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device, torch.long)
     masked[index] = torch.where(allowed, logits[index], float("-inf"))
     return masked

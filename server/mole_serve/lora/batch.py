@@ -40,6 +40,9 @@ class LoRABatchInfo:
     unique_ranks: list[int] | None = None  # [U]: beside unique_slots (dense path)
     # gathered path: the decode rows 0..num_decode_with_sets as runs of one rank, (end row, rank)
     decode_runs: tuple[tuple[int, int], ...] = ()
+    # a static decode step (engine/decode_step.py): [N, K] int32 on the device, each column's slot's own
+    # rank; every row is then its own segment, so nothing about the rows is read on the host
+    row_ranks: torch.Tensor | None = None
 
     @property
     def num_decode_with_sets(self) -> int:

@@ -105,6 +105,9 @@ class ExpertRows:
     seq_of_row: torch.Tensor  # [Tm] index of each row's sequence in `seqs`
     seqs: list[int]  # the step's sequence indices on this adapter
     usage_rows: int  # the first rows are decode rows (generated tokens): expert usage counts these
+    # [Tm] bool, the rows that are this adapter's: a static decode step's rows are all of the bucket's,
+    # and the others add nothing (None: every row is)
+    row_mask: torch.Tensor | None = None
     # the decode rows' routing of every router this step, as (weights [R, n, k], experts [R, n, k],
     # which of the n routers count [n] or None): summed into `usage` once, after the forward
     routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
@@ -144,6 +147,8 @@ class ExpertRows:
     def _record(self, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor | None) -> None:
         if self.usage_rows:
             n = self.usage_rows
+            if self.row_mask is not None:
+                weights = weights * self.row_mask[:, None, None]
             self.routed.append((weights[:n], experts[:n], counts))
 
     def apply(
@@ -157,7 +162,8 @@ class ExpertRows:
         if group not in ex.shared_groups and not per_module and down is None:
             return
         xr = self._take(x)
-        target = self._take(out) if self.row_range else out.new_zeros(len(xr), out.shape[1])
+        in_place = self.row_range is not None and self.row_mask is None
+        target = self._take(out) if in_place else out.new_zeros(len(xr), out.shape[1])
         if group in ex.shared_groups:
             backend.apply_experts(xr, target, stack, ex.primary, ex.primary_range, ex.shared_rank, None)
         if per_module:
@@ -174,7 +180,13 @@ class ExpertRows:
                 activations, target, stack, ex.slots, ex.slot_range, ex.rank, experts, weights.to(activations.dtype)
             )
             self._down = None
-        if not self.row_range:
+        if in_place:
+            return
+        if self.row_mask is not None:
+            target = target * self.row_mask[:, None]
+        if self.row_range:
+            self._take(out).add_(target)
+        else:
             out.index_add_(0, self.rows, target)
 
     def mix_ffn(
@@ -203,6 +215,8 @@ class ExpertRows:
         up = base[:, None, inter:] + up_k
         activations = ex.act(gate) * up  # [Tm, k, I]: each selected expert's
         mixture = (weights.to(act.dtype).unsqueeze(-1) * activations).sum(1)  # [Tm, I]
+        if self.row_mask is not None:
+            mixture = torch.where(self.row_mask[:, None], mixture, self._take(act))
         if self.row_range:
             self._take(act).copy_(mixture)
         else:

@@ -24,6 +24,10 @@ def step_segments(batch: LoRABatchInfo) -> ops.Segments:
     every token against the U unique slots, one segment. Gathered path: consecutive decode rows
     with the same K slots, then each prefill chunk against its sequence's K slots."""
     nd = batch.num_decode
+    if batch.row_ranks is not None:  # a static decode step: each row its own segment of 16-row tiles
+        rows = torch.arange(nd, dtype=torch.int32, device=batch.lora_slots.device)
+        tiles = torch.stack([rows, rows + 1, rows], dim=1)  # [N, 3]: first row, end row, segment
+        return ops.Segments(tiles, batch.lora_slots.to(torch.int32), batch.row_ranks, 16, batch.rank)
     if batch.unique_slots is not None:
         assert batch.unique_ranks is not None  # set with unique_slots (build_lora_batch)
         total = nd + sum(n for _, n in batch.prefill_spans)
