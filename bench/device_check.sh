@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU machine's check, prepared to run once in about 7 minutes (one H200; torch 2.11 + CUDA 13,
+# The GPU machine's check, prepared to run once in about 8 minutes (one H200; torch 2.11 + CUDA 13,
 # triton 3.6), from the repository root:
 #   0. set-up: the Python packages the machine's image lacks, from the wheels in .whl/ (carried;
 #      bench/device_prepare.sh makes them), and the base model: MOLE_BASE_MODEL if set, the real
@@ -7,12 +7,17 @@
 #      $DEVICE_BASE_SRC (carried; .devmodel/SmolLM2-135M-Instruct) with random weights
 #      (bench.random_base: the real GGUF is 98 MB, over what travels; decode speed does not depend
 #      on the weights' values, and the JSON says they are random)
-#   1. bench.throughput in bf16 with MOLE_LORA_BACKEND=triton, then =torch, merged by
-#      bench.throughput_merge into bench/results/throughput_cuda.json (both runs, triton/torch per
-#      scenario); first, so that the figures come back whatever a later step does
-#   2. the CUDA tests: every kernel against torch_ref on the GPU (compiled, not interpreted), and
-#      our logits against transformers on the GPU in fp32 and bf16, a gated batch against CPU
-#   3. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
+#   1. bench.throughput in bf16 with MOLE_LORA_BACKEND=triton, every scenario with the decode
+#      step's CUDA graphs and again without (--eager-too: <scenario>_eager, same process), then
+#      =torch on hetero3 only, merged by bench.throughput_merge into
+#      bench/results/throughput_cuda.json (both runs, triton/torch per scenario); first, so that
+#      the figures come back whatever a later step does
+#   2. bench.decode_bound: a random-weight model of Llama-3-8B's shape built on the GPU, base and
+#      hetero1 at batch 32 and 64, as a fraction of the step's memory-bandwidth bound
+#   3. the CUDA tests: every kernel against torch_ref on the GPU (compiled, not interpreted), our
+#      logits against transformers on the GPU in fp32 and bf16, a gated batch against CPU, and
+#      CUDA graph replay against the eager step for every adapter kind
+#   4. every Triton kernel compiled for sm_80 / sm_90 (this triton, ahead of time)
 # A failing step does not stop the later ones (the figures still come back); the exit status is
 # then 1. Logs and the JSON are copied to $OUT when it is set (the device tool's return folder).
 #
@@ -46,9 +51,10 @@ setup() {
 }
 
 STEPS=(
-  "throughput_triton|240|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --out $RUNS/triton.json"
-  "throughput_torch|180|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --skip-hf --out $RUNS/torch.json"
-  "cuda_tests|180|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py"
+  "throughput_triton|270|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --eager-too --out $RUNS/triton.json"
+  "throughput_torch|90|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --skip-hf --scenarios hetero3 --out $RUNS/torch.json"
+  "decode_bound|200|$PY -m bench.decode_bound --device cuda --batches 32 64 --out $RESULTS/decode_bound_cuda.json"
+  "cuda_tests|180|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py tests/unit/test_static_decode.py"
   "compile|60|$PY -m tests.unit.triton_cases compile"
 )
 
@@ -72,10 +78,10 @@ if (( DRY_RUN )); then
   # Each command parses: modules exist, the throughput options are known, the CUDA tests are there.
   "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
             ('tests.unit.triton_cases', 'tests.unit.triton_compile', 'bench.throughput', 'bench.throughput_merge',
-             'bench.random_base', 'pytest')))" \
+             'bench.random_base', 'bench.decode_bound', 'pytest')))" \
     || { echo "dry run: a module is missing"; status=1; }
   help=$("$PY" -m bench.throughput --help) || { echo "dry run: bench.throughput --help failed"; status=1; }
-  for opt in "${BENCH_ARGS[@]}" --out; do
+  for opt in "${BENCH_ARGS[@]}" --out --eager-too --scenarios; do
     [[ "$opt" == --* && "$help" != *"$opt"* ]] && { echo "dry run: bench.throughput has no $opt"; status=1; }
   done
   grep -q "@pytest.mark.cuda" tests/unit/test_triton_lora.py \
@@ -101,7 +107,7 @@ for step in "${STEPS[@]}"; do
   (( rc == 0 )) || failed+=("$name")
 done
 $MERGE $(runs_to_merge "$LOGS") | tee "$LOGS/merge.log" || failed+=(merge)
-[[ -n "${OUT:-}" ]] && cp "$RESULTS/throughput_cuda.json" "$OUT/"
+[[ -n "${OUT:-}" ]] && cp "$RESULTS/throughput_cuda.json" "$RESULTS/decode_bound_cuda.json" "$OUT/"
 rm -rf "$RUNS"
 echo "total ${SECONDS} s; failed: ${failed[*]:-none}"
 (( ${#failed[@]} == 0 ))

@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="rounds over our scenarios; the best counts")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers/PEFT baselines")
     ap.add_argument("--scenarios", nargs="+", help="run only these of our scenarios (base always runs)")
+    ap.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="CUDA: run the scenarios again with the decode step's CUDA graphs off, as <scenario>_eager",
+    )
     ap.add_argument("--out", default="bench/results/throughput.json")
     args = ap.parse_args(argv)
 
@@ -307,6 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
             gated = kind in ("gate3", "mixed_kinds")
             run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated, sampling=sampling[kind])
             best[kind] = max(best.get(kind, run), run)
+    static = engine.runner.static
+    if args.eager_too and static is not None and static.cuda_graphs:
+        engine.runner.static = None  # every step launches its ops one by one
+        for kind in kinds:
+            engine.runner.native_blocks = kind != "melora_dense"
+            gated = kind in ("gate3", "mixed_kinds")
+            run = run_engine(engine, prompts, sets[kind], args.max_tokens, gated, sampling=sampling[kind])
+            best[f"{kind}_eager"] = run
+        engine.runner.static = static
+        kinds += [f"{kind}_eager" for kind in kinds]
     for kind in kinds:
         decode, e2e, mb = best[kind]
         record(kind, decode, e2e)
@@ -340,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("mixlora", "mixlora_ref"),
         ("hetero1", "peft_mixed"),
         ("base", "hf_base"),
+        *((k, f"{k}_eager") for k in ["base", "hetero1", "hetero3", "gate3", "mixed_kinds"]),
     ]
     ratios = {
         f"{a}/{b}": results[f"{a}_tok_s"] / results[f"{b}_tok_s"]
@@ -355,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pool": args.pool,
         "dtype": str(engine.model.dtype),
         "device": args.device,
+        "cuda_graphs": static is not None and static.cuda_graphs,
         "base_model": engine.model_name,
         "base_weights": "random (bench.random_base)" if (model_path / MARKER).exists() else "trained",
         "gate3": "the hetero3 candidate sets, weighted per layer and token by the "

@@ -109,6 +109,7 @@ def test_the_decode_step_traces_without_a_graph_break(every_kind, tokenizer):
         assert explanation.graph_count == 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("picked", [list(range(7)), [6]], ids=["every-kind", "base"])
 def test_static_decode_cuda(every_kind, tokenizer, picked):
