@@ -96,7 +96,10 @@ class GateStats:
         return row.index_select(0, cols)
 
     def totals(self) -> list[list[float]]:
-        """seq_sums of every sequence, as numbers."""
+        """seq_sums of every sequence, as numbers (one read of the device where the columns are
+        the sequences' own)."""
+        if self.seq_columns is None:
+            return self.sums.tolist()
         return [self.seq_sums(i).tolist() for i in range(self.sums.shape[0])]
 
 
