@@ -10,6 +10,10 @@ as its reference, a decode batch gathers its sequences' slots in one index_selec
 (cheaper than copying it to [N, kv_heads, L, head_dim] first; the measurements are in
 docs/decisions.md). A prefill chunk that starts at position 0 attends to its own keys without
 reading the pool.
+
+Each layer may attend its own way (LayerAttention, from the model's family): a softmax scale other
+than 1/sqrt(head_dim), a sliding window and a tanh soft cap on the logits. The paged kernel knows
+only the scale, so on CUDA a layer with a window or a cap decodes on the gather + SDPA path too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, as transformers' attention for the family: softmax(cap(q.k * scale)),
+    cap(s) = softcap * tanh(s / softcap) when softcap is set; with a window, a query at position p
+    sees the keys at positions j with p - window < j <= p (transformers' sliding_window_overlay:
+    kv_idx > q_idx - sliding_window), else every j <= p."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, spec: LayerAttention | None
+) -> torch.Tensor:
+    """q: [..., M, D]; k, v: [..., L, D]; mask: bool, True = attend, broadcast to [..., M, L]."""
+    if spec is None or spec.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale if spec else None)
+    # SDPA has no soft cap: transformers' eager attention, step for step (scores capped before the
+    # mask, softmax in float32).
+    scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale  # [..., M, L]
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _window_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[M, num_keys] bool: key position j (0..num_keys-1) not after each query position (query_pos:
+    [M]) and, given a window, within it."""
+    keys = torch.arange(num_keys, device=query_pos.device)[None, :]
+    mask = keys <= query_pos[:, None]
+    return mask if window is None else mask & (keys > query_pos[:, None] - window)
 
 
 @dataclass
@@ -44,6 +83,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [Nd, max_blocks] int32 each decoding sequence's blocks (padded with 0)
     decode_seq_lens: torch.Tensor  # [Nd] int32 positions each decoding sequence attends to (its past and itself)
     prefill: list[PrefillChunk]
+    # [T] per token, the length of its sequence as a forward over all its known tokens sees it (a
+    # prompt's whole length, even for an early chunk): longrope picks its factors by it, as HF
+    # picks them per forward call. None: each token's chunk end (position + 1 for a decode token).
+    rope_lens: torch.Tensor | None = None
 
 
 def block_table_tensor(block_tables: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -108,17 +151,24 @@ class KVCache:
         self.v[layer].index_copy_(0, meta.slot_mapping, v)
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: LayerAttention | None = None,
     ) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: the step's own [T, kv_heads, head_dim] (already written)
-        -> [T, heads * head_dim]."""
+        -> [T, heads * head_dim]. spec: the layer's scale, window and cap (None: 1/sqrt(head_dim),
+        causal over the whole past, no cap)."""
         T, H, D = q.shape
         kv_heads = k.shape[1]
         group = H // kv_heads  # query heads sharing one kv head (GQA)
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
-            self._attend_decode(layer, q[:nd], meta, kv_heads, group, out[:nd])
+            self._attend_decode(layer, q[:nd], meta, kv_heads, group, out[:nd], spec)
         offset = nd
         for chunk in meta.prefill:
             c = chunk.length
@@ -129,26 +179,49 @@ class KVCache:
                 kc, vc = (t[offset : offset + c].transpose(0, 1)[None] for t in (k, v))
             else:  # earlier positions from the pool (an earlier chunk, or the prefix cache)
                 kc, vc = (t[layer].index_select(0, chunk.slots).transpose(0, 1)[None] for t in (self.k, self.v))
-            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=chunk.mask)  # [1, kvH, G*c, D]
+            mask = chunk.mask
+            if spec is not None and spec.window is not None:
+                # rows are the G heads' copies of the chunk's c queries, as chunk.mask lays them out
+                query_pos = torch.arange(chunk.start, chunk.start + c, device=q.device)
+                mask = mask & _window_mask(query_pos, mask.shape[1], spec.window).repeat(group, 1)
+            o = _attention(qg, kc, vc, mask, spec)  # [1, kvH, G*c, D]
             out[offset : offset + c] = o.view(kv_heads, group, c, D).permute(2, 0, 1, 3).reshape(c, H, D)
             offset += c
         return out.view(T, H * D)
 
     def _attend_decode(
-        self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_heads: int, group: int, out: torch.Tensor
+        self,
+        layer: int,
+        q: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_heads: int,
+        group: int,
+        out: torch.Tensor,
+        spec: LayerAttention | None = None,
     ) -> None:
         """q, out: [Nd, H, D]; out written in place."""
         nd, _, D = q.shape
+        slots, mask, from_tables = meta.decode_slots, meta.decode_mask, False
         if self.decode_kernel is not None:
-            k_pool, v_pool = self.k[layer], self.v[layer]
-            tables, lens = meta.decode_block_tables, meta.decode_seq_lens
-            self.decode_kernel(q, k_pool, v_pool, tables, lens, self.block_size, D**-0.5, out)  # SDPA's scale
-            return
-        L = meta.decode_slots.shape[1]
-        flat = meta.decode_slots.view(-1)
+            if spec is None or (spec.window is None and spec.softcap is None):
+                k_pool, v_pool = self.k[layer], self.v[layer]
+                tables, lens = meta.decode_block_tables, meta.decode_seq_lens
+                scale = D**-0.5 if spec is None else spec.scale  # D**-0.5: SDPA's default
+                self.decode_kernel(q, k_pool, v_pool, tables, lens, self.block_size, scale, out)
+                return
+            # The kernel has no window or cap: gather through the block tables (the kernel's
+            # callers need not fill decode_slots), masked from the lengths below.
+            slots, from_tables = block_slots(meta.decode_block_tables, self.block_size), True
+        L = slots.shape[1]
+        flat = slots.reshape(-1)
         # [Nd, kvH, L, D] as a strided view of the gathered [Nd, L, kvH, D]
         k = self.k[layer].index_select(0, flat).view(nd, L, kv_heads, D).transpose(1, 2)
         v = self.v[layer].index_select(0, flat).view(nd, L, kv_heads, D).transpose(1, 2)
         qg = q.view(nd, kv_heads, group, D)  # the group's heads act as G query rows
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask)  # [Nd, kvH, G, D]
+        window = spec.window if spec is not None else None
+        if window is not None or from_tables:  # keys past the query masked too
+            # a padding row (length 0) reads position 0 rather than nothing (an all-masked row is NaN)
+            query_pos = (meta.decode_seq_lens.long() - 1).clamp(min=0)
+            mask = _window_mask(query_pos, L, window).view(nd, 1, 1, L)
+        o = _attention(qg, k, v, mask, spec)  # [Nd, kvH, G, D]
         out.copy_(o.reshape(nd, kv_heads * group, D))

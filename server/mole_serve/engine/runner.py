@@ -309,6 +309,12 @@ class ModelRunner:
             # Query row i (position start+i) sees keys 0..start+i; repeated for the G heads of a group.
             causal = torch.arange(start + n, device=dev)[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
             prefill.append(PrefillChunk(start, n, slots if start else None, causal.repeat(group, 1)))
+        rope_lens = None
+        if batch.prefill and any(table.long_after is not None for table in self.model.ropes):
+            # longrope picks its factors by the length of the whole sequence a forward sees: a
+            # prompt's chunks all by the prompt's (model._rope_rows)
+            known = [torch.full((s.num_tokens,), len(s.seq.token_ids), device=dev) for s in batch.prefill]
+            rope_lens = torch.cat([lens_t, *known])
         return AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping),
             positions=torch.cat(positions),
@@ -318,4 +324,5 @@ class ModelRunner:
             decode_block_tables=tables,
             decode_seq_lens=lens_t.int(),
             prefill=prefill,
+            rope_lens=rope_lens,
         )

@@ -25,6 +25,9 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+# Modules some checkpoints store fused (Phi-3), in our fused layout: a PEFT LoRA on one (A [r, d_in],
+# B [sum of the parts' d_out, r]) is exactly its parts' LoRAs, each with the same A and its rows of B.
+FUSED_MODULES: dict[str, tuple[str, ...]] = {"qkv_proj": MODULE_GROUPS["qkv"], "gate_up_proj": MODULE_GROUPS["gate_up"]}
 
 
 class AdapterFormatError(InvalidAdapter):
@@ -39,6 +42,15 @@ class LoRATargetSpec:
     shapes: dict[str, tuple[int, int]]
     hidden_act: str = "silu"  # the FFN's activation (MixLoRA's experts default to it)
     dtype: torch.dtype = torch.float32  # what the pool's stacks hold the factors in (the base model's)
+    # the fused modules the base model's checkpoint has (FUSED_MODULES' entries), which PEFT adapters name
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(d_in, d_out) of a module of `shapes` or of a fused one (its parts' outputs stacked)."""
+        if module in self.fused:
+            parts = self.fused[module]
+            return self.shapes[parts[0]][0], sum(self.shapes[m][1] for m in parts)
+        return self.shapes[module]
 
 
 # The largest |(s B A)_ij| an adapter's update may have. Inputs to the adapted projections are

@@ -1,6 +1,10 @@
 """Kind `lora`: PEFT LoRA (any subset of the 7 projections, alpha_pattern, rsLoRA scaling).
 
 delta y = s * B A x,   A: [r, d_in], B: [d_out, r],   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+On a base model whose checkpoint fuses projections (Phi-3's qkv_proj, gate_up_proj), PEFT names
+the fused module: its LoRA becomes its parts' (the same A, B split by rows), scaled as the fused
+module's.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ def _check_config(name: str, config: dict) -> None:
         raise AdapterFormatError(f"adapter {name!r}: modules_to_save {config['modules_to_save']} is not supported")
 
 
-def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
-    """A tensor's (layer, module) exists in the base model."""
-    if module not in spec.shapes:
+def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec, fused: bool = False) -> None:
+    """A tensor's (layer, module) exists in the base model; fused: a fused module of its checkpoint
+    (spec.fused) counts too."""
+    if module not in spec.shapes and not (fused and module in spec.fused):
         raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
     if layer >= spec.num_layers:
         raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")
@@ -91,22 +96,28 @@ def checked_modules(
     suffix: str = "",
 ) -> tuple[dict, int]:
     """(layer, module) -> {"A", "B"} tensors checked, scaled by `config`: (modules, largest rank).
-    suffix: what follows `layers.{L}.{module}` in errors (an expert's `.experts.{e}`)."""
+    A fused module (spec.fused) is checked whole, then stored as its parts. suffix: what follows
+    `layers.{L}.{module}` in errors (an expert's `.experts.{e}`)."""
     modules, max_seen = {}, 0
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layers.{layer}.{module}{suffix}"
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"adapter {name!r}: {where} has lora_{next(iter(ab))} without its pair")
-        A, _ = modules[(layer, module)] = checked_pair(
+        A, B = checked_pair(
             name,
             where,
             ab["A"],
             ab["B"],
-            spec.shapes[module],
+            spec.module_shape(module),
             max_rank,
             functools.partial(lora_scaling, config, where),
             spec.dtype,
         )
+        parts = spec.fused.get(module, (module,))
+        if len(parts) > 1 and any((layer, part) in pairs for part in parts):
+            raise AdapterFormatError(f"adapter {name!r}: {where} and one of its parts {parts} are both adapted")
+        for part, B_part in zip(parts, B.split([spec.shapes[m][1] for m in parts])):  # [d_out_j, r] each
+            modules[(layer, part)] = (A, B_part.contiguous())
         max_seen = max(max_seen, A.shape[0])
     return modules, max_seen
 
@@ -122,7 +133,7 @@ def parse(
         if m is None:
             raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} (only LoRA A/B of projections)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        check_place(name, key, layer, module, spec)
+        check_place(name, key, layer, module, spec, fused=True)
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors found")
