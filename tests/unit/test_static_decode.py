@@ -122,3 +122,28 @@ def test_static_decode_cuda(every_kind, tokenizer, picked):
     assert graphs.runner.static.replays == 4
     assert got_tokens == tokens
     torch.testing.assert_close(got_logits, logits, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "qwen3"])
+def test_static_decode_equals_eager_for_each_family(family, tokenizer, tmp_path):
+    """Sliding windows and soft caps (Gemma), longrope and fused projections (Phi-3), q/k norms
+    (Qwen3): 3 rows padded to 4, contexts past the window across KV blocks, one row on a LoRA."""
+    from tests.unit.helpers import ALL_TARGETS, make_adapter
+    from tests.unit.test_model_families import PEFT_TARGETS, family_engine, family_model
+
+    hf = family_model(family)
+    path = make_adapter(hf, tmp_path / "a", seed=1, targets=PEFT_TARGETS.get(family, ALL_TARGETS))
+    prompts = [list(range(5, 5 + n)) for n in (7, 13, 19)]
+    adapters = [[AdapterRef("a")], [], [AdapterRef("a", 0.5)]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    runs = []
+    for static in (False, True):
+        engine = family_engine(hf, tokenizer, max_num_seqs=4)
+        add_adapter(engine, "a", path)
+        if static:
+            engine.use_static_decode(cuda_graphs=False)
+        seqs = engine.generate(prompts, params, adapters)
+        runs.append(([s.output_ids for s in seqs], last_logits(engine).clone()))
+    assert engine.runner.static.steps == 11
+    assert runs[1][0] == runs[0][0]
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-5)

@@ -299,8 +299,13 @@ class StaticDecode:
             width = meta.decode_slots.shape[1]
             keep = torch.arange(width, device=tables.device)[None, :] < meta.decode_seq_lens[:, None]
             meta.decode_mask = keep.view(sig.bucket, 1, 1, width)
-        if entry.lora is not None and entry.lora.stats is not None:
-            entry.lora.stats.sums.zero_()
+        lora = entry.lora
+        if lora is not None and lora.batch is not None:
+            # the backend's per-step state is this step's (inside the trace: a graph rebuilds the
+            # Triton segments from the buffers; the torch backend's gather cache keys on host rows)
+            self.backend.prepare(lora.batch, self.pool.version, 0)
+            if lora.stats is not None:
+                lora.stats.sums.zero_()
         return self.forward(entry.input_ids, meta.positions, self.kv, meta, entry.rows, entry.lora)
 
     def run(self, rows: Sequence[StepRow]) -> tuple[torch.Tensor, LoRAContext | None]:
