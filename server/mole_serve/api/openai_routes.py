@@ -276,21 +276,27 @@ async def completions(body: CompletionRequest, request: Request):
     )
 
 
-def model_card(engine: EngineClient, model_id: str, created: int) -> ModelCard:
-    """The base model (no parent), `auto`, or an adapter (parent: the base, as vLLM lists LoRAs)."""
+def model_card(engine: EngineClient, model_id: str, created: int, gate_refused: str | None = None) -> ModelCard:
+    """The base model (no parent), `auto` (with how it composes what it retrieves, and why the
+    store's gate is not served when it was refused), or an adapter (parent: the base, as vLLM lists LoRAs)."""
     base = engine.model_name
-    return ModelCard(id=model_id, created=created, root=base, parent=None if model_id == base else base)
+    card = ModelCard(id=model_id, created=created, root=base, parent=None if model_id == base else base)
+    if model_id == "auto":
+        card.routing = "gate" if engine.has_gate else "mixture"
+        card.routing_note = None if engine.has_gate else gate_refused
+    return card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    engine, created = ready_engine(request), int(time.time())
-    ids = [engine.model_name, "auto", *request.app.state.catalog.names]
-    return ModelList(data=[model_card(engine, i, created) for i in ids]).model_dump(mode="json")
+    engine, created, catalog = ready_engine(request), int(time.time()), request.app.state.catalog
+    ids = [engine.model_name, "auto", *catalog.names]
+    return ModelList(data=[model_card(engine, i, created, catalog.gate_refused) for i in ids]).model_dump(mode="json")
 
 
 @router.get("/v1/models/{model_id}")
 async def retrieve_model(model_id: str, request: Request):
     engine = ready_engine(request)
     check_model(engine, model_id)
-    return model_card(engine, model_id, int(time.time())).model_dump(mode="json")
+    card = model_card(engine, model_id, int(time.time()), request.app.state.catalog.gate_refused)
+    return card.model_dump(mode="json")

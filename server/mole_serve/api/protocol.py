@@ -609,6 +609,11 @@ class ModelCard(BaseModel):
     owned_by: str = "mole-serve"
     root: str
     parent: str | None
+    # --- extensions, on `auto`'s card (null on the others) ---
+    # how `auto` composes the adapters it retrieves: `gate` (the trained MoLE gate) or `mixture`
+    # (weights from the retrieval scores, when no gate is served)
+    routing: Literal["gate", "mixture"] | None = None
+    routing_note: str | None = None  # why the store's trained gate is not served, when it was refused
 
 
 class ModelList(BaseModel):

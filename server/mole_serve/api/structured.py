@@ -3,8 +3,10 @@
 template gets them, and the answer read back as tool calls.
 
 Calls are read in the Hermes convention (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
-used by Qwen, Hermes and SmolLM3). Where the chat template has a tool format (it reads `tools`),
-the tools and tool turns go through it and `tool_choice: "auto"` leaves the model free. A template
+used by Qwen2.5, Qwen3, Hermes and SmolLM3), or, where the template is Llama 3.1+'s, as the bare
+`{"name": ..., "parameters": ...}` objects it asks for (tool_format). Where the chat template has a
+tool format (it reads `tools`), the tools and tool turns go through it and `tool_choice: "auto"`
+leaves the model free. A template
 without one (SmolLM2's) never shows the model its tools: they are told in the system turn, as TGI
 does, earlier calls are written into the assistant turns in that convention, `auto` is a grammar
 that takes either free text or calls (auto_grammar), and `none` one of text without a call (the
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # (in the stubs only)
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+HERMES, LLAMA3_JSON = "hermes", "llama3_json"  # how a model writes its calls (tool_format)
+LLAMA3_CALL = '"parameters": '  # Llama 3.1+'s templates ask for calls so, and write earlier calls so
 HERMES_CALL = re.compile(rf"{CALL_OPEN}\s*(.*?)\s*{CALL_CLOSE}", re.DOTALL)
 WORDS = f"TEXT: /(?s:.*)/ & ~/(?s:.*){CALL_OPEN}(?s:.*)/"  # (Lark) any text without the call marker
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -95,13 +99,23 @@ def has_tool_format(chat_template: str | None) -> bool:
     return chat_template is not None and "tools" in chat_template
 
 
+def tool_format(chat_template: str | None) -> str:
+    """How the model of a template with a tool format writes a call: LLAMA3_JSON for Llama 3.1+'s
+    template (the whole answer is `{"name": ..., "parameters": {...}}`, several joined by `;`),
+    else HERMES (the tags; also what a template without a tool format is constrained to)."""
+    if chat_template is None or not has_tool_format(chat_template) or CALL_OPEN in chat_template:
+        return HERMES
+    return LLAMA3_JSON if LLAMA3_CALL in chat_template else HERMES
+
+
 @dataclass(frozen=True)
 class ToolUse:
     """How a chat answer becomes tool calls: `named` (the text is one function's arguments),
-    `required` (a JSON list of calls) or `auto` (Hermes tags in free text)."""
+    `required` (a JSON list of calls) or `auto` (free text or calls, written as `format` says)."""
 
     mode: str
     function: str | None = None
+    format: str = HERMES
 
     def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
         """(content, tool calls, finish reason) of a finished answer. One cut by max_tokens keeps
@@ -128,15 +142,47 @@ class ToolUse:
             except json.JSONDecodeError:
                 return None
             return [_call(c["name"], json.dumps(c["arguments"])) for c in found], None
+        if self.format == LLAMA3_JSON:
+            found_calls = _llama3_calls(text)
+            return (found_calls, None) if found_calls else None
         calls = []
         for block in HERMES_CALL.findall(text):
             try:
-                found = json.loads(block)
-                calls.append(_call(found["name"], json.dumps(found.get("arguments", {}))))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                calls.append(_written_call(json.loads(block), "arguments"))
+            except (ValueError, KeyError, TypeError):
                 return None
         rest = HERMES_CALL.sub("", text).strip()
         return (calls, rest or None) if calls else None
+
+
+def _written_call(found: object, arguments_key: str) -> ToolCall:
+    """A call the model wrote as a JSON object, its name and arguments under `arguments_key` (or
+    `arguments`); arguments written as JSON text (some fine-tunes do) are kept as they are.
+    Raises TypeError, KeyError or ValueError for anything else."""
+    if not isinstance(found, dict) or not isinstance(found["name"], str):
+        raise TypeError("a call is an object with a name")
+    arguments = found.get(arguments_key, found.get("arguments", {}))
+    if isinstance(arguments, str):
+        text, arguments = arguments, json.loads(arguments)
+    else:
+        text = json.dumps(arguments)
+    if not isinstance(arguments, dict):
+        raise TypeError("a call's arguments are an object")
+    return _call(found["name"], text)
+
+
+def _llama3_calls(text: str) -> list[ToolCall] | None:
+    """Llama 3.1+'s calls: an answer that is only JSON objects `{"name": ..., "parameters": {...}}`,
+    joined by `;`. None for any other answer (text, or a call cut short)."""
+    decoder, calls, text, at = json.JSONDecoder(), [], text.strip(), 0
+    while at < len(text):
+        try:
+            found, at = decoder.raw_decode(text, at)
+            calls.append(_written_call(found, "parameters"))
+        except (ValueError, KeyError, TypeError):
+            return None
+        at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())
+    return calls or None
 
 
 def _call(name: str, arguments: str) -> ToolCall:
@@ -170,7 +216,7 @@ def output_constraint(body: ChatCompletionRequest, chat_template: str | None) ->
         if wants_json:
             raise APIError(400, "`response_format` cannot be combined with tool_choice `auto`", param="response_format")
         if has_tool_format(chat_template):  # the model's own format: it was trained to choose
-            return None, ToolUse("auto")
+            return None, ToolUse("auto", format=tool_format(chat_template))
         return auto_grammar(body.tools, body.parallel_tool_calls), ToolUse("auto")
     if body.tools and not wants_json and not has_tool_format(chat_template):  # tool_choice `none`
         return words_grammar(), None

@@ -19,6 +19,11 @@ class GateFormatError(InvalidAdapter):
     code = "invalid_gate"
 
 
+class GateBaseMismatch(GateFormatError):
+    """A readable gate trained for another base model: serving goes on without it (compose.build),
+    `auto` composing its retrieved adapters with `mixture`."""
+
+
 def save_gate(gate: MoLEGate, folder: Path, extra: dict | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -27,7 +32,8 @@ def save_gate(gate: MoLEGate, folder: Path, extra: dict | None = None) -> None:
 
 
 def load_gate(folder: Path, expected: GateConfig) -> MoLEGate:
-    """The gate in `folder`, refused with a clear error if it was trained for another base."""
+    """The gate in `folder`, refused with a clear error if it was trained for another base
+    (GateBaseMismatch) or cannot be read (GateFormatError)."""
     folder = Path(folder)
     try:
         raw = json.loads((folder / GATE_CONFIG).read_text())
@@ -37,13 +43,13 @@ def load_gate(folder: Path, expected: GateConfig) -> MoLEGate:
     config = GateConfig(**{k: raw[k] for k in GateConfig.__dataclass_fields__ if k in raw})
     for field in ("num_layers", "hidden_size", "probe_size"):
         if getattr(config, field) != getattr(expected, field):
-            raise GateFormatError(
+            raise GateBaseMismatch(
                 f"gate in {folder} was trained for base model {config.base_model!r} ({field}="
                 f"{getattr(config, field)}); the served base {expected.base_model!r} has "
                 f"{field}={getattr(expected, field)}"
             )
     if config.base_model != expected.base_model:
-        raise GateFormatError(
+        raise GateBaseMismatch(
             f"gate in {folder} was trained for base model {config.base_model!r}, not the served {expected.base_model!r}"
         )
     gate = MoLEGate(config)

@@ -169,6 +169,8 @@ class Catalog:
         self.base_names = base_names  # lower-case ids an adapter's base_model_name_or_path may give
         self.min_examples = min_examples
         self.retriever = retriever  # None: no retrieval keys, `auto` is the base model
+        # why the store's trained gate is not served (trained for another base model; /v1/models says it)
+        self.gate_refused: str | None = None
         self._folders: dict[str, Path] = {}
         self._forms: dict[str, str] = {}  # adapter -> the input form its card declares, when not plain
         self._failed: dict[str, str] = {}  # stored adapters that did not validate at start-up -> why
