@@ -147,3 +147,23 @@ def test_static_decode_equals_eager_for_each_family(family, tokenizer, tmp_path)
     assert engine.runner.static.steps == 11
     assert runs[1][0] == runs[0][0]
     torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_gated_rows_report_is_its_own_when_the_steps_k_changes(every_kind, tokenizer, static):
+    """A gated request of 2 candidates beside a 3-adapter request that ends first: the gathered
+    path pads rows to the step's K (3, then 2). Its gate weights and entropy are those it gets alone."""
+    gated = ([], Selection("gate", explicit=(AdapterRef("a"), AdapterRef("b"))))
+    engine = _engine(every_kind, tokenizer, "torch", static=static)
+    prompts = [list(range(5, 12)), list(range(5, 9))]
+    params = [SamplingParams(max_tokens=6, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True)]
+    seqs = [
+        engine.add_request(prompts[0], params[0], gated[0], None, gated[1]),
+        engine.add_request(prompts[1], params[1], REQUESTS[1][0], None, None),
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    alone = engine.generate([prompts[0]], params[0], [gated[0]], [gated[1]])[0]
+    got, expected = seqs[0].report(), alone.report()
+    assert [e["gate_weight"] for e in got] == pytest.approx([e["gate_weight"] for e in expected], abs=1e-5)
+    assert seqs[0].gate_entropy() == pytest.approx(alone.gate_entropy(), abs=1e-5)

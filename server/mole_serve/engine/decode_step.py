@@ -53,6 +53,7 @@ class Signature:
     bucket: int
     kv_width: int  # blocks of each row's table the CPU attention reads (0: the paged kernel reads them)
     rank: int  # what the slot stacks run at (0: no row has a set)
+    columns: int  # K: the (slot, weight) pairs per row the stacks run over
     gated: bool
     block_shapes: tuple[tuple[int, int], ...]  # MELoRA rows' block shapes
     expert_slots: tuple[int, ...]  # MoE-kind adapters' lora slots
@@ -151,6 +152,7 @@ class StaticDecode:
         self.arange = torch.arange(B, device=device)
         self._entries: dict[Signature, StepEntry] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.decode_slots: tuple[tuple[int, ...], ...] = ()  # the step's rows' slots, padded (fill)
         self.steps = 0  # steps run here
         self.replays = 0  # of those, replayed as a graph
 
@@ -177,6 +179,8 @@ class StaticDecode:
             target.np[pad] = pad_value
         self.slot_mapping.np[pad] = self.scratch_block * bs
         slots = [list(r.lora_slots) + [0] * (K - len(r.lora_slots)) for r in rows]
+        # without graphs, the torch backend keeps a steady batch's gathered adapters (GatherCache) by them
+        self.decode_slots = tuple(map(tuple, slots)) + ((0,) * K,) * (b - n)
         self.lora_slots.fill(slice(0, n), slots)
         self.lora_slots.np[pad] = 0
         self.lora_weights.fill(slice(0, n), [list(r.lora_weights) + [0.0] * (K - len(r.lora_weights)) for r in rows])
@@ -208,8 +212,14 @@ class StaticDecode:
             kv_width = min(self.max_blocks, 1 << (longest - 1).bit_length())
         # On CUDA every step runs the stacks at their full rank (the kernels bound each column by its
         # slot's own rank), so adapters coming and going do not change the signature.
-        rank = (self.pool.rank if self.cuda_graphs else max(max(r) for r in self.lora_ranks.np[:n])) if has_sets else 0
-        return Signature(b, kv_width, int(rank), any(r.gated for r in rows), tuple(shapes), tuple(expert_slots))
+        if self.cuda_graphs:  # the kernels skip a slot of rank 0 and bound the others by theirs
+            rank, columns = (self.pool.rank, K) if has_sets else (0, 0)
+        else:  # the torch backend computes every column it is given, at one rank
+            rank = max(max(r) for r in self.lora_ranks.np[:n]) if has_sets else 0
+            columns = max(len(r.lora_slots) for r in rows)
+            self.decode_slots = tuple(row[:columns] for row in self.decode_slots)
+        gated = any(r.gated for r in rows)
+        return Signature(b, kv_width, int(rank), columns, gated, tuple(shapes), tuple(expert_slots))
 
     def _buffers(self) -> list[HostDevice]:
         fixed = [self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.seq_lens]
@@ -263,17 +273,18 @@ class StaticDecode:
         every_row = self.arange[:b]
         batch = stats = None
         if sig.rank:
+            K = sig.columns
             batch = LoRABatchInfo(
-                self.lora_slots.device[:b],
+                self.lora_slots.device[:b, :K],
                 b,
                 [],
-                self.lora_weights.device[:b],
+                self.lora_weights.device[:b, :K],
                 rank=sig.rank,
                 decode_runs=((b, sig.rank),),
-                row_ranks=self.lora_ranks.device[:b],
+                row_ranks=self.lora_ranks.device[:b, :K],
             )
-            if sig.gated:
-                stats = GateStats(self.gated.device[:b], every_row, self.gate_sums[:b], None)
+            if sig.gated:  # the sums: K weights, then the entropy
+                stats = GateStats(self.gated.device[:b], every_row, self.gate_sums[:b, : K + 1], None)
         blocks = [
             BlockRows(shape, every_row, slots.device[:b], weights.device[:b], (0, b))
             for shape in sig.block_shapes
@@ -299,11 +310,14 @@ class StaticDecode:
             width = meta.decode_slots.shape[1]
             keep = torch.arange(width, device=tables.device)[None, :] < meta.decode_seq_lens[:, None]
             meta.decode_mask = keep.view(sig.bucket, 1, 1, width)
-        lora = entry.lora
+        lora, pool = entry.lora, self.pool
         if lora is not None and lora.batch is not None:
             # the backend's per-step state is this step's (inside the trace: a graph rebuilds the
-            # Triton segments from the buffers; the torch backend's gather cache keys on host rows)
-            self.backend.prepare(lora.batch, self.pool.version, 0)
+            # Triton segments from the buffers; a graph never reads the torch backend's gather
+            # cache, which is keyed by host values)
+            if not self.cuda_graphs:
+                lora.batch.decode_slots = self.decode_slots
+            self.backend.prepare(lora.batch, pool.version, pool.slot_bytes * min(sig.rank, pool.rank) // pool.rank)
             if lora.stats is not None:
                 lora.stats.sums.zero_()
         return self.forward(entry.input_ids, meta.positions, self.kv, meta, entry.rows, entry.lora)

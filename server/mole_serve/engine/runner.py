@@ -152,7 +152,9 @@ class ModelRunner:
         for s, sums in zip(scheduled, totals):
             if s.seq.gated:
                 seq = s.seq
-                seq.gate_sums = summed(seq.gate_sums, sums)
+                # its own candidates' columns, then the entropy: the gathered path pads every row to
+                # the step's K, which differs between steps
+                seq.gate_sums = summed(seq.gate_sums, [*sums[: len(seq.lora_slots)], sums[-1]])
                 seq.gate_count += s.num_tokens * self.model.num_layers
         for experts in lora.experts if lora is not None else ():
             slot = experts.experts.primary_range[0]
