@@ -54,7 +54,7 @@ STEPS=(
   "throughput_triton|270|env MOLE_LORA_BACKEND=triton $PY -m bench.throughput ${BENCH_ARGS[*]} --eager-too --out $RUNS/triton.json"
   "throughput_torch|90|env MOLE_LORA_BACKEND=torch $PY -m bench.throughput ${BENCH_ARGS[*]} --skip-hf --scenarios hetero3 --out $RUNS/torch.json"
   "decode_bound|200|$PY -m bench.decode_bound --device cuda --batches 32 64 --out $RESULTS/decode_bound_cuda.json"
-  "cuda_tests|180|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py tests/unit/test_static_decode.py"
+  "cuda_tests|180|$PY -m pytest -q -s -p no:cacheprovider -m cuda tests/unit/test_triton_lora.py tests/unit/test_paged_attention.py tests/unit/test_model.py tests/unit/test_gate.py tests/unit/test_lora.py tests/unit/test_static_decode.py tests/unit/test_model_families.py"
   "compile|60|$PY -m tests.unit.triton_cases compile"
 )
 

@@ -3,7 +3,9 @@ logits equal transformers' over a chunked prefill and decode steps (Llama 3 rope
 untied, Qwen2 biases, Qwen3 q/k norms, Mistral's sliding window, Gemma 2's soft caps and
 alternating windows, Gemma 3's local rope and q/k norms, Phi-3's fused checkpoint, longrope and
 partial rotary); a PEFT LoRA on every projection equals PEFT (Phi-3's on its fused modules); a
-MELoRA, a MixLoRA and a gated set in one batch equal each request alone."""
+MixLoRA and a MoELoRA on Phi-3's fused modules equal the authors' package and the naive loop; a
+MELoRA, a MixLoRA and a gated set in one batch equal each request alone. The logits and PEFT
+tests also run on CUDA (fp32) where there is one."""
 
 from __future__ import annotations
 
@@ -17,16 +19,30 @@ from mole_serve.engine.paged_attention import INTERPRETED, paged_decode_attentio
 from mole_serve.engine.request import SamplingParams
 from mole_serve.lora.gate import GateConfig, MoLEGate
 from mole_serve.lora.kinds import lora as lora_kind
-from mole_serve.lora.kinds.base import AdapterFormatError
+from mole_serve.lora.kinds import mixlora as mixlora_kind
+from mole_serve.lora.kinds import moelora as moelora_kind
+from mole_serve.lora.kinds.base import FUSED_MODULES, AdapterFormatError
 from mole_serve.routing.types import AdapterRef, Selection
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from tests.unit import test_moe_kinds
 from tests.unit.helpers import ALL_TARGETS, add_adapter, engine_for, last_logits, make_adapter
 from tests.unit.test_melora import melora_tensors, write_melora
 from tests.unit.test_model import PROMPTS, ours_and_reference
-from tests.unit.test_moe_kinds import PROMPT, mixlora_config, mixlora_tensors, oracle_logits, step_logits, write_folder
+from tests.unit.test_moe_kinds import (
+    PROMPT,
+    mixlora_config,
+    mixlora_package_model,
+    mixlora_tensors,
+    moelora_config,
+    moelora_loop_model,
+    moelora_tensors,
+    oracle_logits,
+    step_logits,
+    write_folder,
+)
 
 WINDOW = 6  # sliding window: shorter than the prompts, longer than a KV block
 BLOCK = 4  # KV block size: a window spans block boundaries
@@ -77,6 +93,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     ),
 }
 PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # its checkpoint's fused modules
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def family_config(family: str):
@@ -119,13 +136,41 @@ def split_twin(model: DecoderModel) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
+def fused_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors named for q/k/v and gate/up (the kind tests' builders) renamed onto Phi-3's fused
+    modules: each fused LoRA takes its first part's A and the parts' B stacked in the fused
+    output's order; the other parts' A are dropped."""
+    out = dict(tensors)
+    for fused, parts in FUSED_MODULES.items():
+        for key in [k for k in tensors if f".{parts[0]}." in k and ".lora_" in k]:
+            named = [key.replace(f".{parts[0]}.", f".{part}.") for part in parts]
+            for k in named:
+                del out[k]
+            stacked = [tensors[k] for k in named] if ".lora_B." in key else [tensors[key]]
+            out[key.replace(f".{parts[0]}.", f".{fused}.")] = torch.cat(stacked)  # B: [sum d_out, r]
+    return out
+
+
+def logits_error(family: str, tokenizer, device: str = "cpu") -> float:
+    """Our logits against transformers' on one device: a 33-token prompt (two prefill chunks, the
+    second reading the first from the pool) and 20 decode steps, windows of 6 over blocks of 4."""
+    hf = family_model(family).to(device)
+    ours, ref = ours_and_reference(hf, family_engine(hf, tokenizer, device=device))
+    return (ours - ref).abs().max().item()
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_transformers_prefill_and_decode(family, tokenizer):
-    """A 33-token prompt (two prefill chunks, the second reading the first from the pool) and 20
-    decode steps, windows of 6 over blocks of 4."""
-    hf = family_model(family)
-    ours, ref = ours_and_reference(hf, family_engine(hf, tokenizer))
-    assert (ours - ref).abs().max() < 1e-4
+    assert logits_error(family, tokenizer) < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers_on_cuda(family, tokenizer):
+    """fp32 on the GPU, transformers on the same GPU: to 1e-3 (cuBLAS and SDPA kernels differ from
+    CPU's, and the compiled decode kernel runs where the family allows it)."""
+    assert logits_error(family, tokenizer, "cuda") < 1e-3
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CUDA present: the kernel runs compiled in the CUDA tests")
@@ -187,16 +232,30 @@ def test_longrope_prompt_in_chunks_uses_the_whole_prompt_length(tokenizer):
     assert (torch.stack(rows) - ref).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_peft_lora_on_every_projection_matches_peft(family, tokenizer, tmp_path):
+def peft_error(family: str, tokenizer, folder, device: str = "cpu") -> float:
+    """A PEFT LoRA on every projection served on `device` against PEFT (fp32, CPU) over a prefill
+    and 5 decode steps."""
     hf = family_model(family)
-    path = make_adapter(hf, tmp_path / "a", seed=1, targets=PEFT_TARGETS.get(family, ALL_TARGETS))
-    engine = family_engine(hf, tokenizer)
+    path = make_adapter(hf, folder, seed=1, targets=PEFT_TARGETS.get(family, ALL_TARGETS))
+    engine = family_engine(hf, tokenizer, device=device)
     add_adapter(engine, "a", path)
     output, ours = step_logits(engine, PROMPT, [AdapterRef("a")], tokens=6)
     ref = oracle_logits(PeftModel.from_pretrained(copy.deepcopy(hf), path).eval(), PROMPT, output)
     assert (ref - oracle_logits(hf, PROMPT, output)).abs().max() > 1e-2  # the adapter changes the output
-    assert (ours - ref).abs().max() < 1e-4
+    return (ours.cpu() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_peft_lora_on_every_projection_matches_peft(family, tokenizer, tmp_path):
+    assert peft_error(family, tokenizer, tmp_path / "a") < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_peft_lora_on_every_projection_matches_peft_on_cuda(family, tokenizer, tmp_path):
+    """fp32 on the GPU (the Triton LoRA kernels by default) against PEFT on the CPU: to 1e-3."""
+    assert peft_error(family, tokenizer, tmp_path / "a", "cuda") < 1e-3
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
@@ -260,6 +319,65 @@ def test_fused_module_lora_is_checked_against_the_family_and_split_by_rows(token
     llama_spec = DecoderModel(llama.config, llama.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
     with pytest.raises(AdapterFormatError, match="unknown target module '(qkv|gate_up)_proj'"):
         lora_kind.parse("a", config, tensors, llama_spec, max_rank=64)
+
+
+def test_mixlora_and_moelora_on_fused_modules_equal_their_references(tokenizer, tmp_path, monkeypatch):
+    """A MixLoRA and a MoELoRA saved against Phi-3, on qkv_proj and gate_up_proj: the MixLoRA
+    against the authors' package (its own Phi-3 forward reads the fused names), the MoELoRA against
+    the naive per-token loop around each fused Linear, where one router picks the experts of the
+    whole fused output (ours copies it onto each part)."""
+    hf = family_model("phi3")
+    # the references build their model with tiny_hf_model(): here a fresh copy of this Phi-3
+    monkeypatch.setattr(test_moe_kinds, "tiny_hf_model", lambda: copy.deepcopy(hf))
+    engine = family_engine(hf, tokenizer, max_loras=16)
+
+    mix = fused_names(mixlora_tensors(split_twin(engine.model), E=4, r=4, seed=1))
+    assert "mixlora.layers.1.mlp.gate_up_proj.experts.3.lora_B.weight" in mix
+    folder = write_folder(tmp_path / "mix", mix, mixlora_config(target_modules=PEFT_TARGETS["phi3"]), bin_format=True)
+    add_adapter(engine, "mix", folder)
+    output, ours = step_logits(engine, PROMPT, [AdapterRef("mix")], tokens=8)
+    ref = oracle_logits(mixlora_package_model(folder), PROMPT, output)
+    assert (ref - oracle_logits(hf, PROMPT, output)).abs().max() > 1e-2  # the adapter changes the output
+    assert (ours - ref).abs().max() < 1e-4
+
+    targets = ["qkv_proj", "gate_up_proj", "down_proj"]
+    moe = moelora_tensors(hf, E=4, r=4, seed=2, targets=tuple(targets))
+    add_adapter(engine, "moe", write_folder(tmp_path / "moe", moe, moelora_config(target_modules=targets)))
+    output, ours = step_logits(engine, PROMPT, [AdapterRef("moe")], tokens=8)
+    ref = oracle_logits(moelora_loop_model(moe, 4, 2, 8 / 4), PROMPT, output)
+    assert (ref - oracle_logits(hf, PROMPT, output)).abs().max() > 1e-2
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_moe_kinds_split_fused_modules_and_refuse_them_where_they_cannot_be():
+    hf = family_model("phi3")
+    model = DecoderModel(hf.config, hf.state_dict(), torch.device("cpu"), torch.float32)
+    spec, twin = model.lora_spec(), split_twin(model)
+    moe = moelora_tensors(hf, E=4, r=4, seed=2, targets=("qkv_proj", "down_proj"))
+    weights = moelora_kind.parse("moe", moelora_config(), moe, spec, max_rank=64)
+    prefix = "moelora.layers.1.self_attn.qkv_proj"
+    for part in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(weights.moe.routers[(1, part)], moe[f"{prefix}.moe_gate.weight"])
+        assert torch.equal(weights.moe.experts[2][(1, part)][0], moe[f"{prefix}.experts.2.lora_A.weight"])
+    assert sorted(m for layer, m in weights.moe.routers if layer == 0) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    beside = {**moe, **moelora_tensors(twin, E=4, r=4, seed=3, targets=("k_proj",))}
+    with pytest.raises(AdapterFormatError, match="qkv_proj.experts.0 and one of its parts"):
+        moelora_kind.parse("moe", moelora_config(), beside, spec, max_rank=64)
+
+    mix = fused_names(mixlora_tensors(twin, E=4, r=4, seed=1))
+    expert = "mixlora.layers.0.mlp.gate_up_proj.experts.0.lora_{}.weight"
+    for moved, message in (
+        ("mixlora.layers.0.self_attn.gate_up_proj.lora_{}.weight", "shared LoRA on an FFN projection"),
+        ("mixlora.layers.0.mlp.qkv_proj.experts.0.lora_{}.weight", "is not on an FFN projection"),
+    ):
+        bad = {**mix, **{moved.format(w): mix[expert.format(w)] for w in "AB"}}
+        with pytest.raises(AdapterFormatError, match=message):
+            mixlora_kind.parse("mix", mixlora_config(), bad, spec, max_rank=64)
+    llama = family_model("llama3-tied")
+    llama_spec = DecoderModel(llama.config, llama.state_dict(), torch.device("cpu"), torch.float32).lora_spec()
+    for kind, tensors, config in ((mixlora_kind, mix, mixlora_config()), (moelora_kind, moe, moelora_config())):
+        with pytest.raises(AdapterFormatError, match="unknown target module '(qkv|gate_up)_proj'"):
+            kind.parse("x", config, tensors, llama_spec, max_rank=64)
 
 
 def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tokenizer):

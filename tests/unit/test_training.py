@@ -1,4 +1,5 @@
-"""Task generators and the adapter trainer, on a tiny random Llama (the real tokenizer, no real weights)."""
+"""Task generators and the adapter trainer, on a tiny random Llama and Phi-3 (the real tokenizer, no
+real weights)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from mole_serve.config import Settings
 from mole_serve.engine.loader import resolve_base_model
+from mole_serve.routing.types import AdapterRef
 from mole_serve.spelling import letter_token_ids
 from mole_serve.training.tasks import COMPOSITES, HELD_OUT_FRAMES, TASKS, TRAIN_FRAMES, frame, to_roman
 from mole_serve.training.train_adapter import (
@@ -23,7 +25,10 @@ from mole_serve.training.train_adapter import (
     train_adapter,
 )
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+from tests.unit.helpers import add_adapter, engine_for
+from tests.unit.test_moe_kinds import oracle_logits, step_logits
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,26 @@ def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_phi3(tokenizer, seed: int = 0) -> Phi3ForCausalLM:
+    """As tiny_llama, a Phi-3: its checkpoint and transformers' modules fuse qkv_proj and gate_up_proj."""
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Phi3ForCausalLM(config).eval()
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -227,3 +252,28 @@ def test_a_letter_task_trains_on_spelled_input_and_its_card_says_so(tokenizer, t
     answer = batch["input_ids"][batch["rows"], batch["cols"]].tolist()
     assert answer == [*letter_token_ids(tokenizer, "tenalp"), tokenizer.eos_token_id]
     assert "(p l a n e t)" in tokenizer.decode(batch["input_ids"][0])
+
+
+def test_a_lora_trained_on_phi3_targets_its_fused_modules_and_serves_as_peft_runs_it(tokenizer, tmp_path):
+    """The default targets are the base model's modules by name (Phi-3's fused qkv_proj and
+    gate_up_proj); the engine serves what PEFT trained as PEFT runs it. Kinds that train on the
+    separate projections are refused on it."""
+    opts = TrainOptions(steps=3, batch=2, lr=1e-2, warmup=1, stop_loss=0.0, n_eval=2, n_card_examples=2)
+    out = tmp_path / "odd_or_even"
+    card = train_adapter(
+        "odd_or_even", out, opts, model=tiny_phi3(tokenizer), tokenizer=tokenizer, base_model_name="tiny-phi3"
+    )
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert list(card["training"]["targets"]) == targets
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == sorted(targets)
+
+    engine = engine_for(tiny_phi3(tokenizer), tokenizer)
+    add_adapter(engine, "odd", out)
+    prompt = collate(tokenizer, [("Is 41 odd or even?", "odd")])["input_ids"][0].tolist()
+    output, ours = step_logits(engine, prompt, [AdapterRef("odd")], tokens=4)
+    ref = oracle_logits(PeftModel.from_pretrained(tiny_phi3(tokenizer), out).eval(), prompt, output)
+    assert (ref - oracle_logits(tiny_phi3(tokenizer), prompt, output)).abs().max() > 1e-3  # it trained
+    assert (ours - ref).abs().max() < 1e-4
+
+    with pytest.raises(ValueError, match="which phi3 fuses"):
+        train_adapter("odd_or_even", tmp_path / "mix", replace(opts, kind="mixlora"), model=tiny_phi3(tokenizer))

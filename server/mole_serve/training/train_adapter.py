@@ -24,18 +24,36 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
 from mole_serve.config import Settings
+from mole_serve.engine.model import FAMILIES, family_config
 from mole_serve.input_forms import SPELLED, form_messages
 from mole_serve.lora.kinds import RUNS_ALONE
+from mole_serve.lora.kinds.base import FUSED_MODULES, TARGET_MODULES
 from mole_serve.spelling import letter_token_ids
 from mole_serve.training.tasks import OUT_OF_DOMAIN, TASKS, Task, task_library
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 MULTITASK = "multitask"  # the pseudo-task of one adapter trained on the mixture of all tasks
 MULTITASK_DESCRIPTION = "One adapter for all library tasks, trained on their mixture"
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def fuses_projections(config: PretrainedConfig) -> bool:
+    """Whether the base model's checkpoint (and transformers' modules) fuse q/k/v and gate/up (Phi-3)."""
+    family = FAMILIES.get(family_config(config).model_type)
+    return family is not None and family.fused_checkpoint
+
+
+def base_targets(config: PretrainedConfig) -> tuple[str, ...]:
+    """Every projection of the base model, named as its transformers modules are (PEFT matches
+    target_modules against those): qkv_proj and gate_up_proj where the family fuses them, else
+    the seven projections."""
+    if not fuses_projections(config):
+        return TARGET_MODULES
+    fused_of = {part: fused for fused, parts in FUSED_MODULES.items() for part in parts}
+    return tuple(dict.fromkeys(fused_of.get(m, m) for m in TARGET_MODULES))
 
 
 def build_chat(prompt: str) -> list[dict]:
@@ -55,7 +73,7 @@ class TrainOptions:
     contrastive_coef: float = 0.01  # moelora: lambda of the contrastive loss
     contrastive_tau: float = 0.1
     contrastive_tokens: int = 32  # moelora: tokens sampled per routed linear and step
-    targets: tuple[str, ...] = TARGET_MODULES
+    targets: tuple[str, ...] = ()  # module names; () for every projection of the base (base_targets)
     steps: int = 240
     batch: int = 8
     lr: float = 2e-3
@@ -239,6 +257,14 @@ def train_adapter(
     tasks = sorted(task_library(settings.adapters_dir)) if task_name == MULTITASK else [task_name]
     if model is None:
         model, tokenizer, base_model_name = load_base(settings)
+    if opts.kind != "lora" and fuses_projections(model.config):
+        # training/melora.py and training/moe.py wrap the separate q/k/v and gate/up modules
+        raise ValueError(
+            f"kind {opts.kind!r} trains on separate q/k/v and gate/up projections, which "
+            f"{model.config.model_type} fuses; train kind 'lora' on it"
+        )
+    if not opts.targets:
+        opts = replace(opts, targets=base_targets(model.config))
     base_model_name = base_model_name or getattr(model.config, "name_or_path", "") or "unknown"
     # the fixed eval sets, whatever the seed; a mixture evaluates on each task
     n_eval = opts.n_eval if len(tasks) == 1 else max(1, opts.n_eval // 4)
@@ -433,7 +459,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=d.blocks, help="melora: mini LoRAs per module")
     p.add_argument("--rank", "--r", type=int, default=d.rank, help="rank (melora: of each mini LoRA)")
     p.add_argument("--alpha", type=int, default=d.alpha)
-    p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
+    p.add_argument(
+        "--targets",
+        default=",".join(d.targets),
+        help="comma-separated module names (default: every projection, named as the base model's modules)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="most optimizer steps")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -469,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         balance_coef=args.balance_coef,
         contrastive_coef=args.contrastive_coef,
-        targets=tuple(args.targets.split(",")),
+        targets=tuple(t for t in args.targets.split(",") if t),
         steps=args.steps,
         batch=args.batch,
         lr=args.lr,

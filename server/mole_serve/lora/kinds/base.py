@@ -45,12 +45,15 @@ class LoRATargetSpec:
     # the fused modules the base model's checkpoint has (FUSED_MODULES' entries), which PEFT adapters name
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def parts(self, module: str) -> tuple[str, ...]:
+        """The modules of `shapes` a target stands for: a fused module's parts (in its output's
+        order), any other module itself."""
+        return self.fused.get(module, (module,))
+
     def module_shape(self, module: str) -> tuple[int, int]:
         """(d_in, d_out) of a module of `shapes` or of a fused one (its parts' outputs stacked)."""
-        if module in self.fused:
-            parts = self.fused[module]
-            return self.shapes[parts[0]][0], sum(self.shapes[m][1] for m in parts)
-        return self.shapes[module]
+        parts = self.parts(module)
+        return self.shapes[parts[0]][0], sum(self.shapes[m][1] for m in parts)
 
 
 # The largest |(s B A)_ij| an adapter's update may have. Inputs to the adapted projections are

@@ -49,10 +49,10 @@ def _check_config(name: str, config: dict) -> None:
         raise AdapterFormatError(f"adapter {name!r}: modules_to_save {config['modules_to_save']} is not supported")
 
 
-def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec, fused: bool = False) -> None:
-    """A tensor's (layer, module) exists in the base model; fused: a fused module of its checkpoint
-    (spec.fused) counts too."""
-    if module not in spec.shapes and not (fused and module in spec.fused):
+def check_place(name: str, key: str, layer: int, module: str, spec: LoRATargetSpec) -> None:
+    """A tensor's (layer, module) exists in the base model: a module of spec.shapes, or a fused
+    module of its checkpoint (spec.fused)."""
+    if module not in spec.shapes and module not in spec.fused:
         raise AdapterFormatError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
     if layer >= spec.num_layers:
         raise AdapterFormatError(f"adapter {name!r}: layer {layer} but the base model has {spec.num_layers}")
@@ -96,8 +96,9 @@ def checked_modules(
     suffix: str = "",
 ) -> tuple[dict, int]:
     """(layer, module) -> {"A", "B"} tensors checked, scaled by `config`: (modules, largest rank).
-    A fused module (spec.fused) is checked whole, then stored as its parts. suffix: what follows
-    `layers.{L}.{module}` in errors (an expert's `.experts.{e}`)."""
+    A fused module (spec.fused) is checked whole, then stored as its parts: the same A, its rows of
+    B (every kind's LoRA pairs go through here, the MoE kinds' experts and shared LoRAs too).
+    suffix: what follows `layers.{L}.{module}` in errors (an expert's `.experts.{e}`)."""
     modules, max_seen = {}, 0
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layers.{layer}.{module}{suffix}"
@@ -113,7 +114,7 @@ def checked_modules(
             functools.partial(lora_scaling, config, where),
             spec.dtype,
         )
-        parts = spec.fused.get(module, (module,))
+        parts = spec.parts(module)
         if len(parts) > 1 and any((layer, part) in pairs for part in parts):
             raise AdapterFormatError(f"adapter {name!r}: {where} and one of its parts {parts} are both adapted")
         for part, B_part in zip(parts, B.split([spec.shapes[m][1] for m in parts])):  # [d_out_j, r] each
@@ -133,7 +134,7 @@ def parse(
         if m is None:
             raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} (only LoRA A/B of projections)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        check_place(name, key, layer, module, spec, fused=True)
+        check_place(name, key, layer, module, spec)
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors found")

@@ -10,6 +10,10 @@ frozen base weights, mixed by a top-k router on the FFN input (MoEWeights, ffn=T
 Legacy m-LoRA names (routing_strategy "mixtral"): `layers.{L}.gate.weight` for the router and
 `layers.{L}.experts.{e}.{w1,w2,w3}_proj` (= gate, down, up). Experts use `expert_lora`'s r and
 alpha when present (MoE-PEFT), the top-level ones otherwise.
+
+On a base model whose checkpoint fuses projections (Phi-3) the LoRAs name the fused modules
+(`self_attn.qkv_proj`, `mlp.gate_up_proj.experts.{e}`, as the mixlora package's Phi-3 forward
+reads them); each splits into its parts as a LoRA does (kinds/lora.py).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def parse(
         if m := _ATTN.match(key):
             layer, module, which = int(m.group(1)), m.group(2), m.group(3)
             check_place(name, key, layer, module, spec)
-            if module in FFN_MODULES:
+            if any(part in FFN_MODULES for part in spec.parts(module)):
                 raise AdapterFormatError(f"adapter {name!r}: {key!r} puts a shared LoRA on an FFN projection")
             shared.setdefault((layer, module), {})[which] = tensor
         elif m := _ROUTER.match(key):
@@ -87,9 +91,9 @@ def parse(
             layer = int(m.group(1))
             module = m.group(2) or m.group(5)
             module = LEGACY_NAMES.get(module, module)
-            if module not in FFN_MODULES:
-                raise AdapterFormatError(f"adapter {name!r}: expert tensor {key!r} is not on an FFN projection")
             check_place(name, key, layer, module, spec)
+            if not all(part in FFN_MODULES for part in spec.parts(module)):
+                raise AdapterFormatError(f"adapter {name!r}: expert tensor {key!r} is not on an FFN projection")
             found.setdefault((layer, module, int(m.group(3) or m.group(4))), {})[m.group(6)] = tensor
         else:
             raise AdapterFormatError(

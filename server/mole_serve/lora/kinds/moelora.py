@@ -13,6 +13,10 @@ forward), so MoE-PEFT `MOLA` folders load too:
 Config: peft_type "MOELORA" (or "MOLA"), num_experts, top_k (default 2), r, lora_alpha,
 use_rslora, and `top_k_renormalize` (default true: MoLA divides the k kept probabilities by their
 sum; the paper leaves it open).
+
+On a base model whose checkpoint fuses projections (Phi-3's qkv_proj, gate_up_proj) the routed
+linear is the fused one: each expert splits into its parts as a LoRA does (kinds/lora.py), and
+its router, on the input every part shares, routes each part alike (one copy per part).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def parse(
             layer, module = int(m.group(1)), m.group(2)
             check_place(name, key, layer, module, spec)
             routers[(layer, module)] = moe.checked_router(
-                name, f"layers.{layer}.{module}", tensor, num_experts, spec.shapes[module][0]
+                name, f"layers.{layer}.{module}", tensor, num_experts, spec.module_shape(module)[0]
             )
         elif m := _EXPERT.search(key):
             layer, module = int(m.group(1)), m.group(2)
@@ -73,6 +77,8 @@ def parse(
         what = "experts but no router" if (layer, module) in routed else "a router but no experts"
         raise AdapterFormatError(f"adapter {name!r}: layers.{layer}.{module} has {what}")
     experts, rank = moe.checked_experts(name, found, num_experts, spec, max_rank, config)
+    # after checked_experts: it refuses a fused module routed beside one of its parts
+    routers = {(layer, part): W for (layer, module), W in routers.items() for part in spec.parts(module)}
     return AdapterWeights(
         name=name,
         rank=rank,
