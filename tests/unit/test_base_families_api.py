@@ -1,12 +1,16 @@
 """What a base model of another family changes at the API: its chat template's own tool format
-(Qwen2.5's Hermes tags, Llama 3.1+'s bare JSON calls) rendered and read back into OpenAI
-tool_calls, and a trained gate of another base: left out at start-up, said in the log and on
-`auto`'s card in /v1/models, with `auto` mixing what it retrieves."""
+(Qwen2.5's Hermes tags, Llama 3.1+'s bare JSON calls, Mistral's `[TOOL_CALLS]` list) rendered and
+read back into OpenAI tool_calls; a template without a system role (Gemma 2's) told the tools in
+the first user turn, and its refusals answered as 400s; and a trained gate of another base: left
+out at start-up, said in the log and on `auto`'s card in /v1/models, with `auto` mixing what it
+retrieves."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +19,16 @@ from fastapi.testclient import TestClient
 from mole_serve.api.app import create_app
 from mole_serve.api.openai_routes import chat_shape
 from mole_serve.api.protocol import ChatCompletionRequest
-from mole_serve.api.structured import HERMES, LLAMA3_JSON, ToolUse, output_constraint, template_messages, tool_format
+from mole_serve.api.structured import (
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    ToolUse,
+    output_constraint,
+    refuses_system,
+    template_messages,
+    tool_format,
+)
 from mole_serve.compose import build, gate_base
 from mole_serve.config import Settings
 from mole_serve.engine.model import DecoderModel
@@ -27,7 +40,7 @@ from mole_serve.routing.retriever import Retriever
 from tests.unit.helpers import make_adapter, tiny_hf_model
 from tests.unit.test_admin_api import HashEmbedder
 from tests.unit.test_structured import WEATHER
-from tests.unit.test_tool_calls import HERMES_TEMPLATE
+from tests.unit.test_tool_calls import ASK, HERMES_TEMPLATE, serving, tiny_engine
 
 # Qwen2.5-Instruct's chat template (tokenizer_config.json), tools and tool turns included
 QWEN25_TEMPLATE = """{%- if tools %}
@@ -140,6 +153,152 @@ LLAMA32_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 """  # noqa: E501
 
+# Mistral-7B-Instruct-v0.3's chat template (tokenizer_config.json): the tools in [AVAILABLE_TOOLS]
+# before the last user turn, earlier calls after [TOOL_CALLS], results in [TOOL_RESULTS]; call ids of
+# nine characters
+MISTRAL_V03_TEMPLATE = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS] {"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""  # noqa: E501
+
+# Gemma 2's chat template (google/gemma-2-2b-it's tokenizer_config.json; Gemma 1's is the same): no
+# system role, user and model turns that alternate
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+
+# Gemma 3's (google/gemma-3-1b-it's): a system turn becomes the start of the first user turn
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
 CALLED = {
     "role": "assistant",
     "content": None,
@@ -238,6 +397,129 @@ def test_llama3s_template_and_json_calls(tokenizer):
     ]
     for not_a_call in ("It is sunny.", call[:-3], f"{call} and then?", '{"unit": "c"}'):
         assert calls_of(tool_use, not_a_call) == (not_a_call, [], "stop")
+
+
+def test_mistrals_template_and_its_tool_calls(tokenizer):
+    """Mistral v0.3's template renders the tools, the calls and their results (any call id, mapped to
+    the nine characters it wants, the same in the call and its result); its calls are read from
+    the list after `[TOOL_CALLS]`, with the marker or without it (the detokenizer drops special
+    tokens), whole and streamed."""
+    body = request(FOLLOW_UP)
+    assert tool_format(MISTRAL_V03_TEMPLATE) == MISTRAL
+    assert output_constraint(body, MISTRAL_V03_TEMPLATE) == (None, ToolUse("auto", format=MISTRAL))
+    prompt = rendered(tokenizer, MISTRAL_V03_TEMPLATE, body)
+    parameters = json.dumps(WEATHER["function"]["parameters"])
+    listed = (
+        f'[AVAILABLE_TOOLS] [{{"type": "function", "function": {{"name": "get_weather", "parameters": {parameters}}}}}]'
+    )
+    assert f"{listed}[/AVAILABLE_TOOLS][INST] What is the weather like?[/INST]" in prompt
+    written = re.search(
+        r'\[TOOL_CALLS\] \[\{"name": "get_weather", "arguments": \{"unit": "c", "days": 1\}, "id": "(\w+)"\}\]', prompt
+    )
+    assert written is not None and re.fullmatch(r"[A-Za-z0-9]{9}", call_id := written.group(1))
+    assert f'[TOOL_RESULTS] {{"content": sunny, "call_id": "{call_id}"}}[/TOOL_RESULTS]' in prompt
+    nine = [{**FOLLOW_UP[1], "tool_calls": [{**CALLED["tool_calls"][0], "id": "A1b2C3d4E"}]}]
+    assert '"id": "A1b2C3d4E"}]' in rendered(tokenizer, MISTRAL_V03_TEMPLATE, request([*FOLLOW_UP[:1], *nine]))
+
+    _, tool_use = output_constraint(request(FOLLOW_UP[:1]), MISTRAL_V03_TEMPLATE)
+    assert tool_use is not None
+    one = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"unit": "f", "days": 3}}]'
+    assert calls_of(tool_use, one) == (None, [("get_weather", {"unit": "f", "days": 3})], "tool_calls")
+    assert calls_of(tool_use, one.removeprefix("[TOOL_CALLS]")) == calls_of(tool_use, one)
+    two = 'Let me look. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"unit": "f", "days": 3}}, ' + (
+        '{"name": "get_weather", "arguments": "{\\"unit\\": \\"c\\", \\"days\\": 4}", "id": "A1b2C3d4E"}]\n'
+    )
+    assert calls_of(tool_use, two) == (
+        "Let me look.",
+        [("get_weather", {"unit": "f", "days": 3}), ("get_weather", {"unit": "c", "days": 4})],
+        "tool_calls",
+    )
+    for not_a_call in (
+        "It is sunny.",
+        one[:-3],
+        f"{one} and then?",
+        "[TOOL_CALLS] []",
+        '[TOOL_CALLS] {"name": "get_weather", "arguments": {}}',
+        "[1, 2]",
+    ):
+        assert calls_of(tool_use, not_a_call) == (not_a_call, [], "stop")
+    assert tool_use.answer(f"Let me see. {one[:30]}", "length") == ("Let me see.", None, "length")
+
+    shape = chat_shape(tokenizer, False, tool_use)
+    message = shape.choice(0, finished(one)).model_dump(exclude_none=True)
+    assert message["finish_reason"] == "tool_calls" and "content" not in message["message"]
+    assert message["message"]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"unit": "f", "days": 3}',
+    }
+    assert shape.delta(0, "[{", None, finished(one)) is None
+    last = shape.delta(0, "", "stop", finished(two)).model_dump(exclude_none=True)
+    assert last["finish_reason"] == "tool_calls" and last["delta"]["content"] == "Let me look."
+    assert [c["index"] for c in last["delta"]["tool_calls"]] == [0, 1]
+
+
+def test_gemma_templates_take_the_tools_at_the_start_of_the_first_user_turn(tokenizer):
+    """Without a tool format the tools are told in a system turn; Gemma 2's template refuses one, so
+    there they open the first user turn, where Gemma 3's template puts a system turn itself: the
+    two prompts are the same, and `auto` is the grammar of text or calls."""
+    body = request(ASK)
+    assert refuses_system(GEMMA2_TEMPLATE)
+    assert not any(map(refuses_system, (GEMMA3_TEMPLATE, QWEN25_TEMPLATE, tokenizer.chat_template, None)))
+    grammar, tool_use = output_constraint(body, GEMMA2_TEMPLATE)
+    assert grammar is not None and tool_use == ToolUse("auto")
+    messages, tools = template_messages(body, GEMMA2_TEMPLATE)
+    assert tools is None and [m["role"] for m in messages] == ["user"]
+    assert [m["role"] for m in template_messages(body, GEMMA3_TEMPLATE)[0]] == ["system", "user"]
+    prompt = rendered(tokenizer, GEMMA2_TEMPLATE, body)
+    assert prompt == rendered(tokenizer, GEMMA3_TEMPLATE, body)
+    told = f"<start_of_turn>user\nYou can call these functions:\n{json.dumps(WEATHER['function'])}\nTo call one,"
+    assert told in prompt
+    assert prompt.endswith(
+        "Otherwise answer in words.\n\nWhat is the weather like?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    # an earlier call, written into the model's turn, keeps the turns alternating
+    later = rendered(tokenizer, GEMMA2_TEMPLATE, request([*ASK, {**CALLED, "content": "Let me look."}, *ASK]))
+    assert later.count("You can call these functions") == 1 and '<tool_call>{"name": "get_weather"' in later
+
+
+def test_a_template_refusal_is_a_400_quoting_it_and_the_server_serves_on(tokenizer):
+    """Gemma 2's template raises on a system turn and on a `tool` turn: each route that renders
+    the chat answers a 400 in OpenAI's shape quoting it, and the next request is served."""
+    gemma = copy.deepcopy(tokenizer)
+    gemma.chat_template = GEMMA2_TEMPLATE
+    system = [{"role": "system", "content": "Be brief."}, *ASK]
+    refused = "The base model's chat template refused the conversation: "
+    with serving(tiny_engine(gemma)) as client:
+        for body in (
+            {"messages": system},
+            {"messages": system, "stream": True},
+            {"messages": system, "tools": [WEATHER]},
+        ):
+            r = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert r.status_code == 400, r.text
+            assert r.json() == {
+                "error": {
+                    "message": refused + "System role not supported",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": None,
+                }
+            }
+        r = client.post("/v1/chat/completions", json={"messages": FOLLOW_UP, "tools": [WEATHER], "max_tokens": 4})
+        assert r.status_code == 400
+        assert (
+            r.json()["error"]["message"]
+            == refused + "Conversation roles must alternate user/assistant/user/assistant/..."
+        )
+        r = client.post("/v1/responses", json={"input": "Hi", "instructions": "Be brief.", "max_output_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+        r = client.post("/tokenize", json={"messages": system})
+        assert r.status_code == 400 and r.json()["error"]["message"] == refused + "System role not supported"
+
+        for body in ({"messages": ASK}, {"messages": ASK, "tools": [WEATHER]}):
+            r = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+        assert client.post("/tokenize", json={"messages": ASK}).json()["tokens"]
 
 
 @pytest.fixture

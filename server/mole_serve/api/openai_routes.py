@@ -27,7 +27,7 @@ from mole_serve.api.protocol import (
     TopLogprob,
 )
 from mole_serve.api.serving import Generation, Shape, check_model, choice_makers, named_adapters, respond, start
-from mole_serve.api.structured import ToolUse, output_constraint, template_messages
+from mole_serve.api.structured import ToolUse, output_constraint, template_messages, template_refusals
 from mole_serve.engine.client import EngineClient
 from mole_serve.engine.request import Logprob
 from mole_serve.input_forms import PLAIN, form_prompts
@@ -224,16 +224,17 @@ async def start_chat(
         engine.max_model_len,
     )
     # off the event loop: a long prompt must not stall every other request (and /health)
-    prompt_ids = (
-        await asyncio.to_thread(
-            engine.tokenizer.apply_chat_template,
-            messages,
-            tools=tools,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-        )
-    )["input_ids"]
+    with template_refusals():
+        prompt_ids = (
+            await asyncio.to_thread(
+                engine.tokenizer.apply_chat_template,
+                messages,
+                tools=tools,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+        )["input_ids"]
     # the prompt in each input form an adapter it may run reads, built once (usually none)
     forms = input_forms(request, body)
     by_form = await asyncio.to_thread(form_prompts, engine.tokenizer, messages, forms, tools=tools) if forms else {}

@@ -1,16 +1,18 @@
 """Structured outputs and tool calls at the API (no torch): the grammar a chat answer must match
 (`response_format`, or `tools` under any `tool_choice` but `none`), the messages as the chat
-template gets them, and the answer read back as tool calls.
+template gets them, the template's refusals as 400s, and the answer read back as tool calls.
 
 Calls are read in the Hermes convention (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
-used by Qwen2.5, Qwen3, Hermes and SmolLM3), or, where the template is Llama 3.1+'s, as the bare
-`{"name": ..., "parameters": ...}` objects it asks for (tool_format). Where the chat template has a
-tool format (it reads `tools`), the tools and tool turns go through it and `tool_choice: "auto"`
-leaves the model free. A template
-without one (SmolLM2's) never shows the model its tools: they are told in the system turn, as TGI
-does, earlier calls are written into the assistant turns in that convention, `auto` is a grammar
-that takes either free text or calls (auto_grammar), and `none` one of text without a call (the
-history shows the model calls it could copy). Forced calls are grammars on both kinds.
+used by Qwen2.5, Qwen3, Hermes and SmolLM3), or in the format the template asks for (tool_format):
+Llama 3.1+'s bare `{"name": ..., "parameters": ...}` objects, Mistral's
+`[TOOL_CALLS] [{"name": ..., "arguments": ...}]`. Where the chat template has a tool format (it
+reads `tools`), the tools and tool turns go through it and `tool_choice: "auto"` leaves the model
+free. A template without one (SmolLM2's, Gemma's) never shows the model its tools: they are told
+in the system turn, as TGI does (at the start of the first user turn where the template refuses a
+system turn, as Gemma 2's does), earlier calls are written into the assistant turns in that
+convention, `auto` is a grammar that takes either free text or calls (auto_grammar), and `none` one
+of text without a call (the history shows the model calls it could copy). Forced calls are
+grammars on both kinds.
 
 Every argument grammar closes the objects its schema lists properties for and leaves open
 (`additionalProperties: false`, as vLLM's xgrammar path reads such schemas): a model given room
@@ -19,14 +21,19 @@ for keys the function does not take writes some, and may never stop.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import llguidance
+from jinja2 import TemplateError, TemplateSyntaxError
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from mole_serve.api.errors import APIError
 from mole_serve.api.protocol import (
@@ -44,8 +51,10 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # (in the stubs only)
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-HERMES, LLAMA3_JSON = "hermes", "llama3_json"  # how a model writes its calls (tool_format)
+HERMES, LLAMA3_JSON, MISTRAL = "hermes", "llama3_json", "mistral"  # how a model writes its calls (tool_format)
 LLAMA3_CALL = '"parameters": '  # Llama 3.1+'s templates ask for calls so, and write earlier calls so
+MISTRAL_TOOLS, MISTRAL_CALLS = "[AVAILABLE_TOOLS]", "[TOOL_CALLS]"  # Mistral's templates: the tools, the calls
+MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")  # a call id as Mistral's templates take it
 HERMES_CALL = re.compile(rf"{CALL_OPEN}\s*(.*?)\s*{CALL_CLOSE}", re.DOTALL)
 WORDS = f"TEXT: /(?s:.*)/ & ~/(?s:.*){CALL_OPEN}(?s:.*)/"  # (Lark) any text without the call marker
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -102,9 +111,12 @@ def has_tool_format(chat_template: str | None) -> bool:
 def tool_format(chat_template: str | None) -> str:
     """How the model of a template with a tool format writes a call: LLAMA3_JSON for Llama 3.1+'s
     template (the whole answer is `{"name": ..., "parameters": {...}}`, several joined by `;`),
-    else HERMES (the tags; also what a template without a tool format is constrained to)."""
+    MISTRAL for Mistral's (`[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`), else HERMES
+    (the tags; also what a template without a tool format is constrained to)."""
     if chat_template is None or not has_tool_format(chat_template) or CALL_OPEN in chat_template:
         return HERMES
+    if MISTRAL_TOOLS in chat_template:
+        return MISTRAL
     return LLAMA3_JSON if LLAMA3_CALL in chat_template else HERMES
 
 
@@ -117,13 +129,18 @@ class ToolUse:
     function: str | None = None
     format: str = HERMES
 
+    @property
+    def marker(self) -> str:
+        """What opens the calls in an answer under `auto`."""
+        return MISTRAL_CALLS if self.format == MISTRAL else CALL_OPEN
+
     def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
         """(content, tool calls, finish reason) of a finished answer. One cut by max_tokens keeps
         no half call: under `auto` the text before it is the content, else there is none."""
         if finish_reason == "length":
             if self.mode != "auto":
                 return None, None, finish_reason
-            before, cut, _ = text.partition(CALL_OPEN)
+            before, cut, _ = text.partition(self.marker)
             return (before.rstrip() or None) if cut else text, None, finish_reason
         found = self.calls(text) if finish_reason == "stop" else None
         if found is None:
@@ -145,6 +162,8 @@ class ToolUse:
         if self.format == LLAMA3_JSON:
             found_calls = _llama3_calls(text)
             return (found_calls, None) if found_calls else None
+        if self.format == MISTRAL:
+            return _mistral_calls(text)
         calls = []
         for block in HERMES_CALL.findall(text):
             try:
@@ -183,6 +202,23 @@ def _llama3_calls(text: str) -> list[ToolCall] | None:
             return None
         at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())
     return calls or None
+
+
+def _mistral_calls(text: str) -> tuple[list[ToolCall], str | None] | None:
+    """Mistral's calls: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` closing the answer,
+    the text before the marker its content. The marker is a special token, which the detokenizer
+    leaves out of the text: an answer that is only the list reads the same. None for any other
+    answer (text, or a list cut short)."""
+    before, marked, written = text.partition(MISTRAL_CALLS)
+    if not marked:
+        before, written = "", text
+    try:
+        found = json.loads(written)
+        if not isinstance(found, list) or not found:
+            return None
+        return [_written_call(c, "arguments") for c in found], before.strip() or None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _call(name: str, arguments: str) -> ToolCall:
@@ -310,10 +346,46 @@ def _valid(build: Callable[[], str], param: str) -> str:
     return grammar
 
 
+@contextmanager
+def template_refusals() -> Iterator[None]:
+    """Around applying the chat template: a conversation the template refuses (its
+    `raise_exception`, as Gemma's on a system turn or on roles that do not alternate, or a field it
+    needs that the messages lack) is a 400 quoting the template. A template that does not compile
+    is the server's fault and stays a 500."""
+    try:
+        yield
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as e:
+        raise APIError(
+            400, f"The base model's chat template refused the conversation: {e.message or repr(e)}", param="messages"
+        ) from e
+
+
+@functools.lru_cache(maxsize=16)
+def refuses_system(chat_template: str | None) -> bool:
+    """Whether the template refuses a system turn (Gemma 2's raises on one) that it would render
+    the chat without; a template the probe cannot render either way is taken to accept one."""
+    if chat_template is None:
+        return False
+    user = {"role": "user", "content": "?"}
+    try:
+        render_jinja_template([[user]], chat_template=chat_template, add_generation_prompt=True)
+    except (TemplateError, TypeError, ValueError):
+        return False
+    try:
+        render_jinja_template(
+            [[{"role": "system", "content": "?"}, user]], chat_template=chat_template, add_generation_prompt=True
+        )
+    except (TemplateError, TypeError, ValueError):
+        return True
+    return False
+
+
 def template_messages(body: ChatCompletionRequest, chat_template: str | None) -> tuple[list[dict], list[dict] | None]:
     """(the messages, the tools) as the chat template takes them."""
     native = has_tool_format(chat_template)
-    messages = [_template_message(m, native) for m in body.messages]
+    messages = [_template_message(m, native, tool_format(chat_template)) for m in body.messages]
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
     if tools is None or native:
         return messages, tools
@@ -325,22 +397,38 @@ def template_messages(body: ChatCompletionRequest, chat_template: str | None) ->
     )
     if messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + told}, *messages[1:]], None
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is not None and refuses_system(chat_template):  # as Gemma 3's template places a system turn
+        opened = {**messages[first], "content": told + "\n\n" + messages[first]["content"]}
+        return [*messages[:first], opened, *messages[first + 1 :]], None
     return [{"role": "system", "content": told}, *messages], None
 
 
-def _template_message(m: ChatMessage, native: bool) -> dict:
+def _template_message(m: ChatMessage, native: bool, format: str) -> dict:
     role = "system" if m.role == "developer" else m.role
     out: dict = {"role": role, "content": m.text()}  # str values, and a list of calls for a native template
     if isinstance(m, AssistantTurn) and m.tool_calls:
         calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
         if native:
-            out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+            out["tool_calls"] = [
+                {"id": _template_id(c.id, format), "type": "function", "function": f}
+                for c, f in zip(m.tool_calls, calls)
+            ]
         else:  # the calls as the model is told to write them
             written = "".join(f"{CALL_OPEN}{json.dumps(c)}{CALL_CLOSE}" for c in calls)
             out["content"] = (out["content"] + "\n" if out["content"] else "") + written
     if isinstance(m, ToolMessage) and native:
-        out["tool_call_id"] = m.tool_call_id
+        out["tool_call_id"] = _template_id(m.tool_call_id, format)
     return out
+
+
+def _template_id(call_id: str, format: str) -> str:
+    """A call's id as the template takes it. Mistral's refuses any but nine letters or digits:
+    another id becomes nine hex digits of its hash, the same for the call and for the `tool`
+    result that names it."""
+    if format != MISTRAL or MISTRAL_ID.fullmatch(call_id):
+        return call_id
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
 def _arguments(text: str) -> dict | str:

@@ -38,7 +38,7 @@ from mole_serve.api.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from mole_serve.api.serving import check_model
-from mole_serve.api.structured import template_messages
+from mole_serve.api.structured import template_messages, template_refusals
 from mole_serve.config import Settings
 from mole_serve.errors import AdapterNotFound, AlreadyExists
 from mole_serve.library.store import ADAPTER_FILES, CARD_FILE, PICKLED_WEIGHTS, WEIGHTS_FILE
@@ -196,9 +196,14 @@ def chat_text(tokenizer: Any, body: TokenizeRequest) -> str:
     chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
     messages, tools = template_messages(chat, tokenizer.chat_template)
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=generation, continue_final_message=continuing, tokenize=False
-        )
+        with template_refusals():
+            return tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=generation,
+                continue_final_message=continuing,
+                tokenize=False,
+            )
     except ValueError as e:  # a final message the template does not render as given cannot be continued
         if not continuing:
             raise
