@@ -1,6 +1,7 @@
 """The MoLE gate: the rank-space score against the explicit v_i = B_i A_i x, branch masking,
 independence from batchmates, the zero gate as a uniform mixture, and refusal of a foreign gate."""
 
+import json
 import math
 
 import pytest
@@ -75,14 +76,17 @@ def test_masking_renormalizes_over_the_remaining_candidates():
     assert torch.allclose(masked[:, [0, 2]], kept / kept.sum(-1, keepdim=True), atol=1e-6)
 
 
-def gated_engine(hf, paths, tokenizer, scale: float = 5.0, **settings):
+def gated_engine(hf, paths, tokenizer, scale: float = 5.0, fusion: dict | None = None, **settings):
+    """fusion: the fusion form's parameters to set (GateConfig.fusion), by name."""
     engine = engine_for(hf, tokenizer, **settings)
     for name, p in paths.items():
         add_adapter(engine, name, p)
-    config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8)
+    config = GateConfig.for_base("tiny", engine.model.lora_spec(), rank=8, fusion=fusion is not None)
     torch.manual_seed(7)
     gate = MoLEGate(config).requires_grad_(False)
     gate.log_gain.fill_(math.log(scale) if scale else -100.0)  # sharp enough to be far from uniform
+    for name, value in (fusion or {}).items():
+        getattr(gate, name).copy_(torch.as_tensor(value))
     engine.pool.attach_gate(gate)
     return engine
 
@@ -112,7 +116,7 @@ def test_gate_weights_do_not_depend_on_batchmates(gated_engine_parts, tokenizer)
     assert mixed.output_ids == alone.output_ids
     assert mixed.gated and mixed.gate_count == alone.gate_count
     assert torch.allclose(torch.tensor(mixed.gate_sums), torch.tensor(alone.gate_sums), rtol=1e-4)
-    weights = [w / mixed.gate_count for w in mixed.gate_sums[:-1]]
+    weights = [w / mixed.gate_count for w in mixed.gate_sums[:-2]]
     assert abs(sum(weights) - 1) < 1e-4 and max(weights) - min(weights) > 0.05  # a real, non-uniform gate
 
 
@@ -193,3 +197,96 @@ def test_a_gated_batch_on_cuda_equals_cpu(gated_engine_parts, tokenizer):
         engine.generate(PROMPTS[:2], SamplingParams(max_tokens=1), selections=[gate_selection("a0", "a1", "a2")] * 2)
         logits.append(last_logits(engine).cpu())
     assert (logits[0] - logits[1]).abs().max() < 1e-3
+
+
+def explicit_logits(gate: MoLEGate, stack: GroupStack, x: torch.Tensor, slots: list[int], prior: torch.Tensor):
+    """The router's logits [T, C] from the explicit LoRA outputs v_i = B_i A_i x (gate.py's formula)."""
+    r, rg = stack.rank, gate.config.rank
+
+    def unit_rms(v):
+        return v / v.pow(2).mean().sqrt()
+
+    rows = []
+    for t in range(len(x)):
+        u = unit_rms(gate.query[0] @ x[t])
+        scores = []
+        for s in slots:
+            v = torch.cat([x[t] @ stack.A[s, j * r : (j + 1) * r].t() @ stack.B[j][s] for j in range(len(stack.B))])
+            scores.append(gate.log_gain[0].exp() * u @ unit_rms(gate.key[0].t() @ v) / math.sqrt(rg))
+        rows.append(torch.stack(scores) + gate.log_prior_scale[0].exp() * prior[t].log())
+    return torch.stack(rows) / gate.config.temperature
+
+
+def test_fusion_form_is_a_softmax_with_a_base_column_plus_a_bias_per_prior_rank():
+    """LoRA-Flow's form on the rank-space router, by hand: softmax over the candidates' logits and
+    the base column's (its learned key against Ar x, plus an offset), then each candidate's bias by
+    its rank in the prior; the statistics get the base column's share and the softmax's entropy."""
+    d, outs, rg, tau = 16, [16, 8, 8], 6, 0.7
+    stack = random_probe_stack(slots=5, r=4, d=d, outs=outs, seed=0)
+    config = GateConfig("base", 1, d, sum(outs), rank=rg, temperature=tau, fusion=True, max_candidates=3)
+    torch.manual_seed(1)
+    gate = MoLEGate(config).requires_grad_(False)
+    gate.rank_bias.copy_(torch.tensor([[0.3, -0.1, 0.05]]))
+    gate.base_logit.fill_(0.5)
+    x, slots = torch.randn(3, d), [1, 3, 4]
+    prior = torch.tensor([[0.2, 0.5, 0.3]] * 3)  # prior ranks 2, 0, 1
+    batch = build_lora_batch([(slots, (0.2, 0.5, 0.3))], [3], 0, torch.device("cpu"), torch.float32)
+    stats = GateStats.for_batch(batch, [True], [3])
+    index = torch.tensor(slots)
+    w = gate.layer_gates([{"qkv": stack}])[0].weigh(x, shrink(x, stack, index, None), index, prior, stats, slice(None))
+
+    u = gate.query[0] @ x.t()  # [rg, T]
+    u = u / u.pow(2).mean(0).sqrt()
+    kb = gate.base_key[0] / gate.base_key[0].pow(2).mean().sqrt()
+    base = (gate.log_gain[0].exp() * (kb @ u) / math.sqrt(rg) + 0.5) / tau  # [T]
+    distribution = torch.softmax(torch.cat([explicit_logits(gate, stack, x, slots, prior), base[:, None]], 1), -1)
+    expected = distribution[:, :3] + torch.tensor([0.05, 0.3, -0.1])
+    torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
+    entropy = -(distribution * distribution.log()).sum(-1)
+    totals = torch.cat([w.sum(0), distribution[:, 3].sum()[None], entropy.sum()[None]])
+    torch.testing.assert_close(stats.sums[0], totals, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fusion_gate_whose_base_column_takes_everything_is_the_base_model(gated_engine_parts, tokenizer):
+    """All the weight on the base column: the gated request answers as the base model, and its
+    report says so; with the column shut and no bias, the fusion gate is the plain gate."""
+    hf, paths = gated_engine_parts
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    selection = gate_selection("a0", "a1", "a2")
+    base = gated_engine(hf, paths, tokenizer).generate([PROMPTS[0]], params)[0]
+    base_logits = last_logits_of(gated_engine(hf, paths, tokenizer), PROMPTS[0], params, None)
+    engine = gated_engine(hf, paths, tokenizer, fusion={"base_logit": 60.0})
+    seq = engine.generate([PROMPTS[0]], params, selections=[selection])[0]
+    assert seq.output_ids == base.output_ids
+    torch.testing.assert_close(last_logits(engine), base_logits, atol=1e-5, rtol=1e-5)
+    report = seq.report()
+    assert report[0]["base_gate_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert all(e["gate_weight"] == pytest.approx(0.0, abs=1e-4) for e in report)
+    shut = gated_engine(hf, paths, tokenizer, fusion={"base_logit": -60.0})
+    fused = shut.generate([PROMPTS[0]], params, selections=[selection])[0]
+    plain = gated_engine(hf, paths, tokenizer).generate([PROMPTS[0]], params, selections=[selection])[0]
+    assert fused.output_ids == plain.output_ids
+    torch.testing.assert_close(torch.tensor(fused.gate_sums), torch.tensor(plain.gate_sums), atol=1e-4, rtol=1e-4)
+    assert "base_gate_weight" not in plain.report()[0]
+
+
+def last_logits_of(engine, prompt, params, selection):
+    engine.generate([prompt], params, selections=[selection])
+    return last_logits(engine).clone()
+
+
+def test_a_fusion_gate_saves_and_loads_and_an_old_gate_file_loads_as_the_plain_form(tmp_path):
+    config = GateConfig("tiny", 2, 64, 128, fusion=True, max_candidates=3)
+    gate = MoLEGate(config)
+    torch.nn.init.normal_(gate.rank_bias)
+    save_gate(gate, tmp_path / "fusion")
+    loaded = load_gate(tmp_path / "fusion", config)
+    assert loaded.config.fusion and torch.equal(loaded.rank_bias, gate.rank_bias)
+    old = MoLEGate(GateConfig("tiny", 2, 64, 128))
+    save_gate(old, tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "gate_config.json").read_text())
+    for key in ("fusion", "max_candidates"):  # a file written before the fusion form
+        raw.pop(key)
+    (tmp_path / "old" / "gate_config.json").write_text(json.dumps(raw))
+    reloaded = load_gate(tmp_path / "old", config)
+    assert not reloaded.config.fusion and not hasattr(reloaded, "rank_bias")

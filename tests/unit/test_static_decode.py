@@ -36,7 +36,9 @@ def every_kind(tmp_path_factory):
     return write_every_kind(tmp_path_factory.mktemp("kinds"))
 
 
-def _engine(every_kind, tokenizer, backend: str, device: str = "cpu", dtype=torch.float32, static: bool = False):
+def _engine(
+    every_kind, tokenizer, backend: str, device: str = "cpu", dtype=torch.float32, static: bool = False, fusion=False
+):
     hf, tmp = every_kind
     engine = engine_for(
         hf, tokenizer, dtype, max_loras=16, max_num_seqs=16, max_prefill_tokens=256, lora_backend=backend, device=device
@@ -44,8 +46,11 @@ def _engine(every_kind, tokenizer, backend: str, device: str = "cpu", dtype=torc
     for name in NAMES:
         add_adapter(engine, name, tmp / name)
     torch.manual_seed(0)
-    gate = MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec()))
+    gate = MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec(), fusion=fusion))
     torch.nn.init.normal_(gate.log_gain, 1.0)  # a gate that moves away from the prior
+    if fusion:  # a base column that takes a real share, and biases that change the weights
+        torch.nn.init.zeros_(gate.base_logit)
+        torch.nn.init.normal_(gate.rank_bias, std=0.3)
     engine.pool.attach_gate(gate.to(device))
     if static:
         engine.use_static_decode(cuda_graphs=device == "cuda")
@@ -89,6 +94,18 @@ def test_static_decode_equals_eager(every_kind, tokenizer, backend, picked):
                     torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(value), atol=1e-5, rtol=1e-5)
                 else:
                     assert g[key] == value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_decode_equals_eager_with_a_fusion_gate(every_kind, tokenizer, backend):
+    """The fusion form (a base column, biases per prior rank) over every kind at once."""
+    eager = _engine(every_kind, tokenizer, backend, fusion=True)
+    static = _engine(every_kind, tokenizer, backend, static=True, fusion=True)
+    tokens, reports, logits = _run(eager, REQUESTS)
+    got_tokens, got_reports, got_logits = _run(static, REQUESTS)
+    assert got_tokens == tokens and 0 < reports[2][0]["base_gate_weight"] < 1
+    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+    assert got_reports[2][0]["base_gate_weight"] == pytest.approx(reports[2][0]["base_gate_weight"], abs=1e-5)
 
 
 def test_the_decode_step_traces_without_a_graph_break(every_kind, tokenizer):

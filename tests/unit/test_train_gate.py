@@ -4,6 +4,7 @@ router's parameters move, the losses are finite, and the saved gate loads back i
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from mole_serve.lora.gate import GateConfig, MoLEGate
 from mole_serve.training.tasks import COMPOSITES, TASKS
 from mole_serve.training.train_adapter import encode
 from mole_serve.training.train_gate import (
+    BASE_COLUMN,
     Example,
     GateTrainOptions,
     UsageTracker,
@@ -121,6 +123,9 @@ def test_part_routing_gives_each_part_of_a_sequential_answer_its_own_skill(token
     assert "".join(t for t, p in zip(text, parts) if p == ("words",)) == "forty-seven"
     assert "".join(t for t, p in zip(text, parts) if p == ("roman",)).strip() == "XLVII"
     assert all(p == true for t, p in zip(text, parts) if "," in t)  # the separator: either
+    with_base = part_adapters(tokenizer, answer, len("forty-seven"), true, base=True)  # a fusion gate's
+    assert [p for p in with_base if p != (BASE_COLUMN,)] == [p for p in parts if p != true]
+    assert all(p == (BASE_COLUMN,) for t, p in zip(text, with_base) if "," in t)  # the base column carries it
     library = {t: t for t in TASKS}
     pairs = composite_pairs(library, 2, seed=0, part_routing=True)
     for _, a, _, first in pairs:  # only the sequential composites are split, at their last ", "
@@ -158,3 +163,38 @@ def test_gate_examples_are_encoded_as_served_spelled_for_a_spelled_top_candidate
     assert by_true[("reverse_letters",)].candidates == ["reverse_letters"]
     assert by_true[("reverse_letters",)].ids == encode(tokenizer, "Reverse planet", "tenalp", spelled=True)
     assert by_true[("add_3digit",)].ids == encode(tokenizer, "Add 100 and 200", "300")
+
+
+def test_a_fusion_gates_routing_loss_reads_the_base_column_and_train_gate_adds_it(library_engine, tmp_path):
+    """A silent fusion router (gain 0, prior scale 1, base logit 0, no bias) gives each candidate
+    half its prior and the base column one half: a token rewarding the base column reads 1/2. Fine-
+    tuning a plain gate with fusion keeps its router and learns the new parameters, which load back."""
+    engine = library_engine
+    gate = MoLEGate(GateConfig.for_base("tiny", engine.model.lora_spec(), fusion=True))
+    with torch.no_grad():
+        gate.log_gain.fill_(-math.inf)
+        gate.base_logit.fill_(0.0)
+    tok = engine.tokenizer
+    priors = [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]]
+    examples = [
+        Example(encode(tok, p, a), len(encode(tok, p)), [*LIBRARY[i:], *LIBRARY[:i]], priors[i], (LIBRARY[0],))
+        for i, (p, a) in enumerate(TASKS["odd_or_even"].examples("train", 2))
+    ]
+    for ex in examples:  # every answer token rewards the true adapter, the end token the base column
+        n = len(ex.ids) - ex.num_prompt
+        ex.token_true = [(LIBRARY[0],)] * (n - 1) + [(BASE_COLUMN,)]
+    _, _, route, _ = step_losses(engine, gate, examples, UsageTracker())
+    expected = [
+        (-(n - 1) * np.log(p / 2) - np.log(0.5)) / n
+        for ex, p in zip(examples, [0.7, 0.4])  # the true adapter's prior: first, then last of its set
+        for n in [len(ex.ids) - ex.num_prompt]
+    ]
+    assert route.item() == pytest.approx(np.mean(expected), rel=1e-4)
+    served_base = Path(engine.model.config.name_or_path or "base").name  # what train_gate names
+    plain = MoLEGate(GateConfig.for_base(served_base, engine.model.lora_spec())).requires_grad_(False)
+    opts = GateTrainOptions(steps=2, batch=2, composite_per_task=2, part_routing=True, fusion=True, lr=0.05)
+    tuned, _ = train_gate(engine, engine.selector.retriever, opts, init=plain)
+    assert tuned.config.fusion and not torch.equal(tuned.base_logit, torch.full_like(tuned.base_logit, -3.0))
+    save_gate(tuned, {"summary": {"library": list(LIBRARY)}}, tmp_path / GATE_DIR)
+    served(engine).load_gate(tmp_path / GATE_DIR)
+    assert torch.equal(engine.pool.gate.rank_bias, tuned.rank_bias)

@@ -31,7 +31,7 @@ from mole_serve.engine.kv_cache import AttentionMetadata, KVCache, block_slots
 from mole_serve.lora.backends.base import LoRABackend
 from mole_serve.lora.batch import BlockRows, LoRABatchInfo
 from mole_serve.lora.context import LoRAContext
-from mole_serve.lora.gate import GateStats
+from mole_serve.lora.gate import EXTRA_COLUMNS, GateStats
 from mole_serve.lora.moe import ExpertRows
 from mole_serve.lora.pool import LoRAPool
 
@@ -146,7 +146,7 @@ class StaticDecode:
         self.lora_slots, self.lora_weights = buf(B, K), buf(B, K, dtype=dtype)
         self.lora_ranks = buf(B, K, dtype=torch.int32)  # each column's slot's own rank (the Triton kernels')
         self.gated = buf(B, dtype=torch.bool)
-        self.gate_sums = torch.zeros(B, K + 1, dtype=torch.float32, device=device)
+        self.gate_sums = torch.zeros(B, K + EXTRA_COLUMNS, dtype=torch.float32, device=device)
         self.block_rows: dict[tuple[int, int], tuple[HostDevice, HostDevice]] = {}  # shape -> (slots, weights)
         self.expert_masks: dict[int, HostDevice] = {}  # lora slot -> [B] bool, its rows
         self.arange = torch.arange(B, device=device)
@@ -208,8 +208,7 @@ class StaticDecode:
         has_sets = any(r.lora_slots for r in rows)
         kv_width = 0
         if self.kv.decode_kernel is None:  # gather + SDPA reads this many blocks of each row's table
-            longest = max(len(r.block_table) for r in rows)
-            kv_width = min(self.max_blocks, 1 << (longest - 1).bit_length())
+            kv_width = max(len(r.block_table) for r in rows)
         # On CUDA every step runs the stacks at their full rank (the kernels bound each column by its
         # slot's own rank), so adapters coming and going do not change the signature.
         if self.cuda_graphs:  # the kernels skip a slot of rank 0 and bound the others by theirs
@@ -283,8 +282,8 @@ class StaticDecode:
                 decode_runs=((b, sig.rank),),
                 row_ranks=self.lora_ranks.device[:b, :K],
             )
-            if sig.gated:  # the sums: K weights, then the entropy
-                stats = GateStats(self.gated.device[:b], every_row, self.gate_sums[:b, : K + 1], None)
+            if sig.gated:  # the sums: K weights, then the base column's share and the entropy
+                stats = GateStats(self.gated.device[:b], every_row, self.gate_sums[:b, : K + EXTRA_COLUMNS], None)
         blocks = [
             BlockRows(shape, every_row, slots.device[:b], weights.device[:b], (0, b))
             for shape in sig.block_shapes

@@ -18,7 +18,7 @@ from mole_serve.engine.structured import mask_logits
 from mole_serve.lora.backends.base import LoRABackend
 from mole_serve.lora.batch import build_block_rows, build_lora_batch, row_starts
 from mole_serve.lora.context import LoRAContext
-from mole_serve.lora.gate import GateStats, MoLEGate
+from mole_serve.lora.gate import EXTRA_COLUMNS, GateStats, MoLEGate
 from mole_serve.lora.moe import ExpertRows
 from mole_serve.lora.pool import LoRAPool
 
@@ -152,9 +152,9 @@ class ModelRunner:
         for s, sums in zip(scheduled, totals):
             if s.seq.gated:
                 seq = s.seq
-                # its own candidates' columns, then the entropy: the gathered path pads every row to
-                # the step's K, which differs between steps
-                seq.gate_sums = summed(seq.gate_sums, [*sums[: len(seq.lora_slots)], sums[-1]])
+                # its own candidates' columns, then the base column's share and the entropy: the
+                # gathered path pads every row to the step's K, which differs between steps
+                seq.gate_sums = summed(seq.gate_sums, [*sums[: len(seq.lora_slots)], *sums[-EXTRA_COLUMNS:]])
                 seq.gate_count += s.num_tokens * self.model.num_layers
         for experts in lora.experts if lora is not None else ():
             slot = experts.experts.primary_range[0]

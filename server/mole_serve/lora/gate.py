@@ -35,6 +35,7 @@ from mole_serve.lora.kinds.base import MODULE_GROUPS, LoRATargetSpec
 from mole_serve.lora.stacks import GroupStack, LayerStacks
 
 PROBE_GROUP = "qkv"
+EXTRA_COLUMNS = 2  # GateStats.sums' columns after the candidates': the base column's share, the entropy
 
 
 @dataclass
@@ -45,6 +46,11 @@ class GateConfig:
     probe_size: int  # d_probe: output width of the probe group
     rank: int = 16  # rg
     temperature: float = 1.0
+    # LoRA-Flow's fusion form (docs/composition.md): a base column, a share of the weight that goes to
+    # no adapter, and a learned bias per prior rank added after the softmax, so the weights need not
+    # sum to 1. Off: MoLE's softmax over the candidates (what gates saved before it load as).
+    fusion: bool = False
+    max_candidates: int = 4  # the prior ranks the bias covers (a request's candidates past it share the last)
 
     @classmethod
     def for_base(cls, base_model: str, spec: LoRATargetSpec, **options) -> GateConfig:
@@ -59,9 +65,10 @@ class GateStats:
 
     gated: torch.Tensor  # [T] bool, tokens whose weights the gate computes
     token_seq: torch.Tensor  # [T] sequence index of each token
-    sums: torch.Tensor  # [N, C + 1]: gate weights per column, then entropy, summed
+    sums: torch.Tensor  # [N, C + 2]: gate weights per column, the base column's share, the entropy, summed
     seq_columns: list[list[int]] | None  # per sequence, its K slots' columns (dense path)
-    # train-gate sets a list here to get every layer's per-token gate weights ([T, C] each)
+    # train-gate sets a list here to get every layer's per-token gate weights, then the base
+    # column's share ([T, C + 1] each)
     layer_weights: list[torch.Tensor] | None = None
 
     @classmethod
@@ -73,26 +80,28 @@ class GateStats:
         return cls(
             torch.tensor(list(gated)).repeat_interleave(counts).to(device),
             torch.arange(len(gated)).repeat_interleave(counts).to(device),
-            torch.zeros(len(gated), batch.num_columns + 1, dtype=torch.float32, device=device),
+            torch.zeros(len(gated), batch.num_columns + EXTRA_COLUMNS, dtype=torch.float32, device=device),
             batch.seq_columns,
         )
 
-    def record(self, rows: slice, weights: torch.Tensor) -> None:
-        """Add one layer's gate weights [R, C] of token rows to the per-sequence sums."""
-        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1, keepdim=True)  # [R, 1]
-        stats = torch.cat([weights, entropy], dim=1) * self.gated[rows, None]
+    def record(self, rows: slice, weights: torch.Tensor, base: torch.Tensor, distribution: torch.Tensor) -> None:
+        """Add one layer's gate weights [R, C] of token rows, the base column's share [R] and the
+        entropy of the softmax they came from ([R, C] or [R, C + 1]) to the per-sequence sums."""
+        entropy = -(distribution * distribution.clamp_min(1e-12).log()).sum(-1, keepdim=True)  # [R, 1]
+        stats = torch.cat([weights, base[:, None], entropy], dim=1) * self.gated[rows, None]
         # Not detached: train_gate's balance loss is computed from these sums.
         self.sums.index_add_(0, self.token_seq[rows], stats.to(self.sums.dtype))
         if self.layer_weights is not None:
-            self.layer_weights.append(weights)
+            self.layer_weights.append(torch.cat([weights, base[:, None]], dim=1))
 
     def seq_sums(self, i: int) -> torch.Tensor:
         """Sequence i's sums over layers and tokens: its K adapters' weights in its own slot
-        order, then the entropy. [K + 1]"""
+        order, the base column's share, then the entropy. [K + 2]"""
         row = self.sums[i]
         if self.seq_columns is None:
             return row
-        cols = torch.tensor([*self.seq_columns[i], row.shape[0] - 1], device=row.device)
+        C = row.shape[0] - EXTRA_COLUMNS
+        cols = torch.tensor([*self.seq_columns[i], C, C + 1], device=row.device)
         return row.index_select(0, cols)
 
     def totals(self) -> list[list[float]]:
@@ -112,6 +121,11 @@ class LayerGate:
     gain: torch.Tensor  # [] learned sharpness of the router's scores
     prior_scale: torch.Tensor  # [] beta: weight of the log prior
     temperature: float
+    # the fusion form (GateConfig.fusion), else None: the base column's key [rg] and logit offset [],
+    # and the bias per prior rank [max_candidates]
+    base_key: torch.Tensor | None = None
+    base_logit: torch.Tensor | None = None
+    rank_bias: torch.Tensor | None = None
 
     def weigh(
         self,
@@ -140,9 +154,21 @@ class LayerGate:
         kz = kz * torch.rsqrt(kz.pow(2).mean(-1, keepdim=True) + 1e-12)
         scores = self.gain * (kz * u.unsqueeze(1)).sum(-1) / math.sqrt(rg)  # [R, C]
         scores = scores + self.prior_scale * prior.clamp_min(1e-12).log()
-        weights = torch.softmax((scores / self.temperature).masked_fill(~candidates, float("-inf")), dim=-1)
+        logits = (scores / self.temperature).masked_fill(~candidates, float("-inf"))
         assert stats is not None  # the context passes a gate only with its step's stats
-        stats.record(rows, weights)
+        if self.base_key is None or self.base_logit is None or self.rank_bias is None:
+            weights = torch.softmax(logits, dim=-1)
+            stats.record(rows, weights, weights.new_zeros(R), weights)
+            return torch.where(stats.gated[rows, None], weights, prior)
+        # the base column scores like a candidate whose key is learned, plus an offset
+        kb = self.base_key * torch.rsqrt(self.base_key.pow(2).mean() + 1e-12)  # [rg], unit RMS
+        base_logit = (self.gain * (u @ kb) / math.sqrt(rg) + self.base_logit) / self.temperature  # [R]
+        distribution = torch.softmax(torch.cat([logits, base_logit[:, None]], dim=-1), dim=-1)  # [R, C + 1]
+        # each candidate's rank by prior (0: the highest) picks its bias; non-candidates get none
+        rank = prior.masked_fill(~candidates, float("-inf")).argsort(-1, descending=True).argsort(-1)  # [R, C]
+        bias = self.rank_bias[rank.clamp(max=len(self.rank_bias) - 1)] * candidates
+        weights = distribution[:, :C] + bias
+        stats.record(rows, weights, distribution[:, C], distribution)
         return torch.where(stats.gated[rows, None], weights, prior)
 
 
@@ -158,6 +184,11 @@ class MoLEGate(torch.nn.Module):
         # exp-parameterized so Adam's fixed-size steps move them by factors, not by 0.01s
         self.log_gain = torch.nn.Parameter(torch.full((L,), math.log(0.1)))  # router starts quiet
         self.log_prior_scale = torch.nn.Parameter(torch.zeros(L))  # starts as the prior mixture
+        if config.fusion:
+            self.base_key = torch.nn.Parameter(torch.randn(L, rg))
+            # the base column starts with a small share (e^-3 against one candidate's e^0)
+            self.base_logit = torch.nn.Parameter(torch.full((L,), -3.0))
+            self.rank_bias = torch.nn.Parameter(torch.zeros(L, config.max_candidates))  # starts as softmax alone
 
     def slot_keys(self, layer: int, stack: GroupStack, slots: slice = slice(None)) -> torch.Tensor:
         """M_i^T = (Br^T B_i)^T for the slots of the layer's probe stack: [slots, n*r, rg]."""
@@ -169,6 +200,7 @@ class MoLEGate(torch.nn.Module):
         """Per layer, the router for the op, with the keys of every slot."""
         dtype = stacks[0][PROBE_GROUP].A.dtype
         gain, prior_scale = self.log_gain.exp().to(dtype), self.log_prior_scale.exp().to(dtype)
+        fusion = self.config.fusion
         return [
             LayerGate(
                 self.query[layer].to(dtype),
@@ -176,6 +208,9 @@ class MoLEGate(torch.nn.Module):
                 gain[layer],
                 prior_scale[layer],
                 self.config.temperature,
+                self.base_key[layer].to(dtype) if fusion else None,
+                self.base_logit[layer].to(dtype) if fusion else None,
+                self.rank_bias[layer].to(dtype) if fusion else None,
             )
             for layer, groups in enumerate(stacks)
         ]

@@ -73,7 +73,8 @@ def report(
 ) -> list[dict]:
     """What the response tells about the adapters: names, weights, retrieval scores, gate means,
     a MoE adapter's expert usage. gate_sums: the gate's weight per adapter summed over layers and
-    tokens (then the entropy); expert_usage: a MoE adapter's routing weight per expert, summed."""
+    tokens, then its base column's share and the entropy (lora/gate.py GateStats); expert_usage: a
+    MoE adapter's routing weight per expert, summed."""
     entries = []
     for i, a in enumerate(chosen.adapters):
         entry: dict = {"name": a.name, "weight": round(a.weight, 4)}
@@ -82,6 +83,8 @@ def report(
         if chosen.gated and gate_count:
             entry["gate_weight"] = round(gate_sums[i] / gate_count, 4)
         entries.append(entry)
+    if chosen.gated and gate_count and gate_sums[-2] > 0:  # a fusion gate: the share that went to no adapter
+        entries[0]["base_gate_weight"] = round(gate_sums[-2] / gate_count, 4)
     if expert_usage and sum(expert_usage) > 0:  # a mixture of LoRA experts, named alone
         entries[0]["expert_usage"] = [round(u / sum(expert_usage), 4) for u in expert_usage]
     if chosen.sources:  # a merge: one virtual adapter built from these

@@ -231,7 +231,7 @@ def accuracy_table(
         ):
             if tasks and not (mode == "oracle" and domain == "out"):
                 row[f"mean_{domain}_domain"] = sum(per_task[t] for t in tasks) / len(tasks)
-        if mode.removesuffix("_fewshot") in (*RETRIEVAL_MODES, "router"):
+        if mode.removesuffix("_fewshot").removesuffix("_fusion") in (*RETRIEVAL_MODES, "router"):
             own = [
                 adapter_tasks.get(p.top_adapter, p.top_adapter) == i.task
                 for i, p in zip(items, preds)
@@ -252,7 +252,7 @@ def composite_table(items: list[Item], answers: dict[str, list[Answer]]) -> dict
     for mode, preds in answers.items():
         row: dict = dict(sorted(per_task_accuracy(items, preds).items()))
         row["mean"] = sum(row.values()) / len(row)
-        if mode in ("mixture", "gate", "gate_fewshot"):
+        if mode in ("mixture", "gate", "gate_fewshot", "gate_fusion"):
             both = [set(ALL_TASKS[i.task].skills) <= set(p.adapters) for i, p in zip(items, preds)]
             row["both_skills_retrieved"] = sum(both) / len(both)
         table[mode] = row
@@ -358,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         "(`mole-serve train-gate --composite-per-task N --out DIR`), as gate_fewshot, pair_gate_fewshot",
     )
     ap.add_argument(
+        "--fusion-gate",
+        type=Path,
+        help="in-process: then run the gate modes again with this fusion-form gate "
+        "(`mole-serve train-gate --fusion --part-routing --composite-per-task N --out DIR`), as gate_fusion, "
+        "pair_gate_fusion",
+    )
+    ap.add_argument(
         "--handoff",
         action="store_true",
         help="in-process, with --composite: the sequential "
@@ -373,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.extra_adapters and not args.extra_adapters.is_dir():
         ap.error(f"--extra-adapters {args.extra_adapters} is not a folder")
     modes = args.modes or list(COMPOSITE_MODES if args.composite else DEFAULT_MODES)
-    if (args.fewshot_gate or args.handoff) and args.url:
-        ap.error("--fewshot-gate and --handoff run in-process: a server serves its own gate and ends its answers")
+    if (args.fewshot_gate or args.fusion_gate or args.handoff) and args.url:
+        ap.error(
+            "--fewshot-gate, --fusion-gate and --handoff run in-process: a server serves its own gate and ends "
+            "its answers"
+        )
     if args.handoff and not args.composite:
         ap.error("--handoff is a diagnostic of the composite tasks: add --composite")
     out = Path(args.out or f"bench/results/{'eval_composite' if args.composite else 'eval'}.md")
@@ -416,12 +426,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.handoff
         else {}
     )
-    if args.fewshot_gate:
-        built.load_gate(args.fewshot_gate)
-        for mode in [m for m in ("gate", "pair_gate") if m in modes]:
-            answers[f"{mode}_fewshot"] = answer(mode)
-        if args.handoff:
-            handoffs["pair_gate_fewshot"] = handoff_answers(engine, sequential, "pair_gate", args.max_tokens, library)
+    for suffix, folder in (("fewshot", args.fewshot_gate), ("fusion", args.fusion_gate)):
+        if folder:
+            built.load_gate(folder)
+            for mode in [m for m in ("gate", "pair_gate") if m in modes]:
+                answers[f"{mode}_{suffix}"] = answer(mode)
+            if args.handoff:
+                handoffs[f"pair_gate_{suffix}"] = handoff_answers(
+                    engine, sequential, "pair_gate", args.max_tokens, library
+                )
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.composite:
         table, parts, middle = (

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from mole_serve.config import Settings
 from mole_serve.input_forms import SPELLED, set_input_form
 from mole_serve.library.artifacts import save_gate as write_gate
 from mole_serve.library.store import GATE_DIR, replace_folder
-from mole_serve.lora.gate import GateConfig, MoLEGate, balance_loss
+from mole_serve.lora.gate import EXTRA_COLUMNS, GateConfig, MoLEGate, balance_loss
 from mole_serve.routing.selection import softmax
 from mole_serve.training.options import options_parser, parse_options
 from mole_serve.training.tasks import COMPOSITES, TASKS, task_library
@@ -70,6 +70,12 @@ class GateTrainOptions:
     replay: float = 0.5  # few-shot: share of the examples drawn from the library's single tasks
     init: str = ""  # few-shot: the gate folder to start from (default: the store's gate/)
     part_routing: bool = False  # few-shot: route a sequential composite's tokens to their own part's adapter
+    # LoRA-Flow's fusion form (lora/gate.py GateConfig.fusion): a base column and a bias per prior rank,
+    # added to the --init router; with --part-routing the separator's tokens reward the base column
+    fusion: bool = False
+
+
+BASE_COLUMN = ""  # in an example's token_true: the gate's base column (no adapter's name is empty)
 
 
 @dataclass
@@ -164,17 +170,18 @@ def step_losses(
     # counts as correct (docs/decisions.md).
     answer_weights = torch.stack(stats.layer_weights)[:, rows].split(
         [len(ex.ids) - ex.num_prompt for ex in examples], dim=1
-    )  # per example [layers, answer tokens, U]
+    )  # per example [layers, answer tokens, U + 1]: the U columns, then the base column
     per_adapter: dict[str, list[torch.Tensor]] = {}  # each candidacy's mean weight over the whole sequence
     hits, route = 0, []
     for i, (ex, w) in enumerate(zip(examples, answer_weights)):
-        w = w[..., stats.seq_columns[i]]  # [layers, answer tokens, k] in candidate order
-        hits += ex.candidates[int(w.mean((0, 1)).argmax())] in ex.true
+        w = w[..., [*stats.seq_columns[i], w.shape[-1] - 1]]  # [layers, answer tokens, k + 1] in candidate order
+        hits += ex.candidates[int(w[..., :-1].mean((0, 1)).argmax())] in ex.true
         token_true = ex.token_true or [ex.true] * w.shape[1]
-        rewarded = torch.tensor([[c in t for c in ex.candidates] for t in token_true], device=w.device)
+        columns = [*ex.candidates, BASE_COLUMN]
+        rewarded = torch.tensor([[c in t for c in columns] for t in token_true], device=w.device)
         true_mass = (w * rewarded).sum(-1)  # [layers, answer tokens]
         route.append(-true_mass.clamp_min(1e-9).log().mean())
-        means = stats.seq_sums(i)[:-1] / (len(ex.ids) * engine.model.num_layers)  # [k]
+        means = stats.seq_sums(i)[:-EXTRA_COLUMNS] / (len(ex.ids) * engine.model.num_layers)  # [k]
         for name, m in zip(ex.candidates, means):
             per_adapter.setdefault(name, []).append(m)
     return lm, usage.balance(per_adapter), torch.stack(route).mean(), hits / len(examples)
@@ -208,18 +215,20 @@ def composite_pairs(library: dict[str, str], per_task: int, seed: int, part_rout
 
 
 def part_adapters(
-    tokenizer, answer: str, first_part: int, true: tuple[str, str], spelled: bool = False
+    tokenizer, answer: str, first_part: int, true: tuple[str, str], spelled: bool = False, base: bool = False
 ) -> list[tuple[str, ...]]:
     """Per token of the encoded answer and its end token: (first skill's adapter,) up to the
     separator ", " after `first_part` characters, (second's,) from the token after the comma (a
-    token " XL" carries the separator's space and the second part), both on a token with the comma.
+    token " XL" carries the separator's space and the second part), both on a token with the comma,
+    or with `base` the gate's base column there: the answer goes on where the first skill would end.
     spelled: the answer encoded one token per letter, as encode(spelled=True) does."""
     ids = answer_token_ids(tokenizer, answer, spelled)
     ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
     starts = [0, *ends[:-1]]
     second = first_part + len(",")
+    boundary = (BASE_COLUMN,) if base else true
     return [
-        true[:1] if end <= first_part else true[1:] if start >= second else true for start, end in zip(starts, ends)
+        true[:1] if end <= first_part else true[1:] if start >= second else boundary for start, end in zip(starts, ends)
     ] + [true[1:]]
 
 
@@ -240,7 +249,7 @@ def make_examples(engine, retriever, pairs: list[Pair], names: list[str], opts: 
             priors = [1.0 / len(cands)] * len(cands)
         # encoded as served: in the input form of the heaviest candidate (input_forms.set_input_form)
         spelled = set_input_form(cands, priors, engine.adapters.input_form) == SPELLED
-        parts = part_adapters(tok, a, first_part, t, spelled) if first_part is not None else None
+        parts = part_adapters(tok, a, first_part, t, spelled, opts.fusion) if first_part is not None else None
         examples.append(
             Example(encode(tok, p, a, spelled), len(encode(tok, p, spelled=spelled)), cands, priors, t, parts)
         )
@@ -269,8 +278,17 @@ def train_gate(engine, retriever, opts: GateTrainOptions, init: MoLEGate | None 
         raise SystemExit(f"a gate needs at least 2 task adapters in {engine.settings.adapters_dir}")
     torch.manual_seed(opts.seed)
     base = Path(engine.model.config.name_or_path or "base").name
-    config = GateConfig.for_base(base, engine.model.lora_spec(), rank=opts.rank, temperature=opts.temperature)
-    gate = init.requires_grad_(True) if init is not None else MoLEGate(config)
+    config = GateConfig.for_base(
+        base, engine.model.lora_spec(), rank=opts.rank, temperature=opts.temperature, fusion=opts.fusion
+    )
+    if init is None:
+        gate = MoLEGate(config)
+    elif opts.fusion and not init.config.fusion:  # the trained router, with the fusion form's new parameters
+        gate = MoLEGate(replace(init.config, fusion=True))
+        gate.load_state_dict(init.state_dict(), strict=False)
+    else:
+        gate = init
+    gate.requires_grad_(True)
     examples = make_examples(engine, retriever, training_pairs(library, opts), sorted(library.values()), opts)
     optim = torch.optim.Adam(gate.parameters(), lr=opts.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.steps, pct_start=0.1)

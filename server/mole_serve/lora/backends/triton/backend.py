@@ -27,8 +27,8 @@ def step_segments(batch: LoRABatchInfo) -> ops.Segments:
     if batch.row_ranks is not None:  # a static decode step: each row its own segment of 16-row tiles
         rows = torch.arange(nd, dtype=torch.int32, device=batch.lora_slots.device)
         tiles = torch.stack([rows, rows + 1, rows], dim=1)  # [N, 3]: first row, end row, segment
-        slots, ranks = batch.lora_slots.to(torch.int32).contiguous(), batch.row_ranks.contiguous()
-        return ops.Segments(tiles, slots, ranks, 16, batch.rank)
+        slot_table, ranks = batch.lora_slots.to(torch.int32).contiguous(), batch.row_ranks.contiguous()
+        return ops.Segments(tiles, slot_table, ranks, 16, batch.rank)
     if batch.unique_slots is not None:
         assert batch.unique_ranks is not None  # set with unique_slots (build_lora_batch)
         total = nd + sum(n for _, n in batch.prefill_spans)
