@@ -258,7 +258,7 @@ def test_peft_lora_on_every_projection_matches_peft_on_cuda(family, tokenizer, t
     assert peft_error(family, tokenizer, tmp_path / "a", "cuda") < 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_melora_mixlora_and_gated_set_in_one_batch_equal_each_alone(family, tokenizer, tmp_path):
     hf = family_model(family)
     engine = family_engine(hf, tokenizer, max_loras=16, max_prefill_tokens=24)
