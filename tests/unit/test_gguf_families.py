@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tests.unit.helpers import watch_logits
+from tests.unit.helpers import TINY_SHAPE, watch_logits
 from tests.unit.test_model import PROMPTS, ours_and_reference
 
 CHAT_TEMPLATE = (
@@ -42,15 +42,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TEXT = "hello world"
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
+SHAPE = dict(TINY_SHAPE, rms_norm_eps=1e-6)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -27,7 +27,7 @@ from mole_serve.training.train_adapter import (
 from peft import PeftModel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from tests.unit.helpers import add_adapter, engine_for
+from tests.unit.helpers import TINY_SHAPE, add_adapter, engine_for
 from tests.unit.test_moe_kinds import oracle_logits, step_logits
 
 
@@ -36,42 +36,40 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_base_model(Settings()))
 
 
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+def tiny_trainable(tokenizer, config_class, model_class, seed: int = 0, **fields):
+    """A tiny random model of the tokenizer's vocabulary. initializer_range 0.2: with the default 0.02
+    the tied head cannot move logits far, so no loss can fall."""
     torch.manual_seed(seed)
-    # initializer_range 0.2: with the default 0.02 the tied head cannot move logits far, so no loss can fall.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    config = config_class(
+        **{
+            **TINY_SHAPE,
+            "vocab_size": len(tokenizer),
+            "initializer_range": 0.2,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **fields,
+        }
     )
-    return LlamaForCausalLM(config).eval()
+    return model_class(config).eval()
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    # max_position_embeddings: LlamaConfig's default, what these tests were written against
+    return tiny_trainable(
+        tokenizer, LlamaConfig, LlamaForCausalLM, seed, tie_word_embeddings=True, max_position_embeddings=2048
+    )
 
 
 def tiny_phi3(tokenizer, seed: int = 0) -> Phi3ForCausalLM:
-    """As tiny_llama, a Phi-3: its checkpoint and transformers' modules fuse qkv_proj and gate_up_proj."""
-    torch.manual_seed(seed)
-    config = Phi3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    """A Phi-3: its checkpoint and transformers' modules fuse qkv_proj and gate_up_proj."""
+    return tiny_trainable(
+        tokenizer,
+        Phi3Config,
+        Phi3ForCausalLM,
+        seed,
         original_max_position_embeddings=256,
-        initializer_range=0.2,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return Phi3ForCausalLM(config).eval()
 
 
 # --- tasks ------------------------------------------------------------------------------------
