@@ -184,3 +184,22 @@ def test_a_gated_rows_report_is_its_own_when_the_steps_k_changes(every_kind, tok
     got, expected = seqs[0].report(), alone.report()
     assert [e["gate_weight"] for e in got] == pytest.approx([e["gate_weight"] for e in expected], abs=1e-5)
     assert seqs[0].gate_entropy() == pytest.approx(alone.gate_entropy(), abs=1e-5)
+
+
+def test_a_new_gate_reaches_the_static_step(every_kind, tokenizer):
+    """The step's inputs are built once per signature and pool version: attaching another gate
+    replaces the tensors they read, so it must change the version (else a graph, or the kept
+    context on CPU, would run the old gate)."""
+    gated = [REQUESTS[2]]
+    static = _engine(every_kind, tokenizer, "torch", static=True)
+    _run(static, gated)
+    torch.manual_seed(1)
+    other = MoLEGate(GateConfig.for_base("tiny", static.model.lora_spec()))
+    torch.nn.init.normal_(other.log_gain, 2.0)
+    static.pool.attach_gate(other)
+    eager = _engine(every_kind, tokenizer, "torch")
+    eager.pool.attach_gate(other)
+    got, expected = _run(static, gated), _run(eager, gated)
+    assert got[0] == expected[0]
+    assert got[1][0][0]["gate_weight"] == pytest.approx(expected[1][0][0]["gate_weight"], abs=1e-5)
+    torch.testing.assert_close(got[2], expected[2], atol=1e-5, rtol=1e-5)

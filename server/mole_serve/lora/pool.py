@@ -302,6 +302,8 @@ class LoRAPool:
 
     @torch.no_grad()
     def _refresh_gate_keys(self) -> None:
-        """Every slot's M_i for the gate (once per attach or resize; loads update one slot)."""
+        """Every slot's M_i for the gate (once per attach or resize; loads update one slot). New
+        tensors: what read the old ones (a captured decode graph) must see the version change."""
         if self.gate is not None:
             self.layer_gates = self.gate.layer_gates(self.stacks) if self.stacks else None
+            self.version += 1
