@@ -110,6 +110,15 @@ def make_adapter(
     return out_dir
 
 
+def carded_adapters(root: Path, seed: int, names: tuple[str, ...] = ("alpha", "beta")):
+    """A tiny model and a random adapter per name in root, each with a card of five examples."""
+    hf = tiny_hf_model()
+    for i, name in enumerate(names):
+        make_adapter(hf, root / name, seed=seed + i)
+        (root / name / "card.json").write_text(json.dumps({"name": name, "examples": [f"{name} task"] * 5}))
+    return hf, root
+
+
 def task_library_engine(tmp_path: Path, tokenizer, tasks: tuple[str, ...], **settings) -> LLMEngine:
     """An engine on a tiny model with one random adapter per task, each with a real task card, and
     a retriever (the real embedder) over the cards."""

@@ -37,7 +37,7 @@ from mole_serve.library.store import GATE_CONFIG, GATE_DIR
 from mole_serve.lora.gate import GateConfig, MoLEGate
 from mole_serve.routing.retriever import Retriever
 
-from tests.unit.helpers import make_adapter, tiny_hf_model
+from tests.unit.helpers import carded_adapters
 from tests.unit.test_admin_api import HashEmbedder
 from tests.unit.test_structured import WEATHER
 from tests.unit.test_tool_calls import ASK, HERMES_TEMPLATE, serving, tiny_engine
@@ -525,12 +525,9 @@ def test_a_template_refusal_is_a_400_quoting_it_and_the_server_serves_on(tokeniz
 @pytest.fixture
 def store(tmp_path):
     """Two adapters of the tiny model with cards, and a gate trained for another base model."""
-    hf = tiny_hf_model()
-    for i, name in enumerate(("alpha", "beta")):
-        make_adapter(hf, tmp_path / name, seed=70 + i)
-        (tmp_path / name / "card.json").write_text(json.dumps({"name": name, "examples": [f"{name} task"] * 5}))
-    save_gate(MoLEGate(GateConfig("another-base", 2, 64, 128)), tmp_path / GATE_DIR)
-    return hf, tmp_path
+    hf, root = carded_adapters(tmp_path, seed=70)
+    save_gate(MoLEGate(GateConfig("another-base", 2, 64, 128)), root / GATE_DIR)
+    return hf, root
 
 
 def built_over(store, tokenizer):

@@ -3,8 +3,6 @@ and engine, and the engine serves from the catalog it is handed without owning i
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from mole_serve.compose import build, gate_base
@@ -16,16 +14,12 @@ from mole_serve.library.store import GATE_DIR
 from mole_serve.lora.gate import GateConfig, MoLEGate
 from mole_serve.routing.types import AdapterRef
 
-from tests.unit.helpers import make_adapter, tiny_hf_model
+from tests.unit.helpers import carded_adapters
 
 
 @pytest.fixture
 def store(tmp_path):
-    hf = tiny_hf_model()
-    for i, name in enumerate(("alpha", "beta")):
-        make_adapter(hf, tmp_path / name, seed=60 + i)
-        (tmp_path / name / "card.json").write_text(json.dumps({"name": name, "examples": [f"{name} task"] * 5}))
-    return hf, tmp_path
+    return carded_adapters(tmp_path, seed=60)
 
 
 def built_over(store, tokenizer, **kw):

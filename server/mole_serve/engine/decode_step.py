@@ -179,8 +179,6 @@ class StaticDecode:
             target.np[pad] = pad_value
         self.slot_mapping.np[pad] = self.scratch_block * bs
         slots = [list(r.lora_slots) + [0] * (K - len(r.lora_slots)) for r in rows]
-        # without graphs, the torch backend keeps a steady batch's gathered adapters (GatherCache) by them
-        self.decode_slots = tuple(map(tuple, slots)) + ((0,) * K,) * (b - n)
         self.lora_slots.fill(slice(0, n), slots)
         self.lora_slots.np[pad] = 0
         self.lora_weights.fill(slice(0, n), [list(r.lora_weights) + [0.0] * (K - len(r.lora_weights)) for r in rows])
@@ -216,7 +214,8 @@ class StaticDecode:
         else:  # the torch backend computes every column it is given, at one rank
             rank = max(max(r) for r in self.lora_ranks.np[:n]) if has_sets else 0
             columns = max(len(r.lora_slots) for r in rows)
-            self.decode_slots = tuple(row[:columns] for row in self.decode_slots)
+            # the torch backend keeps a steady batch's gathered adapters (GatherCache) by them
+            self.decode_slots = tuple(tuple(row[:columns]) for row in slots) + ((0,) * columns,) * (b - n)
         gated = any(r.gated for r in rows)
         return Signature(b, kv_width, int(rank), columns, gated, tuple(shapes), tuple(expert_slots))
 
