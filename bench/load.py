@@ -1,10 +1,13 @@
 """Concurrent streaming clients over HTTP, and the same load against the engine in this process
 (so the HTTP overhead shows as a ratio), with prefix caching on and off; then many short streams
-at once (admission by KV blocks); or, with --duration, a soak.
+at once (admission by KV blocks); or, with --duration, a soak; or, with --distinct N, every client
+on its own adapter against the same clients on the base model (one server, rounds interleaved).
 
     python -m bench.load --serve --clients 32 --requests 128 --max-tokens 64 --streams 256 \
         --out bench/results/load.json
     python -m bench.load --serve --duration 600 --clients 64 --out bench/results/soak.json
+    python -m bench.load --serve --distinct 32 --clients 32 --requests 64 --streams 0 \
+        --out bench/results/load_distinct.json
 
 --serve starts `mole-serve serve` (the shipped store) on a free loopback port for each setting;
 --url measures a server you started instead (its settings as they are).
@@ -23,6 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -32,6 +36,7 @@ from bench.common import machine, served, write_json
 from bench.throughput import TOPICS
 
 Timed = tuple[float, float | None, float, int]  # (start, first token, end, output tokens)
+Item = TypeVar("Item")
 
 
 def prompts(n: int) -> list[str]:
@@ -74,10 +79,10 @@ class Timing:
         }
 
 
-async def stream_chat(http: httpx.AsyncClient, text: str, max_tokens: int) -> Timed:
-    """One streamed chat completion with model `auto` (retrieval picks the adapters)."""
+async def stream_chat(http: httpx.AsyncClient, text: str, max_tokens: int, model: str = "auto") -> Timed:
+    """One streamed chat completion; model `auto`: retrieval picks the adapters."""
     body = {
-        "model": "auto",
+        "model": model,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -105,17 +110,19 @@ async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
 
 
-async def run_clients(n_clients: int, texts: list[str], one: Callable[[str], Awaitable[Timed]]) -> tuple[Timing, float]:
-    """`n_clients` workers take prompts from a shared queue."""
+async def run_clients(
+    n_clients: int, items: list[Item], one: Callable[[Item], Awaitable[Timed]]
+) -> tuple[Timing, float]:
+    """`n_clients` workers take requests (prompts, or what `one` makes a request of) from a shared queue."""
     timing, queue = Timing(), asyncio.Queue()
-    for t in texts:
-        queue.put_nowait(t)
+    for item in items:
+        queue.put_nowait(item)
 
     async def worker() -> None:
         while not queue.empty():
-            text = queue.get_nowait()
+            item = queue.get_nowait()
             try:
-                timing.add(*await one(text))
+                timing.add(*await one(item))
             except Exception as e:  # a failed request counts as an error, the load goes on
                 timing.failed(e)
 
@@ -132,12 +139,20 @@ def client_for(url: str, n_clients: int, api_key: str | None) -> httpx.AsyncClie
 
 
 async def http_load(
-    url: str, n_clients: int, texts: list[str], max_tokens: int, api_key: str | None, sample_every: float = 0.5
+    url: str,
+    n_clients: int,
+    texts: list[str],
+    max_tokens: int,
+    api_key: str | None,
+    sample_every: float = 0.5,
+    models: list[str] | None = None,
 ) -> dict:
     """The load, with /metrics sampled meanwhile: the largest running batch and KV blocks held,
-    and the prefix cache's and preemption counters over the run."""
+    and the prefix cache's and preemption counters over the run. models: each text's model
+    (default `auto`)."""
+    requests = list(zip(texts, models or ["auto"] * len(texts)))
     async with client_for(url, n_clients, api_key) as http:
-        await stream_chat(http, texts[0], max_tokens)  # warm-up
+        await stream_chat(http, requests[0][0], max_tokens, requests[0][1])  # warm-up
         before, peaks, done = await scrape(http), Counter(), asyncio.Event()
 
         async def sampler() -> None:
@@ -153,7 +168,7 @@ async def http_load(
                 await asyncio.sleep(sample_every)
 
         task = asyncio.create_task(sampler())
-        timing, wall = await run_clients(n_clients, texts, lambda t: stream_chat(http, t, max_tokens))
+        timing, wall = await run_clients(n_clients, requests, lambda r: stream_chat(http, r[0], max_tokens, r[1]))
         done.set()
         await task
         after = await scrape(http)
@@ -279,6 +294,45 @@ async def soak(
     }
 
 
+def distinct_load(args: argparse.Namespace, tmp: Path) -> dict:
+    """Every request on its own adapter (args.distinct synthetic rank-8 LoRAs on every projection, in
+    a store of their own, request i on adapter i mod N) against the same requests on the base model:
+    one server, `args.rounds` rounds of (base, distinct) interleaved, the best round of each counts
+    (this machine's speed drifts between minutes)."""
+    from mole_serve.compose import build
+    from mole_serve.config import Settings
+
+    from bench.common import synthetic_adapter
+
+    engine = build(Settings(), retrieval=False, load_store=False).engine
+    spec, base_model = engine.model.lora_spec(), engine.model_name
+    del engine
+    names = [f"lora{i:03d}" for i in range(args.distinct)]
+    for i, name in enumerate(names):
+        synthetic_adapter(tmp / "store" / name, spec, rank=8, seed=i)
+    texts = prompts(args.requests)
+    settings = {
+        "MOLE_ADAPTERS_DIR": str(tmp / "store"),
+        "MOLE_MAX_LORAS": str(max(args.distinct, 1)),
+        "MOLE_MAX_NUM_SEQS": str(args.clients),
+    }
+    runs: dict[str, list[dict]] = {"base": [], "distinct": []}
+    with served(settings, tmp / "server.log") as (url, _):
+        for _ in range(args.rounds):
+            for kind, pool in (("base", [base_model]), ("distinct", names)):
+                models = [pool[i % len(pool)] for i in range(len(texts))]
+                runs[kind].append(
+                    asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key, models=models))
+                )
+                print(f"{kind}: {runs[kind][-1]['output_tok_s']} tok/s", flush=True)
+    best = {kind: max(r["output_tok_s"] for r in rs) for kind, rs in runs.items()}
+    return {
+        "runs": runs,
+        "best_output_tok_s": best,
+        "ratios": {"distinct/base": round(best["distinct"] / best["base"], 3)},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group()
@@ -291,10 +345,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--duration", type=float, help="soak for this many seconds instead")
     ap.add_argument("--big-prompt-mb", type=float, default=3.9, help="soak: the maximal prompt, under the body limit")
+    ap.add_argument(
+        "--distinct", type=int, default=0, help="N > 0: each request on one of N adapters, against the base"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="--distinct: interleaved rounds; the best of each counts")
     ap.add_argument("--api-key")
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mole-bench-load-"))
+    if args.distinct:
+        if args.url:
+            ap.error("--distinct starts its own server on a store of synthetic adapters (no --url)")
+        result = {**distinct_load(args, tmp), "config": vars(args), "machine": machine()}
+        print(f"ratios: {result['ratios']}")
+        write_json(args.out, result)
+        return result
 
     def server(**settings: str):
         """(url, pid) of the server to load: ours with these settings, or --url's as it is."""

@@ -18,6 +18,7 @@ from mole_serve.training.train_gate import (
     Example,
     GateTrainOptions,
     UsageTracker,
+    answer_rows,
     candidate_sets,
     composite_pairs,
     make_examples,
@@ -132,6 +133,23 @@ def test_part_routing_gives_each_part_of_a_sequential_answer_its_own_skill(token
         assert first is None or a[first:].startswith(", ") and ", " not in a[first + 2 :]
     sequential = sum(c.shape == "sequential" for c in COMPOSITES.values())
     assert 0 < sequential < len(COMPOSITES) and sum(first is not None for *_, first in pairs) == 2 * sequential
+
+
+def test_boundary_weight_weighs_the_separator_tokens_lm_loss_only(tokenizer):
+    answer, true = "forty-seven, XLVII", ("words", "roman")
+    prompt = encode(tokenizer, "in words, then roman: 47")
+    parts = part_adapters(tokenizer, answer, len("forty-seven"), true, base=True)
+    split = Example(
+        encode(tokenizer, "in words, then roman: 47", answer), len(prompt), list(true), [0.5, 0.5], true, parts
+    )
+    single = Example(
+        encode(tokenizer, "in roman: 47", "XLVII"), len(encode(tokenizer, "in roman: 47")), ["roman"], [1.0], ("roman",)
+    )
+    rows, targets, weights = answer_rows([split, single], boundary_weight=5.0)
+    assert len(rows) == len(targets) == len(weights) == len(parts) + len(single.ids) - single.num_prompt
+    assert [w for w, p in zip(weights, parts) if w != 1.0] == [5.0 for p in parts if p == (BASE_COLUMN,)] != []
+    assert weights[len(parts) :] == [1.0] * (len(single.ids) - single.num_prompt)  # no parts: no boundary
+    assert set(answer_rows([split], 1.0)[2]) == {1.0}
 
 
 def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():

@@ -73,6 +73,10 @@ class GateTrainOptions:
     # LoRA-Flow's fusion form (lora/gate.py GateConfig.fusion): a base column and a bias per prior rank,
     # added to the --init router; with --part-routing the separator's tokens reward the base column
     fusion: bool = False
+    # part routing: the LM loss weight of the tokens at a part boundary (the separator), against 1 for
+    # every other answer token. The separator is one token in a dozen, yet whether it comes before the
+    # end token decides whether the second part is written at all.
+    boundary_weight: float = 1.0
 
 
 BASE_COLUMN = ""  # in an example's token_true: the gate's base column (no adapter's name is empty)
@@ -117,14 +121,18 @@ def candidate_sets(
     return sets
 
 
-def answer_rows(examples: list[Example]) -> tuple[list[int], list[int]]:
-    """(rows of the flattened batch that predict answer tokens, those tokens)."""
-    rows, targets, offset = [], [], 0
+def answer_rows(examples: list[Example], boundary_weight: float = 1.0) -> tuple[list[int], list[int], list[float]]:
+    """(rows of the flattened batch that predict answer tokens, those tokens, their LM loss weights:
+    boundary_weight where the token is at a part boundary, else 1)."""
+    rows, targets, weights, offset = [], [], [], 0
     for ex in examples:
         rows += range(offset + ex.num_prompt - 1, offset + len(ex.ids) - 1)
         targets += ex.ids[ex.num_prompt :]
+        # part_adapters labels a boundary token with the base column or both adapters
+        at_boundary = [t == (BASE_COLUMN,) or len(t) > 1 for t in ex.token_true or []]
+        weights += [boundary_weight if b else 1.0 for b in at_boundary] or [1.0] * (len(ex.ids) - ex.num_prompt)
         offset += len(ex.ids)
-    return rows, targets
+    return rows, targets, weights
 
 
 class UsageTracker:
@@ -149,11 +157,11 @@ class UsageTracker:
 
 
 def step_losses(
-    engine, gate: MoLEGate, examples: list[Example], usage: UsageTracker
+    engine, gate: MoLEGate, examples: list[Example], usage: UsageTracker, boundary_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(LM loss, balance loss, routing loss, share of examples where a true adapter got the largest
     mean weight on the answer-predicting tokens)."""
-    rows, targets = answer_rows(examples)
+    rows, targets, weights = answer_rows(examples, boundary_weight)
     dev = engine.model.device
     out = engine.runner.prefill(
         [ex.ids for ex in examples],
@@ -163,7 +171,9 @@ def step_losses(
         keep_layer_weights=True,
     )
     stats = out.gate_stats
-    lm = F.cross_entropy(out.logits, torch.tensor(targets, device=dev))
+    token_weights = torch.tensor(weights, device=dev)
+    lm = (F.cross_entropy(out.logits, torch.tensor(targets, device=dev), reduction="none") * token_weights).sum()
+    lm = lm / token_weights.sum()
     # Routing is scored on the tokens that predict the answer: they have read the whole request,
     # where earlier ones (the system prompt every example shares) cannot tell the task, and would
     # dilute a whole-sequence mean until a router that barely tilts toward the right adapter
@@ -297,7 +307,9 @@ def train_gate(engine, retriever, opts: GateTrainOptions, init: MoLEGate | None 
     start = time.perf_counter()
     bar = tqdm(range(opts.steps), desc="train-gate", mininterval=10)
     for step in bar:
-        lm, bal, route, acc = step_losses(engine, gate, examples[step * opts.batch : (step + 1) * opts.batch], usage)
+        lm, bal, route, acc = step_losses(
+            engine, gate, examples[step * opts.batch : (step + 1) * opts.batch], usage, opts.boundary_weight
+        )
         loss = lm + opts.balance_weight * bal + opts.route_weight * route
         loss.backward()
         optim.step()
