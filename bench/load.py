@@ -195,25 +195,37 @@ async def http_load(
     }
 
 
-def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_caching: bool) -> dict:
+def engine_load(
+    n_clients: int,
+    texts: list[str],
+    max_tokens: int,
+    prefix_caching: bool,
+    adapters: list[str | None] | None = None,
+    **settings: object,
+) -> dict:
     """The same clients against an AsyncEngine in this process, stepped on the main thread as
-    `mole-serve serve` does, with the clients' event loop in a thread."""
+    `mole-serve serve` does, with the clients' event loop in a thread. adapters: each text's adapter
+    (None: the base model; default: none named, model `auto`); settings: more Settings fields."""
     from mole_serve.compose import build
     from mole_serve.config import Settings
     from mole_serve.engine.async_engine import AsyncEngine
     from mole_serve.engine.request import SamplingParams
+    from mole_serve.routing.types import AdapterRef, Selection
 
-    aeng = AsyncEngine(build(Settings(enable_prefix_caching=prefix_caching)).engine)
+    aeng = AsyncEngine(build(Settings(enable_prefix_caching=prefix_caching, **settings)).engine)
     tokenizer = aeng.engine.tokenizer
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     loop, result = asyncio.new_event_loop(), {}
+    requests = list(zip(texts, adapters or [None] * len(texts)))
 
-    async def one(text: str) -> Timed:
+    async def one(request: tuple[str, str | None]) -> Timed:
+        text, adapter = request
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
+        selection = Selection("mixture", (AdapterRef(adapter),)) if adapter else None
         start, first, tokens = time.perf_counter(), None, 0
-        async for out in aeng.generate(ids, params):
+        async for out in aeng.generate(ids, params, selection):
             if first is None and out.text:
                 first = time.perf_counter()
             tokens = out.num_output_tokens
@@ -221,8 +233,8 @@ def engine_load(n_clients: int, texts: list[str], max_tokens: int, prefix_cachin
 
     async def clients() -> None:
         try:
-            await one(texts[0])
-            timing, wall = await run_clients(n_clients, texts, one)
+            await one(requests[0])
+            timing, wall = await run_clients(n_clients, requests, one)
             result.update(timing.summary(wall))
         finally:
             aeng.shutdown()
@@ -315,6 +327,7 @@ def distinct_load(args: argparse.Namespace, tmp: Path) -> dict:
         "MOLE_ADAPTERS_DIR": str(tmp / "store"),
         "MOLE_MAX_LORAS": str(max(args.distinct, 1)),
         "MOLE_MAX_NUM_SEQS": str(args.clients),
+        "MOLE_ENABLE_PREFIX_CACHING": "false",  # each round prefills as the first did
     }
     runs: dict[str, list[dict]] = {"base": [], "distinct": []}
     with served(settings, tmp / "server.log") as (url, _):
@@ -325,11 +338,33 @@ def distinct_load(args: argparse.Namespace, tmp: Path) -> dict:
                     asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key, models=models))
                 )
                 print(f"{kind}: {runs[kind][-1]['output_tok_s']} tok/s", flush=True)
+    in_process: dict[str, list[dict]] = {"base": [], "distinct": []}
+    for _ in range(args.rounds):
+        for kind, pool in (("base", [None]), ("distinct", names)):
+            adapters = [pool[i % len(pool)] for i in range(len(texts))]
+            in_process[kind].append(
+                engine_load(
+                    args.clients,
+                    texts,
+                    args.max_tokens,
+                    False,
+                    adapters,
+                    adapters_dir=tmp / "store",
+                    max_loras=max(args.distinct, 1),
+                    max_num_seqs=args.clients,
+                )
+            )
+            print(f"in-process {kind}: {in_process[kind][-1]['output_tok_s']} tok/s", flush=True)
     best = {kind: max(r["output_tok_s"] for r in rs) for kind, rs in runs.items()}
+    best_in_process = {kind: max(r["output_tok_s"] for r in rs) for kind, rs in in_process.items()}
     return {
-        "runs": runs,
-        "best_output_tok_s": best,
-        "ratios": {"distinct/base": round(best["distinct"] / best["base"], 3)},
+        "http": runs,
+        "in_process": in_process,
+        "best_output_tok_s": {"http": best, "in_process": best_in_process},
+        "ratios": {
+            "http distinct/base": round(best["distinct"] / best["base"], 3),
+            "in-process distinct/base": round(best_in_process["distinct"] / best_in_process["base"], 3),
+        },
     }
 
 
