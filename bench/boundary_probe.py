@@ -10,7 +10,7 @@ base model's.
 
 Then the whole gold answer, teacher-forced, in one forward per mode (`parts`): per part, the share
 of answer tokens each mode predicts right, and for the gates the mean weight (over layers and the
-part's tokens) on the part's own skill and on the base column. With the gold first part and
+part's tokens) on the part's own skill, on the other skill and on the base column. With the gold first part and
 separator in the context, skill_b alone on the second part is the hand switch of `eval --handoff`;
 a gate whose second part trails it either weighs the wrong adapter there (own weight low) or mixes
 in what spoils it (own weight high): that separates the switch from the mix.
@@ -80,7 +80,7 @@ def part_figures(engine, prompts, answers, firsts, sets, gate) -> dict:
     right = (out.logits.argmax(-1).cpu() == torch.tensor([t for a in answer_ids for t in a])).tolist()
     stats = out.gate_stats
     weights = torch.stack(stats.layer_weights).mean(0)[rows].cpu() if gate is not None else None  # [rows, C + 1]
-    sums: dict[str, list[float]] = {p: [0.0, 0.0, 0.0, 0.0] for p in PARTS}  # right, tokens, own weight, base
+    sums: dict[str, list[float]] = {p: [0.0] * 5 for p in PARTS}  # right, tokens, own, other skill's, base
     r = 0
     for i, part_labels in enumerate(labels):
         cols = [*stats.seq_columns[i], weights.shape[1] - 1] if weights is not None else None  # skill_a, skill_b, base
@@ -90,14 +90,17 @@ def part_figures(engine, prompts, answers, firsts, sets, gate) -> dict:
             acc[0] += right[r]
             acc[1] += 1
             if cols is not None:
-                acc[2] += weights[r, cols[0] if part == "first" else cols[1]].item()
-                acc[3] += weights[r, cols[2]].item()
+                own, other = (cols[0], cols[1]) if part == "first" else (cols[1], cols[0])
+                acc[2] += weights[r, own].item()
+                acc[3] += weights[r, other].item()
+                acc[4] += weights[r, cols[2]].item()
             r += 1
     figures = {}
-    for part, (n_right, n, own, base) in sums.items():
+    for part, (n_right, n, own, other, base) in sums.items():
         figures[f"{part}_right"] = round(n_right / n, 3)
         if weights is not None:
             figures[f"{part}_own_weight"] = round(own / n, 3)
+            figures[f"{part}_other_weight"] = round(other / n, 3)
             figures[f"{part}_base_share"] = round(base / n, 3)
     return figures
 

@@ -217,13 +217,17 @@ def explicit_logits(gate: MoLEGate, stack: GroupStack, x: torch.Tensor, slots: l
     return torch.stack(rows) / gate.config.temperature
 
 
-def test_fusion_form_is_a_softmax_with_a_base_column_plus_a_bias_per_prior_rank():
+@pytest.mark.parametrize("bias_by_base", [False, True], ids=["constant-bias", "bias-by-base"])
+def test_fusion_form_is_a_softmax_with_a_base_column_plus_a_bias_per_prior_rank(bias_by_base):
     """LoRA-Flow's form on the rank-space router, by hand: softmax over the candidates' logits and
     the base column's (its learned key against Ar x, plus an offset), then each candidate's bias by
-    its rank in the prior; the statistics get the base column's share and the softmax's entropy."""
+    its rank in the prior (bias_by_base: times the token's base-column share); the statistics get
+    the base column's share and the softmax's entropy."""
     d, outs, rg, tau = 16, [16, 8, 8], 6, 0.7
     stack = random_probe_stack(slots=5, r=4, d=d, outs=outs, seed=0)
-    config = GateConfig("base", 1, d, sum(outs), rank=rg, temperature=tau, fusion=True, max_candidates=3)
+    config = GateConfig(
+        "base", 1, d, sum(outs), rank=rg, temperature=tau, fusion=True, max_candidates=3, bias_by_base=bias_by_base
+    )
     torch.manual_seed(1)
     gate = MoLEGate(config).requires_grad_(False)
     gate.rank_bias.copy_(torch.tensor([[0.3, -0.1, 0.05]]))
@@ -240,7 +244,8 @@ def test_fusion_form_is_a_softmax_with_a_base_column_plus_a_bias_per_prior_rank(
     kb = gate.base_key[0] / gate.base_key[0].pow(2).mean().sqrt()
     base = (gate.log_gain[0].exp() * (kb @ u) / math.sqrt(rg) + 0.5) / tau  # [T]
     distribution = torch.softmax(torch.cat([explicit_logits(gate, stack, x, slots, prior), base[:, None]], 1), -1)
-    expected = distribution[:, :3] + torch.tensor([0.05, 0.3, -0.1])
+    bias = torch.tensor([0.05, 0.3, -0.1]) * (distribution[:, 3:] if bias_by_base else 1.0)
+    expected = distribution[:, :3] + bias
     torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
     entropy = -(distribution * distribution.log()).sum(-1)
     totals = torch.cat([w.sum(0), distribution[:, 3].sum()[None], entropy.sum()[None]])
@@ -282,6 +287,10 @@ def test_a_fusion_gate_saves_and_loads_and_an_old_gate_file_loads_as_the_plain_f
     save_gate(gate, tmp_path / "fusion")
     loaded = load_gate(tmp_path / "fusion", config)
     assert loaded.config.fusion and torch.equal(loaded.rank_bias, gate.rank_bias)
+    raw = json.loads((tmp_path / "fusion" / "gate_config.json").read_text())
+    raw.pop("bias_by_base")  # a fusion gate written before the bias could follow the base column
+    (tmp_path / "fusion" / "gate_config.json").write_text(json.dumps(raw))
+    assert not load_gate(tmp_path / "fusion", config).config.bias_by_base
     old = MoLEGate(GateConfig("tiny", 2, 64, 128))
     save_gate(old, tmp_path / "old")
     raw = json.loads((tmp_path / "old" / "gate_config.json").read_text())

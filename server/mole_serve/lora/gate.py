@@ -51,6 +51,10 @@ class GateConfig:
     # sum to 1. Off: MoLE's softmax over the candidates (what gates saved before it load as).
     fusion: bool = False
     max_candidates: int = 4  # the prior ranks the bias covers (a request's candidates past it share the last)
+    # fusion: the bias times the token's base-column share, so it is spent where the gate leaves the
+    # adapters (a part boundary) and not inside a part, where a constant bias keeps every candidate
+    # mixed in (docs/composition.md). Off: a constant bias, as LoRA-Flow's.
+    bias_by_base: bool = False
 
     @classmethod
     def for_base(cls, base_model: str, spec: LoRATargetSpec, **options) -> GateConfig:
@@ -126,6 +130,7 @@ class LayerGate:
     base_key: torch.Tensor | None = None
     base_logit: torch.Tensor | None = None
     rank_bias: torch.Tensor | None = None
+    bias_by_base: bool = False  # GateConfig.bias_by_base
 
     def weigh(
         self,
@@ -167,6 +172,8 @@ class LayerGate:
         # each candidate's rank by prior (0: the highest) picks its bias; non-candidates get none
         rank = prior.masked_fill(~candidates, float("-inf")).argsort(-1, descending=True).argsort(-1)  # [R, C]
         bias = self.rank_bias[rank.clamp(max=len(self.rank_bias) - 1)] * candidates
+        if self.bias_by_base:
+            bias = bias * distribution[:, C:]
         weights = distribution[:, :C] + bias
         stats.record(rows, weights, distribution[:, C], distribution)
         return torch.where(stats.gated[rows, None], weights, prior)
@@ -211,6 +218,7 @@ class MoLEGate(torch.nn.Module):
                 self.base_key[layer].to(dtype) if fusion else None,
                 self.base_logit[layer].to(dtype) if fusion else None,
                 self.rank_bias[layer].to(dtype) if fusion else None,
+                self.config.bias_by_base,
             )
             for layer, groups in enumerate(stacks)
         ]

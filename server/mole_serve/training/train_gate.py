@@ -77,6 +77,8 @@ class GateTrainOptions:
     # every other answer token. The separator is one token in a dozen, yet whether it comes before the
     # end token decides whether the second part is written at all.
     boundary_weight: float = 1.0
+    # fusion: the bias scaled by the token's base-column share (GateConfig.bias_by_base)
+    bias_by_base: bool = False
 
 
 BASE_COLUMN = ""  # in an example's token_true: the gate's base column (no adapter's name is empty)
@@ -289,12 +291,18 @@ def train_gate(engine, retriever, opts: GateTrainOptions, init: MoLEGate | None 
     torch.manual_seed(opts.seed)
     base = Path(engine.model.config.name_or_path or "base").name
     config = GateConfig.for_base(
-        base, engine.model.lora_spec(), rank=opts.rank, temperature=opts.temperature, fusion=opts.fusion
+        base,
+        engine.model.lora_spec(),
+        rank=opts.rank,
+        temperature=opts.temperature,
+        fusion=opts.fusion,
+        bias_by_base=opts.bias_by_base,
     )
     if init is None:
         gate = MoLEGate(config)
-    elif opts.fusion and not init.config.fusion:  # the trained router, with the fusion form's new parameters
-        gate = MoLEGate(replace(init.config, fusion=True))
+    elif opts.fusion and (init.config.fusion, init.config.bias_by_base) != (True, opts.bias_by_base):
+        # the trained router, in the fusion form asked for (its new parameters, if any, at their start)
+        gate = MoLEGate(replace(init.config, fusion=True, bias_by_base=opts.bias_by_base))
         gate.load_state_dict(init.state_dict(), strict=False)
     else:
         gate = init
