@@ -122,8 +122,8 @@ def test_auto_retrieves_the_task_adapter(client, composition):
     top = chosen[0]["sources"] if composition == "merge" else chosen
     assert max(top, key=lambda a: a["score"])["name"] == "int_to_roman" and 1 <= len(top) <= 3
     assert raw.headers["x-mole-adapters"].startswith(chosen[0]["name"])
-    if composition == "gate" and len(chosen) > 1:  # the router's mean weights over the request, summing to 1
-        assert abs(sum(a["gate_weight"] for a in chosen) - 1) < 1e-3
+    if composition == "gate" and len(chosen) > 1:  # the shipped fusion gate's mean weights over the request
+        assert 0 < chosen[0]["base_gate_weight"] < 1  # the share that went to no adapter
         assert max(chosen, key=lambda a: a["gate_weight"])["name"] == "int_to_roman"
 
 

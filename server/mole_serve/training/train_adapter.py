@@ -431,7 +431,8 @@ def write_library_readme(store_dir: Path) -> None:
         "formats no adapter trained on) over held-out inputs; each folder's card.json has the training "
         "config, example prompts and the numbers below.\n\n" + library_table(store_dir) + "\n\n"
         "Beside the adapters: `retriever/`, the retrieval projection (`mole-serve train-retriever`), and "
-        "`gate/`, the MoLE router (`mole-serve train-gate`), each with its config and training log. "
+        "`gate/`, the MoLE router in its fusion form (`mole-serve train-gate`: a single-task router, then "
+        "fine-tuned on the composite tasks, docs/composition.md), each with its config and training log. "
         "Train them in that order after the adapters change: the gate learns on retrieval's candidates.\n"
     )
     (Path(store_dir) / "README.md").write_text(text)
