@@ -21,6 +21,7 @@ from mole_serve.training.train_gate import (
     answer_rows,
     candidate_sets,
     composite_pairs,
+    main,
     make_examples,
     part_adapters,
     save_gate,
@@ -150,6 +151,16 @@ def test_boundary_weight_weighs_the_separator_tokens_lm_loss_only(tokenizer):
     assert [w for w, p in zip(weights, parts) if w != 1.0] == [5.0 for p in parts if p == (BASE_COLUMN,)] != []
     assert weights[len(parts) :] == [1.0] * (len(single.ids) - single.num_prompt)  # no parts: no boundary
     assert set(answer_rows([split], 1.0)[2]) == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needed"),
+    [(["--bias-by-base"], "--fusion"), (["--composite-per-task", "10", "--boundary-weight", "5"], "--part-routing")],
+)
+def test_options_that_need_another_are_refused_without_it(argv, needed, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2 and f"needs {needed}" in capsys.readouterr().err
 
 
 def test_few_shot_pairs_force_both_skills_in_and_replay_single_tasks():

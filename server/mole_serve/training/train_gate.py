@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="gate folder to write (default: the store's gate/)")
     opts, args = parse_options(p, GateTrainOptions, argv)
+    if opts.bias_by_base and not opts.fusion:
+        p.error("--bias-by-base needs --fusion (it scales the fusion form's bias)")
+    if opts.boundary_weight != 1.0 and not opts.part_routing:
+        p.error("--boundary-weight needs --part-routing (it weighs the tokens between a composite's parts)")
     if args.threads:
         torch.set_num_threads(args.threads)
     from mole_serve.compose import build
