@@ -10,10 +10,10 @@ base model's.
 
 Then the whole gold answer, teacher-forced, in one forward per mode (`parts`): per part, the share
 of answer tokens each mode predicts right, and for the gates the mean weight (over layers and the
-part's tokens) on the part's own skill, on the other skill and on the base column. With the gold first part and
-separator in the context, skill_b alone on the second part is the hand switch of `eval --handoff`;
-a gate whose second part trails it either weighs the wrong adapter there (own weight low) or mixes
-in what spoils it (own weight high): that separates the switch from the mix.
+part's tokens) on the part's own skill, on the other skill and on the base column. With the gold
+first part and separator in the context, skill_b alone on the second part is the hand switch of
+`eval --handoff`; a gate whose second part trails it either weighs the wrong adapter there (own
+weight low) or mixes in what spoils it (other weight high): that separates the switch from the mix.
 
 And the ceiling of any mix at the boundary (`mix_grid`): the two skills at fixed weights (w_a, w_b),
 the same in every layer, over a grid; how often the separator comes next under the best single
@@ -33,6 +33,7 @@ from mole_serve.compose import build
 from mole_serve.config import Settings
 from mole_serve.training.evaluate import ALL_TASKS, chat_prompts, eval_set
 from mole_serve.training.tasks import COMPOSITES
+from mole_serve.training.train_adapter import answer_token_ids
 from mole_serve.training.train_gate import part_adapters
 
 from bench.common import write_json
@@ -69,10 +70,11 @@ def mix_grid(engine, ids: list[list[int]], skills: list[list[str]], comma: int) 
 def part_figures(engine, prompts, answers, firsts, sets, gate) -> dict:
     """Teacher-forced over each prompt's gold answer and end token: per part (first skill's tokens,
     the separator's, the second's with the end token) the share predicted right, and with a gate
-    the mean weight on the part's own skill (the separator's: skill_b's) and on the base column."""
+    the mean weight on the part's own skill (the separator's: skill_b's), on the other skill and on
+    the base column."""
     tok = engine.tokenizer
     labels = [part_adapters(tok, a, len(f), ("a", "b")) for a, f in zip(answers, firsts)]  # per answer token
-    answer_ids = [tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id] for a in answers]
+    answer_ids = [answer_token_ids(tok, a) + [tok.eos_token_id] for a in answers]  # what the labels count
     ids = [p + a for p, a in zip(prompts, answer_ids)]
     offsets = [sum(map(len, ids[:i])) for i in range(len(ids))]
     rows = torch.tensor([o + len(p) - 1 + j for o, p, a in zip(offsets, prompts, answer_ids) for j in range(len(a))])

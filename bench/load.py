@@ -323,47 +323,36 @@ def distinct_load(args: argparse.Namespace, tmp: Path) -> dict:
     for i, name in enumerate(names):
         synthetic_adapter(tmp / "store" / name, spec, rank=8, seed=i)
     texts = prompts(args.requests)
-    settings = {
-        "MOLE_ADAPTERS_DIR": str(tmp / "store"),
-        "MOLE_MAX_LORAS": str(max(args.distinct, 1)),
-        "MOLE_MAX_NUM_SEQS": str(args.clients),
-        "MOLE_ENABLE_PREFIX_CACHING": "false",  # each round prefills as the first did
+    # each request's adapter per kind (None: the base model)
+    assigned = {"base": [None] * len(texts), "distinct": [names[i % len(names)] for i in range(len(texts))]}
+    settings = {"adapters_dir": tmp / "store", "max_loras": args.distinct, "max_num_seqs": args.clients}
+    env = {f"MOLE_{k.upper()}": str(v) for k, v in settings.items()}
+    env["MOLE_ENABLE_PREFIX_CACHING"] = "false"  # each round prefills as the first did
+    runs: dict[str, dict[str, list[dict]]] = {
+        "http": {k: [] for k in assigned},
+        "in_process": {k: [] for k in assigned},
     }
-    runs: dict[str, list[dict]] = {"base": [], "distinct": []}
-    with served(settings, tmp / "server.log") as (url, _):
+    with served(env, tmp / "server.log") as (url, _):
         for _ in range(args.rounds):
-            for kind, pool in (("base", [base_model]), ("distinct", names)):
-                models = [pool[i % len(pool)] for i in range(len(texts))]
-                runs[kind].append(
-                    asyncio.run(http_load(url, args.clients, texts, args.max_tokens, args.api_key, models=models))
-                )
-                print(f"{kind}: {runs[kind][-1]['output_tok_s']} tok/s", flush=True)
-    in_process: dict[str, list[dict]] = {"base": [], "distinct": []}
+            for kind, adapters in assigned.items():
+                models = [a or base_model for a in adapters]
+                load = http_load(url, args.clients, texts, args.max_tokens, args.api_key, models=models)
+                runs["http"][kind].append(asyncio.run(load))
     for _ in range(args.rounds):
-        for kind, pool in (("base", [None]), ("distinct", names)):
-            adapters = [pool[i % len(pool)] for i in range(len(texts))]
-            in_process[kind].append(
-                engine_load(
-                    args.clients,
-                    texts,
-                    args.max_tokens,
-                    False,
-                    adapters,
-                    adapters_dir=tmp / "store",
-                    max_loras=max(args.distinct, 1),
-                    max_num_seqs=args.clients,
-                )
+        for kind, adapters in assigned.items():
+            runs["in_process"][kind].append(
+                engine_load(args.clients, texts, args.max_tokens, False, adapters, **settings)
             )
-            print(f"in-process {kind}: {in_process[kind][-1]['output_tok_s']} tok/s", flush=True)
-    best = {kind: max(r["output_tok_s"] for r in rs) for kind, rs in runs.items()}
-    best_in_process = {kind: max(r["output_tok_s"] for r in rs) for kind, rs in in_process.items()}
+    best = {
+        where: {k: max(r["output_tok_s"] for r in rs) for k, rs in by_kind.items()} for where, by_kind in runs.items()
+    }
+    for where, by_kind in best.items():
+        print(f"{where}: {by_kind} tok/s (best of {args.rounds})", flush=True)
     return {
-        "http": runs,
-        "in_process": in_process,
-        "best_output_tok_s": {"http": best, "in_process": best_in_process},
+        **runs,
+        "best_output_tok_s": best,
         "ratios": {
-            "http distinct/base": round(best["distinct"] / best["base"], 3),
-            "in-process distinct/base": round(best_in_process["distinct"] / best_in_process["base"], 3),
+            f"{where.replace('_', '-')} distinct/base": round(b["distinct"] / b["base"], 3) for where, b in best.items()
         },
     }
 
